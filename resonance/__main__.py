@@ -1,0 +1,3 @@
+from resonance.cli import app
+
+app(prog_name="resonance")

@@ -1,0 +1,110 @@
+"""Collators: dataset rows (see resonance.data) -> padded model batches with labels.
+
+Images are opened here, lazily, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from resonance.base.processor import IGNORE_INDEX, VLProcessor
+
+logger = logging.getLogger("resonance.data")
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be used; the message names its file and line."""
+
+
+class _VLCollatorBase:
+    """Shared by the SFT and DPO collators: image loading and the max-length policy."""
+
+    def __init__(self, processor: VLProcessor, max_length: int | None = None, skip_long_rows: bool = False):
+        self.processor = processor
+        self.max_length = max_length
+        self.skip_long_rows = skip_long_rows
+        self.skipped_rows = 0
+
+    def load_images(self, paths: list[str], source: str) -> list[Image.Image]:
+        """Open a row's images as RGB; a missing or unreadable file names the row."""
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise RowError(f"{source}: cannot read image {path}: {exc}") from exc
+        if len(images) > 1 and not self.processor.multi_image:
+            raise RowError(f"{source}: {len(images)} images, but this model family takes one image per conversation")
+        return images
+
+    def _too_long(self, lengths: list[int], sources: list[str]) -> list[int]:
+        """Indices of rows over max_length: an error, or (with skip_long_rows) logged and counted."""
+        if self.max_length is None:
+            return []
+        over = [i for i, n in enumerate(lengths) if n > self.max_length]
+        for i in over:
+            message = (
+                f"{sources[i]}: {lengths[i]} tokens (image tokens included) exceed max_length={self.max_length}; "
+                "raise --max_length or pass --skip_long_rows True"
+            )
+            if not self.skip_long_rows:
+                raise RowError(message)
+            self.skipped_rows += 1
+            logger.warning("skipped (%d so far): %s", self.skipped_rows, message)
+        if over and len(over) == len(lengths):
+            raise RowError(f"every row of a batch exceeds max_length={self.max_length}: {', '.join(sources)}")
+        return over
+
+
+class VLSFTDataCollatorWithPadding(_VLCollatorBase):
+    """Rows ``{"messages", "images", "source"}`` -> input_ids, attention_mask, labels and image inputs."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        for _ in range(2):  # a second pass only after dropping over-long rows
+            sources = [f["source"] for f in features]
+            images = [self.load_images(f["images"], f["source"]) for f in features]
+            batch = self.processor.process_batch_conv([f["messages"] for f in features], images)
+            over = self._too_long(batch["attention_mask"].sum(dim=1).tolist(), sources)
+            if not over:
+                break
+            features = [f for i, f in enumerate(features) if i not in over]
+        if not (batch["labels"] != IGNORE_INDEX).any():
+            raise RowError(f"no supervised tokens in batch {sources}: do the rows have assistant turns?")
+        return dict(batch)
+
+
+class VLDPODataCollatorWithPadding(_VLCollatorBase):
+    """Preference rows -> one batch of chosen rows then rejected rows (TRL's layout).
+
+    ``completion_mask`` marks the chosen/rejected answer tokens. The image inputs are those of the
+    prompts once (not repeated for rejected): the trainer encodes them once and reuses the result
+    for chosen, rejected and the reference pass.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        for _ in range(2):
+            sources = [f["source"] for f in features]
+            images = [self.load_images(f["images"], f["source"]) for f in features]
+            chosen = [f["prompt"] + f["chosen"] for f in features]
+            rejected = [f["prompt"] + f["rejected"] for f in features]
+            first = [len(f["prompt"]) for f in features] * 2
+            batch = self.processor.process_batch_conv(chosen + rejected, images + images, first)
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            half = len(features)
+            pair_lengths = [max(lengths[i], lengths[i + half]) for i in range(half)]
+            over = self._too_long(pair_lengths, sources)
+            if not over:
+                break
+            features = [f for i, f in enumerate(features) if i not in over]
+        completion_mask = (batch.pop("labels") != IGNORE_INDEX).long()
+        for i in range(completion_mask.shape[0]):
+            if not completion_mask[i].any():
+                raise RowError(f"{sources[i % len(sources)]}: empty chosen or rejected answer after tokenization")
+        output = dict(batch)
+        output.update(self.processor.first_half_images(batch))
+        output["completion_mask"] = completion_mask
+        return output

@@ -1,0 +1,135 @@
+"""VLModel: where a family keeps its vision tower and language model, and how to load and adapt it."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from torch import nn
+
+logger = logging.getLogger("resonance")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT and distributed wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def get_submodule(model: nn.Module, path: str, field: str) -> nn.Module:
+    """``model.<path>``, with an error naming the spec field when the path does not exist."""
+    try:
+        return unwrap(model).get_submodule(path)
+    except AttributeError as exc:
+        raise AttributeError(
+            f"spec field {field}: {type(unwrap(model)).__name__} has no submodule {path!r}"
+        ) from exc
+
+
+class VLModel:
+    """Class-level adapter for one model family; it never wraps or subclasses the HF model.
+
+    Subclasses (generated from specs) set the class attributes below.
+    """
+
+    hf_model_class: ClassVar[str]
+    trust_remote_code: ClassVar[bool] = False
+    language_model_path: ClassVar[str]
+    vision_tower_path: ClassVar[str]
+    projector_path: ClassVar[str | None] = None
+    default_lora_target: ClassVar[list[str]]
+    default_generation_kwargs: ClassVar[dict[str, Any]] = {}
+    supports_flash_attention: ClassVar[bool] = False
+    position_ids_kind: ClassVar[str] = "1d"
+
+    @classmethod
+    def attention_implementation(cls) -> str:
+        """flash_attention_2 where the spec allows it and flash_attn is usable, else sdpa."""
+        if (
+            cls.supports_flash_attention
+            and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None
+        ):
+            choice, why = "flash_attention_2", "the spec declares support and flash_attn is installed"
+        elif cls.supports_flash_attention:
+            choice, why = "sdpa", "flash_attn is not installed or no CUDA device is present"
+        else:
+            choice, why = "sdpa", f"the {cls.hf_model_class} spec does not declare flash-attention support"
+        logger.info("attention implementation: %s (%s)", choice, why)
+        return choice
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> nn.Module:
+        """Load the checkpoint (or a LoRA output folder: base model + adapter) with this family's class."""
+        path = Path(path)
+        kwargs.setdefault("attn_implementation", cls.attention_implementation())
+        kwargs.setdefault("trust_remote_code", cls.trust_remote_code)
+        model_class = getattr(transformers, cls.hf_model_class)
+        adapter_config = path / "adapter_config.json"
+        if adapter_config.is_file():
+            from peft import PeftConfig, PeftModel
+
+            base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            base = model_class.from_pretrained(base_path, **kwargs)
+            return PeftModel.from_pretrained(base, str(path))
+        return model_class.from_pretrained(str(path), **kwargs)
+
+    @classmethod
+    def get_language_model(cls, model: nn.Module) -> nn.Module:
+        return get_submodule(model, cls.language_model_path, "modules.language_model")
+
+    @classmethod
+    def get_vision_tower(cls, model: nn.Module) -> nn.Module:
+        """The image encoder (spec ``modules.vision_tower``)."""
+        return get_submodule(model, cls.vision_tower_path, "modules.vision_tower")
+
+    @classmethod
+    def get_projector(cls, model: nn.Module) -> nn.Module | None:
+        if cls.projector_path is None:
+            return None
+        return get_submodule(model, cls.projector_path, "modules.projector")
+
+    @classmethod
+    def freeze_vision_tower(cls, model: nn.Module) -> None:
+        """Stop gradients into the vision tower's weights (--freeze_vision_tower True)."""
+        cls.get_vision_tower(model).requires_grad_(False)
+
+    @classmethod
+    def image_encoder_frozen(cls, model: nn.Module) -> bool:
+        """True when no weight used to encode images (tower and projector) is trained."""
+        parts = [cls.get_vision_tower(model), cls.get_projector(model)]
+        return not any(p.requires_grad for part in parts if part is not None for p in part.parameters())
+
+    @classmethod
+    def prepare_default_generation_kwargs(cls, generation_config: Any = None) -> dict[str, Any]:
+        """Default generation kwargs (spec ``generation``), filled with the model's special token ids."""
+        kwargs = dict(cls.default_generation_kwargs)
+        if generation_config is not None:
+            for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                value = getattr(generation_config, key, None)
+                if value is not None:
+                    kwargs.setdefault(key, value)
+        return kwargs
+
+    @classmethod
+    def lora_target_modules(cls, names: list[str]) -> str:
+        """A PEFT ``target_modules`` regex that matches ``names`` only under the language model.
+
+        Leaf names such as ``q_proj`` also occur in vision towers, so they are anchored to the
+        language model's path instead of being matched by suffix.
+        """
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"LoRA target {name!r} is not a module leaf name like q_proj")
+        prefix = re.escape(cls.language_model_path)
+        return rf"{prefix}\..*\.({'|'.join(sorted(set(names)))})"

@@ -1,0 +1,217 @@
+"""VLProcessor: one family's HF processor behind the seed's processor API, plus label building.
+
+Token parity with the family's own processor is by construction: conversations are rendered with
+the family's chat template and tokenized by the family's processor in one call per batch. Labels
+come from the assistant turns' character spans in the rendered text, mapped onto the processor's
+tokens (see :meth:`VLProcessor.process_batch_conv`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+
+IGNORE_INDEX = -100
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """A processor output that goes to ``forward``, and how its first axis is laid out."""
+
+    name: str
+    layout: str  # per_image | per_row | per_patch
+
+
+class VLProcessor:
+    """Wraps the family's HF processor; subclasses (generated from specs) set the class attributes."""
+
+    hf_processor_class: ClassVar[str]
+    image_placeholder: ClassVar[str] = "<image>"
+    image_placeholder_position: ClassVar[str] = "before"
+    image_token: ClassVar[str]
+    image_inputs: ClassVar[list[ImageInput]] = []
+    image_grid_input: ClassVar[str | None] = None
+    multi_image: ClassVar[bool] = True
+    processor_call_kwargs: ClassVar[dict[str, Any]] = {}
+    train_padding_side: ClassVar[str] = "right"
+    infer_padding_side: ClassVar[str] = "left"
+    inline_chat_template: ClassVar[str | None] = None
+
+    def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
+        if isinstance(processor, str | Path):
+            processor = AutoProcessor.from_pretrained(str(processor), **kwargs)
+        self.hf = processor
+        if self.inline_chat_template is not None:
+            self.hf.chat_template = self.inline_chat_template
+        if not self.hf.chat_template:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint has no chat template; set chat_template.source: inline "
+                "and chat_template.template in the spec"
+            )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"spec field image.token: {self.image_token!r} is not a token of the tokenizer")
+        self.train()
+
+    # -- the seed's properties ---------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.hf.tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        return self.hf.image_processor
+
+    @property
+    def chat_template(self) -> str:
+        return self.hf.chat_template
+
+    def save_pretrained(self, output_dir: str | Path) -> None:
+        """Save the processor (chat template included) next to the trained weights."""
+        self.hf.save_pretrained(str(output_dir))
+
+    def train(self) -> None:
+        """Training mode: the spec's training padding side (right for all current families)."""
+        self.tokenizer.padding_side = self.train_padding_side
+        self.padding_side = self.train_padding_side
+
+    def infer(self) -> None:
+        """Inference mode: left padding, so generation continues each row at the same position."""
+        self.tokenizer.padding_side = self.infer_padding_side
+        self.padding_side = self.infer_padding_side
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def format_multimodal_prompt(self, prompt: str, num_images: int) -> str:
+        """Put ``num_images`` placeholders into a raw prompt that has none (spec image.position)."""
+        if num_images == 0 or self.image_placeholder in prompt:
+            return prompt
+        marks = self.image_placeholder * num_images
+        return f"{marks}\n{prompt}" if self.image_placeholder_position == "before" else f"{prompt}\n{marks}"
+
+    def remove_image_placeholder(self, prompt: str) -> str:
+        return prompt.replace(self.image_placeholder + "\n", "").replace(self.image_placeholder, "")
+
+    def is_multimodal_prompt_valid(self, prompt: str) -> bool:
+        return self.image_placeholder in prompt
+
+    # -- chat rendering and label spans ------------------------------------------------------------
+
+    def render_conversation(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def assistant_char_spans(self, messages: list[Message], first_supervised: int) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns at index >= ``first_supervised`` in the rendering.
+
+        A turn's span runs from the end of the prefix rendered with the generation prompt to the end
+        of the prefix rendered with that turn (content and end-of-turn marker), trimmed of white
+        space. Rendering is per turn; tokenization stays once per conversation.
+        """
+        full = self.render_conversation(messages, add_generation_prompt=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant" or index < first_supervised:
+                continue
+            before = self.render_conversation(messages[:index], add_generation_prompt=True)
+            through = self.render_conversation(messages[: index + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise ValueError(
+                    f"{type(self).__name__}: the chat template does not render conversations prefix-stably "
+                    f"(turn {index}); override the processor.assistant_char_spans hook for this family"
+                )
+            start, end = len(before), len(through)
+            while start < end and through[start].isspace():
+                start += 1
+            while end > start and through[end - 1].isspace():
+                end -= 1
+            if end > start:
+                spans.append((start, end))
+        return spans
+
+    # -- tokenization ------------------------------------------------------------------------------
+
+    def __call__(self, text: list[str], images: list[list[Any]] | None = None, **kwargs: Any) -> BatchFeature:
+        """Tokenize rendered conversations with their images, exactly as the family's processor does."""
+        has_images = images is not None and any(images)
+        call_kwargs = {**self.processor_call_kwargs, **kwargs}
+        bos = self.tokenizer.bos_token
+        if bos is not None and text and text[0].startswith(bos):
+            call_kwargs.setdefault("add_special_tokens", False)
+        call_kwargs.setdefault("padding", True)
+        call_kwargs.setdefault("return_tensors", "pt")
+        call_kwargs.setdefault("padding_side", self.padding_side)
+        return self.hf(text=text, images=images if has_images else None, **call_kwargs)
+
+    def _token_mask(self, text: str, spans: list[tuple[int, int]], add_special: bool) -> tuple[list[int], list[bool]]:
+        """Tokenize the rendered text without image expansion; flag tokens overlapping a span."""
+        encoded = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        flags = [
+            any(e > s0 and s < e0 for s0, e0 in spans) and e > s
+            for s, e in encoded["offset_mapping"]
+        ]
+        return encoded["input_ids"], flags
+
+    def process_batch_conv(
+        self,
+        conversations: list[list[Message]],
+        images: list[list[Any]],
+        first_supervised: list[int] | None = None,
+    ) -> BatchFeature:
+        """Tokenize a batch of conversations; ``labels`` supervise assistant turns only.
+
+        The processor expands each image placeholder into the model's image tokens. To place the
+        labels, the same rendering is tokenized once more without expansion (offsets mark the
+        assistant spans) and aligned to the expanded ids: the two differ only inside image
+        expansions, which are never supervised.
+        """
+        first_supervised = first_supervised or [0] * len(conversations)
+        texts = [self.render_conversation(conv, add_generation_prompt=False) for conv in conversations]
+        batch = self(text=texts, images=images)
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and texts[0].startswith(bos))
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for row, (conv, text, first) in enumerate(zip(conversations, texts, first_supervised, strict=True)):
+            spans = self.assistant_char_spans(conv, first)
+            plain_ids, flags = self._token_mask(text, spans, add_special)
+            keep = batch["attention_mask"][row].bool()
+            positions = keep.nonzero().flatten().tolist()
+            expanded = batch["input_ids"][row, keep].tolist()
+            matcher = difflib.SequenceMatcher(None, plain_ids, expanded, autojunk=False)
+            for a, b, size in matcher.get_matching_blocks():
+                for k in range(size):
+                    if flags[a + k]:
+                        pos = positions[b + k]
+                        labels[row, pos] = batch["input_ids"][row, pos]
+        labels[batch["input_ids"] == self.image_token_id] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    # -- image inputs ----------------------------------------------------------------------------
+
+    def image_input_names(self) -> list[str]:
+        return [item.name for item in self.image_inputs]
+
+    def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The image inputs of the first half of the rows (a DPO batch repeats them for rejected)."""
+        grid = inputs.get(self.image_grid_input) if self.image_grid_input else None
+        half: dict[str, torch.Tensor] = {}
+        for item in self.image_inputs:
+            if item.name not in inputs:
+                continue
+            value = inputs[item.name]
+            if item.layout == "per_patch":
+                count = grid.shape[0] // 2
+                half[item.name] = value[: int(grid[:count].prod(dim=-1).sum())]
+            else:
+                half[item.name] = value[: value.shape[0] // 2]
+        return half

@@ -1,0 +1,80 @@
+"""Trainers: TRL 1.x's SFTTrainer and DPOTrainer, with images encoded once per step.
+
+When no weight that encodes images is trained (frozen tower and projector, e.g. LoRA on the
+language model), the images of a batch go through the vision tower once, under ``no_grad``; the
+result reaches the model through transformers' ``mm_encoder_outputs`` argument. For DPO the same
+features serve chosen, rejected and the reference pass (TRL runs the tower four times per image
+and backpropagates through it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from trl import DPOTrainer, SFTTrainer
+
+from resonance.base.model import VLModel, unwrap
+from resonance.base.processor import VLProcessor
+
+
+def _repeat(value: Any, copies: int) -> Any:
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value] * copies)
+    return type(value)(list(value) * copies)
+
+
+class _ImageEncodingMixin:
+    """Turns a batch's image inputs into model inputs, encoding frozen images once."""
+
+    vl_model: type[VLModel]
+    vl_processor: VLProcessor
+
+    def _bind_adapter(self, vl_model: type[VLModel], vl_processor: VLProcessor) -> None:
+        self.vl_model = vl_model
+        self.vl_processor = vl_processor
+
+    def _image_model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], copies: int) -> dict[str, Any]:
+        """Inputs for ``copies`` repetitions of the batch's images (chosen + rejected: 2)."""
+        names = self.vl_processor.image_input_names()
+        if "pixel_values" not in inputs:
+            return inputs
+        base = unwrap(model)
+        if not self.vl_model.image_encoder_frozen(base):
+            return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
+        image_kwargs = {k: inputs[k] for k in names if k in inputs}
+        with torch.no_grad():
+            encoded = base.get_image_features(**image_kwargs, return_dict=True)
+        features = BaseModelOutputWithPooling(pooler_output=_repeat(encoded.pooler_output, copies))
+        model_inputs = {
+            k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"
+        }
+        model_inputs["mm_encoder_outputs"] = {"image": features}
+        return model_inputs
+
+
+class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
+    """SFT on TRL's SFTTrainer with our collator (labels on assistant turns only)."""
+
+    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
+        self._bind_adapter(vl_model, vl_processor)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        inputs = self._image_model_inputs(model, inputs, copies=1)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
+    """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step."""
+
+    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
+        self._bind_adapter(vl_model, vl_processor)
+        super().__init__(*args, **kwargs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        inputs = self._image_model_inputs(model, inputs, copies=2)
+        return super()._compute_loss(model, inputs, return_outputs)

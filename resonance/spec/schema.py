@@ -1,0 +1,200 @@
+"""The pydantic schema of a model-family spec (``specs/<name>.yaml``).
+
+Every string that reaches generated Python is validated here: names are identifiers, paths are
+dotted identifiers, class names are identifiers. Free text (placeholders, templates) is only
+ever emitted through ``repr`` by the compiler, never spliced into code.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _identifier(value: str) -> str:
+    if not _IDENT.match(value) or keyword.iskeyword(value):
+        raise ValueError(f"{value!r} is not a Python identifier (letters, digits and _, not starting with a digit)")
+    return value
+
+
+def _dotted(value: str) -> str:
+    parts = value.split(".")
+    for part in parts:
+        if not _IDENT.match(part) or keyword.iskeyword(part):
+            raise ValueError(
+                f"{value!r} is not a dotted path of identifiers (like 'model.language_model'); "
+                f"bad segment {part!r}"
+            )
+    return value
+
+
+_VERSION_RANGE = re.compile(r"^[0-9A-Za-z.*]*\s*(?:[<>=!~]=?\s*[0-9A-Za-z.*]+\s*,?\s*)+$")
+
+
+def _version_range(value: str) -> str:
+    if not _VERSION_RANGE.match(value):
+        raise ValueError(f"{value!r} is not a version range like '>=5.20,<6'")
+    return value
+
+
+def _adapter_name(value: str) -> str:
+    _identifier(value)
+    if value != value.lower():
+        raise ValueError(f"{value!r}: adapter names are lower case (like 'llava', 'qwen2_vl')")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+DottedPath = Annotated[str, AfterValidator(_dotted)]
+AdapterName = Annotated[str, AfterValidator(_adapter_name)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Modules(_Strict):
+    """Dotted attribute paths on the loaded ``*ForConditionalGeneration`` model."""
+
+    language_model: DottedPath = Field(description="The decoder; LoRA `auto` targets live only under it.")
+    vision_tower: DottedPath = Field(description="The image encoder frozen by --freeze_vision_tower.")
+    projector: DottedPath | None = Field(None, description="The vision-to-text connector, if separate.")
+
+
+class Lora(_Strict):
+    """Default LoRA targets, matched by path under ``modules.language_model`` (never by leaf name alone)."""
+
+    targets: list[Identifier] = Field(
+        min_length=1, description="Linear leaf names inside the language model, e.g. q_proj, v_proj."
+    )
+
+
+ImageLayout = Literal["per_image", "per_row", "per_patch"]
+
+
+class ImageInput(_Strict):
+    """One processor output forwarded to the model's forward."""
+
+    name: Identifier
+    layout: ImageLayout = Field(
+        description=(
+            "How the tensor's first axis is laid out: per_image (one entry per image), per_row (one entry "
+            "per batch row), per_patch (patches of all images concatenated, sized by the grid input)."
+        )
+    )
+
+
+class Image(_Strict):
+    """How images appear in prompts and which processor outputs the model consumes."""
+
+    placeholder: NonEmpty = Field("<image>", description="The image marker in dataset prompts.")
+    position: Literal["before", "after"] = Field(
+        "before", description="Where format_multimodal_prompt puts missing image parts in the first user turn."
+    )
+    token: NonEmpty = Field(description="The model's image token after the processor expands placeholders.")
+    inputs: list[ImageInput] = Field(min_length=1, description="Processor outputs passed to forward().")
+    grid_input: Identifier | None = Field(
+        None, description="For per_patch layouts: the per-image grid input (t, h, w) that sizes each image."
+    )
+    multi_image: bool = Field(True, description="Whether one conversation may hold several images.")
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the processor call (e.g. max_pixels)."
+    )
+
+    @model_validator(mode="after")
+    def _grid_for_patches(self) -> Image:
+        names = [i.name for i in self.inputs]
+        if any(i.layout == "per_patch" for i in self.inputs):
+            if self.grid_input is None:
+                raise ValueError("grid_input: required when an input has layout per_patch (e.g. image_grid_thw)")
+            if self.grid_input not in names:
+                raise ValueError(f"grid_input: {self.grid_input!r} must be one of inputs {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"inputs: duplicate names in {names}")
+        return self
+
+
+class ChatTemplate(_Strict):
+    """Which chat template renders conversations."""
+
+    source: Literal["model", "inline"] = Field(
+        "model", description="model: the checkpoint's own template; inline: `template` below."
+    )
+    template: str | None = Field(None, description="A Jinja chat template, required for source: inline.")
+
+    @model_validator(mode="after")
+    def _inline_needs_template(self) -> ChatTemplate:
+        if self.source == "inline" and not self.template:
+            raise ValueError("template: required when source is 'inline'")
+        if self.source == "model" and self.template is not None:
+            raise ValueError("template: only allowed with source: inline")
+        return self
+
+
+class Padding(_Strict):
+    train: Literal["left", "right"] = "right"
+    infer: Literal["left", "right"] = "left"
+
+
+class Overrides(_Strict):
+    """Hand-written hooks (generation-gap pattern): ``module`` defines functions named after the hooks."""
+
+    module: DottedPath = Field(description="Importable hand-written module, e.g. resonance.overrides.qwen2_vl.")
+    hooks: list[DottedPath] = Field(
+        min_length=1, description="Hooks taken from the module, as Class.method, e.g. processor.format_multimodal_prompt."
+    )
+
+
+class Tiny(_Strict):
+    """A tiny random-weight configuration that builds offline (see resonance/tiny.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    config_class: Identifier
+    config: dict[str, Any] = Field(default_factory=dict)
+    processor: dict[str, Any] = Field(default_factory=dict)
+    image_processor_class: Identifier
+    image_processor: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: dict[str, Any] = Field(
+        default_factory=dict, description="BPE size, special tokens, and config fields set to token ids."
+    )
+    chat_template: str = Field(description="The family's real chat template, saved with the tiny checkpoint.")
+
+
+class ModelSpec(_Strict):
+    """One model family: everything the compiler needs to write its adapter module."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    name: AdapterName = Field(description="The adapter's name: a lower-case Python identifier.")
+    architectures: list[Identifier] = Field(
+        min_length=1, description="config.json `architectures` values this adapter serves."
+    )
+    model_class: Identifier = Field(description="The transformers model class, e.g. LlavaForConditionalGeneration.")
+    processor_class: Identifier = Field(description="The transformers processor class, e.g. LlavaProcessor.")
+    transformers: Annotated[str, AfterValidator(_version_range)] = Field(description="The transformers version range this spec was verified with.")
+    trust_remote_code: bool = False
+    modules: Modules
+    lora: Lora
+    image: Image
+    chat_template: ChatTemplate = ChatTemplate()
+    padding_side: Padding = Padding()
+    generation: dict[str, Any] = Field(
+        default_factory=lambda: {"max_new_tokens": 1024, "do_sample": False},
+        description="Default generation kwargs.",
+    )
+    flash_attention: bool = Field(False, description="Whether the family supports flash-attention 2.")
+    position_ids: Literal["1d", "3d"] = Field("1d", description="Rope position kind; 3d for Qwen's M-RoPE.")
+    overrides: Overrides | None = None
+    tiny: Tiny
+
+    @property
+    def class_prefix(self) -> str:
+        """CamelCase stem for generated class names: qwen2_vl -> Qwen2Vl."""
+        return "".join(part[:1].upper() + part[1:] for part in self.name.split("_"))

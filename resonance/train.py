@@ -1,0 +1,139 @@
+"""``resonance train sft|dpo``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("resonance")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Checkpoint folder whose config.json names a supported family."})
+    lora_target_modules: str = field(
+        default="auto",
+        metadata={"help": "'auto' (the spec's default_lora_target), a comma list of leaf names (both restricted "
+                  "to the language model), or 'none' for full training."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision tower's weights."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "Training data: JSONL or a JSON list (see README, Data)."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data, same format."})
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count, in the log) invalid rows instead of failing."}
+    )
+    skip_long_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count) rows longer than --max_length instead of failing."}
+    )
+
+
+def _config_class(algorithm: str):
+    from trl import DPOConfig, SFTConfig
+
+    return {"sft": SFTConfig, "dpo": DPOConfig}[algorithm]
+
+
+def parse(algorithm: str, argv: list[str]):
+    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, _config_class(algorithm)))
+    parser.prog = f"resonance train {algorithm}"
+    defaults = {"remove_unused_columns": False, "report_to": "none"}
+    argv = [*argv]
+    for key, value in defaults.items():
+        if f"--{key}" not in argv:
+            argv += [f"--{key}", str(value)]
+    model_args, data_args, config = parser.parse_args_into_dataclasses(args=argv)
+    if algorithm == "sft":
+        config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    return model_args, data_args, config
+
+
+def _apply_lora(model, model_cls, model_args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    spec = model_args.lora_target_modules.strip()
+    if spec.lower() == "none":
+        return model
+    names = model_cls.default_lora_target if spec == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_cls.lora_target_modules(names),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArguments, config):
+    """Load adapter, model, processor and data, and return the family's trainer, ready to train."""
+    import torch
+
+    from resonance.data import load_rows
+    from resonance.utils.auto_load import load_core_mapper
+
+    mapper = load_core_mapper(model_args.model_name_or_path)
+    model_cls = mapper.model
+    dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
+    model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    if model_args.freeze_vision_tower:
+        model_cls.freeze_vision_tower(model)
+    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+    kind = "sft" if algorithm == "sft" else "preference"
+    train_rows = load_rows(data_args.data_path, kind, skip_invalid=data_args.skip_invalid_rows)
+    eval_rows = (
+        load_rows(data_args.eval_data_path, kind, skip_invalid=data_args.skip_invalid_rows)
+        if data_args.eval_data_path
+        else None
+    )
+    collator_cls = mapper.sft_collator if algorithm == "sft" else mapper.dpo_collator
+    collator = collator_cls(processor, max_length=config.max_length, skip_long_rows=data_args.skip_long_rows)
+    ref_model = None
+    peft_model = _apply_lora(model, model_cls, model_args)
+    if algorithm == "dpo" and peft_model is model:
+        ref_model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        ref_model.requires_grad_(False)
+    trainer_cls = mapper.sft_trainer if algorithm == "sft" else mapper.dpo_trainer
+    kwargs = {"ref_model": ref_model} if algorithm == "dpo" else {}
+    trainer = trainer_cls(
+        model=peft_model,
+        args=config,
+        data_collator=collator,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=processor.hf,
+        vl_model=model_cls,
+        vl_processor=processor,
+        **kwargs,
+    )
+    return trainer, processor
+
+
+def main(algorithm: str, argv: list[str]) -> int:
+    """Train, then save weights (or adapter) and the processor into --output_dir."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model_args, data_args, config = parse(algorithm, argv)
+    trainer, processor = build_trainer(algorithm, model_args, data_args, config)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    processor.save_pretrained(config.output_dir)
+    skipped = trainer.data_collator.skipped_rows
+    if skipped:
+        logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)
+    logger.info("saved to %s", Path(config.output_dir).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
