@@ -18,7 +18,11 @@ from rich.table import Table
 from resonance import compiler
 from resonance.spec import ModelSpec, SpecError
 
-app = typer.Typer(help="Align vision-language models from declarative model specs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Align vision-language models from declarative model specs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 train_app = typer.Typer(help="Train a model: sft or dpo.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -61,8 +65,8 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     if drift.clean:
         err.print(f"generated/ is up to date with {len(plan.files) - 2} spec(s).", markup=False)
         return
-    fix = "resonance scaffold --prune" if drift.stale else "resonance scaffold " + " ".join(
-        str(s) for s in (specs or [])
+    fix = (
+        "resonance scaffold --prune" if drift.stale else "resonance scaffold " + " ".join(str(s) for s in (specs or []))
     )
     if drift.hand_edited:
         fix += " --force  (after moving the hand edits into an override module)"
@@ -126,8 +130,11 @@ def models(project: Project = Path(".")) -> None:
     table = Table("name", "architectures", "flash-attn", "multi-image", "transformers")
     for _, spec in loaded:
         table.add_row(
-            spec.name, ", ".join(spec.architectures), "yes" if spec.flash_attention else "no",
-            "yes" if spec.image.multi_image else "no", spec.transformers,
+            spec.name,
+            ", ".join(spec.architectures),
+            "yes" if spec.flash_attention else "no",
+            "yes" if spec.image.multi_image else "no",
+            spec.transformers,
         )
     out.print(table)
 
@@ -149,11 +156,14 @@ def tiny(
         err.print(f"error: no spec {spec_path} (known: {known})", markup=False)
         raise typer.Exit(EXIT_SPEC)
     try:
-        (_, spec), = compiler.load_specs([spec_path], project)
+        ((_, spec),) = compiler.load_specs([spec_path], project)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
-    tiny_dict = {"model_class": spec.model_class, "processor_class": spec.processor_class,
-                 **spec.tiny.model_dump()}
+    tiny_dict = {
+        "model_class": spec.model_class,
+        "processor_class": spec.processor_class,
+        **spec.tiny.model_dump(),
+    }
     try:
         path = build_tiny(tiny_dict, out_dir, seed=seed, overwrite=overwrite)
     except FileExistsError as exc:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -69,7 +69,9 @@ def py_literal(value: Any, indent: int = 0) -> str:
 def _hook_lines(hooks: list[dict[str, Any]]) -> str:
     """Class-body lines binding hand-written hooks, each on its own line after a blank line."""
     lines = [
-        f"    {h['name']} = classmethod(overrides.{h['name']})" if h["classmethod"] else f"    {h['name']} = overrides.{h['name']}"
+        f"    {h['name']} = classmethod(overrides.{h['name']})"
+        if h["classmethod"]
+        else f"    {h['name']} = overrides.{h['name']}"
         for h in hooks
     ]
     return "\n\n" + "\n".join(lines) if lines else ""
@@ -172,7 +174,10 @@ def resolve_hooks(spec: ModelSpec, spec_file: str, project: Path) -> dict[str, l
             if params != hook.params:
                 problems.append(
                     SpecProblem(
-                        spec_file, func.lineno, func.col_offset + 1, where,
+                        spec_file,
+                        func.lineno,
+                        func.col_offset + 1,
+                        where,
                         f"{source_path}:{func.lineno}: {hook.method}{params} must take {hook.params}",
                     )
                 )
@@ -218,7 +223,9 @@ def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]
     names: dict[str, Path] = {}
     for path, spec in loaded:
         if spec.name in names:
-            problems.append(SpecProblem(_relative(path, project), 1, 1, "name", f"{spec.name!r} also in {names[spec.name]}"))
+            problems.append(
+                SpecProblem(_relative(path, project), 1, 1, "name", f"{spec.name!r} also in {names[spec.name]}")
+            )
         names[spec.name] = path
     if problems:
         raise SpecError(problems)
@@ -236,7 +243,17 @@ def plan(project: Path, named: list[Path] | None = None) -> Plan:
     for path in named or []:
         if path.resolve().parent != (project / SPECS_DIR).resolve():
             rel = _relative(path, project)
-            raise SpecError([SpecProblem(rel, 1, 1, "", f"specs live in {project / SPECS_DIR}/ so that `resonance check` sees them")])
+            raise SpecError(
+                [
+                    SpecProblem(
+                        rel,
+                        1,
+                        1,
+                        "",
+                        f"specs live in {project / SPECS_DIR}/ so that `resonance check` sees them",
+                    )
+                ]
+            )
     targets = [p.resolve() for p in named] if named else every
     loaded = load_specs(sorted(set(every) | set(targets)), project)
     env = _environment()
@@ -248,12 +265,22 @@ def plan(project: Path, named: list[Path] | None = None) -> Plan:
         hooks = resolve_hooks(spec, rel, project)
         inline = spec.chat_template.template if spec.chat_template.source == "inline" else None
         out.files[f"{OUTPUT_DIR}/{spec.name}/__init__.py"] = _render(
-            env, "adapter.py.j2", rel, _command([rel]),
-            spec=spec, spec_path=rel, prefix=spec.class_prefix, hooks=hooks, inline_template=inline,
+            env,
+            "adapter.py.j2",
+            rel,
+            _command([rel]),
+            spec=spec,
+            spec_path=rel,
+            prefix=spec.class_prefix,
+            hooks=hooks,
+            inline_template=inline,
         )
     registry_cmd = "resonance scaffold"
     out.files[f"{OUTPUT_DIR}/registry.py"] = _render(
-        env, "registry.py.j2", f"{SPECS_DIR}/*.yaml", registry_cmd,
+        env,
+        "registry.py.j2",
+        f"{SPECS_DIR}/*.yaml",
+        registry_cmd,
         nickname_map={arch: spec.name for _, spec in loaded for arch in spec.architectures},
         flash_models=sorted(arch for _, spec in loaded if spec.flash_attention for arch in spec.architectures),
         spec_files={spec.name: _relative(path, project) for path, spec in loaded},

@@ -15,8 +15,10 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Checkpoint folder whose config.json names a supported family."})
     lora_target_modules: str = field(
         default="auto",
-        metadata={"help": "'auto' (the spec's default_lora_target), a comma list of leaf names (both restricted "
-                  "to the language model), or 'none' for full training."},
+        metadata={
+            "help": "'auto' (the spec's default_lora_target), a comma list of leaf names (both restricted "
+            "to the language model), or 'none' for full training."
+        },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -48,7 +50,11 @@ def parse(algorithm: str, argv: list[str]):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, _config_class(algorithm)))
     parser.prog = f"resonance train {algorithm}"
+    import torch
+
     defaults = {"remove_unused_columns": False, "report_to": "none"}
+    if not torch.cuda.is_available():
+        defaults["bf16"] = False  # TRL's configs default to bf16, which a CPU run refuses
     argv = [*argv]
     for key, value in defaults.items():
         if f"--{key}" not in argv:

@@ -31,9 +31,7 @@ def get_submodule(model: nn.Module, path: str, field: str) -> nn.Module:
     try:
         return unwrap(model).get_submodule(path)
     except AttributeError as exc:
-        raise AttributeError(
-            f"spec field {field}: {type(unwrap(model)).__name__} has no submodule {path!r}"
-        ) from exc
+        raise AttributeError(f"spec field {field}: {type(unwrap(model)).__name__} has no submodule {path!r}") from exc
 
 
 class VLModel:

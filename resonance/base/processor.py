@@ -106,9 +106,7 @@ class VLProcessor:
     # -- chat rendering and label spans ------------------------------------------------------------
 
     def render_conversation(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def assistant_char_spans(self, messages: list[Message], first_supervised: int) -> list[tuple[int, int]]:
         """Character spans of the assistant turns at index >= ``first_supervised`` in the rendering.
@@ -155,10 +153,7 @@ class VLProcessor:
     def _token_mask(self, text: str, spans: list[tuple[int, int]], add_special: bool) -> tuple[list[int], list[bool]]:
         """Tokenize the rendered text without image expansion; flag tokens overlapping a span."""
         encoded = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        flags = [
-            any(e > s0 and s < e0 for s0, e0 in spans) and e > s
-            for s, e in encoded["offset_mapping"]
-        ]
+        flags = [any(e > s0 and s < e0 for s0, e0 in spans) and e > s for s, e in encoded["offset_mapping"]]
         return encoded["input_ids"], flags
 
     def process_batch_conv(

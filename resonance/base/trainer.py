@@ -49,9 +49,7 @@ class _ImageEncodingMixin:
         with torch.no_grad():
             encoded = base.get_image_features(**image_kwargs, return_dict=True)
         features = BaseModelOutputWithPooling(pooler_output=_repeat(encoded.pooler_output, copies))
-        model_inputs = {
-            k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"
-        }
+        model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"}
         model_inputs["mm_encoder_outputs"] = {"image": features}
         return model_inputs
 

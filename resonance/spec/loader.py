@@ -112,8 +112,10 @@ def _message(error: dict, loc: Loc) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _locate(loc: Loc, positions: dict[Loc, tuple[int, int]], missing: bool) -> tuple[int, int]:
-    if not missing and (*loc, "<value>") in positions:
+def _locate(loc: Loc, positions: dict[Loc, tuple[int, int]], kind: str) -> tuple[int, int]:
+    """Where to point: at the value of a wrong field, the key of an unknown one, the parent of a missing one."""
+    missing = kind == "missing"
+    if kind != "extra_forbidden" and not missing and (*loc, "<value>") in positions:
         return positions[(*loc, "<value>")]
     probe = loc[:-1] if missing else loc
     while probe not in positions and probe:
@@ -147,7 +149,7 @@ def load_spec(path: str | Path, *, display: str | None = None) -> ModelSpec:
         problems = []
         for error in exc.errors(include_url=False):
             loc = tuple(error["loc"])
-            line, col = _locate(loc, positions, error["type"] == "missing")
+            line, col = _locate(loc, positions, error["type"])
             field = ".".join(str(p) for p in loc)
             problems.append(SpecProblem(shown, line, col, field, _message(error, loc)))
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.col))) from exc

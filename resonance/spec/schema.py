@@ -27,8 +27,7 @@ def _dotted(value: str) -> str:
     for part in parts:
         if not _IDENT.match(part) or keyword.iskeyword(part):
             raise ValueError(
-                f"{value!r} is not a dotted path of identifiers (like 'model.language_model'); "
-                f"bad segment {part!r}"
+                f"{value!r} is not a dotted path of identifiers (like 'model.language_model'); bad segment {part!r}"
             )
     return value
 
@@ -95,7 +94,8 @@ class Image(_Strict):
 
     placeholder: NonEmpty = Field("<image>", description="The image marker in dataset prompts.")
     position: Literal["before", "after"] = Field(
-        "before", description="Where format_multimodal_prompt puts missing image parts in the first user turn."
+        "before",
+        description="Where format_multimodal_prompt puts missing image parts in the first user turn.",
     )
     token: NonEmpty = Field(description="The model's image token after the processor expands placeholders.")
     inputs: list[ImageInput] = Field(min_length=1, description="Processor outputs passed to forward().")
@@ -147,7 +147,8 @@ class Overrides(_Strict):
 
     module: DottedPath = Field(description="Importable hand-written module, e.g. resonance.overrides.qwen2_vl.")
     hooks: list[DottedPath] = Field(
-        min_length=1, description="Hooks taken from the module, as Class.method, e.g. processor.format_multimodal_prompt."
+        min_length=1,
+        description="Hooks taken from the module, as Class.method, e.g. processor.format_multimodal_prompt.",
     )
 
 
@@ -178,7 +179,9 @@ class ModelSpec(_Strict):
     )
     model_class: Identifier = Field(description="The transformers model class, e.g. LlavaForConditionalGeneration.")
     processor_class: Identifier = Field(description="The transformers processor class, e.g. LlavaProcessor.")
-    transformers: Annotated[str, AfterValidator(_version_range)] = Field(description="The transformers version range this spec was verified with.")
+    transformers: Annotated[str, AfterValidator(_version_range)] = Field(
+        description="The transformers version range this spec was verified with."
+    )
     trust_remote_code: bool = False
     modules: Modules
     lora: Lora

@@ -10,7 +10,13 @@ from typing import Any
 
 from resonance.generated.registry import FLASH_ATTN_MODELS, MODEL_NICKNAME_MAP
 
-__all__ = ["FLASH_ATTN_MODELS", "MODEL_NICKNAME_MAP", "ModelCoreMapper", "UnsupportedModelError", "load_core_mapper"]
+__all__ = [
+    "FLASH_ATTN_MODELS",
+    "MODEL_NICKNAME_MAP",
+    "ModelCoreMapper",
+    "UnsupportedModelError",
+    "load_core_mapper",
+]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,660 @@
+"""Read SFT and preference data files into one canonical, validated ``datasets.Dataset``.
+
+Input files are JSON Lines (``.jsonl``: one object per line, blank lines allowed) or JSON (``.json``:
+a list of objects). Image paths are resolved relative to the data file's folder. Accepted rows:
+
+- SFT, LLaVA style: ``{"image": "a.png" | "images": [...], "conversations": [{"from": "human" | "gpt" |
+  "system", "value": "<image>\\nWhat is it?"}, ...], "id": ...}``
+- SFT, chat style: ``{"images": [...], "messages": [{"role": "system" | "user" | "assistant", "content": str
+  | [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]}``
+- preference (DPO, RM): ``{"images": [...], "prompt": str | [messages ending with a user turn],
+  "chosen": str | [assistant messages], "rejected": str | [assistant messages]}``
+
+Canonical rows (what the collators consume), one per input row::
+
+    sft:        {"messages": [Message], "images": [str], "source": "FILE:LINE"}
+    preference: {"prompt": [Message], "chosen": [Message], "rejected": [Message], "images": [str],
+                 "source": "FILE:LINE"}
+    Message = {"role": "system" | "user" | "assistant", "content": [Part]}
+    Part    = {"type": "image", "text": None} | {"type": "text", "text": str}
+
+``images`` are absolute paths, in the order of the image parts (across prompt, then chosen, then rejected).
+Every text is split at the image placeholder (``"<image>"``, plus one newline right after it); a row whose
+messages hold no image part gets all its images at the start of its first user message (LLaVA convention).
+Image parts appear only in user messages. Every problem is reported as ``FILE:LINE: message``, all rows
+of a file at once, in one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from PIL import Image
+
+logger = logging.getLogger("resonance.data")
+
+Kind = Literal["sft", "preference"]
+Part = dict[str, str | None]
+Message = dict[str, Any]
+_Columns = dict[str, list[Message]]
+
+KINDS: tuple[str, ...] = ("sft", "preference")
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
+MAX_LISTED_ERRORS = 20
+
+_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+_CHAT_ROLES = ("system", "user", "assistant")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# Known top-level fields, in groups of alternatives; a row needs one member of each required group.
+_IMAGE_FIELDS = ("image", "images")
+_SFT_GROUPS: tuple[tuple[str, ...], ...] = (("conversations", "messages"), _IMAGE_FIELDS)
+_PREFERENCE_GROUPS: tuple[tuple[str, ...], ...] = (("prompt",), ("chosen",), ("rejected",), _IMAGE_FIELDS)
+_OPTIONAL_FIELDS = ("id",)
+_SFT_FORMATS = (
+    'SFT rows are LLaVA style {"conversations": [{"from": "human" | "gpt" | "system", "value": str}]} '
+    'or chat style {"messages": [{"role": "system" | "user" | "assistant", "content": str | [parts]}]}, '
+    'with optional "image" / "images"'
+)
+_PREFERENCE_FORMAT = (
+    'preference rows are {"prompt": str | [messages], "chosen": str | [assistant messages], '
+    '"rejected": str | [assistant messages]}, with optional "image" / "images"'
+)
+
+
+class DataError(ValueError):
+    """Invalid data; ``errors`` holds every ``(source, message)``, ``str()`` lists the first ones."""
+
+    def __init__(self, errors: list[tuple[str, str]], header: str | None = None):
+        self.errors = list(errors)
+        self.header = header
+        lines = [header] if header else []
+        lines += [f"{source}: {message}" for source, message in self.errors[:MAX_LISTED_ERRORS]]
+        if len(self.errors) > MAX_LISTED_ERRORS:
+            lines.append(f"... and {len(self.errors) - MAX_LISTED_ERRORS} more")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[list[tuple[str, str]], str | None]]:
+        return (type(self), (self.errors, self.header))
+
+
+def features_for(kind: Kind) -> datasets.Features:
+    """The arrow schema of canonical rows of ``kind`` (the same for text-only and image rows)."""
+    _check_kind(kind)
+
+    def messages() -> datasets.List:
+        part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
+        return datasets.List({"role": datasets.Value("string"), "content": datasets.List(part)})
+
+    columns: dict[str, Any] = (
+        {"messages": messages()}
+        if kind == "sft"
+        else {"prompt": messages(), "chosen": messages(), "rejected": messages()}
+    )
+    columns["images"] = datasets.List(datasets.Value("string"))
+    columns["source"] = datasets.Value("string")
+    return datasets.Features(columns)
+
+
+def image_part() -> Part:
+    """A canonical image part."""
+    return {"type": "image", "text": None}
+
+
+def text_part(text: str) -> Part:
+    """A canonical text part."""
+    return {"type": "text", "text": text}
+
+
+def text_to_parts(text: str, image_placeholder: str = "<image>") -> list[Part]:
+    """Split ``text`` at each placeholder into text and image parts.
+
+    One newline right after a placeholder is swallowed; empty text parts are dropped.
+    """
+    parts: list[Part] = []
+    for i, piece in enumerate(text.split(image_placeholder)):
+        if i > 0:
+            parts.append(image_part())
+            piece = piece[2:] if piece.startswith("\r\n") else piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append(text_part(piece))
+    return parts
+
+
+@dataclass(frozen=True)
+class LoadedRows:
+    """Canonical rows of one file, plus what ``skip_invalid`` dropped.
+
+    ``skipped`` is the number of dropped rows, ``problems`` their ``(source, message)`` pairs.
+    """
+
+    path: str
+    kind: Kind
+    rows: list[dict[str, Any]]
+    skipped: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        """``"N <kind> rows from <path>; K invalid rows skipped"``."""
+        return f"{len(self.rows)} {self.kind} rows from {self.path}; {self.skipped} invalid rows skipped"
+
+    def to_dataset(self) -> datasets.Dataset:
+        """The rows as a ``datasets.Dataset`` with :func:`features_for` schema; ``info.description`` is
+        :attr:`summary`."""
+        features = features_for(self.kind)
+        info = datasets.DatasetInfo(description=self.summary, features=features)
+        return datasets.Dataset.from_list(self.rows, info=info)
+
+
+def load_rows(
+    path: str | os.PathLike[str],
+    kind: Kind,
+    *,
+    image_placeholder: str = "<image>",
+    skip_invalid: bool = False,
+    check_images: bool = True,
+) -> datasets.Dataset:
+    """Load, validate and canonicalise a data file into a ``datasets.Dataset``.
+
+    Raises :class:`DataError` listing every problem of the file, unless ``skip_invalid``: then invalid rows
+    are dropped with one warning each (logger ``resonance.data``) and a summary, and the returned dataset's
+    ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use
+    :func:`read_rows` for the count and problems as data). A file without valid rows is always an error.
+    ``check_images`` opens every image with PIL and ``verify()``s it; ``False`` skips all file checks.
+    """
+    return read_rows(
+        path, kind, image_placeholder=image_placeholder, skip_invalid=skip_invalid, check_images=check_images
+    ).to_dataset()
+
+
+def read_rows(
+    path: str | os.PathLike[str],
+    kind: Kind,
+    *,
+    image_placeholder: str = "<image>",
+    skip_invalid: bool = False,
+    check_images: bool = True,
+) -> LoadedRows:
+    """Like :func:`load_rows`, but return the canonical rows as a list with the skip count and problems."""
+    _check_kind(kind)
+    _check_placeholder(image_placeholder)
+    display = os.fspath(path)
+    file = Path(path)
+    if not file.exists():
+        raise DataError([(display, "file not found")])
+    if not file.is_file():
+        raise DataError([(display, "not a file; expected a .jsonl or .json data file")])
+    suffix = file.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        found = repr(suffix) if suffix else "no extension"
+        expected = "expected .jsonl (one JSON object per line) or .json (a JSON list of objects)"
+        raise DataError([(display, f"unsupported file type ({found}); {expected}")])
+    raw_rows = _read_jsonl(file) if suffix == ".jsonl" else _read_json_list(file, display)
+    converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images)
+
+    rows: list[dict[str, Any]] = []
+    invalid: list[tuple[str, list[str]]] = []
+    for raw in raw_rows:
+        source = f"{display}:{raw.line}"
+        problems = [raw.error] if raw.error else []
+        row = None if raw.error else converter.convert(raw.value, kind, source, problems)
+        if problems:
+            invalid.append((source, problems))
+        else:
+            assert row is not None
+            rows.append(row)
+
+    errors = [(source, message) for source, problems in invalid for message in problems]
+    total = len(rows) + len(invalid)
+    if total == 0:
+        raise DataError([(display, "no rows: the file holds no data")])
+    if not rows:
+        raise DataError(errors, header=f"{display}: no valid rows ({total} rows, all invalid)")
+    if invalid and not skip_invalid:
+        raise DataError(
+            errors,
+            header=(
+                f"{display}: {len(errors)} problem(s) in {len(invalid)} of {total} rows"
+                " (fix them, or pass skip_invalid=True to drop those rows)"
+            ),
+        )
+    for source, problems in invalid:
+        logger.warning("skipping invalid row %s: %s", source, "; ".join(problems))
+    if invalid:
+        logger.warning("skipped %d invalid of %d rows in %s", len(invalid), total, display)
+    return LoadedRows(display, kind, rows, skipped=len(invalid), problems=errors)
+
+
+def convert_row(
+    row: Any,
+    kind: Kind,
+    *,
+    base_dir: str | os.PathLike[str] = ".",
+    image_placeholder: str = "<image>",
+    check_images: bool = True,
+    source: str = "<row>",
+) -> dict[str, Any]:
+    """Canonicalise one raw row, images relative to ``base_dir``; raise :class:`DataError` if invalid."""
+    _check_kind(kind)
+    _check_placeholder(image_placeholder)
+    problems: list[str] = []
+    converted = _RowConverter(Path(os.path.abspath(base_dir)), image_placeholder, check_images).convert(
+        row, kind, source, problems
+    )
+    if problems or converted is None:
+        raise DataError([(source, message) for message in problems])
+    return converted
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _RawRow:
+    line: int
+    value: Any = None
+    error: str | None = None
+
+
+class _JsonDecoder:
+    """``json`` decoding that records duplicate keys instead of letting the last one win silently."""
+
+    def __init__(self) -> None:
+        self.duplicates: list[str] = []
+        self.decoder = json.JSONDecoder(object_pairs_hook=self._object)
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                self.duplicates.append(key)
+            obj[key] = value
+        return obj
+
+    def row(self, line: int, value: Any) -> _RawRow:
+        """Wrap a decoded value, turning duplicate keys found while decoding it into a row error."""
+        duplicates, self.duplicates = self.duplicates, []
+        if duplicates:
+            keys = ", ".join(repr(k) for k in dict.fromkeys(duplicates))
+            return _RawRow(line, error=f"duplicate key(s) {keys} in one object; JSON keeps only the last")
+        return _RawRow(line, value)
+
+
+def _read_jsonl(file: Path) -> Iterator[_RawRow]:
+    decoder = _JsonDecoder()
+    for index, raw_line in enumerate(file.read_bytes().split(b"\n")):
+        line = index + 1
+        try:
+            text = raw_line.decode("utf-8-sig" if index == 0 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield _RawRow(line, error=f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+            continue
+        if not text.strip():
+            continue
+        try:
+            value = decoder.decoder.decode(text)
+        except json.JSONDecodeError as exc:
+            decoder.duplicates = []
+            yield _RawRow(line, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        yield decoder.row(line, value)
+
+
+def _read_json_list(file: Path, display: str) -> list[_RawRow]:
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError([(f"{display}:{line}", "not valid UTF-8")]) from None
+    decoder = _JsonDecoder()
+    rows: list[_RawRow] = []
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    def fail(pos: int, message: str) -> DataError:
+        return DataError([(f"{display}:{line_at(pos)}", message)])
+
+    pos = _skip_space(text, 0)
+    if pos == len(text):
+        raise fail(pos, "empty file; expected a JSON list of row objects")
+    if text[pos] != "[":
+        raise fail(pos, "expected a JSON list of row objects ('[' ...); for one object per line use .jsonl")
+    pos = _skip_space(text, pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        pos += 1
+    else:
+        while True:
+            try:
+                value, end = decoder.decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                message = f"invalid JSON: {exc.msg} at column {exc.colno}"
+                raise DataError([(f"{display}:{exc.lineno}", message)]) from None
+            rows.append(decoder.row(line_at(pos), value))
+            pos = _skip_space(text, end)
+            if pos < len(text) and text[pos] == ",":
+                pos = _skip_space(text, pos + 1)
+                continue
+            if pos < len(text) and text[pos] == "]":
+                pos += 1
+                break
+            raise fail(pos, "invalid JSON: expected ',' or ']' after a list item")
+    if _skip_space(text, pos) != len(text):
+        raise fail(_skip_space(text, pos), "invalid JSON: extra data after the list")
+    return rows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+# ------------------------------------------------------------------------------------------ converting
+
+
+class _RowConverter:
+    """Turns raw rows into canonical rows, appending every problem found to a list of messages."""
+
+    def __init__(self, base_dir: Path, placeholder: str, check_images: bool):
+        self.base_dir = base_dir
+        self.placeholder = placeholder
+        self.check_images = check_images
+        self._image_problems: dict[str, str | None] = {}
+
+    def convert(self, obj: Any, kind: Kind, source: str, problems: list[str]) -> dict[str, Any] | None:
+        """The canonical row, or ``None`` when ``problems`` grew."""
+        if not isinstance(obj, dict):
+            problems.append(f"a row must be a JSON object, got {_type_name(obj)}")
+            return None
+        before = len(problems)
+        self._check_fields(obj, _SFT_GROUPS if kind == "sft" else _PREFERENCE_GROUPS, problems)
+        images = self._images(obj, problems)
+        if kind == "sft":
+            columns = self._sft_messages(obj, problems)
+        else:
+            columns = self._preference_messages(obj, problems)
+        if columns is None or images is None or len(problems) > before:
+            return None
+        self._place_images(columns, len(images), problems)
+        for column, messages in columns.items():
+            name = "conversations" if column == "messages" and "conversations" in obj else column
+            for i, message in enumerate(messages):
+                if _is_empty(message["content"]):
+                    problems.append(f"{name}[{i}]: empty {message['role']} turn; write its text")
+        if len(problems) > before:
+            return None
+        return {**columns, "images": images, "source": source}
+
+    # ------------------------------------------------------------------------------------- fields
+
+    def _check_fields(self, obj: dict[str, Any], groups: tuple[tuple[str, ...], ...], problems: list[str]):
+        """Flag unknown fields that are probably a misspelled known field or an unread image path."""
+        known = {name for group in groups for name in group} | set(_OPTIONAL_FIELDS)
+        absent = [name for group in groups if not any(name in obj for name in group) for name in group]
+        has_images = "image" in obj or "images" in obj
+        for key in obj:
+            if key in known:
+                continue
+            match = difflib.get_close_matches(key, absent, n=1, cutoff=0.8)
+            if match:
+                problems.append(f"unknown field {key!r}; did you mean {match[0]!r}?")
+            elif not has_images and _looks_like_image_paths(obj[key]):
+                problems.append(
+                    f"field {key!r} holds image path(s) but only 'image' / 'images' are read;"
+                    " rename it, or the row would train without its image"
+                )
+
+    def _images(self, obj: dict[str, Any], problems: list[str]) -> list[str] | None:
+        if "image" in obj and "images" in obj:
+            problems.append("has both 'image' and 'images'; keep one")
+            return None
+        name = "images" if "images" in obj else "image"
+        value = obj.get(name)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            entries = [(name, value)]
+        elif isinstance(value, list):
+            entries = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            problems.append(f"{name}: must be an image path or a list of paths, got {_type_name(value)}")
+            return None
+        paths: list[str] = []
+        before = len(problems)
+        for where, item in entries:
+            if not isinstance(item, str) or not item.strip():
+                problems.append(f"{where}: must be a non-empty image path string, got {item!r}")
+                continue
+            given = os.path.expanduser(item)
+            base = self.base_dir
+            path = os.path.abspath(os.path.join(self.base_dir, given))
+            paths.append(path)
+            problem = self._image_problem(path) if self.check_images else None
+            if problem:
+                hint = "" if os.path.isabs(given) else f" (relative to the data file's folder {base})"
+                problems.append(f"{where}: {problem}{hint}")
+        return None if len(problems) > before else paths
+
+    def _image_problem(self, path: str) -> str | None:
+        if path not in self._image_problems:
+            self._image_problems[path] = _open_problem(path)
+        return self._image_problems[path]
+
+    # ----------------------------------------------------------------------------------- messages
+
+    def _sft_messages(self, obj: dict[str, Any], problems: list[str]) -> _Columns | None:
+        if "conversations" in obj and "messages" in obj:
+            problems.append("has both 'conversations' (LLaVA style) and 'messages' (chat style); keep one")
+            return None
+        if "conversations" not in obj and "messages" not in obj:
+            found = _keys(obj)
+            hint = (
+                "; this looks like a preference row (load it with kind='preference')"
+                if "chosen" in obj
+                else ""
+            )
+            problems.append(
+                f"missing field 'conversations' or 'messages' (found {found}); {_SFT_FORMATS}{hint}"
+            )
+            return None
+        name = "conversations" if "conversations" in obj else "messages"
+        messages = self._messages(obj[name], name, llava=name == "conversations", problems=problems)
+        if messages is None:
+            return None
+        if not any(m["role"] == "assistant" for m in messages):
+            turn = "'gpt'" if name == "conversations" else "'assistant'"
+            problems.append(f"{name}: no {turn} turn; SFT needs at least one answer to learn from")
+        self._check_image_roles(name, messages, problems)
+        return {"messages": messages}
+
+    def _preference_messages(self, obj: dict[str, Any], problems: list[str]) -> _Columns | None:
+        missing = [name for name in ("prompt", "chosen", "rejected") if name not in obj]
+        if missing:
+            fields = ", ".join(repr(name) for name in missing)
+            sft = "messages" in obj or "conversations" in obj
+            hint = "; this looks like an SFT row (load it with kind='sft')" if sft else ""
+            problems.append(f"missing field(s) {fields} (found {_keys(obj)}); {_PREFERENCE_FORMAT}{hint}")
+            return None
+        columns: dict[str, list[Message]] = {}
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        messages = self._messages(prompt, "prompt", llava=False, problems=problems)
+        if messages is not None:
+            if messages[-1]["role"] != "user":
+                problems.append(
+                    f"prompt: the last message must be a user turn (the one chosen/rejected answer),"
+                    f" got {messages[-1]['role']!r}"
+                )
+            self._check_image_roles("prompt", messages, problems)
+            columns["prompt"] = messages
+        for name in ("chosen", "rejected"):
+            value = obj[name]
+            if value == [] or (isinstance(value, str) and not value.strip()):
+                problems.append(f"{name}: is empty; write the answer")
+                continue
+            if isinstance(value, str):
+                value = [{"role": "assistant", "content": value}]
+            messages = self._messages(value, name, llava=False, problems=problems)
+            if messages is None:
+                continue
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    problems.append(
+                        f"{name}[{i}].role: must be 'assistant' ({name} holds only the answer),"
+                        f" got {message['role']!r}"
+                    )
+            self._check_image_roles(name, messages, problems)
+            columns[name] = messages
+        return columns if len(columns) == 3 else None
+
+    def _messages(self, value: Any, name: str, *, llava: bool, problems: list[str]) -> list[Message] | None:
+        role_key, content_key = ("from", "value") if llava else ("role", "content")
+        roles = tuple(_LLAVA_ROLES) if llava else _CHAT_ROLES
+        if not isinstance(value, list):
+            problems.append(f"{name}: must be a list of messages, got {_type_name(value)}")
+            return None
+        if not value:
+            problems.append(f"{name}: empty conversation; it needs at least one message")
+            return None
+        before = len(problems)
+        messages: list[Message] = []
+        for i, turn in enumerate(value):
+            where = f"{name}[{i}]"
+            if not isinstance(turn, dict):
+                problems.append(f"{where}: a message must be an object with {role_key!r} and {content_key!r}")
+                continue
+            missing = [key for key in (role_key, content_key) if key not in turn]
+            if missing:
+                style = "LLaVA style" if llava else "chat style"
+                fields = " and ".join(repr(key) for key in missing)
+                expected = f"{style} messages have {role_key!r} and {content_key!r}"
+                problems.append(f"{where}: missing {fields} ({expected})")
+                continue
+            role = turn[role_key]
+            if role not in roles:
+                expected = ", ".join(repr(r) for r in roles)
+                problems.append(f"{where}.{role_key}: unknown value {role!r}; expected one of {expected}")
+                continue
+            content = self._content(turn[content_key], f"{where}.{content_key}", problems)
+            if content is not None:
+                messages.append({"role": _LLAVA_ROLES[role] if llava else role, "content": content})
+        return None if len(problems) > before else messages
+
+    def _content(self, content: Any, where: str, problems: list[str]) -> list[Part] | None:
+        if isinstance(content, str):
+            return text_to_parts(content, self.placeholder)
+        if not isinstance(content, list):
+            problems.append(f"{where}: must be a string or a list of parts, got {_type_name(content)}")
+            return None
+        parts: list[Part] = []
+        before = len(problems)
+        for j, part in enumerate(content):
+            at = f"{where}[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.extend(text_to_parts(part["text"], self.placeholder))
+            elif kind == "text":
+                problems.append(f"{at}.text: must be a string, got {_type_name(part.get('text'))}")
+            elif kind == "image":
+                inline = sorted(k for k in part if k not in ("type", "text"))
+                if inline or part.get("text") is not None:
+                    problems.append(
+                        f"{at}: image parts carry no data here (found {', '.join(inline) or 'text'});"
+                        ' list the files in the row\'s "images" and write {"type": "image"}'
+                    )
+                parts.append(image_part())
+            else:
+                problems.append(
+                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}},'
+                    f" got {part!r}"
+                )
+        return None if len(problems) > before else parts
+
+    def _check_image_roles(self, name: str, messages: list[Message], problems: list[str]) -> None:
+        for i, message in enumerate(messages):
+            if message["role"] != "user" and any(p["type"] == "image" for p in message["content"]):
+                where = f"{name}[{i}]: image ({self.placeholder!r} or an image part)"
+                role = _article(message["role"])
+                problems.append(f"{where} in {role} message; images may only appear in user messages")
+
+    def _place_images(self, columns: dict[str, list[Message]], n_images: int, problems: list[str]) -> None:
+        """Check that image parts match the images one to one, or prepend them all to the first user turn."""
+        count = sum(p["type"] == "image" for ms in columns.values() for m in ms for p in m["content"])
+        if count == 0 and n_images:
+            first = next(iter(columns.values()))
+            user = next((m for m in first if m["role"] == "user"), None)
+            if user is None:
+                problems.append(f"the row has {n_images} image(s) but no user message to put them in")
+                return
+            user["content"] = [image_part() for _ in range(n_images)] + user["content"]
+        elif count != n_images:
+            problems.append(
+                f"{count} image placeholder(s) ({self.placeholder!r} or image parts) but {n_images} image(s)"
+                " in 'image' / 'images'; they must match one to one (or use no placeholder at all to put"
+                " every image at the start of the first user message)"
+            )
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _open_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable image (PIL ``verify()``, no pixel decoding), or ``None``."""
+    if not os.path.exists(path):
+        return f"image file not found: {path}"
+    if not os.path.isfile(path):
+        return f"not a file: {path}"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        return f"cannot be opened as an image: {path} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _is_empty(parts: list[Part]) -> bool:
+    return all(p["type"] == "text" and not (p["text"] or "").strip() for p in parts)
+
+
+def _looks_like_image_paths(value: Any) -> bool:
+    values = value if isinstance(value, list) and value else [value]
+    return all(isinstance(v, str) and v.lower().endswith(_IMAGE_SUFFIXES) for v in values)
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in obj) or "no fields"
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(repr(k) for k in KINDS)}, got {kind!r}")
+
+
+def _check_placeholder(image_placeholder: str) -> None:
+    if not isinstance(image_placeholder, str) or not image_placeholder:
+        raise ValueError(f"image_placeholder must be a non-empty string, got {image_placeholder!r}")
+
+
+def _article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
