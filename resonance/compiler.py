@@ -31,8 +31,8 @@ SPECS_DIR = "specs"
 
 def templates_dir() -> Path:
     """The Jinja templates: the checkout's templates/ or, in a wheel, the copy inside the package."""
-    checkout = Path(__file__).resolve().parent.parent / "templates"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "_data" / "templates"
+    packaged = Path(__file__).resolve().parent / "_data" / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
 
 
 def _string(value: str) -> str:
