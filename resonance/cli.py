@@ -148,7 +148,7 @@ def tiny(
     project: Project = Path("."),
 ) -> None:
     """Build a family's tiny random-weight model and processor offline, for smoke tests."""
-    from resonance.tiny import build_tiny
+    from resonance.tiny import build_tiny, tiny_from_spec
 
     spec_path = project / compiler.SPECS_DIR / f"{name}.yaml"
     if not spec_path.is_file():
@@ -159,13 +159,8 @@ def tiny(
         ((_, spec),) = compiler.load_specs([spec_path], project)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
-    tiny_dict = {
-        "model_class": spec.model_class,
-        "processor_class": spec.processor_class,
-        **spec.tiny.model_dump(),
-    }
     try:
-        path = build_tiny(tiny_dict, out_dir, seed=seed, overwrite=overwrite)
+        path = build_tiny(tiny_from_spec(spec), out_dir, seed=seed, overwrite=overwrite)
     except FileExistsError as exc:
         err.print(f"error: {exc} (pass --overwrite to replace it)", markup=False)
         raise typer.Exit(1) from exc

@@ -462,14 +462,8 @@ class _RowConverter:
             return None
         if "conversations" not in obj and "messages" not in obj:
             found = _keys(obj)
-            hint = (
-                "; this looks like a preference row (load it with kind='preference')"
-                if "chosen" in obj
-                else ""
-            )
-            problems.append(
-                f"missing field 'conversations' or 'messages' (found {found}); {_SFT_FORMATS}{hint}"
-            )
+            hint = "; this looks like a preference row (load it with kind='preference')" if "chosen" in obj else ""
+            problems.append(f"missing field 'conversations' or 'messages' (found {found}); {_SFT_FORMATS}{hint}")
             return None
         name = "conversations" if "conversations" in obj else "messages"
         messages = self._messages(obj[name], name, llava=name == "conversations", problems=problems)
@@ -515,8 +509,7 @@ class _RowConverter:
             for i, message in enumerate(messages):
                 if message["role"] != "assistant":
                     problems.append(
-                        f"{name}[{i}].role: must be 'assistant' ({name} holds only the answer),"
-                        f" got {message['role']!r}"
+                        f"{name}[{i}].role: must be 'assistant' ({name} holds only the answer), got {message['role']!r}"
                     )
             self._check_image_roles(name, messages, problems)
             columns[name] = messages
@@ -580,8 +573,7 @@ class _RowConverter:
                 parts.append(image_part())
             else:
                 problems.append(
-                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}},'
-                    f" got {part!r}"
+                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}}, got {part!r}'
                 )
         return None if len(problems) > before else parts
 

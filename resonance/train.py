@@ -88,6 +88,11 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
 
     from resonance.data import load_rows
     from resonance.utils.auto_load import load_core_mapper
+    from resonance.utils.compat import install_video_processor_optional
+
+    # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
+    # can only be saved and loaded with this patch active (a no-op where torchvision exists).
+    install_video_processor_optional()
 
     mapper = load_core_mapper(model_args.model_name_or_path)
     model_cls = mapper.model

@@ -23,19 +23,14 @@ def project(tmp_path: Path) -> Path:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """``tiny_checkpoint(name)`` -> folder of that family's tiny model and processor (built once)."""
     from resonance.compiler import load_specs
-    from resonance.tiny import build_tiny
+    from resonance.tiny import build_tiny, tiny_from_spec
 
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in built:
             ((_, spec),) = load_specs([REPO / "specs" / f"{name}.yaml"], REPO)
-            tiny = {
-                "model_class": spec.model_class,
-                "processor_class": spec.processor_class,
-                **spec.tiny.model_dump(),
-            }
-            built[name] = build_tiny(tiny, tmp_path_factory.mktemp(name) / "ckpt")
+            built[name] = build_tiny(tiny_from_spec(spec), tmp_path_factory.mktemp(name) / "ckpt")
         return built[name]
 
     return get

@@ -424,9 +424,7 @@ def test_wrong_kind_is_named(data_dir: Path) -> None:
     with pytest.raises(DataError, match=r"this looks like an SFT row \(load it with kind='sft'\)"):
         load_rows(path, "preference")
     write_jsonl(path, [{"prompt": "Hi", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(
-        DataError, match=r"this looks like a preference row \(load it with kind='preference'\)"
-    ):
+    with pytest.raises(DataError, match=r"this looks like a preference row \(load it with kind='preference'\)"):
         load_rows(path, "sft")
 
 
@@ -516,9 +514,7 @@ def test_bad_arguments() -> None:
 # ----------------------------------------------------------------------------------------- skip_invalid
 
 
-def test_skip_invalid_drops_rows_with_a_warning_each(
-    data_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_skip_invalid_drops_rows_with_a_warning_each(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = [llava(), "oops", llava(image="missing.png"), llava(), "[]"]
     path = write_jsonl(data_dir / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="resonance.data"):

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
+from resonance.utils.compat import video_processor_optional
+
 IGNORE_INDEX = -100
 
 Message = dict[str, Any]
@@ -46,7 +48,8 @@ class VLProcessor:
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
-            processor = AutoProcessor.from_pretrained(str(processor), **kwargs)
+            with video_processor_optional():
+                processor = AutoProcessor.from_pretrained(str(processor), **kwargs)
         self.hf = processor
         if self.inline_chat_template is not None:
             self.hf.chat_template = self.inline_chat_template
@@ -76,7 +79,8 @@ class VLProcessor:
 
     def save_pretrained(self, output_dir: str | Path) -> None:
         """Save the processor (chat template included) next to the trained weights."""
-        self.hf.save_pretrained(str(output_dir))
+        with video_processor_optional():
+            self.hf.save_pretrained(str(output_dir))
 
     def train(self) -> None:
         """Training mode: the spec's training padding side (right for all current families)."""

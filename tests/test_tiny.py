@@ -1,0 +1,176 @@
+"""Tiny offline checkpoints (resonance.tiny): build, reload through the Auto classes, train one step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file
+
+from resonance.compiler import load_specs
+from resonance.tiny import build_tiny, tiny_from_spec
+from resonance.utils.compat import video_processor_optional
+
+REPO = Path(__file__).resolve().parent.parent
+FAMILIES = ["llava", "qwen2_vl", "idefics3"]
+
+# <image>-token count of one image, per family, for (width, height) 32x32 and 64x48 (i.e. 48 high, 64 wide).
+EXPECTED_IMAGE_TOKENS = {
+    "llava": {(32, 32): 16, (64, 48): 16},  # (56 / 14)^2, CLS dropped
+    "qwen2_vl": {(32, 32): 4, (64, 48): 4},  # both resized to 56x56: 4x4 patches, merged 2x2
+    "idefics3": {(32, 32): 20, (64, 48): 20},  # 2x2 tiles + global image, 4 tokens each
+}
+
+# What each real checkpoint's template renders for the conversation below, with a generation prompt.
+EXPECTED_PROMPT = {
+    "llava": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
+    "qwen2_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "What is shown in this image?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "idefics3": "<|begin_of_text|>User:<image>What is shown in this image?<end_of_utterance>\nAssistant:",
+}
+
+
+def spec(family: str) -> dict[str, Any]:
+    """The ``tiny`` section of specs/<family>.yaml, as build_tiny takes it."""
+    ((_, model_spec),) = load_specs([REPO / "specs" / f"{family}.yaml"], REPO)
+    return tiny_from_spec(model_spec)
+
+
+def image(size: tuple[int, int]) -> Image.Image:
+    """A deterministic RGB test image of (width, height) ``size``, made in memory."""
+    width, height = size
+    pixels = bytes((x * 7 + y * 3 + c * 50) % 256 for y in range(height) for x in range(width) for c in range(3))
+    return Image.frombytes("RGB", size, pixels)
+
+
+def conversation(picture: Image.Image | None = None, answer: str | None = None) -> list[dict[str, Any]]:
+    image_part: dict[str, Any] = {"type": "image"} if picture is None else {"type": "image", "image": picture}
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [image_part, {"type": "text", "text": "What is shown in this image?"}]}
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def load(out_dir: Path) -> tuple[Any, Any]:
+    with video_processor_optional():  # Qwen2-VL's processor needs it when torchvision is missing
+        processor = transformers.AutoProcessor.from_pretrained(out_dir)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out_dir)
+    return processor, model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
+    tiny = spec(family)
+    out_dir = build_tiny(tiny, tmp_path / family)
+    assert out_dir == tmp_path / family
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in out_dir.iterdir()
+    }
+    assert [p.name for p in tmp_path.iterdir()] == [family]  # no staging folder left behind
+
+    processor, model = load(out_dir)
+    tokenizer = processor.tokenizer
+    assert type(model).__name__ == tiny["model_class"]
+    assert type(processor).__name__ == tiny["processor_class"]
+    assert type(processor.image_processor).__name__ == tiny["image_processor_class"]
+    assert processor.chat_template == tokenizer.chat_template == tiny["chat_template"]
+
+    # Config ids point at the trained tokenizer (filled after the processor added its tokens).
+    config = model.config
+    assert config.get_text_config(decoder=True).vocab_size == len(tokenizer)
+    for path, token in tiny["tokenizer"]["config_token_ids"].items():
+        node = config
+        for key in path.split("."):
+            node = getattr(node, key)
+        assert node == tokenizer.convert_tokens_to_ids(token), path
+    image_token_id = config.image_token_id
+    assert image_token_id == processor.image_token_id
+
+    assert processor.apply_chat_template(conversation(), add_generation_prompt=True) == EXPECTED_PROMPT[family]
+
+    for size, expected in EXPECTED_IMAGE_TOKENS[family].items():
+        picture = image(size)
+        messages = conversation(picture, answer="A small colourful picture.")
+        batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+        # The same through processor(text=..., images=...): the template text already holds any bos.
+        text = processor.apply_chat_template(messages)
+        has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+        direct = processor(text=text, images=[picture], return_tensors="pt", add_special_tokens=not has_bos)
+        assert torch.equal(batch["input_ids"], direct["input_ids"])
+
+        input_ids = batch["input_ids"]
+        assert (input_ids == image_token_id).sum().item() == expected, size
+        labels = input_ids.masked_fill(input_ids == image_token_id, -100)
+        model.zero_grad()
+        output = model(**batch, labels=labels)  # raises if image features and image tokens disagree
+        assert torch.isfinite(output.loss)
+        output.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+        # The LM head and the projector train; LLaVA skips the vision tower's last layer (feature layer -2).
+        assert sum(g is not None for g in grads.values()) > len(grads) // 2
+        assert grads["lm_head.weight"] is not None
+        projector = ("multi_modal_projector", "visual.merger", "connector")
+        assert any(g is not None for name, g in grads.items() if any(key in name for key in projector))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_bytes(family: str, tmp_path: Path) -> None:
+    tiny = spec(family)
+    first = build_tiny(tiny, tmp_path / "a", seed=3)
+    second = build_tiny(tiny, tmp_path / "b", seed=3)
+    other = build_tiny(tiny, tmp_path / "c", seed=4)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert (first / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
+    weights, other_weights = load_file(first / "model.safetensors"), load_file(other / "model.safetensors")
+    assert weights.keys() == other_weights.keys()
+    assert any(not torch.equal(weights[key], other_weights[key]) for key in weights)
+
+
+def test_existing_out_dir(tmp_path: Path) -> None:
+    tiny = spec("llava")
+    out_dir = tmp_path / "model"
+    out_dir.mkdir()
+    build_tiny(tiny, out_dir)  # an empty folder is fine
+    with pytest.raises(FileExistsError):
+        build_tiny(tiny, out_dir)
+    marker = out_dir / "keep.txt"
+    marker.write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_tiny(tiny, out_dir)
+    assert marker.read_text() == "mine"
+    build_tiny(tiny, out_dir, overwrite=True)
+    assert not marker.exists() and (out_dir / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
+    tiny = spec("llava")
+    tiny["model_class"] = "NoSuchModelForConditionalGeneration"
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        build_tiny(tiny, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_video_processor_optional_is_scoped(tmp_path: Path) -> None:
+    attributes = transformers.Qwen2VLProcessor.get_attributes()
+    out_dir = build_tiny(spec("qwen2_vl"), tmp_path / "qwen2_vl")
+    assert transformers.Qwen2VLProcessor.get_attributes() == attributes  # restored after the build
+    with video_processor_optional():
+        processor = transformers.AutoProcessor.from_pretrained(out_dir)
+        processor.save_pretrained(tmp_path / "again")  # what a trainer does at checkpoint time
+        again = transformers.AutoProcessor.from_pretrained(tmp_path / "again")
+    assert again.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert again.image_processor.to_dict() == processor.image_processor.to_dict()
+    assert transformers.Qwen2VLProcessor.get_attributes() == attributes
