@@ -1,0 +1,91 @@
+"""CUDA checks, run on the device machine (`python -m pytest -m gpu`); CPU CI deselects them.
+
+On a GPU the frozen-vision path, bf16 autocast and the attention choice differ from the CPU run:
+one SFT and one DPO step per family in bf16, and our DPO loss against TRL's on the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES
+from PIL import Image
+
+pytestmark = pytest.mark.gpu
+
+
+def _data(tmp_path: Path, kind: str) -> Path:
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (40, 56), (30, 30, 200)).save(tmp_path / "blue.png")
+    rows = []
+    for i in range(4):
+        picture = ["red.png", "blue.png"][i % 2]
+        colour = ["red", "blue"][i % 2]
+        if kind == "sft":
+            rows.append(
+                {
+                    "image": picture,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour is it?"},
+                        {"from": "gpt", "value": f"It is {colour}."},
+                    ],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "image": picture,
+                    "prompt": "<image>\nWhat colour is it?",
+                    "chosen": f"It is {colour}.",
+                    "rejected": "It is green, I think.",
+                }
+            )
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+    from resonance.train import build_trainer, parse
+
+    assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
+    ckpt = tiny_checkpoint(family)
+    argv = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--data_path",
+        str(_data(tmp_path, "sft" if algorithm == "sft" else "dpo")),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--bf16",
+        "True",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "True",
+    ]
+    trainer, _ = build_trainer(algorithm, *parse(algorithm, argv))
+    model = trainer.model
+    tower = trainer.vl_model.get_vision_tower(model)
+    before = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+    calls = []
+    tower.register_forward_hook(lambda *args: calls.append(1))
+    trainer.train()
+    assert next(model.parameters()).is_cuda
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    assert len(calls) == 1, f"vision tower ran {len(calls)} times in one step"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
