@@ -74,6 +74,8 @@ def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp
         "no",
         "--report_to",
         "none",
+        "--logging_steps",
+        "1",
         "--gradient_checkpointing",
         "True",
     ]
