@@ -96,18 +96,16 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
 
     mapper = load_core_mapper(model_args.model_name_or_path)
     model_cls = mapper.model
+    # Data first: a bad row should fail in a second, not after the model has loaded.
+    kind = "sft" if algorithm == "sft" else "preference"
+    data_kwargs = {"image_placeholder": mapper.processor.image_placeholder, "skip_invalid": data_args.skip_invalid_rows}
+    train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
+    eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
     dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
     model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     if model_args.freeze_vision_tower:
         model_cls.freeze_vision_tower(model)
     processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
-    kind = "sft" if algorithm == "sft" else "preference"
-    train_rows = load_rows(data_args.data_path, kind, skip_invalid=data_args.skip_invalid_rows)
-    eval_rows = (
-        load_rows(data_args.eval_data_path, kind, skip_invalid=data_args.skip_invalid_rows)
-        if data_args.eval_data_path
-        else None
-    )
     collator_cls = mapper.sft_collator if algorithm == "sft" else mapper.dpo_collator
     collator = collator_cls(processor, max_length=config.max_length, skip_long_rows=data_args.skip_long_rows)
     ref_model = None
@@ -133,10 +131,18 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
 
 def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
+    from resonance.base.collator import RowError
+    from resonance.data import DataError
+    from resonance.utils.auto_load import UnsupportedModelError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, config = parse(algorithm, argv)
-    trainer, processor = build_trainer(algorithm, model_args, data_args, config)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    try:
+        trainer, processor = build_trainer(algorithm, model_args, data_args, config)
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except (DataError, RowError, UnsupportedModelError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     trainer.save_model(config.output_dir)
     processor.save_pretrained(config.output_dir)
     skipped = trainer.data_collator.skipped_rows
