@@ -116,7 +116,7 @@ class VLProcessor:
         """Character spans of the assistant turns at index >= ``first_supervised`` in the rendering.
 
         A turn's span runs from the end of the prefix rendered with the generation prompt to the end
-        of the prefix rendered with that turn (content and end-of-turn marker), trimmed of white
+        of the prefix rendered with that turn (content and end-of-turn marker), less trailing white
         space. Rendering is per turn; tokenization stays once per conversation.
         """
         full = self.render_conversation(messages, add_generation_prompt=False)
@@ -131,9 +131,9 @@ class VLProcessor:
                     f"{type(self).__name__}: the chat template does not render conversations prefix-stably "
                     f"(turn {index}); override the processor.assistant_char_spans hook for this family"
                 )
+            # Everything after the generation prompt is the model's to generate, leading space included;
+            # trailing white space after the end-of-turn marker is the template's separator.
             start, end = len(before), len(through)
-            while start < end and through[start].isspace():
-                start += 1
             while end > start and through[end - 1].isspace():
                 end -= 1
             if end > start:
