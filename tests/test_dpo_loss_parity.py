@@ -1,0 +1,244 @@
+"""DPO: our trainer's loss equals TRL's DPOTrainer's on the same weights and batch; one vision pass.
+
+Both trainers are built the way ``resonance.train.build_trainer`` builds ours: the tiny fp32 model with
+a frozen vision tower and LoRA on the language model (``model_cls.lora_target_modules``), passed as a
+PEFT model without ``ref_model``, so TRL keeps a frozen copy of the initial adapter ("ref") as the
+reference. The LoRA B matrices of the trained adapter are then set to the same random values in both
+models, so the policy differs from the reference and the loss is not log(2).
+
+Our collator gives the prompts' images once (the trainer encodes them once for chosen, rejected and
+the reference); TRL gets the same batch with the image inputs repeated for chosen and rejected, as its
+own collator lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+import torch
+from conftest import FAMILIES
+from helpers import (
+    is_blank_token,
+    load_adapter,
+    load_hf_processor,
+    open_rgb,
+    preference_rows,
+    repeat_images,
+    to_trl,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import ProcessorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+from resonance.base.processor import VLProcessor
+from resonance.data import features_for
+from resonance.utils.auto_load import ModelCoreMapper
+
+
+@dataclass
+class Pair:
+    """Our trainer and TRL's on identical weights, with one preference batch in each layout."""
+
+    mapper: ModelCoreMapper
+    processor: VLProcessor
+    ours: Any
+    trl: DPOTrainer
+    batch: dict[str, torch.Tensor]
+    trl_batch: dict[str, torch.Tensor]
+
+
+def _lora_model(mapper: ModelCoreMapper, ckpt: Path) -> PeftModel:
+    model_cls = mapper.model
+    model = model_cls.from_pretrained(ckpt, dtype=torch.float32)
+    model_cls.freeze_vision_tower(model)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,  # as build_trainer's default; TRL's disable_dropout zeroes it in both trainers
+        target_modules=model_cls.lora_target_modules(model_cls.default_lora_target),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(0)  # the same lora_A init in both copies
+    return get_peft_model(model, config)
+
+
+def _config(output_dir: Path, batch_size: int) -> DPOConfig:
+    return DPOConfig(
+        output_dir=str(output_dir),
+        report_to="none",
+        remove_unused_columns=False,
+        bf16=False,
+        use_cpu=True,
+        per_device_train_batch_size=batch_size,
+        max_steps=1,
+    )
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(
+    request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
+    family: str = request.param
+    ckpt = tiny_checkpoint(family)
+    tmp = tmp_path_factory.mktemp(f"dpo_{family}")
+    mapper, processor = load_adapter(ckpt)
+    rows = preference_rows(tmp)
+    dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
+    collator = mapper.dpo_collator(processor)
+
+    ours = mapper.dpo_trainer(
+        model=_lora_model(mapper, ckpt),
+        args=_config(tmp / "ours", len(rows)),
+        data_collator=collator,
+        train_dataset=dataset,
+        processing_class=processor.hf,
+        vl_model=mapper.model,
+        vl_processor=processor,
+    )
+    trl = DPOTrainer(
+        model=_lora_model(mapper, ckpt),
+        args=_config(tmp / "trl", len(rows)),
+        train_dataset=dataset,
+        processing_class=load_hf_processor(ckpt),
+    )
+
+    # Only now perturb the trained adapter: TRL copied the initial one into the "ref" adapter at init.
+    generator = torch.Generator().manual_seed(1234)
+    ours_params = dict(ours.model.named_parameters())
+    trl_params = dict(trl.model.named_parameters())
+    assert ours_params.keys() == trl_params.keys()
+    assert any(".lora_B.ref." in name for name in ours_params), "expected TRL's frozen reference adapter"
+    with torch.no_grad():
+        for name, param in ours_params.items():
+            if ".lora_B.default." in name:
+                value = torch.randn(param.shape, generator=generator) * 4.0
+                param.copy_(value)
+                trl_params[name].copy_(value)
+    for name, param in ours_params.items():
+        assert torch.equal(param, trl_params[name]), name
+
+    batch = collator(rows)
+    yield Pair(mapper, processor, ours, trl, batch, repeat_images(batch, processor))
+
+
+def _lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_and_gradients_match_trl(pair: Pair) -> None:
+    for trainer in (pair.ours, pair.trl):
+        trainer.model.train()
+        trainer.model.zero_grad(set_to_none=True)
+    ours = pair.ours.compute_loss(pair.ours.model, dict(pair.batch))
+    trl = pair.trl.compute_loss(pair.trl.model, dict(pair.trl_batch))
+
+    torch.testing.assert_close(ours, trl, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(ours)
+    # Not the trivial case (policy == reference gives exactly log 2 and zero rewards).
+    assert abs(ours.item() - math.log(2)) > 1e-3, "policy equals reference: the comparison would be trivial"
+    metrics_ours, metrics_trl = pair.ours._metrics["train"], pair.trl._metrics["train"]
+    assert abs(metrics_ours["rewards/chosen"][-1]) + abs(metrics_ours["rewards/rejected"][-1]) > 1e-3
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        torch.testing.assert_close(
+            torch.tensor(metrics_ours[key][-1]), torch.tensor(metrics_trl[key][-1]), rtol=1e-5, atol=1e-5, msg=key
+        )
+
+    # Gradients too: ours encodes the frozen images once without autograd, TRL through the model.
+    ours.backward()
+    trl.backward()
+    ours_grads, trl_grads = _lora_grads(pair.ours.model), _lora_grads(pair.trl.model)
+    assert ours_grads.keys() == trl_grads.keys()
+    assert ours_grads and all(".lora_" in name and ".default." in name for name in ours_grads)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(grad.abs().sum() > 0 for grad in ours_grads.values())
+    for trainer in (pair.ours, pair.trl):
+        trainer.model.zero_grad(set_to_none=True)
+
+
+def test_vision_tower_runs_once_per_step(pair: Pair) -> None:
+    model_cls = pair.mapper.model
+    calls = {"ours": 0, "trl": 0}
+    handles = []
+    for key, trainer in (("ours", pair.ours), ("trl", pair.trl)):
+
+        def count(*_: Any, key: str = key) -> None:
+            calls[key] += 1
+
+        handles.append(model_cls.get_vision_tower(trainer.model).register_forward_hook(count))
+    try:
+        pair.ours.compute_loss(pair.ours.model, dict(pair.batch))
+        pair.trl.compute_loss(pair.trl.model, dict(pair.trl_batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["ours"] == 1
+    assert calls["trl"] >= 2  # policy and reference passes, each encoding chosen and rejected images
+
+
+def _trl_example(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "images": [open_rgb(path) for path in row["images"]],
+        "prompt": to_trl(row["prompt"]),
+        "chosen": to_trl(row["chosen"]),
+        "rejected": to_trl(row["rejected"]),
+    }
+
+
+def _drops_bos(hf: ProcessorMixin, prompt_text: str) -> bool:
+    """Whether TRL's collator leaves out a BOS that the HF processor adds.
+
+    TRL tokenizes with ``add_special_tokens=False`` (to avoid a double BOS); for templates that do not write
+    the BOS themselves (LLaVA's) the family's processor, as transformers documents its use, adds one.
+    """
+    tokenizer = hf.tokenizer
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    return adds_bos and not prompt_text.startswith(tokenizer.bos_token)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collator_matches_trl_collator(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Our DPO batch against TRL's own ``DataCollatorForVisionPreference`` on the same rows.
+
+    Two documented differences, both checked precisely rather than ignored:
+    - BOS: TRL never adds special tokens; where the template does not write the BOS (LLaVA), ours has it
+      (as the HF processor gives it) and TRL's rows start one token later.
+    - completion_mask: TRL's completion is the rendered text after the prompt, trailing white space
+      included ("\\n" after an end-of-turn marker, LLaVA's trailing " "); ours leaves such tokens out,
+      as nothing generates them. Everything else must be identical.
+    """
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = preference_rows(tmp_path)
+    ours = mapper.dpo_collator(processor)(rows)
+    theirs = DataCollatorForVisionPreference(hf)([_trl_example(row) for row in rows])
+
+    half = len(rows)
+    for i in range(2 * half):
+        keep_ours = ours["attention_mask"][i].bool()
+        keep_theirs = theirs["attention_mask"][i].bool()
+        ids_ours, ids_theirs = ours["input_ids"][i, keep_ours], theirs["input_ids"][i, keep_theirs]
+        mask_ours, mask_theirs = ours["completion_mask"][i, keep_ours], theirs["completion_mask"][i, keep_theirs]
+        prompt_text = hf.apply_chat_template(to_trl(rows[i % half]["prompt"]), add_generation_prompt=True)
+        if _drops_bos(hf, prompt_text):
+            assert ids_ours[0].item() == hf.tokenizer.bos_token_id and ids_theirs[0] != ids_ours[0]
+            ids_ours, mask_ours = ids_ours[1:], mask_ours[1:]
+        assert ids_ours.tolist() == ids_theirs.tolist(), f"row {i}"
+        only_theirs = (mask_theirs.bool() & ~mask_ours.bool()).nonzero().flatten().tolist()
+        assert not (mask_ours.bool() & ~mask_theirs.bool()).any(), f"row {i}: ours supervises beyond TRL's"
+        assert all(is_blank_token(hf, ids_theirs[p].item()) for p in only_theirs), f"row {i}"
+        # ...and only trailing ones: ours ends where TRL's ends, less its trailing blank tokens.
+        assert only_theirs == list(range(len(mask_theirs) - len(only_theirs), len(mask_theirs))), f"row {i}"
+
+    names = processor.image_input_names() + ([processor.image_grid_input] if processor.image_grid_input else [])
+    repeated = repeat_images(ours, processor)
+    for name in dict.fromkeys(names):
+        assert torch.equal(repeated[name], theirs[name]), name

@@ -1,0 +1,187 @@
+"""Labels supervise exactly the assistant answers and their end-of-turn tokens; DPO masks only the answers.
+
+Independent reconstruction (HF processor only, see ``helpers.expected_supervision``): for assistant turn
+k, the HF processor tokenizes the conversation prefix ``[:k]`` with the generation prompt and the prefix
+``[:k + 1]``, images included; the tokens between the two lengths, minus trailing whitespace-only tokens
+(such as the "\\n" after an end-of-turn marker), must be supervised, and every other position (system,
+user, image tokens, generation prompts, padding) must be -100.
+
+The collators read images from files, so the rows' images are PNGs written to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import FAMILIES
+from helpers import (
+    IGNORE_INDEX,
+    IMAGE,
+    Message,
+    assistant,
+    count_images,
+    expected_supervision,
+    hf_batch,
+    load_adapter,
+    load_hf_processor,
+    open_rgb,
+    preference_rows,
+    row_images,
+    supervised_positions,
+    system,
+    to_hf,
+    user,
+)
+
+# (messages, image sizes) per row of a batch.
+SFT_CASES: dict[str, list[tuple[list[Message], list[tuple[int, int]]]]] = {
+    "single_turn": [([user(IMAGE, "What is shown in this image?"), assistant("A cat on a red chair.")], [(40, 30)])],
+    "multi_turn": [
+        (
+            [
+                user(IMAGE, "Describe the picture in detail."),
+                assistant("There is a dog and a person walking in the park."),
+                user("What color is the dog?"),
+                assistant("The dog is brown."),
+                user("Is it a sunny day?"),
+                assistant("Yes."),
+            ],
+            [(64, 48)],
+        )
+    ],
+    "system": [
+        (
+            [
+                system("You are a helpful assistant."),
+                user(IMAGE, "How many people are in the photo?"),
+                assistant("Two people."),
+            ],
+            [(40, 30)],
+        )
+    ],
+    "padded_batch": [
+        ([user(IMAGE, "What color is the car?"), assistant("Blue.")], [(40, 30)]),
+        (
+            [user(IMAGE, "Where was this photo taken?"), assistant("On a beach with white sand and a few boats.")],
+            [(64, 48)],
+        ),
+        ([user(IMAGE, "Any text?"), assistant("Yes."), user("What does it say?"), assistant("Open.")], [(50, 50)]),
+    ],
+    "text_only_mixed": [
+        ([user("Answer with a single word. Yes or no?"), assistant("Yes.")], []),
+        ([user(IMAGE, "What is shown in this image?"), assistant("A small house.")], [(64, 48)]),
+    ],
+    "two_images": [
+        (
+            [
+                user(IMAGE, "What is shown in this image?"),
+                assistant("A cat."),
+                user(IMAGE, "And in this one?"),
+                assistant("A dog in the park."),
+            ],
+            [(64, 48), (40, 30)],
+        )
+    ],
+}
+
+
+def _check_row(
+    hf: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    supervised: torch.Tensor,
+    conversation: list[Message],
+    first: int = 0,
+) -> list[list[int]]:
+    """One batch row against the reconstruction; ``supervised`` is a bool row. Returns the turns."""
+    full, turns = expected_supervision(hf, conversation, first)
+    length = int(attention_mask.sum())
+    assert length == len(full)
+    assert attention_mask[:length].all() and not attention_mask[length:].any(), "not right-padded"
+    assert input_ids[:length].tolist() == full, "input_ids differ from the HF processor's"
+    expected = torch.zeros_like(supervised)
+    for positions in turns:
+        expected[positions] = True
+
+    def show(positions: torch.Tensor) -> list[tuple[int, str]]:
+        return [(p, hf.tokenizer.decode([full[p]])) for p in positions.nonzero().flatten().tolist()]
+
+    assert supervised.tolist() == expected.tolist(), (
+        f"supervised but should not be: {show(supervised & ~expected)}; "
+        f"should be supervised but is not: {show(expected & ~supervised)}"
+    )
+    return turns
+
+
+@pytest.mark.parametrize("case", list(SFT_CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = []
+    for i, (messages, sizes) in enumerate(SFT_CASES[case]):
+        assert count_images(messages) == len(sizes)
+        rows.append({"messages": messages, "images": row_images(tmp_path, i, sizes), "source": f"case:{i}"})
+
+    batch = mapper.sft_collator(processor)(rows)
+    labels = batch["labels"]
+    assert labels.shape == batch["input_ids"].shape
+
+    tokenizer = hf.tokenizer
+    for i, row in enumerate(rows):
+        conversation = to_hf(row["messages"], [open_rgb(p) for p in row["images"]])
+        supervised = labels[i] != IGNORE_INDEX
+        turns = _check_row(hf, batch["input_ids"][i], batch["attention_mask"][i], supervised, conversation)
+        # Supervised tokens carry their own ids, and each turn decodes to that turn's answer.
+        positions = supervised_positions(labels[i])
+        assert torch.equal(labels[i, positions], batch["input_ids"][i, positions])
+        answers = [m["content"][0]["text"] for m in row["messages"] if m["role"] == "assistant"]
+        assert len(turns) == len(answers)
+        for answer, turn in zip(answers, turns, strict=True):
+            decoded = tokenizer.decode(batch["input_ids"][i, turn].tolist())
+            assert decoded.strip().startswith(answer), (decoded, answer)
+            # The end-of-turn marker, where the template writes one, is learned too.
+            if tokenizer.eos_token and tokenizer.eos_token in decoded:
+                assert batch["input_ids"][i, turn[-1]].item() == tokenizer.eos_token_id
+
+    # Never supervised: image tokens and padding.
+    assert not (labels == processor.image_token_id).any()
+    assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = preference_rows(tmp_path)
+    batch = mapper.dpo_collator(processor)(rows)
+
+    half = len(rows)
+    mask = batch["completion_mask"]
+    assert mask.shape == batch["input_ids"].shape and mask.shape[0] == 2 * half
+    for i in range(2 * half):
+        row = rows[i % half]
+        answer = row["chosen"] if i < half else row["rejected"]
+        images = [open_rgb(p) for p in row["images"]]
+        conversation = to_hf(row["prompt"] + answer, images)
+        turns = _check_row(
+            hf, batch["input_ids"][i], batch["attention_mask"][i], mask[i].bool(), conversation, len(row["prompt"])
+        )
+        assert len(turns) == len(answer)
+        # Earlier assistant turns inside a multi-turn prompt are context, not completion.
+        _, all_turns = expected_supervision(hf, conversation)
+        for earlier in all_turns[: -len(answer)]:
+            assert not mask[i, earlier].any()
+    assert not (batch["input_ids"][mask.bool()] == processor.image_token_id).any()
+
+    # Image inputs: the prompts' images once (the chosen half), as the HF processor makes them.
+    chosen = [to_hf(r["prompt"] + r["chosen"], [open_rgb(p) for p in r["images"]]) for r in rows]
+    reference = hf_batch(hf, chosen)
+    for name in processor.image_input_names():
+        assert torch.equal(batch[name], reference[name]), name

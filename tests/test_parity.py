@@ -1,0 +1,186 @@
+"""Token parity: our processor's batches equal what each family's own HF processor produces.
+
+Reference: ``AutoProcessor.from_pretrained(ckpt).apply_chat_template(conversations, tokenize=True,
+return_dict=True, return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "right"})``,
+the way transformers documents multimodal chat templating (images inside the image parts).
+Ours: ``core_mapper.processor(ckpt).process_batch_conv(canonical_conversations, images)`` in train mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES
+from helpers import (
+    IMAGE,
+    Message,
+    assistant,
+    hf_batch,
+    load_adapter,
+    load_hf_processor,
+    make_image,
+    system,
+    to_hf,
+    user,
+)
+from PIL import Image
+
+Case = list[tuple[list[Message], list[Image.Image]]]
+
+
+def single_turn() -> Case:
+    return [([user(IMAGE, "What is shown in this image?"), assistant("A cat on a red chair.")], [make_image(40, 30)])]
+
+
+def multi_turn() -> Case:
+    messages = [
+        user(IMAGE, "Describe the picture in detail."),
+        assistant("There is a dog and a person walking in the park."),
+        user("What color is the dog?"),
+        assistant("The dog is brown."),
+        user("Is it a sunny day?"),
+        assistant("Yes, it is a sunny day."),
+    ]
+    return [(messages, [make_image(64, 48, seed=1)])]
+
+
+def with_system() -> Case:
+    messages = [
+        system("You are a helpful assistant. Please answer as well as you can."),
+        user(IMAGE, "How many people are in the photo?"),
+        assistant("Two people are standing near the door."),
+    ]
+    return [(messages, [make_image(40, 30, seed=2)])]
+
+
+def batch_of_three() -> Case:
+    return [
+        ([user(IMAGE, "What color is the car?"), assistant("Blue.")], [make_image(40, 30, seed=3)]),
+        (
+            [
+                user(IMAGE, "Where was this photo taken?"),
+                assistant("It looks like a beach with white sand, blue water and a few boats."),
+            ],
+            [make_image(64, 48, seed=4)],
+        ),
+        (
+            [user(IMAGE, "Is there any text?"), assistant("Yes."), user("What does it say?"), assistant("Open.")],
+            [make_image(100, 72, seed=5)],
+        ),
+    ]
+
+
+def text_only_mixed() -> Case:
+    return [
+        ([user("Answer the question with a single word. Yes or no?"), assistant("Yes.")], []),
+        ([user(IMAGE, "What is shown in this image?"), assistant("A small house.")], [make_image(64, 48, seed=6)]),
+    ]
+
+
+def two_images_one_turn() -> Case:
+    messages = [user(IMAGE, IMAGE, "Which picture is brighter?"), assistant("The first picture is brighter.")]
+    return [(messages, [make_image(40, 30, seed=7), make_image(64, 48, seed=8)])]
+
+
+def two_images_two_turns() -> Case:
+    messages = [
+        user(IMAGE, "What is shown in this image?"),
+        assistant("A cat."),
+        user(IMAGE, "And in this one?"),
+        assistant("A dog in the park."),
+    ]
+    return [(messages, [make_image(64, 48, seed=9), make_image(40, 30, seed=10)])]
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "single_turn": single_turn,
+    "multi_turn": multi_turn,
+    "system": with_system,
+    "batch_of_three": batch_of_three,
+    "text_only_mixed": text_only_mixed,
+    "two_images_one_turn": two_images_one_turn,
+    "two_images_two_turns": two_images_two_turns,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_hf_processor(family: str, case: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    ckpt = tiny_checkpoint(family)
+    _, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = CASES[case]()
+
+    ours = processor.process_batch_conv([m for m, _ in rows], [list(images) for _, images in rows])
+    reference = hf_batch(hf, [to_hf(m, images) for m, images in rows])
+
+    # Every tensor the HF processor returns (ids, mask, all image inputs and grids) is ours, bit for bit.
+    assert set(reference.keys()) <= set(ours.keys()), f"missing: {set(reference.keys()) - set(ours.keys())}"
+    for key, expected in reference.items():
+        assert isinstance(ours[key], torch.Tensor), key
+        assert ours[key].dtype == expected.dtype, key
+        assert torch.equal(ours[key], expected), f"{key} differs from the HF processor's"
+
+    # The spec's image inputs are real processor outputs, present whenever the batch has an image.
+    for name in processor.image_input_names():
+        assert name in reference, f"spec image input {name!r} is not an output of the HF processor"
+        assert name in ours
+
+    # Train mode pads on the right: each row's mask is ones, then zeros.
+    mask = ours["attention_mask"]
+    assert torch.equal(mask, mask.sort(dim=1, descending=True).values)
+    lengths = mask.sum(dim=1)
+    if len(rows) > 1:
+        assert lengths.unique().numel() > 1, "test bug: the rows should differ in length"
+    assert ours["labels"].shape == ours["input_ids"].shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_tokens_expand_per_image(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """A row with two images holds more image tokens than a row with one (the expansion is per image)."""
+    ckpt = tiny_checkpoint(family)
+    _, processor = load_adapter(ckpt)
+    one = processor.process_batch_conv(*zip(*[(m, i) for m, i in single_turn()], strict=True))
+    two = processor.process_batch_conv(*zip(*[(m, i) for m, i in two_images_one_turn()], strict=True))
+    count_one = (one["input_ids"] == processor.image_token_id).sum().item()
+    count_two = (two["input_ids"] == processor.image_token_id).sum().item()
+    assert 0 < count_one < count_two
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inference_prompts_equal_hf_processor(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Inference mode: generation prompts, left padding, as the HF processor makes them for ``generate``."""
+    ckpt = tiny_checkpoint(family)
+    _, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = [
+        ([user(IMAGE, "What is shown in this image?")], [make_image(40, 30, seed=11)]),
+        (
+            [
+                system("You are a helpful assistant."),
+                user(IMAGE, "Describe the picture."),
+                assistant("A dog."),
+                user("Is there any text in the image? Please read it."),
+            ],
+            [make_image(100, 72, seed=12)],
+        ),
+    ]
+    processor.infer()
+    texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
+    ours = processor(text=texts, images=[list(images) for _, images in rows])
+    reference = hf.apply_chat_template(
+        [to_hf(m, images) for m, images in rows],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+    assert set(reference.keys()) <= set(ours.keys())
+    for key, expected in reference.items():
+        assert torch.equal(ours[key], expected), key
+    mask = ours["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all(), "not left-padded"

@@ -1,0 +1,200 @@
+"""One optimizer step of SFT and DPO per family through the training entry point, then save, reload, generate.
+
+The trainer is built with ``resonance.train.parse`` + ``build_trainer`` (what ``resonance.train.main``
+runs) so its weights can be inspected; ``test_cli_end_to_end`` runs the installed ``resonance`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import FAMILIES
+from helpers import IMAGE, make_image, save_png, user, write_jsonl
+from peft.tuners.lora import LoraLayer
+
+from resonance.base.model import unwrap
+from resonance.train import build_trainer, parse
+from resonance.utils.auto_load import load_core_mapper
+
+PREFIX = "base_model.model."  # PEFT's prefix before the transformers model's module names
+
+
+def _data(tmp_path: Path, algorithm: str) -> Path:
+    """A two-row data file in the formats users write, with PNG images next to it."""
+    save_png(tmp_path, "red.png", make_image(40, 30, seed=1))
+    save_png(tmp_path, "box.png", make_image(64, 48, seed=2))
+    if algorithm == "sft":
+        rows: list[dict[str, Any]] = [
+            {
+                "image": "red.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": "It is red."},
+                ],
+            },
+            {
+                "images": ["box.png"],
+                "messages": [
+                    {"role": "user", "content": "<image>\nDescribe the picture."},
+                    {"role": "assistant", "content": "A green box on a table."},
+                    {"role": "user", "content": "Are you sure?"},
+                    {"role": "assistant", "content": "Yes."},
+                ],
+            },
+        ]
+    else:
+        rows = [
+            {"images": ["red.png"], "prompt": "<image>\nWhat colour is it?", "chosen": "Red.", "rejected": "Blue."},
+            {
+                "images": ["box.png"],
+                "prompt": [{"role": "user", "content": "<image>\nDescribe the picture."}],
+                "chosen": [{"role": "assistant", "content": "A green box on a table."}],
+                "rejected": "A cat.",
+            },
+        ]
+    return write_jsonl(tmp_path / f"{algorithm}.jsonl", rows)
+
+
+def _argv(ckpt: Path, data: Path, output_dir: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(ckpt),
+        "--data_path", str(data),
+        "--output_dir", str(output_dir),
+        "--max_steps", "1",
+        "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-2",
+        "--lora_target_modules", "auto",
+        "--freeze_vision_tower", "True",
+        "--save_strategy", "no",
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_save_reload_generate(
+    family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    ckpt = tiny_checkpoint(family)
+    output_dir = tmp_path / "out"
+    argv = [*_argv(ckpt, _data(tmp_path, algorithm), output_dir), "--logging_steps", "1"]
+    model_args, data_args, config = parse(algorithm, argv)
+    trainer, processor = build_trainer(algorithm, model_args, data_args, config)
+    model_cls = load_core_mapper(ckpt).model
+    model = trainer.model
+
+    # LoRA sits on the language model's target leaves only: never on the vision tower or projector.
+    base = unwrap(model)
+    lm_path = model_cls.language_model_path
+    lora_modules = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    targets = set(model_cls.default_lora_target)
+    expected = {
+        PREFIX + name
+        for name, _ in base.named_modules()
+        if name.startswith(lm_path + ".") and name.rsplit(".", 1)[-1] in targets
+    }
+    assert lora_modules and lora_modules == expected
+    excluded = [model_cls.vision_tower_path] + ([model_cls.projector_path] if model_cls.projector_path else [])
+    for name in lora_modules:
+        assert name.startswith(PREFIX + lm_path + ".")
+        assert not any(name.startswith(PREFIX + path + ".") for path in excluded), name
+
+    tower = model_cls.get_vision_tower(model)
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower_before = _snapshot(tower)
+    params_before = _snapshot(model)
+    lora_b = [name for name in params_before if ".lora_B.default." in name]
+    assert lora_b
+
+    trainer.train()
+
+    # The vision tower (and every other base weight) is bit-identical; every trained LoRA B moved.
+    for name, param in tower.named_parameters():
+        assert torch.equal(param, tower_before[name]), name
+    params_after = dict(model.named_parameters())
+    for name, before in params_before.items():
+        if ".lora_" not in name:
+            assert torch.equal(params_after[name], before), name
+        elif ".ref." in name:  # TRL's frozen reference adapter (DPO on a PEFT model) stays put
+            assert torch.equal(params_after[name], before), name
+    for name in lora_b:
+        assert not torch.equal(params_after[name], params_before[name]), f"{name} did not train"
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 1 and all(math.isfinite(loss) for loss in losses)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+    trainer.save_model(config.output_dir)
+    processor.save_pretrained(config.output_dir)
+    saved = {p.name for p in output_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json"} <= saved
+
+    # Reload the output folder the way users do: base model + adapter, processor from the same folder.
+    mapper = load_core_mapper(output_dir)
+    assert mapper.model is model_cls
+    reloaded = model_cls.from_pretrained(output_dir).eval()
+    reloaded_params = dict(reloaded.named_parameters())
+    for name in lora_b:
+        assert torch.equal(reloaded_params[name], params_after[name].detach()), name
+    reloaded_tower = dict(model_cls.get_vision_tower(reloaded).named_parameters())
+    for name, param in tower_before.items():
+        assert torch.equal(reloaded_tower[name], param), name
+
+    infer_processor = mapper.processor(output_dir)
+    infer_processor.infer()
+    conversations = [
+        [user(IMAGE, "What is shown in this image?")],
+        [user(IMAGE, "Describe the picture in detail. Is there any text in the image?")],
+    ]
+    texts = [infer_processor.render_conversation(c, add_generation_prompt=True) for c in conversations]
+    inputs = infer_processor(text=texts, images=[[make_image(40, 30, seed=3)], [make_image(64, 48, seed=4)]])
+    mask = inputs["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all(), "inference batches must be left-padded"
+
+    kwargs = model_cls.prepare_default_generation_kwargs(reloaded.generation_config)
+    # min_new_tokens: a random tiny model may pick EOS first; the test is about the pipeline, not the text.
+    kwargs.update(max_new_tokens=3, min_new_tokens=3)
+    with torch.no_grad():
+        generated = reloaded.generate(**inputs, **kwargs)
+    length = inputs["input_ids"].shape[1]
+    assert generated.shape == (2, length + 3)
+    assert torch.equal(generated[:, :length], inputs["input_ids"])
+
+
+def test_cli_end_to_end(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """``resonance train sft ...`` (the installed console script) trains and saves adapter + processor."""
+    family = "llava"
+    assert family in FAMILIES
+    command = Path(sys.executable).parent / "resonance"
+    assert command.is_file(), f"{command}: the resonance console script is not installed (pip install -e .)"
+    ckpt = tiny_checkpoint(family)
+    output_dir = tmp_path / "out"
+    argv = _argv(ckpt, _data(tmp_path, "sft"), output_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(command), "train", "sft", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    saved = {p.name for p in output_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved
+    assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= saved
+    assert "chat_template.jinja" in saved or "chat_template.json" in saved
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    model_cls = load_core_mapper(ckpt).model
+    assert Path(adapter["base_model_name_or_path"]).resolve() == Path(ckpt).resolve()
+    assert adapter["target_modules"] == model_cls.lora_target_modules(model_cls.default_lora_target)
+    assert f"saved to {output_dir.resolve()}" in result.stderr
