@@ -146,7 +146,12 @@ def resolve_hooks(spec: ModelSpec, spec_file: str, project: Path) -> dict[str, l
     functions: dict[str, ast.FunctionDef] = {}
     if source_path is None:
         problems.append(
-            SpecProblem(spec_file, 1, 1, "overrides.module", f"cannot find module {spec.overrides.module!r}")
+            SpecProblem(
+                spec_file,
+                *spec.position("overrides", "module", "<value>"),
+                "overrides.module",
+                f"cannot find module {spec.overrides.module!r}",
+            )
         )
     else:
         tree = ast.parse(source_path.read_text(encoding="utf-8"), filename=str(source_path))
@@ -154,20 +159,21 @@ def resolve_hooks(spec: ModelSpec, spec_file: str, project: Path) -> dict[str, l
     seen_methods: set[str] = set()
     for index, name in enumerate(spec.overrides.hooks):
         where = f"overrides.hooks.{index}"
+        line, col = spec.position("overrides", "hooks", index)
         hook: Hook | None = HOOKS.get(name)
         if hook is None:
             close = difflib.get_close_matches(name, HOOKS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(SpecProblem(spec_file, 1, 1, where, f"unknown hook {name!r}{hint}"))
+            problems.append(SpecProblem(spec_file, line, col, where, f"unknown hook {name!r}{hint}"))
             continue
         if hook.method in seen_methods:
-            problems.append(SpecProblem(spec_file, 1, 1, where, f"two hooks share the function {hook.method!r}"))
+            problems.append(SpecProblem(spec_file, line, col, where, f"two hooks share the function {hook.method!r}"))
         seen_methods.add(hook.method)
         if source_path is not None:
             func = functions.get(hook.method)
             if func is None:
                 problems.append(
-                    SpecProblem(spec_file, 1, 1, where, f"{source_path} defines no function {hook.method!r}")
+                    SpecProblem(spec_file, line, col, where, f"{source_path} defines no function {hook.method!r}")
                 )
                 continue
             params = tuple(a.arg for a in (*func.args.posonlyargs, *func.args.args, *func.args.kwonlyargs))
@@ -175,8 +181,8 @@ def resolve_hooks(spec: ModelSpec, spec_file: str, project: Path) -> dict[str, l
                 problems.append(
                     SpecProblem(
                         spec_file,
-                        func.lineno,
-                        func.col_offset + 1,
+                        line,
+                        col,
                         where,
                         f"{source_path}:{func.lineno}: {hook.method}{params} must take {hook.params}",
                     )
@@ -224,7 +230,12 @@ def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]
     for path, spec in loaded:
         if spec.name in names:
             problems.append(
-                SpecProblem(_relative(path, project), 1, 1, "name", f"{spec.name!r} also in {names[spec.name]}")
+                SpecProblem(
+                    _relative(path, project),
+                    *spec.position("name", "<value>"),
+                    "name",
+                    f"{spec.name!r} also in {names[spec.name]}",
+                )
             )
         names[spec.name] = path
     if problems:

@@ -258,7 +258,9 @@ def test_bad_hooks_are_spec_errors(project: Path, hooks, module_text, message) -
     _add_overrides(project, hooks, module_text)
     result = _invoke("check", "--project", str(project))
     assert result.exit_code == 2
-    assert "specs/llava.yaml:" in result.stderr and "overrides.hooks.0" in result.stderr
+    spec_lines = (project / "specs" / "llava.yaml").read_text().splitlines()
+    hook_line = spec_lines.index("  hooks:") + 2  # 1-based line of the first hook
+    assert f"specs/llava.yaml:{hook_line}:7: overrides.hooks.0: " in result.stderr
     assert message in result.stderr
 
 

@@ -153,6 +153,7 @@ def load_spec(path: str | Path, *, display: str | None = None) -> ModelSpec:
             field = ".".join(str(p) for p in loc)
             problems.append(SpecProblem(shown, line, col, field, _message(error, loc)))
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.col))) from exc
+    spec._positions = positions
     if spec.name != path.stem:
         line, col = positions.get(("name", "<value>"), (1, 1))
         raise SpecError(

@@ -11,7 +11,7 @@ import keyword
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -196,6 +196,14 @@ class ModelSpec(_Strict):
     position_ids: Literal["1d", "3d"] = Field("1d", description="Rope position kind; 3d for Qwen's M-RoPE.")
     overrides: Overrides | None = None
     tiny: Tiny
+
+    _positions: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
+
+    def position(self, *loc: str | int) -> tuple[int, int]:
+        """1-based (line, column) of a field in the spec file (the nearest enclosing one that is known)."""
+        while loc and loc not in self._positions:
+            loc = loc[:-1]
+        return self._positions.get(loc, (1, 1))
 
     @property
     def class_prefix(self) -> str:
