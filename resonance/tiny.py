@@ -51,6 +51,7 @@ from resonance.spec import ModelSpec
 from resonance.utils.compat import video_processor_optional
 
 __all__ = [
+    "build_processor_and_config",
     "build_tiny",
     "build_tokenizer",
     "tiny_from_spec",
@@ -202,6 +203,16 @@ def _build_config(tiny: Mapping[str, Any], tokenizer: transformers.TokenizersBac
     return built
 
 
+def build_processor_and_config(tiny: Mapping[str, Any]) -> tuple[ProcessorMixin, Any]:
+    """The processor and model config that ``tiny`` describes, without weights (benchmarks size them up)."""
+    tokenizer = build_tokenizer(tiny["tokenizer"], tiny["chat_template"])
+    processor = _build_processor(tiny, tokenizer)
+    # The processor may add tokens (Idefics3): read every id from the tokenizer as it left it.
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = tiny["chat_template"]
+    return processor, _build_config(tiny, tokenizer)
+
+
 def _check_tiny(tiny: Mapping[str, Any]) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in tiny]
     unknown = set(tiny) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS)
@@ -226,12 +237,7 @@ def build_tiny(tiny: Mapping[str, Any], out_dir: str | Path, *, seed: int = 0, o
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0o700
         with video_processor_optional():
-            tokenizer = build_tokenizer(tiny["tokenizer"], tiny["chat_template"])
-            processor = _build_processor(tiny, tokenizer)
-            # The processor may add tokens (Idefics3): read every id from the tokenizer as it left it.
-            tokenizer = processor.tokenizer
-            tokenizer.chat_template = tiny["chat_template"]
-            config = _build_config(tiny, tokenizer)
+            processor, config = build_processor_and_config(tiny)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = _resolve(tiny["model_class"])(config).to(torch.float32).eval()

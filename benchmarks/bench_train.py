@@ -1,0 +1,466 @@
+#!/usr/bin/env python
+"""Resonance vs TRL, same model, data, batch, LoRA and precision, in one process: DPO and SFT throughput.
+
+Models are random-weight and real-size, built from configs (no download): a Qwen2.5-VL-3B shape and a
+LLaVA-1.5-7B shape (the shapes of ../shared/bench/trl_baseline.py). Images are synthetic (448x448 for
+Qwen, 336x336 for LLaVA); prompts ~64 tokens, answers ~128 tokens. For each (model, algorithm) the
+model is built twice from the same seed: once trained by our trainer (adapter from specs/), once by
+TRL's own DPOTrainer / SFTTrainer with its own collator. Prints and writes as JSON: pairs/s, tokens/s,
+peak GPU memory, MFU against a bf16 matmul measured in the same run, the first-step loss, and the
+ratios ours/TRL.
+
+    python benchmarks/bench_train.py --out results.json                  # GPU, real sizes
+    python benchmarks/bench_train.py --tiny --out /tmp/bench.json        # CPU smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Real-size shapes (text and vision towers) of the two models the issue names, as in trl_baseline.py.
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl_3b": {
+        "spec": "qwen2_5_vl",
+        "image_size": 448,  # 32x32 patches of 14 px -> 256 tokens after the 2x2 merge
+        "config": {
+            "text_config": {
+                "hidden_size": 2048,
+                "num_hidden_layers": 36,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 2,
+                "intermediate_size": 11008,
+                "max_position_embeddings": 128000,
+                "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            },
+            "vision_config": {
+                "depth": 32,
+                "hidden_size": 1280,
+                "intermediate_size": 3420,
+                "num_heads": 16,
+                "out_hidden_size": 2048,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "window_size": 112,
+                "fullatt_block_indexes": [7, 15, 23, 31],
+                "hidden_act": "silu",
+            },
+            "tie_word_embeddings": True,
+        },
+        "vocab_size": 151936,
+        "image_processor": {"size": {"shortest_edge": 3136, "longest_edge": 1003520}},
+    },
+    "llava_1_5_7b": {
+        "spec": "llava",
+        "image_size": 336,  # 24x24 patches -> 576 tokens
+        "config": {
+            "vision_config": {
+                "model_type": "clip_vision_model",
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 336,
+                "patch_size": 14,
+                "projection_dim": 768,
+                "hidden_act": "quick_gelu",
+            },
+            "text_config": {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "intermediate_size": 11008,
+                "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5,
+            },
+            "image_seq_length": 576,
+            "tie_word_embeddings": False,
+        },
+        "vocab_size": 32064,
+        "image_processor": {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}},
+    },
+}
+
+
+def log(*parts: Any) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build(model_key: str, tiny: bool) -> dict[str, Any]:
+    """The processor, config and adapter for one model, real-size unless ``tiny``."""
+    from resonance.compiler import load_specs
+    from resonance.tiny import build_processor_and_config, tiny_from_spec
+    from resonance.utils.auto_load import load_core_mapper  # noqa: F401  (registry import check)
+
+    shape = REAL_SHAPES[model_key]
+    ((_, spec),) = load_specs([REPO / "specs" / f"{shape['spec']}.yaml"], REPO)
+    description = tiny_from_spec(spec)
+    image_size = 56 if tiny else shape["image_size"]
+    if not tiny:
+        description["config"] = merge(description["config"], shape["config"])
+        description["image_processor"] = merge(description["image_processor"], shape["image_processor"])
+    processor, config = build_processor_and_config(description)
+    if not tiny:
+        config.get_text_config(decoder=True).vocab_size = shape["vocab_size"]
+    import importlib
+
+    mapper = importlib.import_module(f"resonance.generated.{spec.name}").core_mapper
+    return {
+        "key": model_key,
+        "spec": spec,
+        "processor": processor,
+        "config": config,
+        "mapper": mapper,
+        "image_size": image_size,
+    }
+
+
+def make_rows(bundle: dict[str, Any], rows: int, prompt_tokens: int, answer_tokens: int, folder: Path):
+    """Synthetic preference rows: ours (canonical, image paths) and TRL's (conversational, PIL images)."""
+    rng = random.Random(0)
+    tokenizer = bundle["processor"].tokenizer
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    words = [w for w in (tokenizer.decode([i]).strip() for i in vocab) if w.isalpha()]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    ours, trl_rows = [], []
+    size = bundle["image_size"]
+    for i in range(rows):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy(), "RGB")
+        path = folder / f"img{i}.png"
+        image.save(path)
+        prompt, chosen, rejected = text(prompt_tokens), text(answer_tokens), text(answer_tokens)
+        image_part, text_part = {"type": "image", "text": None}, {"type": "text", "text": prompt}
+        ours.append(
+            {
+                "prompt": [{"role": "user", "content": [image_part, text_part]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+                "messages": [
+                    {"role": "user", "content": [image_part, text_part]},
+                    {"role": "assistant", "content": [{"type": "text", "text": chosen}]},
+                ],
+                "images": [str(path)],
+                "source": f"synthetic:{i + 1}",
+            }
+        )
+        trl_rows.append(
+            {
+                "images": [image],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": chosen}]},
+                ],
+            }
+        )
+    return ours, trl_rows
+
+
+class StepTimer:
+    """A TrainerCallback that times each optimizer step (device synchronised)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.start = 0.0
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter() - self.start)
+
+        return _Timer()
+
+
+def lm_linear_params(model: torch.nn.Module, language_model_path: str) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base.get_submodule(language_model_path)
+    return sum(
+        m.weight.numel() for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
+
+
+def step_flops(n_lm: int, lm_head: int, tokens: float, completion_tokens: float, algorithm: str) -> float:
+    """Model FLOPs per step of the LM with LoRA (no weight grads): policy fwd + bwd-through-activations, plus
+    (DPO) the reference forward; lm_head on completion tokens only. Vision and recompute not counted."""
+    per_token_fwd = 2 * n_lm * tokens + 2 * lm_head * completion_tokens
+    return per_token_fwd * (3 if algorithm == "dpo" else 2)
+
+
+def matmul_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device: str) -> dict[str, Any]:
+    """Train ``args.warmup + args.steps`` steps with our trainer or TRL's; return the measurements."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from resonance.base.processor import VLProcessor
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    mapper, spec = bundle["mapper"], bundle["spec"]
+    model_cls = getattr(__import__("transformers"), spec.model_class)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = model_cls._from_config(bundle["config"], dtype=dtype, attn_implementation="sdpa")
+    mapper.model.freeze_vision_tower(model)
+    n_lm = lm_linear_params(model, mapper.model.language_model_path)
+    text_config = bundle["config"].get_text_config(decoder=True)
+    lm_head = text_config.vocab_size * text_config.hidden_size
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=mapper.model.lora_target_modules(mapper.model.default_lora_target),
+    )
+    model = get_peft_model(model, lora)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.bs,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6 if algorithm == "dpo" else 2e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        gradient_checkpointing=True,
+        max_length=1024,
+        dataloader_num_workers=args.workers,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    timer = StepTimer()
+    hf_processor = bundle["processor"]
+    if who == "ours":
+        processor = VLProcessor.__new__(mapper.processor)
+        VLProcessor.__init__(processor, hf_processor)
+        keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
+        dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images", "source")} for r in rows_ours])
+        if algorithm == "dpo":
+            trainer = mapper.dpo_trainer(
+                model=model,
+                args=DPOConfig(**common),
+                data_collator=mapper.dpo_collator(processor),
+                train_dataset=dataset,
+                processing_class=hf_processor,
+                vl_model=mapper.model,
+                vl_processor=processor,
+                callbacks=[timer],
+            )
+        else:
+            config = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True})
+            trainer = mapper.sft_trainer(
+                model=model,
+                args=config,
+                data_collator=mapper.sft_collator(processor),
+                train_dataset=dataset,
+                processing_class=hf_processor,
+                vl_model=mapper.model,
+                vl_processor=processor,
+                callbacks=[timer],
+            )
+    else:
+        keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
+        dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images")} for r in rows_trl])
+        if algorithm == "dpo":
+            trainer = DPOTrainer(
+                model=model,
+                args=DPOConfig(**common),
+                train_dataset=dataset,
+                processing_class=hf_processor,
+                callbacks=[timer],
+            )
+        else:
+            trainer = SFTTrainer(
+                model=model,
+                args=SFTConfig(**common),
+                train_dataset=dataset,
+                processing_class=hf_processor,
+                callbacks=[timer],
+            )
+    batch_tokens: list[tuple[int, int]] = []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        mask = batch.get("completion_mask", batch.get("labels"))
+        completion = int((mask != -100).sum() if "labels" in batch and "completion_mask" not in batch else mask.sum())
+        batch_tokens.append((int(batch["attention_mask"].sum()), completion))
+        return batch
+
+    trainer.data_collator = counting_collator
+    if args.workers:
+        trainer.args.dataloader_num_workers = 0  # counting needs the main process; the ratio stays fair
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    timed = timer.times[args.warmup :]
+    step_s = statistics.mean(timed)
+    tokens = statistics.mean(t for t, _ in batch_tokens)
+    completion = statistics.mean(c for _, c in batch_tokens)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = {
+        "pairs_per_s": args.bs / step_s,
+        "tokens_per_s": tokens / step_s,
+        "step_s": step_s,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "first_loss": losses[0] if losses else None,
+        "losses": losses,
+        "tokens_per_step": tokens,
+        "train_wall_s": wall,
+        "flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
+    }
+    del trainer, model
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Where to write the JSON results.")
+    parser.add_argument("--tiny", action="store_true", help="Tiny sizes on the CPU (a smoke test).")
+    parser.add_argument("--models", default="qwen2_5_vl_3b,llava_1_5_7b")
+    parser.add_argument("--algorithms", default="dpo,sft")
+    parser.add_argument("--bs", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--only", choices=["ours", "trl"], help="Run one side only (debugging).")
+    args = parser.parse_args()
+
+    import transformers
+    import trl
+
+    from resonance.utils.compat import install_video_processor_optional
+
+    install_video_processor_optional()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    peak = matmul_peak_tflops() if device == "cuda" else None
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "python": platform.python_version(),
+        },
+        "matmul_peak_tflops": peak,
+        "runs": [],
+    }
+    log("device", report["device"], "matmul peak", peak)
+    for model_key in args.models.split(","):
+        bundle = build(model_key, args.tiny)
+        with tempfile.TemporaryDirectory() as folder:
+            needed = args.bs * (args.warmup + args.steps)
+            rows_ours, rows_trl = make_rows(bundle, max(args.rows, needed), 64, 128, Path(folder))
+            for algorithm in args.algorithms.split(","):
+                entry: dict[str, Any] = {
+                    "model": model_key,
+                    "algorithm": algorithm,
+                    "setup": "lora",
+                    "batch_size": args.bs,
+                }
+                for who in ("ours", "trl"):
+                    if args.only and who != args.only:
+                        continue
+                    log(model_key, algorithm, who, "...")
+                    try:
+                        entry[who] = run_one(bundle, algorithm, who, rows_ours, rows_trl, args, device)
+                    except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
+                        entry[who] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    if peak and "flops_per_step" in entry[who]:
+                        side = entry[who]
+                        side["mfu"] = side["flops_per_step"] / side["step_s"] / 1e12 / peak
+                    log(model_key, algorithm, who, {k: v for k, v in entry[who].items() if k != "losses"})
+                ours, theirs = entry.get("ours", {}), entry.get("trl", {})
+                if "pairs_per_s" in ours and "pairs_per_s" in theirs:
+                    entry["speedup"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
+                    if ours.get("peak_gb") and theirs.get("peak_gb"):
+                        entry["memory_ratio"] = ours["peak_gb"] / theirs["peak_gb"]
+                    entry["first_loss_rel_diff"] = abs(ours["first_loss"] - theirs["first_loss"]) / abs(
+                        theirs["first_loss"]
+                    )
+                    log(
+                        model_key,
+                        algorithm,
+                        "speedup",
+                        round(entry["speedup"], 3),
+                        "memory ratio",
+                        entry.get("memory_ratio"),
+                    )
+                report["runs"].append(entry)
+                Path(args.out).write_text(json.dumps(report, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    log("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
