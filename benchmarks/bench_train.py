@@ -203,12 +203,16 @@ class StepTimer:
         class _Timer(TrainerCallback):
             def __init__(self) -> None:
                 self.times: list[float] = []
+                self.cycles: list[float] = []  # step begin to next step begin: includes data loading
                 self.start = 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.start = time.perf_counter()
+                now = time.perf_counter()
+                if self.start:
+                    self.cycles.append(now - self.start)
+                self.start = now
 
             def on_step_end(self, args, state, control, **kwargs):
                 if torch.cuda.is_available():
@@ -298,6 +302,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         seed=0,
     )
     timer = StepTimer()
+    if args.no_vision_cache:  # ablation: our trainer, but images go through the tower per copy, with grad
+        mapper.model.image_encoder_frozen = classmethod(lambda cls, model: False)
     hf_processor = bundle["processor"]
     if who == "ours":
         processor = VLProcessor.__new__(mapper.processor)
@@ -349,8 +355,12 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     batch_tokens: list[tuple[int, int]] = []
     collate = trainer.data_collator
 
+    collate_times: list[float] = []
+
     def counting_collator(features):
+        begin = time.perf_counter()
         batch = collate(features)
+        collate_times.append(time.perf_counter() - begin)
         mask = batch.get("completion_mask", batch.get("labels"))
         completion = int((mask != -100).sum() if "labels" in batch and "completion_mask" not in batch else mask.sum())
         batch_tokens.append((int(batch["attention_mask"].sum()), completion))
@@ -359,9 +369,31 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     trainer.data_collator = counting_collator
     if args.workers:
         trainer.args.dataloader_num_workers = 0  # counting needs the main process; the ratio stays fair
+    profiler = None
+    if args.profile and device == "cuda":
+        from transformers import TrainerCallback
+
+        class _Profile(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kwargs):
+                nonlocal profiler
+                if state.global_step == args.warmup:
+                    profiler = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    )
+                    profiler.__enter__()
+
+            def on_step_end(self, a, state, control, **kwargs):
+                if profiler is not None and state.global_step == args.warmup + 1:
+                    torch.cuda.synchronize()
+                    profiler.__exit__(None, None, None)
+
+        trainer.add_callback(_Profile())
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    if profiler is not None:
+        log(who, algorithm, "profile of one step:")
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
     timed = timer.times[args.warmup :]
     step_s = statistics.mean(timed)
     tokens = statistics.mean(t for t, _ in batch_tokens)
@@ -375,6 +407,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "first_loss": losses[0] if losses else None,
         "losses": losses,
         "tokens_per_step": tokens,
+        "cycle_s": statistics.mean(timer.cycles[args.warmup :]) if len(timer.cycles) > args.warmup else None,
+        "collate_s_per_step": statistics.mean(collate_times[args.warmup :]) if collate_times else None,
         "train_wall_s": wall,
         "flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
     }
@@ -394,6 +428,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--only", choices=["ours", "trl"], help="Run one side only (debugging).")
+    parser.add_argument("--no-vision-cache", action="store_true", help="Ablation: run ours without encoding once.")
+    parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
     args = parser.parse_args()
 
     import transformers

@@ -16,12 +16,13 @@ from resonance.tiny import build_tiny, tiny_from_spec
 from resonance.utils.compat import video_processor_optional
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ["llava", "qwen2_vl", "idefics3"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3"]
 
 # <image>-token count of one image, per family, for (width, height) 32x32 and 64x48 (i.e. 48 high, 64 wide).
 EXPECTED_IMAGE_TOKENS = {
     "llava": {(32, 32): 16, (64, 48): 16},  # (56 / 14)^2, CLS dropped
     "qwen2_vl": {(32, 32): 4, (64, 48): 4},  # both resized to 56x56: 4x4 patches, merged 2x2
+    "qwen2_5_vl": {(32, 32): 9, (64, 48): 12},  # min 84x84: 6x6 patches (3x3 merged); 64x48 -> 112x84 (4x3)
     "idefics3": {(32, 32): 20, (64, 48): 20},  # 2x2 tiles + global image, 4 tokens each
 }
 
@@ -29,6 +30,12 @@ EXPECTED_IMAGE_TOKENS = {
 EXPECTED_PROMPT = {
     "llava": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
     "qwen2_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "What is shown in this image?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "qwen2_5_vl": (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
         "What is shown in this image?<|im_end|>\n"
