@@ -70,7 +70,13 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
             "tie_word_embeddings": True,
         },
         "vocab_size": 151936,
-        "image_processor": {"size": {"shortest_edge": 3136, "longest_edge": 1003520}},
+        "image_processor": {
+            "min_pixels": 3136,
+            "max_pixels": 1003520,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+        },
     },
     "llava_1_5_7b": {
         "spec": "llava",
@@ -101,7 +107,11 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
             "tie_word_embeddings": False,
         },
         "vocab_size": 32064,
-        "image_processor": {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}},
+        "image_processor": {
+            "size": {"shortest_edge": 336},
+            "crop_size": {"height": 336, "width": 336},
+            "do_center_crop": True,
+        },
     },
 }
 
@@ -129,7 +139,7 @@ def build(model_key: str, tiny: bool) -> dict[str, Any]:
     image_size = 56 if tiny else shape["image_size"]
     if not tiny:
         description["config"] = merge(description["config"], shape["config"])
-        description["image_processor"] = merge(description["image_processor"], shape["image_processor"])
+        description["image_processor"] = dict(shape["image_processor"])
     processor, config = build_processor_and_config(description)
     if not tiny:
         config.get_text_config(decoder=True).vocab_size = shape["vocab_size"]
@@ -352,23 +362,16 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
                 processing_class=hf_processor,
                 callbacks=[timer],
             )
-    batch_tokens: list[tuple[int, int]] = []
+    # Tokens per step from a few batches collated up front (the loader may run in worker processes).
     collate = trainer.data_collator
-
-    collate_times: list[float] = []
-
-    def counting_collator(features):
+    batch_tokens, collate_times = [], []
+    for first in range(0, 3 * args.bs, args.bs):
+        features = [dataset[i] for i in range(first, first + args.bs)]
         begin = time.perf_counter()
         batch = collate(features)
         collate_times.append(time.perf_counter() - begin)
-        mask = batch.get("completion_mask", batch.get("labels"))
-        completion = int((mask != -100).sum() if "labels" in batch and "completion_mask" not in batch else mask.sum())
-        batch_tokens.append((int(batch["attention_mask"].sum()), completion))
-        return batch
-
-    trainer.data_collator = counting_collator
-    if args.workers:
-        trainer.args.dataloader_num_workers = 0  # counting needs the main process; the ratio stays fair
+        mask = batch["completion_mask"] if "completion_mask" in batch else (batch["labels"] != -100)
+        batch_tokens.append((int(batch["attention_mask"].sum()), int(mask.sum())))
     profiler = None
     if args.profile and device == "cuda":
         from transformers import TrainerCallback
@@ -408,7 +411,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "losses": losses,
         "tokens_per_step": tokens,
         "cycle_s": statistics.mean(timer.cycles[args.warmup :]) if len(timer.cycles) > args.warmup else None,
-        "collate_s_per_step": statistics.mean(collate_times[args.warmup :]) if collate_times else None,
+        "collate_s_per_batch": statistics.mean(collate_times),
         "train_wall_s": wall,
         "flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
     }
@@ -426,7 +429,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=96)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (both sides).")
+    parser.add_argument("--order", default="trl,ours", help="Which side runs first for each model/algorithm.")
     parser.add_argument("--only", choices=["ours", "trl"], help="Run one side only (debugging).")
     parser.add_argument("--no-vision-cache", action="store_true", help="Ablation: run ours without encoding once.")
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
@@ -464,7 +468,7 @@ def main() -> None:
                     "setup": "lora",
                     "batch_size": args.bs,
                 }
-                for who in ("ours", "trl"):
+                for who in args.order.split(","):
                     if args.only and who != args.only:
                         continue
                     log(model_key, algorithm, who, "...")
