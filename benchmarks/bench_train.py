@@ -436,6 +436,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
     args = parser.parse_args()
 
+    import accelerate
+    import peft
     import transformers
     import trl
 
@@ -450,6 +452,8 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "trl": trl.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
             "python": platform.python_version(),
         },
         "matmul_peak_tflops": peak,
