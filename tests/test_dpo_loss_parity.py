@@ -242,3 +242,57 @@ def test_collator_matches_trl_collator(family: str, tmp_path: Path, tiny_checkpo
     repeated = repeat_images(ours, processor)
     for name in dict.fromkeys(names):
         assert torch.equal(repeated[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_precomputed_reference_gives_the_same_loss_without_a_reference_pass(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """precompute_ref_log_probs (which TRL refuses for image data) changes the work, not the loss."""
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    rows = preference_rows(tmp_path)
+    dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
+    trainers = {}
+    for precompute in (True, False):
+        config = _config(tmp_path / f"pre{precompute}", len(rows))
+        config.precompute_ref_log_probs = precompute
+        trainers[precompute] = mapper.dpo_trainer(
+            model=_lora_model(mapper, ckpt),
+            args=config,
+            data_collator=mapper.dpo_collator(processor),
+            train_dataset=dataset,
+            processing_class=processor.hf,
+            vl_model=mapper.model,
+            vl_processor=processor,
+        )
+    with_ref = trainers[True].train_dataset
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(with_ref.column_names)
+    generator = torch.Generator().manual_seed(99)
+    params = {k: dict(t.model.named_parameters()) for k, t in trainers.items()}
+    with torch.no_grad():  # move the policy away from the reference, identically in both
+        for name, param in params[True].items():
+            if ".lora_B.default." in name:
+                value = torch.randn(param.shape, generator=generator)
+                param.copy_(value)
+                params[False][name].copy_(value)
+
+    forwards = {True: 0, False: 0}
+    losses = {}
+    for precompute, trainer in trainers.items():
+        language_model = mapper.model.get_language_model(trainer.model)
+
+        def count(*_: Any, key: bool = precompute) -> None:
+            forwards[key] += 1
+
+        handle = language_model.register_forward_hook(count)
+        features = [with_ref[i] for i in range(len(rows))] if precompute else rows
+        batch = trainer.data_collator(features)
+        assert ("ref_chosen_logps" in batch) == precompute
+        trainer.model.train()
+        with torch.no_grad():
+            losses[precompute] = trainer.compute_loss(trainer.model, batch)
+        handle.remove()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    assert abs(losses[True].item() - math.log(2)) > 1e-3
+    assert forwards == {True: 1, False: 2}  # policy only, versus policy and reference

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from resonance.base.processor import IGNORE_INDEX, VLProcessor
@@ -107,4 +108,7 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         output = dict(batch)
         output.update(self.processor.first_half_images(batch))
         output["completion_mask"] = completion_mask
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # precomputed reference log-probs, if any
+            if key in features[0]:
+                output[key] = torch.tensor([f[key] for f in features])
         return output

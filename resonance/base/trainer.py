@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from trl import DPOTrainer, SFTTrainer
+from trl.trainer.utils import hash_module
 
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
@@ -67,11 +68,45 @@ class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
 
 
 class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
-    """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step."""
+    """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step.
+
+    ``precompute_ref_log_probs=True`` works for image datasets too (TRL refuses it for them): the
+    reference log-probs of every row are computed once before training, with TRL's own cached pass
+    and our collator, and training then skips the reference forward.
+    """
 
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
         self._bind_adapter(vl_model, vl_processor)
+        config = kwargs.get("args")
+        precompute = bool(config is not None and config.precompute_ref_log_probs)
+        if precompute:
+            config.precompute_ref_log_probs = False  # TRL's __init__ refuses image datasets; done below instead
         super().__init__(*args, **kwargs)
+        if precompute:
+            config.precompute_ref_log_probs = True
+            self._precompute_images()
+
+    def _precompute_images(self) -> None:
+        """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns to the train and eval datasets."""
+        self.precompute_ref_logps = True
+        self._precompute_model_hash = hash_module(self.ref_model or self.model)
+        self._precompute_engine = None
+        size = self.args.precompute_ref_batch_size
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", size or self.args.per_device_train_batch_size
+        )
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                name: self._precompute_ref_logps(data, name, size or self.args.per_device_eval_batch_size)
+                for name, data in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._precompute_ref_logps(
+                self.eval_dataset, "eval", size or self.args.per_device_eval_batch_size
+            )
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, self._image_model_inputs(model, inputs, copies=2))
 
     def _compute_loss(self, model, inputs, return_outputs):
         inputs = self._image_model_inputs(model, inputs, copies=2)
