@@ -315,6 +315,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     if args.no_vision_cache:  # ablation: our trainer, but images go through the tower per copy, with grad
         mapper.model.image_encoder_frozen = classmethod(lambda cls, model: False)
     hf_processor = bundle["processor"]
+    built = time.perf_counter()
     if who == "ours":
         processor = VLProcessor.__new__(mapper.processor)
         VLProcessor.__init__(processor, hf_processor)
@@ -323,7 +324,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         if algorithm == "dpo":
             trainer = mapper.dpo_trainer(
                 model=model,
-                args=DPOConfig(**common),
+                args=DPOConfig(**common, precompute_ref_log_probs=args.precompute_ref),
                 data_collator=mapper.dpo_collator(processor),
                 train_dataset=dataset,
                 processing_class=hf_processor,
@@ -362,6 +363,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
                 processing_class=hf_processor,
                 callbacks=[timer],
             )
+    setup_s = time.perf_counter() - built  # includes the reference pass with --precompute-ref
     # Tokens per step from a few batches collated up front (the loader may run in worker processes).
     collate = trainer.data_collator
     batch_tokens, collate_times = [], []
@@ -413,6 +415,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "cycle_s": statistics.mean(timer.cycles[args.warmup :]) if len(timer.cycles) > args.warmup else None,
         "collate_s_per_batch": statistics.mean(collate_times),
         "train_wall_s": wall,
+        "setup_s": setup_s,
         "flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
     }
     del trainer, model
@@ -433,6 +436,9 @@ def main() -> None:
     parser.add_argument("--order", default="trl,ours", help="Which side runs first for each model/algorithm.")
     parser.add_argument("--only", choices=["ours", "trl"], help="Run one side only (debugging).")
     parser.add_argument("--no-vision-cache", action="store_true", help="Ablation: run ours without encoding once.")
+    parser.add_argument(
+        "--precompute-ref", action="store_true", help="Ours precomputes reference log-probs before training."
+    )
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
     args = parser.parse_args()
 
