@@ -146,13 +146,17 @@ class VLProcessor:
         """Tokenize rendered conversations with their images, exactly as the family's processor does."""
         has_images = images is not None and any(images)
         call_kwargs = {**self.processor_call_kwargs, **kwargs}
-        bos = self.tokenizer.bos_token
-        if bos is not None and text and text[0].startswith(bos):
+        if text and not self._adds_special_tokens(text[0]):
             call_kwargs.setdefault("add_special_tokens", False)
         call_kwargs.setdefault("padding", True)
         call_kwargs.setdefault("return_tensors", "pt")
         call_kwargs.setdefault("padding_side", self.padding_side)
         return self.hf(text=text, images=images if has_images else None, **call_kwargs)
+
+    def _adds_special_tokens(self, text: str) -> bool:
+        """As transformers' apply_chat_template decides: no second BOS when the rendering starts with one."""
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and text.startswith(bos))
 
     def _token_mask(self, text: str, spans: list[tuple[int, int]], add_special: bool) -> tuple[list[int], list[bool]]:
         """Tokenize the rendered text without image expansion; flag tokens overlapping a span."""
@@ -176,8 +180,7 @@ class VLProcessor:
         first_supervised = first_supervised or [0] * len(conversations)
         texts = [self.render_conversation(conv, add_generation_prompt=False) for conv in conversations]
         batch = self(text=texts, images=images)
-        bos = self.tokenizer.bos_token
-        add_special = not (bos is not None and texts[0].startswith(bos))
+        add_special = self._adds_special_tokens(texts[0])
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row, (conv, text, first) in enumerate(zip(conversations, texts, first_supervised, strict=True)):
             spans = self.assistant_char_spans(conv, first)
