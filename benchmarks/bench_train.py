@@ -316,53 +316,23 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         mapper.model.image_encoder_frozen = classmethod(lambda cls, model: False)
     hf_processor = bundle["processor"]
     built = time.perf_counter()
+    keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
+    if algorithm == "dpo":
+        config = DPOConfig(**common, precompute_ref_log_probs=args.precompute_ref and who == "ours")
+    else:  # our collator builds the labels; TRL's prepares its own dataset
+        config = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True} if who == "ours" else None)
+    kwargs: dict[str, Any] = {"model": model, "args": config, "processing_class": hf_processor, "callbacks": [timer]}
     if who == "ours":
         processor = VLProcessor.__new__(mapper.processor)
         VLProcessor.__init__(processor, hf_processor)
-        keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images", "source")} for r in rows_ours])
-        if algorithm == "dpo":
-            trainer = mapper.dpo_trainer(
-                model=model,
-                args=DPOConfig(**common, precompute_ref_log_probs=args.precompute_ref),
-                data_collator=mapper.dpo_collator(processor),
-                train_dataset=dataset,
-                processing_class=hf_processor,
-                vl_model=mapper.model,
-                vl_processor=processor,
-                callbacks=[timer],
-            )
-        else:
-            config = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True})
-            trainer = mapper.sft_trainer(
-                model=model,
-                args=config,
-                data_collator=mapper.sft_collator(processor),
-                train_dataset=dataset,
-                processing_class=hf_processor,
-                vl_model=mapper.model,
-                vl_processor=processor,
-                callbacks=[timer],
-            )
+        collator = (mapper.dpo_collator if algorithm == "dpo" else mapper.sft_collator)(processor)
+        trainer_cls = mapper.dpo_trainer if algorithm == "dpo" else mapper.sft_trainer
+        kwargs.update(data_collator=collator, vl_model=mapper.model, vl_processor=processor)
     else:
-        keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images")} for r in rows_trl])
-        if algorithm == "dpo":
-            trainer = DPOTrainer(
-                model=model,
-                args=DPOConfig(**common),
-                train_dataset=dataset,
-                processing_class=hf_processor,
-                callbacks=[timer],
-            )
-        else:
-            trainer = SFTTrainer(
-                model=model,
-                args=SFTConfig(**common),
-                train_dataset=dataset,
-                processing_class=hf_processor,
-                callbacks=[timer],
-            )
+        trainer_cls = DPOTrainer if algorithm == "dpo" else SFTTrainer
+    trainer = trainer_cls(train_dataset=dataset, **kwargs)
     setup_s = time.perf_counter() - built  # includes the reference pass with --precompute-ref
     # Tokens per step from a few batches collated up front (the loader may run in worker processes).
     collate = trainer.data_collator
