@@ -46,12 +46,11 @@ def _config_class(algorithm: str):
 
 def parse(algorithm: str, argv: list[str]):
     """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig)."""
+    import torch
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, _config_class(algorithm)))
     parser.prog = f"resonance train {algorithm}"
-    import torch
-
     defaults = {"remove_unused_columns": False, "report_to": "none"}
     if not torch.cuda.is_available():
         defaults["bf16"] = False  # TRL's configs default to bf16, which a CPU run refuses
@@ -138,13 +137,12 @@ def main(algorithm: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, config = parse(algorithm, argv)
     try:
-        trainer, processor = build_trainer(algorithm, model_args, data_args, config)
+        trainer, _ = build_trainer(algorithm, model_args, data_args, config)
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     except (DataError, RowError, UnsupportedModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.save_model(config.output_dir)
-    processor.save_pretrained(config.output_dir)
+    trainer.save_model(config.output_dir)  # the adapter or weights, and the processor (processing_class)
     skipped = trainer.data_collator.skipped_rows
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)
