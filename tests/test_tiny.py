@@ -8,47 +8,36 @@ from typing import Any
 import pytest
 import torch
 import transformers
+import yaml
+from conftest import FAMILIES
 from PIL import Image
 from safetensors.torch import load_file
 
 from resonance.compiler import load_specs
+from resonance.spec import ModelSpec
 from resonance.tiny import build_tiny, tiny_from_spec
 from resonance.utils.compat import video_processor_optional
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3"]
 
-# <image>-token count of one image, per family, for (width, height) 32x32 and 64x48 (i.e. 48 high, 64 wide).
-EXPECTED_IMAGE_TOKENS = {
-    "llava": {(32, 32): 16, (64, 48): 16},  # (56 / 14)^2, CLS dropped
-    "qwen2_vl": {(32, 32): 4, (64, 48): 4},  # both resized to 56x56: 4x4 patches, merged 2x2
-    "qwen2_5_vl": {(32, 32): 9, (64, 48): 12},  # min 84x84: 6x6 patches (3x3 merged); 64x48 -> 112x84 (4x3)
-    "idefics3": {(32, 32): 20, (64, 48): 20},  # 2x2 tiles + global image, 4 tokens each
-}
 
-# What each real checkpoint's template renders for the conversation below, with a generation prompt.
-EXPECTED_PROMPT = {
-    "llava": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
-    "qwen2_vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        "What is shown in this image?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    ),
-    "qwen2_5_vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        "What is shown in this image?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    ),
-    "idefics3": "<|begin_of_text|>User:<image>What is shown in this image?<end_of_utterance>\nAssistant:",
-}
+def expected(family: str) -> dict[str, Any]:
+    """tests/expected/<family>.yaml: the real template's prompt and image-token counts per image size."""
+    path = REPO / "tests" / "expected" / f"{family}.yaml"
+    assert path.is_file(), f"{path} is missing: every family in specs/ needs its expectations there"
+    data = yaml.safe_load(path.read_text())
+    sizes = {tuple(int(n) for n in key.split("x")): count for key, count in data["image_tokens"].items()}
+    return {"prompt": data["prompt"], "image_tokens": sizes}
+
+
+def model_spec(family: str) -> ModelSpec:
+    ((_, loaded),) = load_specs([REPO / "specs" / f"{family}.yaml"], REPO)
+    return loaded
 
 
 def spec(family: str) -> dict[str, Any]:
     """The ``tiny`` section of specs/<family>.yaml, as build_tiny takes it."""
-    ((_, model_spec),) = load_specs([REPO / "specs" / f"{family}.yaml"], REPO)
-    return tiny_from_spec(model_spec)
+    return tiny_from_spec(model_spec(family))
 
 
 def image(size: tuple[int, int]) -> Image.Image:
@@ -103,9 +92,9 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
     image_token_id = config.image_token_id
     assert image_token_id == processor.image_token_id
 
-    assert processor.apply_chat_template(conversation(), add_generation_prompt=True) == EXPECTED_PROMPT[family]
+    assert processor.apply_chat_template(conversation(), add_generation_prompt=True) == expected(family)["prompt"]
 
-    for size, expected in EXPECTED_IMAGE_TOKENS[family].items():
+    for size, count in expected(family)["image_tokens"].items():
         picture = image(size)
         messages = conversation(picture, answer="A small colourful picture.")
         batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
@@ -116,7 +105,7 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
         assert torch.equal(batch["input_ids"], direct["input_ids"])
 
         input_ids = batch["input_ids"]
-        assert (input_ids == image_token_id).sum().item() == expected, size
+        assert (input_ids == image_token_id).sum().item() == count, size
         labels = input_ids.masked_fill(input_ids == image_token_id, -100)
         model.zero_grad()
         output = model(**batch, labels=labels)  # raises if image features and image tokens disagree
@@ -127,8 +116,9 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
         # The LM head and the projector train; LLaVA skips the vision tower's last layer (feature layer -2).
         assert sum(g is not None for g in grads.values()) > len(grads) // 2
         assert grads["lm_head.weight"] is not None
-        projector = ("multi_modal_projector", "visual.merger", "connector")
-        assert any(g is not None for name, g in grads.items() if any(key in name for key in projector))
+        projector = model_spec(family).modules.projector
+        if projector is not None:
+            assert any(g is not None for name, g in grads.items() if name.startswith(projector + "."))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

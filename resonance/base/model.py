@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -107,6 +108,16 @@ class VLModel:
         """True when no weight used to encode images (tower and projector) is trained."""
         parts = [cls.get_vision_tower(model), cls.get_projector(model)]
         return not any(p.requires_grad for part in parts if part is not None for p in part.parameters())
+
+    @classmethod
+    def reuses_image_features(cls, model: nn.Module) -> bool:
+        """Whether the model takes precomputed image features (transformers' ``mm_encoder_outputs``).
+
+        Families without it (Mllama's cross-attention) run the tower inside ``forward`` as usual.
+        """
+        base = unwrap(model)
+        forward = inspect.signature(type(base).forward).parameters
+        return hasattr(base, "get_image_features") and "mm_encoder_outputs" in forward
 
     @classmethod
     def prepare_default_generation_kwargs(cls, generation_config: Any = None) -> dict[str, Any]:

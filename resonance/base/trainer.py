@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import hash_module
 
@@ -26,6 +26,27 @@ def _repeat(value: Any, copies: int) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.cat([value] * copies)
     return type(value)(list(value) * copies)
+
+
+def _reusable_features(encoded: ModelOutput, copies: int) -> ModelOutput:
+    """The image-encoder output the language model reads, repeated ``copies`` times along the batch.
+
+    Kept: ``pooler_output`` (the projected image features every family reads) and any extra
+    top-level tensors or tensor tuples (Qwen3-VL's ``deepstack_features``); ``last_hidden_state``
+    only where there is no pooled output. Nested encoder outputs (InstructBLIP's ``vision_outputs``)
+    and hidden states/attentions are only echoed back by ``forward``, so they are dropped.
+    """
+    kept: dict[str, Any] = {}
+    for key, value in encoded.items():
+        if key in ("hidden_states", "attentions") or isinstance(value, ModelOutput):
+            continue
+        if key == "last_hidden_state" and encoded.get("pooler_output") is not None:
+            continue
+        if key in ("pooler_output", "last_hidden_state") or isinstance(value, torch.Tensor):
+            kept[key] = _repeat(value, copies)  # a tensor, or a list with one entry per image (Idefics3)
+        elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+            kept[key] = type(value)(_repeat(v, copies) for v in value)  # one tensor per layer (deepstack)
+    return type(encoded)(**kept)
 
 
 class _ImageEncodingMixin:
@@ -44,14 +65,14 @@ class _ImageEncodingMixin:
         if "pixel_values" not in inputs:
             return inputs
         base = unwrap(model)
-        if not self.vl_model.image_encoder_frozen(base):
+        if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
         with torch.no_grad():
             encoded = base.get_image_features(**image_kwargs, return_dict=True)
-        features = BaseModelOutputWithPooling(pooler_output=_repeat(encoded.pooler_output, copies))
+        # Other image inputs stay (Qwen's image_grid_thw places the rope positions of image tokens).
         model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"}
-        model_inputs["mm_encoder_outputs"] = {"image": features}
+        model_inputs["mm_encoder_outputs"] = {"image": _reusable_features(encoded, copies)}
         return model_inputs
 
 
