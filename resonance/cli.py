@@ -167,6 +167,40 @@ def tiny(
     err.print(f"saved tiny {name} model and processor to {path}", markup=False)
 
 
+@app.command()
+def verify(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The spec to check, e.g. specs/llava.yaml.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Check against this checkpoint folder instead of the spec's tiny model.")
+    ] = None,
+    project: Project = Path("."),
+) -> None:
+    """Build the spec's tiny model and check every spec field against it (exit 1 naming the bad fields)."""
+    from resonance.verify import verify as run_verify
+
+    try:
+        spec, checks = run_verify(spec_path, project, checkpoint)
+    except SpecError as exc:
+        raise _spec_failure(exc) from exc
+    table = Table("check", "spec fields", "result")
+    for check in checks:
+        result = "ok" if check.ok else ("skipped: " + check.skipped if check.skipped else "FAILED")
+        table.add_row(check.name, check.fields, result)
+    out.print(table)
+    rel = compiler.relative(spec_path, project)
+    failed = False
+    for check in checks:
+        for problem in check.problems:
+            line, col = spec.position(*(int(k) if k.isdigit() else k for k in problem.field.split(".")))
+            err.print(f"{rel}:{line}:{col}: {problem.field}: {problem.message}", markup=False)
+        if check.error:
+            err.print(f"{rel}: {check.name}: {check.error}", markup=False)
+        failed = failed or not check.ok
+    if failed:
+        raise typer.Exit(EXIT_DRIFT)
+    err.print(f"{rel}: every check passed", markup=False)
+
+
 _TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 

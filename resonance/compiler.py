@@ -207,7 +207,7 @@ class Plan:
     foreign: list[str] = field(default_factory=list)
 
 
-def _relative(path: Path, project: Path) -> str:
+def relative(path: Path, project: Path) -> str:
     try:
         return path.resolve().relative_to(project.resolve()).as_posix()
     except ValueError:
@@ -223,7 +223,7 @@ def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]
     loaded, problems = [], []
     for path in paths:
         try:
-            loaded.append((path, load_spec(path, display=_relative(path, project))))
+            loaded.append((path, load_spec(path, display=relative(path, project))))
         except SpecError as exc:
             problems.extend(exc.problems)
     names: dict[str, Path] = {}
@@ -231,7 +231,7 @@ def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]
         if spec.name in names:
             problems.append(
                 SpecProblem(
-                    _relative(path, project),
+                    relative(path, project),
                     *spec.position("name", "<value>"),
                     "name",
                     f"{spec.name!r} also in {names[spec.name]}",
@@ -253,7 +253,7 @@ def plan(project: Path, named: list[Path] | None = None) -> Plan:
     every = project_specs(project)
     for path in named or []:
         if path.resolve().parent != (project / SPECS_DIR).resolve():
-            rel = _relative(path, project)
+            rel = relative(path, project)
             raise SpecError(
                 [
                     SpecProblem(
@@ -272,7 +272,7 @@ def plan(project: Path, named: list[Path] | None = None) -> Plan:
     for path, spec in loaded:
         if path.resolve() not in targets:
             continue
-        rel = _relative(path, project)
+        rel = relative(path, project)
         hooks = resolve_hooks(spec, rel, project)
         inline = spec.chat_template.template if spec.chat_template.source == "inline" else None
         out.files[f"{OUTPUT_DIR}/{spec.name}/__init__.py"] = _render(
@@ -294,7 +294,7 @@ def plan(project: Path, named: list[Path] | None = None) -> Plan:
         registry_cmd,
         nickname_map={arch: spec.name for _, spec in loaded for arch in spec.architectures},
         flash_models=sorted(arch for _, spec in loaded if spec.flash_attention for arch in spec.architectures),
-        spec_files={spec.name: _relative(path, project) for path, spec in loaded},
+        spec_files={spec.name: relative(path, project) for path, spec in loaded},
     )
     out.files[f"{OUTPUT_DIR}/__init__.py"] = _render(env, "package_init.py.j2", f"{SPECS_DIR}/*.yaml", registry_cmd)
     wanted = {f"{OUTPUT_DIR}/{spec.name}/__init__.py" for _, spec in loaded} | set(out.files)

@@ -13,6 +13,8 @@ import torch
 import transformers
 from torch import nn
 
+from resonance.base.checks import module_problems, raise_problems
+
 logger = logging.getLogger("resonance")
 
 
@@ -80,8 +82,16 @@ class VLModel:
 
             base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
             base = model_class.from_pretrained(base_path, **kwargs)
+            cls.check_model(base)
             return PeftModel.from_pretrained(base, str(path))
-        return model_class.from_pretrained(str(path), **kwargs)
+        model = model_class.from_pretrained(str(path), **kwargs)
+        cls.check_model(model)
+        return model
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise :class:`SpecMismatchError` naming each spec field (modules, lora.targets) the model does not fit."""
+        raise_problems(cls, module_problems(cls, model))
 
     @classmethod
     def get_language_model(cls, model: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
+from resonance.base.checks import image_output_problems, raise_problems, token_problems
 from resonance.utils.compat import video_processor_optional
 
 IGNORE_INDEX = -100
@@ -58,9 +59,9 @@ class VLProcessor:
                 f"{type(self).__name__}: the checkpoint has no chat template; set chat_template.source: inline "
                 "and chat_template.template in the spec"
             )
+        raise_problems(type(self), token_problems(self))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"spec field image.token: {self.image_token!r} is not a token of the tokenizer")
+        self._image_outputs_checked = False
         self.train()
 
     # -- the seed's properties ---------------------------------------------------------------------
@@ -151,7 +152,11 @@ class VLProcessor:
         call_kwargs.setdefault("padding", True)
         call_kwargs.setdefault("return_tensors", "pt")
         call_kwargs.setdefault("padding_side", self.padding_side)
-        return self.hf(text=text, images=images if has_images else None, **call_kwargs)
+        batch = self.hf(text=text, images=images if has_images else None, **call_kwargs)
+        if has_images and not self._image_outputs_checked:  # once: the spec's image fields fit this processor
+            raise_problems(type(self), image_output_problems(self, batch))
+            self._image_outputs_checked = True
+        return batch
 
     def _adds_special_tokens(self, text: str) -> bool:
         """As transformers' apply_chat_template decides: no second BOS when the rendering starts with one."""

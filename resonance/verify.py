@@ -1,0 +1,191 @@
+"""``resonance verify SPEC``: compile a spec, build its tiny model, and check the spec against it.
+
+The adapter is compiled in memory from the spec as written (no need to scaffold first), so a spec
+can be checked before its generated code exists. Every check names the spec field it proves; a
+failure is reported as ``specs/x.yaml:LINE:COL: field: message`` and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resonance.base.checks import SpecMismatchError, SpecProblem, image_output_problems, module_problems
+from resonance.spec import ModelSpec
+
+
+@dataclass
+class Check:
+    name: str
+    fields: str  # the spec fields it proves
+    problems: list[SpecProblem] = field(default_factory=list)
+    error: str | None = None  # an exception that is not a spec problem
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.error is None and self.skipped is None
+
+
+def compile_adapter(project: Path, spec_path: Path) -> types.ModuleType:
+    """The adapter module the spec compiles to, imported from memory as ``resonance.generated.<name>``."""
+    from resonance import compiler
+
+    plan = compiler.plan(project, [spec_path])
+    name = spec_path.stem
+    source = plan.files[f"{compiler.OUTPUT_DIR}/{name}/__init__.py"]
+    module = types.ModuleType(f"resonance.generated.{name}")
+    module.__file__ = str(project / compiler.OUTPUT_DIR / name / "__init__.py")
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own compiled spec
+    return module
+
+
+def _sample_images(count: int) -> list[Any]:
+    from PIL import Image
+
+    images = []
+    for seed in range(count):
+        width, height = 48 + 16 * seed, 40
+        pixels = bytes(
+            (x * 5 + y * 3 + c * 70 + 40 * seed) % 256 for y in range(height) for x in range(width) for c in range(3)
+        )
+        images.append(Image.frombytes("RGB", (width, height), pixels))
+    return images
+
+
+def _conversation(num_images: int, answer: str | None) -> list[dict[str, Any]]:
+    content = [{"type": "image", "text": None}] * num_images + [{"type": "text", "text": "What is shown here?"}]
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> list[Check]:
+    """Load ``checkpoint`` through the adapter and check every spec field that can be checked."""
+    import transformers
+
+    mapper = adapter.core_mapper
+    vl_model, vl_processor_cls = mapper.model, mapper.processor
+    checks: list[Check] = []
+    state: dict[str, Any] = {}
+
+    def run(name: str, fields: str, body: Callable[[], list[SpecProblem] | None], needs: tuple[str, ...] = ()):
+        check = Check(name, fields)
+        missing = [key for key in needs if key not in state]
+        if missing:
+            check.skipped = f"needs {', '.join(missing)}"
+        else:
+            try:
+                check.problems = body() or []
+            except SpecMismatchError as exc:
+                check.problems = exc.problems
+            except Exception as exc:  # noqa: BLE001 - reported as the check's failure
+                check.error = f"{type(exc).__name__}: {exc}"
+        checks.append(check)
+
+    def load_model() -> list[SpecProblem]:
+        model_class = getattr(transformers, vl_model.hf_model_class)
+        model = model_class.from_pretrained(str(checkpoint), attn_implementation="sdpa")
+        state["model"] = model.eval()
+        problems = module_problems(vl_model, model)
+        if not any(p.field == "modules.vision_tower" for p in problems):
+            state["vision tower"] = True
+        return problems
+
+    def load_processor() -> None:
+        state["processor"] = vl_processor_cls(checkpoint)
+
+    def process() -> list[SpecProblem]:
+        processor = state["processor"]
+        count = 2 if spec.image.multi_image else 1
+        batch = processor.process_batch_conv(
+            [_conversation(count, "A red chair."), _conversation(0, "Nothing.")], [_sample_images(count), []]
+        )
+        problems = image_output_problems(processor, batch)
+        if not (batch["labels"] != -100).any(1).all():
+            problems.append(SpecProblem("chat_template", "an assistant turn got no supervised tokens"))
+        state["batch"] = batch
+        return problems
+
+    def forward() -> list[SpecProblem]:
+        with torch.no_grad():
+            loss = state["model"](**state["batch"]).loss
+        if not math.isfinite(loss.item()):
+            return [SpecProblem("image.inputs", f"the model's loss on a processed batch is {loss.item()}")]
+        return []
+
+    def freeze() -> list[SpecProblem]:
+        model = state["model"]
+        vl_model.freeze_vision_tower(model)
+        tower = vl_model.get_vision_tower(model)
+        if any(p.requires_grad for p in tower.parameters()):
+            return [SpecProblem("modules.vision_tower", "freeze_vision_tower left trainable weights in the tower")]
+        return []
+
+    def lora() -> list[SpecProblem]:
+        from peft import LoraConfig, get_peft_model
+
+        model = state["model"]
+        target = vl_model.lora_target_modules(vl_model.default_lora_target)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target))
+        trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        outside = [n for n in trained if f".{vl_model.language_model_path}." not in f".{n}"]
+        problems = []
+        if not trained:
+            problems.append(SpecProblem("lora.targets", f"the LoRA regex {target!r} matched no module"))
+        if outside:
+            problems.append(SpecProblem("lora.targets", f"LoRA weights outside the language model: {outside[:3]}"))
+        state["model"] = peft_model.unload()  # the plain model again, for generation
+        return problems
+
+    def generate() -> list[SpecProblem]:
+        processor, model = state["processor"], state["model"]
+        processor.infer()
+        try:
+            text = processor.render_conversation(_conversation(1, None), add_generation_prompt=True)
+            inputs = processor(text=[text], images=[_sample_images(1)])
+            kwargs = vl_model.prepare_default_generation_kwargs(model.generation_config)
+            kwargs.update(max_new_tokens=3, do_sample=False)
+            with torch.no_grad():
+                out = model.generate(**inputs, **kwargs)
+        finally:
+            processor.train()
+        if out.shape[1] <= inputs["input_ids"].shape[1]:
+            return [SpecProblem("generation", "generate() returned no new tokens")]
+        return []
+
+    run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
+    run("processor loads; image token is a token", "processor_class, image.token, chat_template", load_processor)
+    run(
+        "processor outputs the image inputs; labels cover answers", "image.inputs, image.token", process, ("processor",)
+    )
+    run("forward on the processed batch gives a finite loss", "image.inputs", forward, ("model", "batch"))
+    run("freeze_vision_tower freezes the tower", "modules.vision_tower", freeze, ("model", "vision tower"))
+    run("LoRA auto touches only the language model", "lora.targets, modules.language_model", lora, ("model",))
+    run("generate with the default kwargs", "generation, padding_side.infer", generate, ("model", "processor"))
+    return checks
+
+
+def verify(spec_path: Path, project: Path, checkpoint: Path | None = None) -> tuple[ModelSpec, list[Check]]:
+    """Compile ``spec_path``, build its tiny checkpoint (unless ``checkpoint`` is given) and run the checks."""
+    import transformers
+
+    from resonance import compiler
+    from resonance.tiny import build_tiny, tiny_from_spec
+    from resonance.utils.compat import video_processor_optional
+
+    transformers.utils.logging.disable_progress_bar()
+    ((_, spec),) = compiler.load_specs([spec_path], project)
+    adapter = compile_adapter(project, spec_path)
+    with video_processor_optional(), tempfile.TemporaryDirectory(prefix=f"resonance-verify-{spec.name}-") as tmp:
+        if checkpoint is None:
+            checkpoint = build_tiny(tiny_from_spec(spec), Path(tmp) / "tiny")
+        return spec, run_checks(spec, adapter, checkpoint)
