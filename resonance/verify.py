@@ -106,8 +106,10 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     def process() -> list[SpecProblem]:
         processor = state["processor"]
         count = 2 if spec.image.multi_image else 1
+        other = 1 if spec.image.required else 0  # a row without images, unless the family needs one in every row
         batch = processor.process_batch_conv(
-            [_conversation(count, "A red chair."), _conversation(0, "Nothing.")], [_sample_images(count), []]
+            [_conversation(count, "A red chair."), _conversation(other, "Nothing.")],
+            [_sample_images(count), _sample_images(other)],
         )
         problems = image_output_problems(processor, batch)
         if not (batch["labels"] != -100).any(1).all():

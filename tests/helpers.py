@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
@@ -133,9 +134,20 @@ def load_adapter(ckpt: Path) -> tuple[ModelCoreMapper, VLProcessor]:
 
 
 def load_hf_processor(ckpt: Path) -> ProcessorMixin:
-    """A fresh instance of the family's own HF processor, loaded the way transformers documents it."""
+    """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
+
+    Where the checkpoints ship no chat template (InstructBLIP), it gets the prompt format its spec documents
+    (chat_template.template of the spec that lists the checkpoint's architecture), read from the YAML.
+    """
     with video_processor_optional():
-        return AutoProcessor.from_pretrained(ckpt)
+        processor = AutoProcessor.from_pretrained(ckpt)
+    if not processor.chat_template:
+        architecture = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+        for path in sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml")):
+            spec = yaml.safe_load(path.read_text())
+            if architecture in spec["architectures"]:
+                processor.chat_template = (spec.get("chat_template") or {}).get("template")
+    return processor
 
 
 # -- references (HF only) ----------------------------------------------------------------------------
@@ -163,6 +175,18 @@ def is_blank_token(hf: ProcessorMixin, token_id: int) -> bool:
     return not hf.tokenizer.decode([token_id]).strip()
 
 
+def _collapse_image_runs(ids: list[int], image_token_id: int | None) -> tuple[list[int], list[int]]:
+    """``ids`` with every run of consecutive image tokens shortened to one, and each kept token's index."""
+    kept: list[int] = []
+    positions: list[int] = []
+    for index, token in enumerate(ids):
+        if token == image_token_id and index > 0 and ids[index - 1] == image_token_id:
+            continue
+        kept.append(token)
+        positions.append(index)
+    return kept, positions
+
+
 def expected_supervision(
     hf: ProcessorMixin, conversation: list[Message], first: int = 0
 ) -> tuple[list[int], list[list[int]]]:
@@ -172,18 +196,25 @@ def expected_supervision(
     Turn k's positions run from the length of the prefix tokenized with the generation prompt
     (``conversation[:k]``) to the length of the prefix through turn k (``conversation[:k + 1]``), minus
     trailing whitespace-only tokens. Each prefix is tokenized by the HF processor, images included.
+
+    Lengths are counted with each run of image tokens as one token: some processors expand an image into
+    a number of tokens that depends on the images later in the conversation (LLaVA-OneVision tiles a lone
+    image, but gives each of several images one tile), so a prefix's image runs may differ in length from
+    the full conversation's. Every other token must still be a prefix.
     """
     full = hf_ids(hf, conversation)
+    image_token_id = getattr(hf, "image_token_id", None)
+    full_collapsed, full_positions = _collapse_image_runs(full, image_token_id)
     turns = []
     for k, message in enumerate(conversation):
         if message["role"] != "assistant" or k < first:
             continue
-        before = hf_ids(hf, conversation[:k], add_generation_prompt=True)
-        through = hf_ids(hf, conversation[: k + 1])
+        before, _ = _collapse_image_runs(hf_ids(hf, conversation[:k], add_generation_prompt=True), image_token_id)
+        through, _ = _collapse_image_runs(hf_ids(hf, conversation[: k + 1]), image_token_id)
         # The reconstruction is only meaningful if tokenization is prefix-stable; fail loudly otherwise.
         assert through[: len(before)] == before, f"turn {k}: generation-prompt prefix is not a token prefix"
-        assert full[: len(through)] == through, f"turn {k}: prefix through the turn is not a token prefix"
-        positions = list(range(len(before), len(through)))
+        assert full_collapsed[: len(through)] == through, f"turn {k}: prefix through the turn is not a token prefix"
+        positions = [full_positions[i] for i in range(len(before), len(through))]
         while positions and is_blank_token(hf, full[positions[-1]]):
             positions.pop()
         assert positions, f"turn {k}: no tokens for the assistant answer"
@@ -202,6 +233,22 @@ def repeat_images(batch: dict[str, Any], processor: VLProcessor) -> dict[str, An
     if processor.image_grid_input:
         names.add(processor.image_grid_input)
     return {k: (torch.cat([v, v]) if k in names else v) for k, v in batch.items()}
+
+
+def takes(processor: VLProcessor, image_counts: list[int]) -> bool:
+    """Whether the family takes rows with these numbers of images (spec image.multi_image, image.required)."""
+    return all((n > 0 or not processor.images_required) and (n <= 1 or processor.multi_image) for n in image_counts)
+
+
+def prompt_of(conversation: list[Message], first: int = 0) -> list[Message]:
+    """The turns before the first assistant turn at index >= ``first``: what a row's prompt-only inputs
+    (spec image.inputs source: prompt) are computed from, rendered with the generation prompt."""
+    answer = next((i for i, m in enumerate(conversation) if i >= first and m["role"] == "assistant"), None)
+    return conversation if answer is None else conversation[:answer]
+
+
+def prompt_only_inputs(processor: VLProcessor) -> set[str]:
+    return {item.name for item in processor.image_inputs if item.from_prompt}
 
 
 def supervised_positions(row: torch.Tensor) -> list[int]:
@@ -251,10 +298,17 @@ PREFERENCE_ROWS: list[tuple[dict[str, list[Message]], list[tuple[int, int]]]] = 
 ]
 
 
-def preference_rows(tmp_path: Path) -> list[dict[str, Any]]:
-    """Canonical preference rows (images as PNG paths in ``tmp_path``)."""
+def preference_rows(tmp_path: Path, images_required: bool = False, multi_image: bool = True) -> list[dict[str, Any]]:
+    """Canonical preference rows (images as PNG paths in ``tmp_path``).
+
+    ``images_required``: only the rows with images, for a family whose processor needs one in every row
+    (spec image.required, ``VLProcessor.images_required``). ``multi_image`` False: only rows with at most
+    one image (spec image.multi_image). Refusing the others is checked by the SFT label tests.
+    """
     rows = []
     for i, (columns, sizes) in enumerate(PREFERENCE_ROWS):
         assert count_images(columns["prompt"]) == len(sizes)
+        if (images_required and not sizes) or (not multi_image and len(sizes) > 1):
+            continue
         rows.append({**columns, "images": row_images(tmp_path, i, sizes), "source": f"pref:{i}"})
     return rows

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import TEMPLATE_FAMILIES
 from helpers import (
     IGNORE_INDEX,
     IMAGE,
@@ -30,12 +30,16 @@ from helpers import (
     load_hf_processor,
     open_rgb,
     preference_rows,
+    prompt_only_inputs,
     row_images,
     supervised_positions,
     system,
+    takes,
     to_hf,
     user,
 )
+
+from resonance.base.collator import RowError
 
 # (messages, image sizes) per row of a batch.
 SFT_CASES: dict[str, list[tuple[list[Message], list[tuple[int, int]]]]] = {
@@ -118,7 +122,7 @@ def _check_row(
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
 def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
@@ -127,6 +131,11 @@ def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Cal
     for i, (messages, sizes) in enumerate(SFT_CASES[case]):
         assert count_images(messages) == len(sizes)
         rows.append({"messages": messages, "images": row_images(tmp_path, i, sizes), "source": f"case:{i}"})
+    if not takes(processor, [len(row["images"]) for row in rows]):
+        # Rows the family cannot take (spec image.multi_image: false, image.required) are errors naming the row.
+        with pytest.raises(RowError, match=r"case:\d+: .*image"):
+            mapper.sft_collator(processor)(rows)
+        return
 
     batch = mapper.sft_collator(processor)(rows)
     labels = batch["labels"]
@@ -154,12 +163,12 @@ def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Cal
     assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
 def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = preference_rows(tmp_path)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
     batch = mapper.dpo_collator(processor)(rows)
 
     half = len(rows)
@@ -183,5 +192,9 @@ def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Calla
     # Image inputs: the prompts' images once (the chosen half), as the HF processor makes them.
     chosen = [to_hf(r["prompt"] + r["chosen"], [open_rgb(p) for p in r["images"]]) for r in rows]
     reference = hf_batch(hf, chosen)
+    # ...and prompt-only inputs (spec source: prompt) from the prompts, the same for chosen and rejected.
+    prompts = [to_hf(r["prompt"], [open_rgb(p) for p in r["images"]]) for r in rows]
+    from_prompts = hf_batch(hf, prompts, add_generation_prompt=True)
+    reference.update({name: from_prompts[name] for name in prompt_only_inputs(processor)})
     for name in processor.image_input_names():
         assert torch.equal(batch[name], reference[name]), name

@@ -38,6 +38,8 @@ class _VLCollatorBase:
                     images.append(image.convert("RGB"))
             except (OSError, UnidentifiedImageError) as exc:
                 raise RowError(f"{source}: cannot read image {path}: {exc}") from exc
+        if not images and self.processor.images_required:
+            raise RowError(f"{source}: no image, but this model family's processor needs one in every conversation")
         if len(images) > 1 and not self.processor.multi_image:
             raise RowError(f"{source}: {len(images)} images, but this model family takes one image per conversation")
         return images

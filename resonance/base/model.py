@@ -52,6 +52,7 @@ class VLModel:
     default_generation_kwargs: ClassVar[dict[str, Any]] = {}
     supports_flash_attention: ClassVar[bool] = False
     position_ids_kind: ClassVar[str] = "1d"
+    image_features_input: ClassVar[str | None] = None  # spec image.features_input
 
     @classmethod
     def attention_implementation(cls) -> str:
@@ -115,19 +116,34 @@ class VLModel:
 
     @classmethod
     def image_encoder_frozen(cls, model: nn.Module) -> bool:
-        """True when no weight used to encode images (tower and projector) is trained."""
-        parts = [cls.get_vision_tower(model), cls.get_projector(model)]
-        return not any(p.requires_grad for part in parts if part is not None for p in part.parameters())
+        """True when no weight that may encode images is trained: every trainable parameter is in the
+        language model or the LM head. Stricter than "tower and projector frozen" on purpose: some
+        families keep image weights elsewhere (LLaVA-NeXT's ``image_newline``)."""
+        language_model = cls.language_model_path + "."
+        for name, parameter in unwrap(model).named_parameters():
+            if parameter.requires_grad and not (name.startswith(language_model) or name.startswith("lm_head.")):
+                return False
+        return True
 
     @classmethod
     def reuses_image_features(cls, model: nn.Module) -> bool:
-        """Whether the model takes precomputed image features (transformers' ``mm_encoder_outputs``).
+        """Whether the model takes precomputed image features: transformers' ``mm_encoder_outputs``, or
+        the forward argument named by spec ``image.features_input`` (Mllama's ``cross_attention_states``).
 
-        Families without it (Mllama's cross-attention) run the tower inside ``forward`` as usual.
+        Families with neither run the tower inside ``forward`` as usual.
         """
         base = unwrap(model)
         forward = inspect.signature(type(base).forward).parameters
+        if cls.image_features_input is not None:
+            return cls.image_features_input in forward
         return hasattr(base, "get_image_features") and "mm_encoder_outputs" in forward
+
+    @classmethod
+    def encode_images(cls, model: nn.Module, image_inputs: dict[str, Any]) -> torch.Tensor:
+        """``projector(vision_tower(**image_inputs).last_hidden_state)``: what ``image.features_input`` takes."""
+        features = cls.get_vision_tower(model)(**image_inputs).last_hidden_state
+        projector = cls.get_projector(model)
+        return features if projector is None else projector(features)
 
     @classmethod
     def prepare_default_generation_kwargs(cls, generation_config: Any = None) -> dict[str, Any]:

@@ -29,7 +29,8 @@ class ImageInput:
     """A processor output that goes to ``forward``, and how its first axis is laid out."""
 
     name: str
-    layout: str  # per_image | per_row | per_patch
+    layout: str  # per_image | per_row | per_patch | per_tile
+    from_prompt: bool = False  # spec source: prompt (computed from each row's prompt, see process_batch_conv)
 
 
 class VLProcessor:
@@ -46,6 +47,9 @@ class VLProcessor:
     train_padding_side: ClassVar[str] = "right"
     infer_padding_side: ClassVar[str] = "left"
     inline_chat_template: ClassVar[str | None] = None
+    answer_as_suffix: ClassVar[bool] = False  # spec chat_template.answer: suffix
+    prefix_lm: ClassVar[bool] = False  # spec token_type_ids: prefix_lm
+    images_required: ClassVar[bool] = False  # spec image.required
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -183,6 +187,9 @@ class VLProcessor:
         expansions, which are never supervised.
         """
         first_supervised = first_supervised or [0] * len(conversations)
+        self._check_image_counts(images)
+        if self.answer_as_suffix:
+            return self._with_prefix_lm(self._process_with_suffix(conversations, images, first_supervised))
         texts = [self.render_conversation(conv, add_generation_prompt=False) for conv in conversations]
         batch = self(text=texts, images=images)
         add_special = self._adds_special_tokens(texts[0])
@@ -201,6 +208,77 @@ class VLProcessor:
                         labels[row, pos] = batch["input_ids"][row, pos]
         labels[batch["input_ids"] == self.image_token_id] = IGNORE_INDEX
         batch["labels"] = labels
+        self._from_prompts(batch, conversations, images, first_supervised)
+        return self._with_prefix_lm(batch)
+
+    def _check_image_counts(self, images: list[list[Any]]) -> None:
+        """Refuse rows the family cannot take (spec image.multi_image, image.required), before the processor
+        silently misplaces their images (InstructBLIP's puts query tokens in every row of a batch with images)."""
+        for row, row_images in enumerate(images):
+            if len(row_images) > 1 and not self.multi_image:
+                count = len(row_images)
+                raise ValueError(f"row {row}: {count} images, but this model family takes one per conversation")
+            if not row_images and self.images_required:
+                raise ValueError(f"row {row}: no image, but this model family needs one in every conversation")
+
+    def _from_prompts(
+        self, batch: BatchFeature, conversations: list[list[Message]], images: list[list[Any]], first: list[int]
+    ) -> None:
+        """Replace the image inputs of spec ``source: prompt`` with the processor's outputs for each row's prompt.
+
+        A row's prompt is its turns before the first supervised assistant turn, rendered with the generation
+        prompt: what the processor is given at inference. So such inputs (InstructBLIP's Q-Former text, which
+        conditions the image features every position sees) never hold an answer, and are the same for a DPO
+        row's chosen and rejected halves.
+        """
+        names = [item.name for item in self.image_inputs if item.from_prompt]
+        if not names or not any(images):
+            return
+        prompts = []
+        for conv, start in zip(conversations, first, strict=True):
+            answer = next((i for i, m in enumerate(conv) if i >= start and m["role"] == "assistant"), len(conv))
+            prompts.append(self.render_conversation(conv[:answer], add_generation_prompt=True))
+        from_prompts = self(text=prompts, images=images)
+        for name in names:
+            batch[name] = from_prompts[name]
+
+    def split_answer(self, messages: list[Message], first_supervised: int) -> tuple[list[Message], str]:
+        """chat_template.answer: suffix: the prompt's turns and the text of the last turn, the assistant's."""
+        last = len(messages) - 1
+        if last < first_supervised or messages[last]["role"] != "assistant":
+            roles = [m["role"] for m in messages]
+            raise ValueError(
+                f"{type(self).__name__}: the processor takes the answer as a suffix, so a conversation must end "
+                f"with the assistant turn to learn; got roles {roles}"
+            )
+        content = messages[last]["content"]
+        if isinstance(content, str):
+            return messages[:last], content
+        return messages[:last], "".join(part["text"] or "" for part in content if part["type"] == "text")
+
+    def _process_with_suffix(
+        self, conversations: list[list[Message]], images: list[list[Any]], first_supervised: list[int]
+    ) -> BatchFeature:
+        """processor(text=prompts, suffix=answers): the processor places and labels each answer itself."""
+        pairs = [self.split_answer(conv, first) for conv, first in zip(conversations, first_supervised, strict=True)]
+        texts = [self.render_conversation(prompt, add_generation_prompt=True) for prompt, _ in pairs]
+        batch = self(text=texts, images=images, suffix=[answer for _, answer in pairs])
+        if "labels" not in batch:
+            raise ValueError(
+                f"{self.hf_processor_class} returned no labels for the suffix; spec chat_template.answer: suffix "
+                "needs a processor that labels it (like PaliGemma's)"
+            )
+        labels = torch.as_tensor(batch["labels"]).clone()
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        labels[batch["input_ids"] == self.image_token_id] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    def _with_prefix_lm(self, batch: BatchFeature) -> BatchFeature:
+        """token_type_ids: prefix_lm: 0 before each row's first supervised token, 1 from it on, 0 on padding."""
+        if self.prefix_lm:
+            started = (batch["labels"] != IGNORE_INDEX).long().cumsum(dim=1) > 0
+            batch["token_type_ids"] = (started & batch["attention_mask"].bool()).long()
         return batch
 
     # -- image inputs ----------------------------------------------------------------------------
@@ -209,7 +287,11 @@ class VLProcessor:
         return [item.name for item in self.image_inputs]
 
     def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The image inputs of the first half of the rows (a DPO batch repeats them for rejected)."""
+        """The image inputs of the first half of the rows (a DPO batch repeats them for rejected).
+
+        per_patch inputs are cut where the grid says the first half's images end; every other layout
+        is halved, which is exact because the second half holds the same images (or tiles) again.
+        """
         grid = inputs.get(self.image_grid_input) if self.image_grid_input else None
         half: dict[str, torch.Tensor] = {}
         for item in self.image_inputs:

@@ -9,9 +9,11 @@ and backpropagates through it).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import hash_module
@@ -28,11 +30,18 @@ def _repeat(value: Any, copies: int) -> Any:
     return type(value)(list(value) * copies)
 
 
+def _is_tensor_or_tensors(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value)
+    )
+
+
 def _reusable_features(encoded: ModelOutput, copies: int) -> ModelOutput:
     """The image-encoder output the language model reads, repeated ``copies`` times along the batch.
 
     Kept: ``pooler_output`` (the projected image features every family reads) and any extra
-    top-level tensors or tensor tuples (Qwen3-VL's ``deepstack_features``); ``last_hidden_state``
+    top-level tensors or per-layer lists (Qwen3-VL's ``deepstack_features``: per layer, one tensor per
+    image, repeated in the same image order as ``pooler_output``); ``last_hidden_state``
     only where there is no pooled output. Nested encoder outputs (InstructBLIP's ``vision_outputs``)
     and hidden states/attentions are only echoed back by ``forward``, so they are dropped.
     """
@@ -44,8 +53,10 @@ def _reusable_features(encoded: ModelOutput, copies: int) -> ModelOutput:
             continue
         if key in ("pooler_output", "last_hidden_state") or isinstance(value, torch.Tensor):
             kept[key] = _repeat(value, copies)  # a tensor, or a list with one entry per image (Idefics3)
-        elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
-            kept[key] = type(value)(_repeat(v, copies) for v in value)  # one tensor per layer (deepstack)
+        elif isinstance(value, tuple | list) and all(_is_tensor_or_tensors(v) for v in value):
+            # One entry per layer (deepstack): a tensor over all images, or one tensor per image
+            # (Qwen3-VL splits each layer's features by image); each is repeated like pooler_output.
+            kept[key] = type(value)(_repeat(v, copies) for v in value)
     return type(encoded)(**kept)
 
 
@@ -68,12 +79,62 @@ class _ImageEncodingMixin:
         if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
+        features_input = self.vl_model.image_features_input
+        if features_input is not None:  # spec image.features_input: forward takes the features, not the images
+            with torch.no_grad():
+                features = self.vl_model.encode_images(base, image_kwargs)
+            model_inputs = {k: v for k, v in inputs.items() if k not in names}
+            model_inputs[features_input] = _repeat(features, copies)
+            return model_inputs
         with torch.no_grad():
             encoded = base.get_image_features(**image_kwargs, return_dict=True)
         # Other image inputs stay (Qwen's image_grid_thw places the rope positions of image tokens).
         model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"}
+        model_inputs["pixel_values"] = None  # explicitly: some forwards take it without a default (InstructBLIP)
         model_inputs["mm_encoder_outputs"] = {"image": _reusable_features(encoded, copies)}
         return model_inputs
+
+
+def fused_head_backbone(model: torch.nn.Module | None) -> None:
+    """Let TRL's fused LM head run on a model that has no backbone module (InstructBLIP).
+
+    TRL 1.x patches ``forward`` so that ``fused_lm_head=True`` takes the final hidden states from
+    ``model.base_model(...).last_hidden_state`` and projects only the labelled positions through the LM
+    head. transformers' ``base_model`` is ``getattr(model, model.base_model_prefix, model)``: the model
+    itself when the class has no backbone attribute (InstructBlipForConditionalGeneration: prefix "blip",
+    no such module), whose output has logits and no ``last_hidden_state``, so TRL fails. For such models,
+    while a fused call runs, that attribute names a function that runs the model's own forward with the
+    output embeddings swapped for an identity: its "logits" are the final hidden states. Other models are
+    left alone.
+    """
+    if model is None:
+        return
+    base = unwrap(model)
+    prefix = base.base_model_prefix
+    if base.base_model is not base or not prefix or getattr(base.forward, "_resonance_backbone", False):
+        return
+    fused_forward = base.forward  # TRL's patched forward
+
+    def backbone(*args: Any, **kwargs: Any) -> BaseModelOutput:
+        head = base.get_output_embeddings()
+        base.set_output_embeddings(torch.nn.Identity())
+        try:
+            return BaseModelOutput(last_hidden_state=fused_forward(*args, **kwargs).logits)
+        finally:
+            base.set_output_embeddings(head)
+
+    @functools.wraps(fused_forward)
+    def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
+        if not fused_lm_head:
+            return fused_forward(*args, **kwargs)
+        base.__dict__[prefix] = backbone  # what model.base_model returns during this call only
+        try:
+            return fused_forward(*args, fused_lm_head=True, **kwargs)
+        finally:
+            del base.__dict__[prefix]
+
+    forward._resonance_backbone = True  # type: ignore[attr-defined]
+    base.forward = forward
 
 
 class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
@@ -82,6 +143,7 @@ class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
         self._bind_adapter(vl_model, vl_processor)
         super().__init__(*args, **kwargs)
+        fused_head_backbone(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         inputs = self._image_model_inputs(model, inputs, copies=1)
@@ -103,6 +165,8 @@ class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
         if precompute:
             config.precompute_ref_log_probs = False  # TRL's __init__ refuses image datasets; done below instead
         super().__init__(*args, **kwargs)
+        fused_head_backbone(self.model)
+        fused_head_backbone(self.ref_model)
         if precompute:
             config.precompute_ref_log_probs = True
             self._precompute_images()

@@ -74,7 +74,7 @@ class Lora(_Strict):
     )
 
 
-ImageLayout = Literal["per_image", "per_row", "per_patch"]
+ImageLayout = Literal["per_image", "per_row", "per_patch", "per_tile"]
 
 
 class ImageInput(_Strict):
@@ -84,8 +84,19 @@ class ImageInput(_Strict):
     layout: ImageLayout = Field(
         description=(
             "How the tensor's first axis is laid out: per_image (one entry per image), per_row (one entry "
-            "per batch row), per_patch (patches of all images concatenated, sized by the grid input)."
+            "per batch row), per_patch (patches of all images concatenated, sized by the grid input), "
+            "per_tile (crops of all images concatenated, a varying number per image that the processor "
+            "does not return, e.g. InternVL's crop_to_patches tiles)."
         )
+    )
+    source: Literal["conversation", "prompt"] = Field(
+        "conversation",
+        description=(
+            "What the processor computes it from in training batches. conversation: the whole rendered "
+            "conversation, like input_ids. prompt: each row's prompt only (the turns before its first supervised "
+            "answer, rendered with the generation prompt, as at inference), for outputs that must not see the "
+            "answers, like InstructBLIP's Q-Former text (qformer_input_ids) that conditions the image features."
+        ),
     )
 
 
@@ -103,6 +114,23 @@ class Image(_Strict):
         None, description="For per_patch layouts: the per-image grid input (t, h, w) that sizes each image."
     )
     multi_image: bool = Field(True, description="Whether one conversation may hold several images.")
+    features_input: Identifier | None = Field(
+        None,
+        description=(
+            "For models without transformers' get_image_features / mm_encoder_outputs whose forward() takes "
+            "the projected image features under another argument (Mllama: cross_attention_states): with the "
+            "tower and projector frozen, a batch's images are encoded once as projector(vision_tower(**image "
+            "inputs).last_hidden_state) and passed under this name instead of the image inputs."
+        ),
+    )
+    required: bool = Field(
+        False,
+        description=(
+            "Whether every conversation needs at least one image: the processor cannot tokenize a row without "
+            "one (PaliGemma's puts <bos> after the last <image> and refuses calls without images). Rows without "
+            "images are then errors that name the row."
+        ),
+    )
     processor_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the processor call (e.g. max_pixels)."
     )
@@ -127,6 +155,17 @@ class ChatTemplate(_Strict):
         "model", description="model: the checkpoint's own template; inline: `template` below."
     )
     template: str | None = Field(None, description="A Jinja chat template, required for source: inline.")
+    answer: Literal["template", "suffix"] = Field(
+        "template",
+        description=(
+            "How the answer to learn reaches the processor. template: the chat template renders the whole "
+            "conversation and labels are the assistant turns' spans. suffix: the template renders the prompt "
+            "(every turn before the last, which must be the assistant's, with the generation prompt) and the "
+            "last assistant turn's text goes to the processor's `suffix` argument, which tokenizes it after "
+            "the prompt and returns its labels (PaliGemma: processor(text=prompt, suffix=answer)); earlier "
+            "assistant turns are then part of the prompt and are not supervised."
+        ),
+    )
 
     @model_validator(mode="after")
     def _inline_needs_template(self) -> ChatTemplate:
@@ -165,7 +204,27 @@ class Tiny(_Strict):
     tokenizer: dict[str, Any] = Field(
         default_factory=dict, description="BPE size, special tokens, and config fields set to token ids."
     )
-    chat_template: str = Field(description="The family's real chat template, saved with the tiny checkpoint.")
+    chat_template: str | None = Field(
+        description=(
+            "The family's real chat template, saved with the tiny checkpoint; null when the real checkpoints "
+            "ship none (then chat_template.source must be inline)."
+        )
+    )
+    extra_tokenizers: dict[Identifier, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "The processor's other tokenizers by attribute name (InstructBLIP's qformer_tokenizer): kind "
+            "(wordpiece: BERT-style, or bpe), vocab size, special tokens, config_vocab_size (the config path set "
+            "to its length) and config_token_ids."
+        ),
+    )
+    parameters: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Parameters, by glob pattern over their names, set to a constant after the random init: for weights "
+            "a trained checkpoint has away from an init that would cut a path off (Mllama's zero tanh gates)."
+        ),
+    )
 
 
 class ModelSpec(_Strict):
@@ -194,8 +253,28 @@ class ModelSpec(_Strict):
     )
     flash_attention: bool = Field(False, description="Whether the family supports flash-attention 2.")
     position_ids: Literal["1d", "3d"] = Field("1d", description="Rope position kind; 3d for Qwen's M-RoPE.")
+    token_type_ids: Literal["processor", "prefix_lm"] = Field(
+        "processor",
+        description=(
+            "processor: token_type_ids, where the processor returns them, go to forward as it made them "
+            "(Gemma 3's image-token marks). prefix_lm: the model attends bidirectionally over tokens of type "
+            "0 and causally from the first token of type 1 (PaliGemma); training batches get 0 before each "
+            "row's first supervised token and 1 from it on (padding 0), so no supervised token is visible "
+            "to the positions before it. Inference batches keep the processor's (all 0: the whole prompt is "
+            "the prefix)."
+        ),
+    )
     overrides: Overrides | None = None
     tiny: Tiny
+
+    @model_validator(mode="after")
+    def _template_somewhere(self) -> ModelSpec:
+        if self.tiny.chat_template is None and self.chat_template.source != "inline":
+            raise ValueError(
+                "tiny.chat_template: null (the checkpoints ship no chat template) needs chat_template.source: "
+                "inline with a template"
+            )
+        return self
 
     _positions: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
 
