@@ -59,6 +59,7 @@ from typing import Any
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
 
 from resonance.spec import ModelSpec
@@ -281,8 +282,11 @@ def _build_processor(tiny: Mapping[str, Any], tokenizer: transformers.Tokenizers
         modality = _get_modality_for_attribute(name)
         if modality == "video_processor" and name not in kwargs:
             # Only reached with torchvision installed (see video_processor_optional): default video
-            # processor of the family, named like AutoVideoProcessor infers it from the image processor.
-            video_class = tiny["image_processor_class"].removesuffix("Pil").replace("ImageProcessor", "VideoProcessor")
+            # processor of the family, as AutoVideoProcessor maps the config's model type.
+            model_type = _resolve(tiny["config_class"]).model_type
+            video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
+            if video_class is None:
+                raise ValueError(f"{processor_class.__name__} needs a video processor; none is mapped for {model_type}")
             kwargs[name] = _resolve(video_class)()
         elif name in (tiny.get("extra_tokenizers") or {}):  # a second tokenizer (InstructBLIP's qformer_tokenizer)
             kwargs[name] = build_extra_tokenizer(tiny["extra_tokenizers"][name])
