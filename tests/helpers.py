@@ -79,8 +79,12 @@ def count_images(messages: list[Message]) -> int:
     return sum(part["type"] == "image" for message in messages for part in message["content"])
 
 
-def to_hf(messages: list[Message], images: list[Image.Image]) -> list[Message]:
-    """Canonical messages -> the HF processors' documented format, images placed in their parts."""
+def to_hf(messages: list[Message], images: list[Image.Image], text_as_string: bool = False) -> list[Message]:
+    """Canonical messages -> the HF processors' documented format, images placed in their parts.
+
+    ``text_as_string``: messages without images carry their text as a plain string (what templates
+    such as Llama 3.2 Vision's expect for the system message; spec chat_template.text_messages: string).
+    """
     assert count_images(messages) == len(images), "test bug: image parts and images differ in number"
     pending = iter(images)
     converted = []
@@ -91,7 +95,10 @@ def to_hf(messages: list[Message], images: list[Image.Image]) -> list[Message]:
                 content.append({"type": "image", "image": next(pending)})
             else:
                 content.append({"type": "text", "text": part["text"]})
-        converted.append({"role": message["role"], "content": content})
+        if text_as_string and all(part["type"] == "text" for part in content):
+            converted.append({"role": message["role"], "content": "".join(part["text"] or "" for part in content)})
+        else:
+            converted.append({"role": message["role"], "content": content})
     return converted
 
 

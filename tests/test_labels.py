@@ -143,7 +143,7 @@ def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Cal
 
     tokenizer = hf.tokenizer
     for i, row in enumerate(rows):
-        conversation = to_hf(row["messages"], [open_rgb(p) for p in row["images"]])
+        conversation = to_hf(row["messages"], [open_rgb(p) for p in row["images"]], processor.text_messages_as_string)
         supervised = labels[i] != IGNORE_INDEX
         turns = _check_row(hf, batch["input_ids"][i], batch["attention_mask"][i], supervised, conversation)
         # Supervised tokens carry their own ids, and each turn decodes to that turn's answer.
@@ -178,7 +178,7 @@ def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Calla
         row = rows[i % half]
         answer = row["chosen"] if i < half else row["rejected"]
         images = [open_rgb(p) for p in row["images"]]
-        conversation = to_hf(row["prompt"] + answer, images)
+        conversation = to_hf(row["prompt"] + answer, images, processor.text_messages_as_string)
         turns = _check_row(
             hf, batch["input_ids"][i], batch["attention_mask"][i], mask[i].bool(), conversation, len(row["prompt"])
         )
@@ -190,10 +190,13 @@ def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Calla
     assert not (batch["input_ids"][mask.bool()] == processor.image_token_id).any()
 
     # Image inputs: the prompts' images once (the chosen half), as the HF processor makes them.
-    chosen = [to_hf(r["prompt"] + r["chosen"], [open_rgb(p) for p in r["images"]]) for r in rows]
+    chosen = [
+        to_hf(r["prompt"] + r["chosen"], [open_rgb(p) for p in r["images"]], processor.text_messages_as_string)
+        for r in rows
+    ]
     reference = hf_batch(hf, chosen)
     # ...and prompt-only inputs (spec source: prompt) from the prompts, the same for chosen and rejected.
-    prompts = [to_hf(r["prompt"], [open_rgb(p) for p in r["images"]]) for r in rows]
+    prompts = [to_hf(r["prompt"], [open_rgb(p) for p in r["images"]], processor.text_messages_as_string) for r in rows]
     from_prompts = hf_batch(hf, prompts, add_generation_prompt=True)
     reference.update({name: from_prompts[name] for name in prompt_only_inputs(processor)})
     for name in processor.image_input_names():

@@ -124,12 +124,16 @@ def test_batch_equals_hf_processor(family: str, case: str, tiny_checkpoint: Call
         return
 
     ours = processor.process_batch_conv([m for m, _ in rows], [list(images) for _, images in rows])
-    reference = hf_batch(hf, [to_hf(m, images) for m, images in rows])
+    reference = hf_batch(hf, [to_hf(m, images, processor.text_messages_as_string) for m, images in rows])
     # Inputs computed from each row's prompt only (spec source: prompt, InstructBLIP's Q-Former text): the HF
     # processor on the turns before the first answer, with the generation prompt, as at inference.
     from_prompts = prompt_only_inputs(processor)
     if from_prompts:
-        prompts = hf_batch(hf, [to_hf(prompt_of(m), images) for m, images in rows], add_generation_prompt=True)
+        prompts = hf_batch(
+            hf,
+            [to_hf(prompt_of(m), images, processor.text_messages_as_string) for m, images in rows],
+            add_generation_prompt=True,
+        )
         reference.update({name: prompts[name] for name in from_prompts})
 
     # Every tensor the HF processor returns (ids, mask, all image inputs and grids) is ours, bit for bit.
@@ -191,7 +195,7 @@ def test_inference_prompts_equal_hf_processor(family: str, tiny_checkpoint: Call
     texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
     ours = processor(text=texts, images=[list(images) for _, images in rows])
     reference = hf.apply_chat_template(
-        [to_hf(m, images) for m, images in rows],
+        [to_hf(m, images, processor.text_messages_as_string) for m, images in rows],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,
@@ -205,3 +209,16 @@ def test_inference_prompts_equal_hf_processor(family: str, tiny_checkpoint: Call
     # Every row ends with a real token and some row is padded. (The padding need not come first: InstructBLIP's
     # processor puts its query tokens at the very start, before a row's left padding.)
     assert mask[:, -1].all() and not mask.all(), "not left-padded"
+
+
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
+def test_system_message_renders_as_its_text(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """A system message reaches the template in a form it reads: its text, never the repr of a parts list.
+
+    (Llama 3.2 Vision's template reads the system content as a string; spec chat_template.text_messages.)
+    """
+    _, processor = load_adapter(tiny_checkpoint(family))
+    ((messages, _),) = with_system()
+    text = processor.render_conversation(messages, add_generation_prompt=False)
+    assert "You are a helpful assistant. Please answer as well as you can." in text
+    assert "'type'" not in text and "[{" not in text

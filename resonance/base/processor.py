@@ -33,6 +33,14 @@ class ImageInput:
     from_prompt: bool = False  # spec source: prompt (computed from each row's prompt, see process_batch_conv)
 
 
+def text_as_string(message: Message) -> Message:
+    """A message without image parts with its text as one string (spec chat_template.text_messages: string)."""
+    content = message["content"]
+    if isinstance(content, str) or any(part["type"] != "text" for part in content):
+        return message
+    return {**message, "content": "".join(part["text"] or "" for part in content)}
+
+
 class VLProcessor:
     """Wraps the family's HF processor; subclasses (generated from specs) set the class attributes."""
 
@@ -50,6 +58,7 @@ class VLProcessor:
     answer_as_suffix: ClassVar[bool] = False  # spec chat_template.answer: suffix
     prefix_lm: ClassVar[bool] = False  # spec token_type_ids: prefix_lm
     images_required: ClassVar[bool] = False  # spec image.required
+    text_messages_as_string: ClassVar[bool] = False  # spec chat_template.text_messages: string
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -115,6 +124,8 @@ class VLProcessor:
     # -- chat rendering and label spans ------------------------------------------------------------
 
     def render_conversation(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if self.text_messages_as_string:
+            messages = [text_as_string(message) for message in messages]
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def assistant_char_spans(self, messages: list[Message], first_supervised: int) -> list[tuple[int, int]]:

@@ -167,6 +167,16 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    text_messages: Literal["parts", "string"] = Field(
+        "parts",
+        description=(
+            "How a message without images reaches the template. parts: a list of {type: text} parts, like "
+            "messages with images. string: its text as a plain string, for templates that read some roles' "
+            "content as a string (Llama 3.2 Vision's system message: `messages[0]['content']|trim`), which "
+            "would otherwise render the list itself."
+        ),
+    )
+
     @model_validator(mode="after")
     def _inline_needs_template(self) -> ChatTemplate:
         if self.source == "inline" and not self.template:
