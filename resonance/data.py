@@ -161,6 +161,8 @@ def load_rows(
     image_placeholder: str = "<image>",
     skip_invalid: bool = False,
     check_images: bool = True,
+    min_images: int = 0,
+    max_images: int | None = None,
 ) -> datasets.Dataset:
     """Load, validate and canonicalise a data file into a ``datasets.Dataset``.
 
@@ -169,9 +171,17 @@ def load_rows(
     ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use
     :func:`read_rows` for the count and problems as data). A file without valid rows is always an error.
     ``check_images`` opens every image with PIL and ``verify()``s it; ``False`` skips all file checks.
+    ``min_images`` / ``max_images``: the images a conversation must have, as the model family takes them
+    (spec image.required and image.multi_image); a row outside them is invalid.
     """
     return read_rows(
-        path, kind, image_placeholder=image_placeholder, skip_invalid=skip_invalid, check_images=check_images
+        path,
+        kind,
+        image_placeholder=image_placeholder,
+        skip_invalid=skip_invalid,
+        check_images=check_images,
+        min_images=min_images,
+        max_images=max_images,
     ).to_dataset()
 
 
@@ -182,6 +192,8 @@ def read_rows(
     image_placeholder: str = "<image>",
     skip_invalid: bool = False,
     check_images: bool = True,
+    min_images: int = 0,
+    max_images: int | None = None,
 ) -> LoadedRows:
     """Like :func:`load_rows`, but return the canonical rows as a list with the skip count and problems."""
     _check_kind(kind)
@@ -199,6 +211,7 @@ def read_rows(
         raise DataError([(display, f"unsupported file type ({found}); {expected}")])
     raw_rows = _read_jsonl(file) if suffix == ".jsonl" else _read_json_list(file, display)
     converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images)
+    converter.image_range = (min_images, max_images)
 
     rows: list[dict[str, Any]] = []
     invalid: list[tuple[str, list[str]]] = []
@@ -373,6 +386,7 @@ class _RowConverter:
         self.base_dir = base_dir
         self.placeholder = placeholder
         self.check_images = check_images
+        self.image_range: tuple[int, int | None] = (0, None)  # images a conversation must have
         self._image_problems: dict[str, str | None] = {}
 
     def convert(self, obj: Any, kind: Kind, source: str, problems: list[str]) -> dict[str, Any] | None:
@@ -388,6 +402,13 @@ class _RowConverter:
         else:
             columns = self._preference_messages(obj, problems)
         if columns is None or images is None or len(problems) > before:
+            return None
+        least, most = self.image_range
+        if len(images) < least:
+            problems.append(f"{len(images)} image(s), but this model family needs at least {least} per conversation")
+            return None
+        if most is not None and len(images) > most:
+            problems.append(f"{len(images)} images, but this model family takes at most {most} per conversation")
             return None
         self._place_images(columns, len(images), problems)
         for column, messages in columns.items():

@@ -97,7 +97,12 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     model_cls = mapper.model
     # Data first: a bad row should fail in a second, not after the model has loaded.
     kind = "sft" if algorithm == "sft" else "preference"
-    data_kwargs = {"image_placeholder": mapper.processor.image_placeholder, "skip_invalid": data_args.skip_invalid_rows}
+    data_kwargs = {
+        "image_placeholder": mapper.processor.image_placeholder,
+        "skip_invalid": data_args.skip_invalid_rows,
+        "min_images": 1 if mapper.processor.images_required else 0,  # rows the family cannot take fail here
+        "max_images": None if mapper.processor.multi_image else 1,
+    }
     train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
     eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
     dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)

@@ -185,6 +185,23 @@ def test_text_only_rows_mix_with_image_rows_in_one_schema(data_dir: Path) -> Non
     assert ds[0]["messages"] == [user(txt("Hi")), assistant("Hello")]
 
 
+def test_image_counts_a_family_cannot_take_are_row_errors(data_dir: Path) -> None:
+    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    two = llava("<image><image>\nWhich is red?")
+    del two["image"]
+    two["images"] = ["a.png", "b.png"]
+    path = write_jsonl(data_dir / "mix.jsonl", [text_only, llava(), two])
+    assert len(load_rows(path, "sft")) == 3  # families that take any count
+    with pytest.raises(DataError) as excinfo:
+        load_rows(path, "sft", min_images=1, max_images=1)  # PaliGemma-like and single-image
+    assert problems(excinfo) == [
+        f"{path}:1: 0 image(s), but this model family needs at least 1 per conversation",
+        f"{path}:3: 2 images, but this model family takes at most 1 per conversation",
+    ]
+    loaded = read_rows(path, "sft", min_images=1, max_images=1, skip_invalid=True)
+    assert [row["source"] for row in loaded.rows] == [f"{path}:2"] and loaded.skipped == 2
+
+
 def test_json_list_file_sources_are_the_lines_where_objects_start(data_dir: Path) -> None:
     path = data_dir / "rows.json"
     path.write_text("[\n" + json.dumps(llava()) + ",\n\n  " + json.dumps(llava(), indent=2) + "\n]\n")
