@@ -319,3 +319,19 @@ def preference_rows(tmp_path: Path, images_required: bool = False, multi_image: 
             continue
         rows.append({**columns, "images": row_images(tmp_path, i, sizes), "source": f"pref:{i}"})
     return rows
+
+
+def inference_rows() -> list[tuple[list[Message], list[Image.Image]]]:
+    """Two prompts to generate from (a single turn, and a multi-turn one with a system message), with images."""
+    return [
+        ([user(IMAGE, "What is shown in this image?")], [make_image(40, 30, seed=11)]),
+        (
+            [
+                system("You are a helpful assistant."),
+                user(IMAGE, "Describe the picture."),
+                assistant("A dog."),
+                user("Is there any text in the image? Please read it."),
+            ],
+            [make_image(100, 72, seed=12)],
+        ),
+    ]

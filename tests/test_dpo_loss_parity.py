@@ -238,6 +238,10 @@ def test_collator_matches_trl_collator(family: str, tmp_path: Path, tiny_checkpo
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
     rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    if processor.text_messages_as_string:
+        # TRL turns string contents back into parts, so it renders Llama 3.2 Vision's system prompt as the
+        # parts list's repr (ours renders its text, see test_parity): compare the layout without system turns.
+        rows = [{**row, "prompt": [m for m in row["prompt"] if m["role"] != "system"]} for row in rows]
     ours = mapper.dpo_collator(processor)(rows)
     theirs = DataCollatorForVisionPreference(hf)([_trl_example(row) for row in rows])
 

@@ -19,6 +19,7 @@ from helpers import (
     Message,
     assistant,
     hf_batch,
+    inference_rows,
     load_adapter,
     load_hf_processor,
     make_image,
@@ -179,18 +180,7 @@ def test_inference_prompts_equal_hf_processor(family: str, tiny_checkpoint: Call
     ckpt = tiny_checkpoint(family)
     _, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = [
-        ([user(IMAGE, "What is shown in this image?")], [make_image(40, 30, seed=11)]),
-        (
-            [
-                system("You are a helpful assistant."),
-                user(IMAGE, "Describe the picture."),
-                assistant("A dog."),
-                user("Is there any text in the image? Please read it."),
-            ],
-            [make_image(100, 72, seed=12)],
-        ),
-    ]
+    rows = inference_rows()
     processor.infer()
     texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
     ours = processor(text=texts, images=[list(images) for _, images in rows])
