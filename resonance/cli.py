@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: sft or dpo.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, dpo or rm.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 out = Console(soft_wrap=True, highlight=False)
@@ -220,6 +220,35 @@ def train_sft(ctx: typer.Context) -> None:
 def train_dpo(ctx: typer.Context) -> None:
     """Direct preference optimisation. Takes TrainingArguments/DPOConfig flags; --help lists them."""
     _train("dpo", ctx)
+
+
+@train_app.command("rm", context_settings=_TRAIN_CONTEXT, add_help_option=False)
+def train_rm(ctx: typer.Context) -> None:
+    """Reward modelling (Bradley-Terry on preference pairs). Takes TrainingArguments flags and --max_length."""
+    _train("rm", ctx)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def generate(
+    ctx: typer.Context,
+    model_name_or_path: Annotated[
+        str, typer.Option("--model_name_or_path", help="Checkpoint folder, or a LoRA output folder of `train`.")
+    ],
+    data_path: Annotated[str, typer.Option("--data_path", help="Prompt rows: JSONL or JSON (README, Generation).")],
+    output: Annotated[Path, typer.Option("--output", help="Answers file to write (JSONL, one object per row).")],
+    batch_size: Annotated[int, typer.Option("--batch_size", help="Prompts per generate() call.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    skip_invalid_rows: Annotated[
+        bool, typer.Option("--skip_invalid_rows", help="Skip (and count) invalid rows instead of failing.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed, for sampling.")] = None,
+) -> None:
+    """Generate an answer for every prompt row. Further --name value flags (--max_new_tokens 64, --do_sample
+    true, --temperature 0.7, ...: any transformers GenerationConfig field) override the family's defaults."""
+    from resonance.generate import main
+
+    options = {"batch_size": batch_size, "overwrite": overwrite, "skip_invalid_rows": skip_invalid_rows, "seed": seed}
+    raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), **options))
 
 
 if __name__ == "__main__":

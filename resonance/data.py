@@ -8,13 +8,19 @@ a list of objects). Image paths are resolved relative to the data file's folder.
 - SFT, chat style: ``{"images": [...], "messages": [{"role": "system" | "user" | "assistant", "content": str
   | [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]}``
 - preference (DPO, RM): ``{"images": [...], "prompt": str | [messages ending with a user turn],
-  "chosen": str | [assistant messages], "rejected": str | [assistant messages]}``
+  "chosen": str | [assistant messages], "rejected": str | [assistant messages]}``, optionally ``"margin"``: a
+  number, how far the reward model's chosen reward should exceed the rejected one (reward modelling only)
+- prompt (generation): a preference row's ``"prompt"`` (other fields such as ``chosen`` are ignored), or an SFT
+  row (``"conversations"`` / ``"messages"``) whose trailing assistant turns are dropped; with optional
+  ``"image"`` / ``"images"`` and ``"id"``. What is left must end with a user turn.
 
 Canonical rows (what the collators consume), one per input row::
 
     sft:        {"messages": [Message], "images": [str], "source": "FILE:LINE"}
     preference: {"prompt": [Message], "chosen": [Message], "rejected": [Message], "images": [str],
-                 "source": "FILE:LINE"}
+                 "source": "FILE:LINE", "margin": float (only where the row gives one)}
+    prompt:     {"prompt": [Message], "images": [str], "source": "FILE:LINE", "id": JSON text of the row's "id"
+                 or None}
     Message = {"role": "system" | "user" | "assistant", "content": [Part]}
     Part    = {"type": "image", "text": None} | {"type": "text", "text": str}
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,12 +48,12 @@ from PIL import Image
 
 logger = logging.getLogger("resonance.data")
 
-Kind = Literal["sft", "preference"]
+Kind = Literal["sft", "preference", "prompt"]
 Part = dict[str, str | None]
 Message = dict[str, Any]
 _Columns = dict[str, list[Message]]
 
-KINDS: tuple[str, ...] = ("sft", "preference")
+KINDS: tuple[str, ...] = ("sft", "preference", "prompt")
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
 MAX_LISTED_ERRORS = 20
 
@@ -57,6 +64,9 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".t
 _IMAGE_FIELDS = ("image", "images")
 _SFT_GROUPS: tuple[tuple[str, ...], ...] = (("conversations", "messages"), _IMAGE_FIELDS)
 _PREFERENCE_GROUPS: tuple[tuple[str, ...], ...] = (("prompt",), ("chosen",), ("rejected",), _IMAGE_FIELDS)
+# Prompt rows may come from preference files (their answers are ignored) or SFT files (the answer is dropped).
+_PROMPT_GROUPS: tuple[tuple[str, ...], ...] = (("prompt", "conversations", "messages"), _IMAGE_FIELDS)
+_PROMPT_IGNORED_FIELDS = ("chosen", "rejected")
 _OPTIONAL_FIELDS = ("id",)
 _SFT_FORMATS = (
     'SFT rows are LLaVA style {"conversations": [{"from": "human" | "gpt" | "system", "value": str}]} '
@@ -66,6 +76,10 @@ _SFT_FORMATS = (
 _PREFERENCE_FORMAT = (
     'preference rows are {"prompt": str | [messages], "chosen": str | [assistant messages], '
     '"rejected": str | [assistant messages]}, with optional "image" / "images"'
+)
+_PROMPT_FORMAT = (
+    'prompt rows are {"prompt": str | [messages ending with a user turn]} or SFT rows ("conversations" / '
+    '"messages", a trailing assistant turn is dropped), with optional "image" / "images" and "id"'
 )
 
 
@@ -85,8 +99,9 @@ class DataError(ValueError):
         return (type(self), (self.errors, self.header))
 
 
-def features_for(kind: Kind) -> datasets.Features:
-    """The arrow schema of canonical rows of ``kind`` (the same for text-only and image rows)."""
+def features_for(kind: Kind, margin: bool = False) -> datasets.Features:
+    """The arrow schema of canonical rows of ``kind`` (the same for text-only and image rows); ``margin``: with
+    the preference rows' optional ``margin`` column."""
     _check_kind(kind)
 
     def messages() -> datasets.List:
@@ -96,10 +111,16 @@ def features_for(kind: Kind) -> datasets.Features:
     columns: dict[str, Any] = (
         {"messages": messages()}
         if kind == "sft"
+        else {"prompt": messages()}
+        if kind == "prompt"
         else {"prompt": messages(), "chosen": messages(), "rejected": messages()}
     )
     columns["images"] = datasets.List(datasets.Value("string"))
     columns["source"] = datasets.Value("string")
+    if kind == "prompt":
+        columns["id"] = datasets.Value("string")  # the row's "id" as JSON text (any JSON type), or None
+    if margin and kind == "preference":
+        columns["margin"] = datasets.Value("float64")
     return datasets.Features(columns)
 
 
@@ -148,10 +169,12 @@ class LoadedRows:
 
     def to_dataset(self) -> datasets.Dataset:
         """The rows as a ``datasets.Dataset`` with :func:`features_for` schema; ``info.description`` is
-        :attr:`summary`."""
-        features = features_for(self.kind)
+        :attr:`summary`. Where some preference rows give a ``margin``, the others get 0."""
+        margin = self.kind == "preference" and any("margin" in row for row in self.rows)
+        features = features_for(self.kind, margin=margin)
         info = datasets.DatasetInfo(description=self.summary, features=features)
-        return datasets.Dataset.from_list(self.rows, info=info)
+        rows = [{**row, "margin": row.get("margin", 0.0)} for row in self.rows] if margin else self.rows
+        return datasets.Dataset.from_list(rows, info=info)
 
 
 def load_rows(
@@ -395,10 +418,14 @@ class _RowConverter:
             problems.append(f"a row must be a JSON object, got {_type_name(obj)}")
             return None
         before = len(problems)
-        self._check_fields(obj, _SFT_GROUPS if kind == "sft" else _PREFERENCE_GROUPS, problems)
+        groups = {"sft": _SFT_GROUPS, "preference": _PREFERENCE_GROUPS, "prompt": _PROMPT_GROUPS}[kind]
+        self._check_fields(obj, groups, problems)
         images = self._images(obj, problems)
+        margin = self._margin(obj, problems) if kind == "preference" else None
         if kind == "sft":
             columns = self._sft_messages(obj, problems)
+        elif kind == "prompt":
+            columns = self._prompt_messages(obj, problems)
         else:
             columns = self._preference_messages(obj, problems)
         if columns is None or images is None or len(problems) > before:
@@ -418,13 +445,33 @@ class _RowConverter:
                     problems.append(f"{name}[{i}]: empty {message['role']} turn; write its text")
         if len(problems) > before:
             return None
+        if kind == "prompt":
+            row_id = json.dumps(obj["id"]) if "id" in obj else None
+            return {**columns, "images": images, "source": source, "id": row_id}
+        if margin is not None:
+            return {**columns, "images": images, "source": source, "margin": margin}
         return {**columns, "images": images, "source": source}
+
+    @staticmethod
+    def _margin(obj: dict[str, Any], problems: list[str]) -> float | None:
+        """A preference row's optional ``margin``: a finite number, or ``None`` when absent or invalid."""
+        if "margin" not in obj:
+            return None
+        value = obj["margin"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.append(
+                f"margin: must be a number (how far the chosen reward should exceed the rejected one), got {value!r}"
+            )
+            return None
+        return float(value)
 
     # ------------------------------------------------------------------------------------- fields
 
     def _check_fields(self, obj: dict[str, Any], groups: tuple[tuple[str, ...], ...], problems: list[str]):
         """Flag unknown fields that are probably a misspelled known field or an unread image path."""
         known = {name for group in groups for name in group} | set(_OPTIONAL_FIELDS)
+        if groups is _PROMPT_GROUPS:
+            known |= set(_PROMPT_IGNORED_FIELDS)
         absent = [name for group in groups if not any(name in obj for name in group) for name in group]
         has_images = "image" in obj or "images" in obj
         for key in obj:
@@ -535,6 +582,33 @@ class _RowConverter:
             self._check_image_roles(name, messages, problems)
             columns[name] = messages
         return columns if len(columns) == 3 else None
+
+    def _prompt_messages(self, obj: dict[str, Any], problems: list[str]) -> _Columns | None:
+        """A prompt to generate from: a preference row's prompt, or an SFT conversation less its trailing answer."""
+        given = [name for name in ("prompt", "conversations", "messages") if name in obj]
+        if len(given) > 1:
+            fields = " and ".join(repr(name) for name in given)
+            problems.append(f"has both {fields}; keep one (the prompt to generate from)")
+            return None
+        if not given:
+            found = _keys(obj)
+            problems.append(f"missing field 'prompt', 'conversations' or 'messages' (found {found}); {_PROMPT_FORMAT}")
+            return None
+        name = given[0]
+        value = obj[name]
+        if name == "prompt" and isinstance(value, str):
+            value = [{"role": "user", "content": value}]
+        messages = self._messages(value, name, llava=name == "conversations", problems=problems)
+        if messages is None:
+            return None
+        self._check_image_roles(name, messages, problems)
+        while name != "prompt" and messages and messages[-1]["role"] == "assistant":
+            messages.pop()  # the SFT row's answer: the model is to write it
+        if not messages or messages[-1]["role"] != "user":
+            last = repr(messages[-1]["role"]) if messages else "nothing (only assistant turns)"
+            problems.append(f"{name}: the prompt must end with a user turn (the one to answer), got {last}")
+            return None
+        return {"prompt": messages}
 
     def _messages(self, value: Any, name: str, *, llava: bool, problems: list[str]) -> list[Message] | None:
         role_key, content_key = ("from", "value") if llava else ("role", "content")

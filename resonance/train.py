@@ -1,4 +1,4 @@
-"""``resonance train sft|dpo``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
+"""``resonance train sft|dpo|rm``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
 
 from __future__ import annotations
 
@@ -41,11 +41,13 @@ class DataArguments:
 def _config_class(algorithm: str):
     from trl import DPOConfig, SFTConfig
 
-    return {"sft": SFTConfig, "dpo": DPOConfig}[algorithm]
+    from resonance.base.reward import VLRewardConfig
+
+    return {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig}[algorithm]
 
 
 def parse(algorithm: str, argv: list[str]):
-    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig)."""
+    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig | VLRewardConfig)."""
     import torch
     from transformers import HfArgumentParser
 
@@ -86,7 +88,7 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     import torch
 
     from resonance.data import load_rows
-    from resonance.utils.auto_load import load_core_mapper
+    from resonance.utils.auto_load import UnsupportedModelError, load_core_mapper
     from resonance.utils.compat import install_video_processor_optional
 
     # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
@@ -110,14 +112,20 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     if model_args.freeze_vision_tower:
         model_cls.freeze_vision_tower(model)
     processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
-    collator_cls = mapper.sft_collator if algorithm == "sft" else mapper.dpo_collator
+    collator_cls = {"sft": mapper.sft_collator, "dpo": mapper.dpo_collator, "rm": mapper.reward_collator}[algorithm]
+    if collator_cls is None:
+        raise UnsupportedModelError(
+            f"{model_cls.__name__}: the adapter has no {algorithm} classes; rerun `resonance scaffold`"
+        )
     collator = collator_cls(processor, max_length=config.max_length, skip_long_rows=data_args.skip_long_rows)
     ref_model = None
     peft_model = _apply_lora(model, model_cls, model_args)
     if algorithm == "dpo" and peft_model is model:
         ref_model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
         ref_model.requires_grad_(False)
-    trainer_cls = mapper.sft_trainer if algorithm == "sft" else mapper.dpo_trainer
+    if algorithm == "rm":  # the scalar head on the (LoRA-wrapped) model; the head is always fully trained
+        peft_model = mapper.reward_model(peft_model)
+    trainer_cls = {"sft": mapper.sft_trainer, "dpo": mapper.dpo_trainer, "rm": mapper.reward_trainer}[algorithm]
     kwargs = {"ref_model": ref_model} if algorithm == "dpo" else {}
     trainer = trainer_cls(
         model=peft_model,
@@ -147,7 +155,8 @@ def main(algorithm: str, argv: list[str]) -> int:
     except (DataError, RowError, UnsupportedModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.save_model(config.output_dir)  # the adapter or weights, and the processor (processing_class)
+    # The adapter or weights (for rm: plus the reward head), and the processor (processing_class).
+    trainer.save_model(config.output_dir)
     skipped = trainer.data_collator.skipped_rows
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)

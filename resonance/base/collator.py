@@ -20,6 +20,23 @@ class RowError(ValueError):
     """A dataset row that cannot be used; the message names its file and line."""
 
 
+def load_row_images(processor: VLProcessor, paths: list[str], source: str) -> list[Image.Image]:
+    """A row's images as RGB. An unreadable file, or an image count the family cannot take (spec
+    image.required, image.multi_image), is a :class:`RowError` naming the row's ``source`` (FILE:LINE)."""
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise RowError(f"{source}: cannot read image {path}: {exc}") from exc
+    if not images and processor.images_required:
+        raise RowError(f"{source}: no image, but this model family's processor needs one in every conversation")
+    if len(images) > 1 and not processor.multi_image:
+        raise RowError(f"{source}: {len(images)} images, but this model family takes one image per conversation")
+    return images
+
+
 class _VLCollatorBase:
     """Shared by the SFT and DPO collators: image loading and the max-length policy."""
 
@@ -31,18 +48,7 @@ class _VLCollatorBase:
 
     def load_images(self, paths: list[str], source: str) -> list[Image.Image]:
         """Open a row's images as RGB; a missing or unreadable file names the row."""
-        images = []
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            except (OSError, UnidentifiedImageError) as exc:
-                raise RowError(f"{source}: cannot read image {path}: {exc}") from exc
-        if not images and self.processor.images_required:
-            raise RowError(f"{source}: no image, but this model family's processor needs one in every conversation")
-        if len(images) > 1 and not self.processor.multi_image:
-            raise RowError(f"{source}: {len(images)} images, but this model family takes one image per conversation")
-        return images
+        return load_row_images(self.processor, paths, source)
 
     def _too_long(self, lengths: list[int], sources: list[str]) -> list[int]:
         """Indices of rows over max_length: an error, or (with skip_long_rows) logged and counted."""
@@ -89,6 +95,15 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        output, features = self.pair_batch(features)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # precomputed reference log-probs, if any
+            if key in features[0]:
+                output[key] = torch.tensor([f[key] for f in features])
+        return output
+
+    def pair_batch(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The padded chosen-then-rejected batch and the rows it holds (over-long ones dropped with
+        ``skip_long_rows``); shared with the reward collator."""
         for _ in range(2):
             sources = [f["source"] for f in features]
             images = [self.load_images(f["images"], f["source"]) for f in features]
@@ -110,7 +125,4 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         output = dict(batch)
         output.update(self.processor.first_half_images(batch))
         output["completion_mask"] = completion_mask
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # precomputed reference log-probs, if any
-            if key in features[0]:
-                output[key] = torch.tensor([f[key] for f in features])
-        return output
+        return output, features

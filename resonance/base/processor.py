@@ -168,6 +168,14 @@ class VLProcessor:
         call_kwargs.setdefault("return_tensors", "pt")
         call_kwargs.setdefault("padding_side", self.padding_side)
         batch = self.hf(text=text, images=images if has_images else None, **call_kwargs)
+        from_prompt = [item.name for item in self.image_inputs if item.from_prompt]
+        if has_images and from_prompt and call_kwargs["padding_side"] != self.train_padding_side:
+            # Inputs computed from the prompt (InstructBLIP's Q-Former text) feed an encoder with absolute
+            # positions: left padding would shift them, so a batched row would differ from the row alone.
+            # They keep the training padding side, as in training.
+            padded = self.hf(text=text, images=images, **{**call_kwargs, "padding_side": self.train_padding_side})
+            for name in from_prompt:
+                batch[name] = padded[name]
         if has_images and not self._image_outputs_checked:  # once: the spec's image fields fit this processor
             raise_problems(type(self), image_output_problems(self, batch))
             self._image_outputs_checked = True
