@@ -1,7 +1,7 @@
 """CUDA checks, run on the device machine (`python -m pytest -m gpu`); CPU CI deselects them.
 
 On a GPU the frozen-vision path, bf16 autocast and the attention choice differ from the CPU run:
-one SFT and one DPO step per family in bf16, and our DPO loss against TRL's on the same batch.
+one SFT, one DPO and one reward-model step per family in bf16, and batched bf16 generation.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _data(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
 def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
     from resonance.train import build_trainer, parse
 
@@ -91,3 +91,22 @@ def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp
     assert len(calls) == 1, f"vision tower ran {len(calls)} times in one step"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_generation_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> None:
+    from resonance.data import read_rows
+    from resonance.generate import generate_batch, generation_kwargs, load_for_generation
+
+    assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    prompts = ["<image>\nWhat colour is it?", "<image>\nDescribe the picture in a few words, please."]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"image": "red.png", "prompt": p}) + "\n" for p in prompts))
+    vl_model, model, processor = load_for_generation(tiny_checkpoint(family))
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.bfloat16
+    rows = read_rows(path, "prompt").rows
+    kwargs = generation_kwargs(vl_model, model, {"max_new_tokens": 4})
+    out = generate_batch(model, processor, vl_model, rows, kwargs)
+    assert len(out.token_ids) == 2 and all(1 <= len(ids) <= 4 for ids in out.token_ids)
+    assert out.sequences.is_cuda

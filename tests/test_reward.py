@@ -266,6 +266,7 @@ def test_cli_train_rm_end_to_end(tmp_path: Path, tiny_checkpoint: Callable[[str]
     output_dir = tmp_path / "out"
     argv = rm_argv(ckpt, data, output_dir)
     argv += ["--eval_data_path", str(data), "--eval_strategy", "steps", "--eval_steps", "1"]
+    argv += ["--gradient_checkpointing", "True"]  # Trainer passes its own checkpointing options to the model
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
         [str(command), "train", "rm", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

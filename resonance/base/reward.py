@@ -99,9 +99,12 @@ class VLRewardModel(nn.Module):
     def is_lora(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """As the wrapped model's (Trainer passes transformers' own options, e.g. ``every_n_layers``)."""
         base = unwrap(self.model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         if self.is_lora:  # frozen embeddings: checkpointed blocks need an input that requires grad
             base.enable_input_require_grads()
 
