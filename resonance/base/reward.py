@@ -9,20 +9,19 @@ DPO's (chosen rows, then rejected rows, the prompts' images once), encoding froz
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from resonance.base.collator import VLDPODataCollatorWithPadding
+from resonance.base.heads import ScalarHeadModel
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.trainer import _ImageEncodingMixin
@@ -61,57 +60,24 @@ def final_hidden_states(model: nn.Module, inputs: dict[str, Any]) -> torch.Tenso
         base.set_output_embeddings(head)
 
 
-class VLRewardModel(nn.Module):
-    """A family's model (or its PEFT/LoRA wrapper) with a scalar reward head.
+class VLRewardModel(ScalarHeadModel):
+    """A family's model (or its PEFT/LoRA wrapper) with a scalar reward head (``score``).
 
     ``forward(**batch)`` returns one reward per row, ``(batch,)``, in float32. Generated adapters subclass
     it with ``vl_model`` set; the base class finds the family from the checkpoint in :meth:`from_pretrained`.
+    Saving and loading (backbone, ``reward_head.safetensors``, ``reward_config.json``) are
+    :class:`~resonance.base.heads.ScalarHeadModel`'s.
     """
 
-    vl_model: ClassVar[type[VLModel] | None] = None
+    head_attribute = "score"
+    head_file = REWARD_HEAD
+    config_file = REWARD_CONFIG
+    file_format = FORMAT
+    mapper_slot = "reward_model"
+    what = "reward model"
 
     def __init__(self, model: nn.Module, vl_model: type[VLModel] | None = None, score: nn.Linear | None = None):
-        super().__init__()
-        self.family = vl_model or type(self).vl_model
-        if self.family is None:
-            raise TypeError("VLRewardModel needs the family's VLModel class: pass vl_model= or use the adapter's class")
-        self.model = model
-        hidden_size = unwrap(model).config.get_text_config().hidden_size
-        if score is None:
-            score = nn.Linear(hidden_size, 1)
-            nn.init.normal_(score.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-            nn.init.zeros_(score.bias)
-        if score.in_features != hidden_size or score.out_features != 1:
-            raise ValueError(f"reward head is {score.in_features}->{score.out_features}, expected {hidden_size}->1")
-        self.score = score.float()
-
-    # -- the wrapped model ---------------------------------------------------------------------------
-
-    def get_base_model(self) -> nn.Module:
-        """The transformers model (under PEFT), so ``resonance.base.model.unwrap`` and the spec paths reach it."""
-        return unwrap(self.model)
-
-    @property
-    def config(self) -> Any:
-        return unwrap(self.model).config
-
-    @property
-    def is_lora(self) -> bool:
-        return hasattr(self.model, "peft_config")
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
-    ) -> None:
-        """As the wrapped model's (Trainer passes transformers' own options, e.g. ``every_n_layers``)."""
-        base = unwrap(self.model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        if self.is_lora:  # frozen embeddings: checkpointed blocks need an input that requires grad
-            base.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        unwrap(self.model).gradient_checkpointing_disable()
-
-    # -- forward -------------------------------------------------------------------------------------
+        super().__init__(model, vl_model, score)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> torch.Tensor:
         inputs.pop("labels", None)
@@ -124,60 +90,8 @@ class VLRewardModel(nn.Module):
         last = hidden[rows, last_token_positions(attention_mask).to(hidden.device)]
         return self.score(last.to(self.score.weight.dtype)).squeeze(-1)
 
-    # -- save / load ---------------------------------------------------------------------------------
-
-    def save_pretrained(self, output_dir: str | Path) -> None:
-        """The backbone (full weights, or the LoRA adapter), ``reward_head.safetensors`` and ``reward_config.json``."""
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(output_dir))
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.score.state_dict().items()}, output_dir / REWARD_HEAD
-        )
-        description = {
-            "format": FORMAT,
-            "version": 1,
-            "hf_model_class": self.family.hf_model_class,
-            "backbone": "lora" if self.is_lora else "full",
-            "hidden_size": self.score.in_features,
-            "pooling": "last non-padding token",
-            "head": REWARD_HEAD,
-        }
-        (output_dir / REWARD_CONFIG).write_text(json.dumps(description, indent=2) + "\n")
-
-    def load_backbone(self, path: str | Path) -> None:
-        """Load full backbone weights saved by :meth:`save_pretrained` (not a LoRA adapter) into this model."""
-        base = unwrap(self.model)
-        loaded = type(base).from_pretrained(str(path), dtype=base.dtype)
-        base.load_state_dict(loaded.state_dict())
-
-    def load_head(self, path: str | Path) -> None:
-        """Load ``reward_head.safetensors`` from a folder written by :meth:`save_pretrained`."""
-        state = load_file(str(Path(path) / REWARD_HEAD))
-        self.score.load_state_dict({k: v.to(self.score.weight.device) for k, v in state.items()})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> VLRewardModel:
-        """Reload a folder written by :meth:`save_pretrained` (``kwargs`` go to the model's ``from_pretrained``)."""
-        from resonance.utils.auto_load import load_core_mapper
-
-        path = Path(path)
-        config_file = path / REWARD_CONFIG
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: not found; not a reward model saved by Resonance")
-        description = json.loads(config_file.read_text())
-        if description.get("format") != FORMAT:
-            raise ValueError(f"{config_file}: format {description.get('format')!r}, expected {FORMAT!r}")
-        mapper = load_core_mapper(path)
-        vl_model = cls.vl_model or mapper.model
-        if vl_model.hf_model_class != description["hf_model_class"]:
-            raise ValueError(
-                f"{config_file}: a {description['hf_model_class']} reward model, not {vl_model.hf_model_class}"
-            )
-        reward_cls = cls if cls.vl_model is not None else (mapper.reward_model or cls)
-        model = reward_cls(vl_model.from_pretrained(path, **kwargs), vl_model=vl_model)
-        model.load_head(path)
-        return model
+    def description(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().description(), "pooling": "last non-padding token"}
 
 
 class VLRewardDataCollatorWithPadding(VLDPODataCollatorWithPadding):
