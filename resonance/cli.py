@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: sft, dpo or rm.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, dpo, rm or grpo.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 out = Console(soft_wrap=True, highlight=False)
@@ -226,6 +226,12 @@ def train_dpo(ctx: typer.Context) -> None:
 def train_rm(ctx: typer.Context) -> None:
     """Reward modelling (Bradley-Terry on preference pairs). Takes TrainingArguments flags and --max_length."""
     _train("rm", ctx)
+
+
+@train_app.command("grpo", context_settings=_TRAIN_CONTEXT, add_help_option=False)
+def train_grpo(ctx: typer.Context) -> None:
+    """GRPO on prompt rows with --reward_funcs module:function. Takes TrainingArguments/GRPOConfig flags."""
+    _train("grpo", ctx)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

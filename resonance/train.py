@@ -1,4 +1,4 @@
-"""``resonance train sft|dpo|rm``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
+"""``resonance train sft|dpo|rm|grpo``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
 
 from __future__ import annotations
 
@@ -42,12 +42,14 @@ def _config_class(algorithm: str):
     from trl import DPOConfig, SFTConfig
 
     from resonance.base.reward import VLRewardConfig
+    from resonance.grpo import VLGRPOConfig
 
-    return {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig}[algorithm]
+    return {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig, "grpo": VLGRPOConfig}[algorithm]
 
 
 def parse(algorithm: str, argv: list[str]):
-    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig | VLRewardConfig)."""
+    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig | VLRewardConfig |
+    VLGRPOConfig)."""
     import torch
     from transformers import HfArgumentParser
 
@@ -97,6 +99,8 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
 
     mapper = load_core_mapper(model_args.model_name_or_path)
     model_cls = mapper.model
+    if algorithm == "grpo":
+        return _build_grpo_trainer(mapper, model_args, data_args, config)
     # Data first: a bad row should fail in a second, not after the model has loaded.
     kind = "sft" if algorithm == "sft" else "preference"
     data_kwargs = {
@@ -141,10 +145,50 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     return trainer, processor
 
 
+def _build_grpo_trainer(mapper, model_args: ModelArguments, data_args: DataArguments, config):
+    """GRPO (resonance.grpo): prompt rows, reward functions from --reward_funcs, TRL's GRPOTrainer."""
+    import torch
+
+    from resonance.data import load_rows
+    from resonance.grpo import VLGRPOTrainer, load_reward_funcs, max_images_for_grpo, unsupported_reason
+    from resonance.utils.auto_load import UnsupportedModelError
+
+    model_cls = mapper.model
+    reason = unsupported_reason(model_cls, mapper.processor)
+    if reason is not None:  # before data and model load
+        raise UnsupportedModelError(f"GRPO: {reason}")
+    reward_funcs = load_reward_funcs(config.reward_funcs)
+    data_kwargs = {
+        "image_placeholder": mapper.processor.image_placeholder,
+        "skip_invalid": data_args.skip_invalid_rows,
+        "min_images": 1 if mapper.processor.images_required else 0,
+        "max_images": max_images_for_grpo(mapper.processor),
+    }
+    train_rows = load_rows(data_args.data_path, "prompt", **data_kwargs)
+    eval_rows = load_rows(data_args.eval_data_path, "prompt", **data_kwargs) if data_args.eval_data_path else None
+    dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
+    model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    if model_args.freeze_vision_tower:
+        model_cls.freeze_vision_tower(model)
+    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+    trainer = VLGRPOTrainer(
+        model=_apply_lora(model, model_cls, model_args),  # with --beta > 0 the reference is the adapter disabled
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=processor.hf,
+        vl_model=model_cls,
+        vl_processor=processor,
+    )
+    return trainer, processor
+
+
 def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
     from resonance.base.collator import RowError
     from resonance.data import DataError
+    from resonance.grpo import RewardFunctionError
     from resonance.utils.auto_load import UnsupportedModelError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -152,12 +196,12 @@ def main(algorithm: str, argv: list[str]) -> int:
     try:
         trainer, _ = build_trainer(algorithm, model_args, data_args, config)
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    except (DataError, RowError, UnsupportedModelError, FileNotFoundError) as exc:
+    except (DataError, RowError, UnsupportedModelError, FileNotFoundError, RewardFunctionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The adapter or weights (for rm: plus the reward head), and the processor (processing_class).
     trainer.save_model(config.output_dir)
-    skipped = trainer.data_collator.skipped_rows
+    skipped = getattr(trainer.data_collator, "skipped_rows", 0)  # GRPO: TRL's collator, no length policy
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)
     logger.info("saved to %s", Path(config.output_dir).resolve())

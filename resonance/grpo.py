@@ -1,0 +1,236 @@
+"""GRPO for vision-language models: TRL 1.x's GRPOTrainer with our data rows, chat templates and reward checks.
+
+TRL's trainer does the rollouts (left-padded prompts through the family's HF processor, ``model.generate``),
+the group-relative advantages, the clipped policy loss and the optional KL to the reference (the adapter
+disabled under LoRA). Resonance adds:
+
+* prompt rows (``resonance.data`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
+  lazily per batch with the row's ``FILE:LINE`` in any error;
+* reward functions named on the command line (``--reward_funcs pkg.module:function``), each call checked: an
+  exception, a wrong count, or a value that is not a finite number (``None``, NaN, inf) is a
+  :class:`RewardFunctionError` naming the function and the row, never a silent zero in TRL's ``nansum``;
+* the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
+  prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
+  completion tokens attend to later completion tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from resonance.base.collator import load_row_images
+from resonance.base.model import VLModel
+from resonance.base.processor import VLProcessor
+
+logger = logging.getLogger("resonance")
+
+# Image inputs TRL 1.16's GRPOTrainer hands to the model in its loss forward (it drops others silently), and
+# batch_num_images, which may be left out for rows of one image (see max_images_for_grpo).
+TRL_IMAGE_INPUTS = {"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images"}
+
+
+class RewardFunctionError(ValueError):
+    """A reward function that cannot be loaded, raised, or returned something that is not one finite number per
+    completion. The message names the function (and ``--reward_funcs``) and, for bad values, the row."""
+
+
+@dataclass
+class VLGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig plus the reward functions, named on the command line."""
+
+    reward_funcs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of reward functions as importable 'module:function' names, e.g. "
+            "'my_rewards:exact_match'. Each is called as TRL calls reward functions: "
+            "f(prompts=..., completions=..., completion_ids=..., images=..., source=..., id=..., **kwargs) and "
+            "returns one finite number per completion."
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def load_reward_funcs(names: str | None) -> list[Any]:
+    """``"a.b:f,c:g"`` -> the functions, each wrapped by :func:`checked_reward`. Errors name ``--reward_funcs``."""
+    if not names or not names.strip():
+        raise RewardFunctionError("--reward_funcs is required for GRPO: e.g. --reward_funcs my_rewards:exact_match")
+    funcs = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        module_name, colon, attribute = name.partition(":")
+        if not colon or not module_name or not attribute:
+            raise RewardFunctionError(
+                f"--reward_funcs {name!r}: write a reward function as 'module:function' (e.g. my_rewards:exact_match)"
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise RewardFunctionError(
+                f"--reward_funcs {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+            ) from exc
+        func = module
+        for part in attribute.split("."):
+            if not hasattr(func, part):
+                raise RewardFunctionError(f"--reward_funcs {name!r}: module {module_name!r} has no {attribute!r}")
+            func = getattr(func, part)
+        if not callable(func):
+            raise RewardFunctionError(f"--reward_funcs {name!r}: {attribute!r} is not callable")
+        if inspect.iscoroutinefunction(func):
+            raise RewardFunctionError(f"--reward_funcs {name!r}: async reward functions are not supported")
+        funcs.append(checked_reward(func, name))
+    if not funcs:
+        raise RewardFunctionError("--reward_funcs names no function")
+    return funcs
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return None
+
+
+def checked_reward(func: Any, name: str) -> Any:
+    """``func`` with its calls checked; keeps its ``__name__`` (TRL logs ``rewards/<name>/mean``)."""
+
+    @functools.wraps(func)
+    def reward(*, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        sources = kwargs.get("source") or ["<row>"] * len(prompts)
+        try:
+            values = func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as exc:
+            raise RewardFunctionError(
+                f"reward function {name} (--reward_funcs) raised {type(exc).__name__}: {exc} "
+                f"(batch rows {sorted(set(sources))})"
+            ) from exc
+        if isinstance(values, torch.Tensor):
+            values = values.flatten().tolist()
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardFunctionError(
+                f"reward function {name} (--reward_funcs) returned {type(values).__name__}; "
+                f"it must return a list of {len(prompts)} numbers, one per completion"
+            ) from None
+        if len(values) != len(prompts):
+            raise RewardFunctionError(
+                f"reward function {name} (--reward_funcs) returned {len(values)} rewards for {len(prompts)} completions"
+            )
+        checked = []
+        for i, value in enumerate(values):
+            number = _as_float(value)
+            if number is None:
+                raise RewardFunctionError(
+                    f"reward function {name} (--reward_funcs) returned {value!r} for completion {i} of row "
+                    f"{sources[i]}: every reward must be a finite number (no None, NaN or inf)"
+                )
+            checked.append(number)
+        return checked
+
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------- family
+
+
+def unsupported_reason(vl_model: type[VLModel], vl_processor: type[VLProcessor] | VLProcessor) -> str | None:
+    """Why TRL's GRPOTrainer cannot train this family correctly, or None when it can."""
+    inputs = {item.name for item in vl_processor.image_inputs}
+    if vl_model.image_features_input is not None:
+        return (
+            f"{vl_model.hf_model_class} reads images through cross-attention (spec image.features_input); TRL's "
+            "GRPOTrainer does not pass or extend its cross-attention inputs for the completion"
+        )
+    from_prompt = sorted(item.name for item in vl_processor.image_inputs if item.from_prompt)
+    if from_prompt:
+        return (
+            f"{vl_model.hf_model_class} takes {', '.join(from_prompt)} computed from the prompt (spec "
+            "image.inputs[].source: prompt); TRL's GRPOTrainer drops them in its loss forward"
+        )
+    missing = sorted(inputs - TRL_IMAGE_INPUTS)
+    if missing:
+        return f"{vl_model.hf_model_class} needs {', '.join(missing)}, which TRL's GRPOTrainer does not pass to forward"
+    return None
+
+
+def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
+    """The most images a GRPO prompt row may have for this family.
+
+    TRL's loss forward never passes ``batch_num_images``; LLaVA-OneVision then treats every image as a row's only
+    image (anyres patching), which is right only for rows with one image.
+    """
+    if not vl_processor.multi_image or any(item.name == "batch_num_images" for item in vl_processor.image_inputs):
+        return 1
+    return None
+
+
+def _trl_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A canonical message (parts ``{"type", "text"}``) as TRL's conversational message; image parts are filled
+    with the row's images by TRL, in order."""
+    content = message["content"]
+    if isinstance(content, str):
+        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
+    parts = [
+        {"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"] or ""}
+        for part in content
+    ]
+    return {"role": message["role"], "content": parts}
+
+
+class VLGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer on Resonance prompt rows (see the module docstring)."""
+
+    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
+        reason = unsupported_reason(vl_model, vl_processor)
+        if reason is not None:
+            from resonance.utils.auto_load import UnsupportedModelError
+
+            raise UnsupportedModelError(f"GRPO: {reason}")
+        self.vl_model = vl_model
+        self.vl_processor = vl_processor
+        # TRL pads prompts on the left; its processor call for the image inputs (and Gemma 3's token_type_ids,
+        # which must line up with the left-padded prompt ids) follows the tokenizer's padding side.
+        vl_processor.infer()
+        kwargs.setdefault("processing_class", vl_processor.hf)
+        super().__init__(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = []
+        for row in inputs:
+            source = row.get("source") or "<row>"
+            images = load_row_images(self.vl_processor, list(row.get("images") or []), source)
+            rows.append({**row, "prompt": [_trl_message(m) for m in row["prompt"]], "images": images})
+        return super()._generate_and_score_completions(rows)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        # TRL passes every processor output of the prompts here for the old/reference log-probs (and only the ones
+        # it knows to the loss forward). Dropped: the processor's own labels (PaliGemma returns some; TRL builds its
+        # own) and LLaVA-OneVision's batch_num_images, which without it means "one image per row": what
+        # max_images_for_grpo allows.
+        kwargs.pop("labels", None)
+        kwargs.pop("batch_num_images", None)
+        token_type_ids = kwargs.get("token_type_ids")
+        if self.vl_processor.prefix_lm and token_type_ids is not None:
+            # Prefix-LM (PaliGemma): 0 = the bidirectional prefix, 1 = causal. TRL extends the prompt's ids with 0
+            # for the completion, which would let each completion token see the ones after it.
+            token_type_ids = token_type_ids.clone()
+            token_type_ids[:, -logits_to_keep:] = 1
+            kwargs["token_type_ids"] = token_type_ids
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
