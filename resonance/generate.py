@@ -87,23 +87,24 @@ def generate_batch(
 
     ``model`` is the loaded model (a PEFT model too), ``vl_processor`` the family's processor instance,
     ``vl_model`` the family's model adapter class (unused today; the PPO trainer's signature), and
-    ``generation_kwargs`` go to ``model.generate`` as they are (see :func:`generation_kwargs`). The
-    processor is switched to inference mode (left padding) for the call and back afterwards.
+    ``generation_kwargs`` go to ``model.generate`` as they are (see :func:`generation_kwargs`). The prompts go
+    through :class:`~resonance.base.collator.VLPromptCollator` (inference mode, left padding), then
+    :func:`generate_from`.
     """
     del vl_model  # every family generates through model.generate; kept for a uniform adapter signature
+    from resonance.base.collator import VLPromptCollator
+
     if not rows:
         raise ValueError("generate_batch: no rows")
-    prompts = [vl_processor.render_conversation(row["prompt"], add_generation_prompt=True) for row in rows]
-    from resonance.base.collator import load_row_images
+    return generate_from(model, vl_processor, VLPromptCollator(vl_processor)(list(rows)), generation_kwargs)
 
-    images = [load_row_images(vl_processor, row.get("images") or [], row.get("source", "<row>")) for row in rows]
-    previous = vl_processor.padding_side
-    vl_processor.infer()
-    try:
-        inputs = vl_processor(text=prompts, images=images)
-    finally:  # back to the caller's mode (PPO generates between training steps)
-        vl_processor.padding_side = vl_processor.tokenizer.padding_side = previous
-    inputs = _to_model(inputs, model)
+
+def generate_from(
+    model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
+) -> Generation:
+    """Generate from a prompt batch of :class:`~resonance.base.collator.VLPromptCollator` (its ``inputs`` are moved
+    to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call."""
+    inputs = _to_model(batch["inputs"], model)
     was_training = model.training
     model.eval()
     try:
@@ -119,7 +120,7 @@ def generate_batch(
         token_ids.append(tokens[:end])
     tokenizer = vl_processor.tokenizer
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
-    return Generation(prompts=prompts, texts=texts, token_ids=token_ids, sequences=sequences, inputs=inputs)
+    return Generation(prompts=batch["prompts"], texts=texts, token_ids=token_ids, sequences=sequences, inputs=inputs)
 
 
 def generation_kwargs(vl_model: Any, model: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -284,7 +285,10 @@ def run(
     )
     rows = loaded.rows
     vl_model, model, processor = load_for_generation(model_name_or_path)
-    kwargs = generation_kwargs(vl_model, model, overrides)
+    # Image placeholder tokens are never generated (unless --suppress_tokens says otherwise).
+    kwargs = generation_kwargs(
+        vl_model, model, {"suppress_tokens": processor.placeholder_token_ids(), **(overrides or {})}
+    )
     logger.info("generation kwargs: %s", kwargs)
     if seed is not None:
         from transformers import set_seed

@@ -6,9 +6,8 @@ disabled under LoRA). Resonance adds:
 
 * prompt rows (``resonance.data`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
   lazily per batch with the row's ``FILE:LINE`` in any error;
-* reward functions named on the command line (``--reward_funcs pkg.module:function``), each call checked: an
-  exception, a wrong count, or a value that is not a finite number (``None``, NaN, inf) is a
-  :class:`RewardFunctionError` naming the function and the row, never a silent zero in TRL's ``nansum``;
+* reward functions named on the command line (``--reward_funcs pkg.module:function``, :mod:`resonance.rewards`),
+  each call checked, so a bad value is an error naming the row, never a silent zero in TRL's ``nansum``;
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
   completion tokens attend to later completion tokens).
@@ -16,32 +15,24 @@ disabled under LoRA). Resonance adds:
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
 import logging
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from resonance.base.collator import load_row_images
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
+from resonance.rewards import RewardFunctionError, checked_reward, conversational_message, load_reward_funcs
+
+__all__ = ["RewardFunctionError", "VLGRPOConfig", "VLGRPOTrainer", "checked_reward", "load_reward_funcs"]
 
 logger = logging.getLogger("resonance")
 
 # Image inputs TRL 1.16's GRPOTrainer hands to the model in its loss forward (it drops others silently), and
 # batch_num_images, which may be left out for rows of one image (see max_images_for_grpo).
 TRL_IMAGE_INPUTS = {"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images"}
-
-
-class RewardFunctionError(ValueError):
-    """A reward function that cannot be loaded, raised, or returned something that is not one finite number per
-    completion. The message names the function (and ``--reward_funcs``) and, for bad values, the row."""
 
 
 @dataclass
@@ -57,92 +48,6 @@ class VLGRPOConfig(GRPOConfig):
             "returns one finite number per completion."
         },
     )
-
-
-# ---------------------------------------------------------------------------------------------- rewards
-
-
-def load_reward_funcs(names: str | None) -> list[Any]:
-    """``"a.b:f,c:g"`` -> the functions, each wrapped by :func:`checked_reward`. Errors name ``--reward_funcs``."""
-    if not names or not names.strip():
-        raise RewardFunctionError("--reward_funcs is required for GRPO: e.g. --reward_funcs my_rewards:exact_match")
-    funcs = []
-    for name in (n.strip() for n in names.split(",")):
-        if not name:
-            continue
-        module_name, colon, attribute = name.partition(":")
-        if not colon or not module_name or not attribute:
-            raise RewardFunctionError(
-                f"--reward_funcs {name!r}: write a reward function as 'module:function' (e.g. my_rewards:exact_match)"
-            )
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise RewardFunctionError(
-                f"--reward_funcs {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
-            ) from exc
-        func = module
-        for part in attribute.split("."):
-            if not hasattr(func, part):
-                raise RewardFunctionError(f"--reward_funcs {name!r}: module {module_name!r} has no {attribute!r}")
-            func = getattr(func, part)
-        if not callable(func):
-            raise RewardFunctionError(f"--reward_funcs {name!r}: {attribute!r} is not callable")
-        if inspect.iscoroutinefunction(func):
-            raise RewardFunctionError(f"--reward_funcs {name!r}: async reward functions are not supported")
-        funcs.append(checked_reward(func, name))
-    if not funcs:
-        raise RewardFunctionError("--reward_funcs names no function")
-    return funcs
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return None
-
-
-def checked_reward(func: Any, name: str) -> Any:
-    """``func`` with its calls checked; keeps its ``__name__`` (TRL logs ``rewards/<name>/mean``)."""
-
-    @functools.wraps(func)
-    def reward(*, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        sources = kwargs.get("source") or ["<row>"] * len(prompts)
-        try:
-            values = func(prompts=prompts, completions=completions, **kwargs)
-        except Exception as exc:
-            raise RewardFunctionError(
-                f"reward function {name} (--reward_funcs) raised {type(exc).__name__}: {exc} "
-                f"(batch rows {sorted(set(sources))})"
-            ) from exc
-        if isinstance(values, torch.Tensor):
-            values = values.flatten().tolist()
-        try:
-            values = list(values)
-        except TypeError:
-            raise RewardFunctionError(
-                f"reward function {name} (--reward_funcs) returned {type(values).__name__}; "
-                f"it must return a list of {len(prompts)} numbers, one per completion"
-            ) from None
-        if len(values) != len(prompts):
-            raise RewardFunctionError(
-                f"reward function {name} (--reward_funcs) returned {len(values)} rewards for {len(prompts)} completions"
-            )
-        checked = []
-        for i, value in enumerate(values):
-            number = _as_float(value)
-            if number is None:
-                raise RewardFunctionError(
-                    f"reward function {name} (--reward_funcs) returned {value!r} for completion {i} of row "
-                    f"{sources[i]}: every reward must be a finite number (no None, NaN or inf)"
-                )
-            checked.append(number)
-        return checked
-
-    return reward
 
 
 # ----------------------------------------------------------------------------------------------- family
@@ -179,19 +84,6 @@ def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
     return None
 
 
-def _trl_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A canonical message (parts ``{"type", "text"}``) as TRL's conversational message; image parts are filled
-    with the row's images by TRL, in order."""
-    content = message["content"]
-    if isinstance(content, str):
-        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
-    parts = [
-        {"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"] or ""}
-        for part in content
-    ]
-    return {"role": message["role"], "content": parts}
-
-
 class VLGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer on Resonance prompt rows (see the module docstring)."""
 
@@ -207,6 +99,13 @@ class VLGRPOTrainer(GRPOTrainer):
         # which must line up with the left-padded prompt ids) follows the tokenizer's padding side.
         vl_processor.infer()
         kwargs.setdefault("processing_class", vl_processor.hf)
+        # A completion holding an image placeholder token cannot be scored (more image tokens than features).
+        config = kwargs.get("args")
+        if config is not None:
+            suppress = sorted(
+                {*(config.generation_kwargs or {}).get("suppress_tokens", []), *vl_processor.placeholder_token_ids()}
+            )
+            config.generation_kwargs = {**(config.generation_kwargs or {}), "suppress_tokens": suppress}
         super().__init__(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,7 +113,7 @@ class VLGRPOTrainer(GRPOTrainer):
         for row in inputs:
             source = row.get("source") or "<row>"
             images = load_row_images(self.vl_processor, list(row.get("images") or []), source)
-            rows.append({**row, "prompt": [_trl_message(m) for m in row["prompt"]], "images": images})
+            rows.append({**row, "prompt": [conversational_message(m) for m in row["prompt"]], "images": images})
         return super()._generate_and_score_completions(rows)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):

@@ -97,9 +97,11 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``, per position: ``(..., vocab)`` -> ``(...)``."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    """``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``, per position: ``(..., vocab)`` -> ``(...)``.
+
+    A logit of ``-inf`` (a suppressed token) has ``p = 0`` and contributes 0 (``0 log 0 = 0``)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
 # ------------------------------------------------------------------------------ KL estimators

@@ -102,6 +102,9 @@ def test_token_log_probs_and_entropy() -> None:
     close(token_log_probs(logits, tokens, temperature=2.0)[0, 0], math.log(math.sqrt(3) / (1 + math.sqrt(3))))
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562335
     close(entropy_from_logits(logits), [[h, h]])
+    # a suppressed token (logit -inf) has p = 0 and adds nothing: the same entropy, not nan
+    suppressed = torch.cat([logits, torch.full((1, 2, 1), -math.inf)], dim=-1)
+    close(entropy_from_logits(suppressed), [[h, h]])
     with pytest.raises(ValueError, match="do not match"):
         token_log_probs(logits, tokens[:, :1])
 

@@ -126,3 +126,28 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         output.update(self.processor.first_half_images(batch))
         output["completion_mask"] = completion_mask
         return output, features
+
+
+class VLPromptCollator(_VLCollatorBase):
+    """Prompt rows ``{"prompt", "images", "source"}`` -> what generation needs: the rows, their rendered prompts
+    (with the generation prompt), their images and the processor's batch in inference mode (left padding).
+
+    This is the PPO collator (``core_mapper.ppo_collator``) and the first half of
+    :func:`resonance.generate.generate_batch`. The processor is switched to inference mode for the call and
+    back to the caller's mode afterwards. ``max_length`` and ``skip_long_rows`` are not used: a prompt's
+    length is bounded by generation, not truncated.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("VLPromptCollator: no rows")
+        processor = self.processor
+        prompts = [processor.render_conversation(f["prompt"], add_generation_prompt=True) for f in features]
+        images = [self.load_images(f.get("images") or [], f.get("source", "<row>")) for f in features]
+        previous = processor.padding_side
+        processor.infer()
+        try:
+            inputs = processor(text=prompts, images=images)
+        finally:  # back to the caller's mode (PPO scores with the training layout between generations)
+            processor.padding_side = processor.tokenizer.padding_side = previous
+        return {"rows": list(features), "prompts": prompts, "images": images, "inputs": inputs}

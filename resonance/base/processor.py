@@ -91,6 +91,16 @@ class VLProcessor:
     def chat_template(self) -> str:
         return self.hf.chat_template
 
+    def placeholder_token_ids(self) -> list[int]:
+        """Tokens that stand for image (or video) features: a model must never generate them, since a forward over
+        a sequence holding one more of them than there are features fails (or misplaces the features)."""
+        ids = {self.image_token_id}
+        video = getattr(self.hf, "video_token_id", None)
+        if isinstance(video, int):
+            ids.add(video)
+        unknown = self.tokenizer.unk_token_id
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unknown)
+
     def save_pretrained(self, output_dir: str | Path) -> None:
         """Save the processor (chat template included) next to the trained weights."""
         with video_processor_optional():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,7 @@ class VLModelWithValueHead(ScalarHeadModel):
         response_length: int | None = None,
         temperature: float = 1.0,
         return_logits: bool = True,
+        suppress_tokens: Sequence[int] | None = None,
         **inputs: Any,
     ) -> ValueHeadOutput:
         """Logits, log-probs and values of a batch of prompts followed by responses.
@@ -102,7 +104,9 @@ class VLModelWithValueHead(ScalarHeadModel):
         ``log_probs[:, i]`` is that token's log-probability under ``softmax(logits / temperature)`` (the
         sampling distribution), ``values[:, i]`` the value of the same state. Without ``response_length`` every
         position is scored (``logits[:, t]`` predicts token ``t + 1``) and ``log_probs`` is ``None``.
-        Other keyword arguments (image inputs, ``token_type_ids``, ...) go to the model as they are.
+        ``suppress_tokens`` (generation's setting of the same name) get logit ``-inf`` in the returned logits and the
+        log-probs: the distribution generation sampled from. Other keyword arguments (image inputs,
+        ``token_type_ids``, ...) go to the model as they are.
         """
         inputs.pop("labels", None)
         length = input_ids.shape[1]
@@ -117,6 +121,8 @@ class VLModelWithValueHead(ScalarHeadModel):
             hidden = hidden[:, length - response_length - 1 : length - 1]
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         logits = self.lm_logits(hidden) if return_logits or response_length is not None else None
+        if logits is not None and suppress_tokens:
+            logits = logits.index_fill(-1, torch.as_tensor(list(suppress_tokens), device=logits.device), float("-inf"))
         log_probs = None
         if response_length is not None:
             log_probs = token_log_probs(logits, input_ids[:, length - response_length :], temperature)
