@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: sft, dpo, rm or grpo.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, dpo, rm, grpo or ppo.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 out = Console(soft_wrap=True, highlight=False)
@@ -232,6 +232,12 @@ def train_rm(ctx: typer.Context) -> None:
 def train_grpo(ctx: typer.Context) -> None:
     """GRPO on prompt rows with --reward_funcs module:function. Takes TrainingArguments/GRPOConfig flags."""
     _train("grpo", ctx)
+
+
+@train_app.command("ppo", context_settings=_TRAIN_CONTEXT, add_help_option=False)
+def train_ppo(ctx: typer.Context) -> None:
+    """PPO on prompt rows, rewarded by --reward_funcs and/or --reward_model_path. Takes TrainingArguments flags."""
+    _train("ppo", ctx)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,4 +1,4 @@
-"""``resonance train sft|dpo|rm|grpo``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
+"""``resonance train sft|dpo|rm|grpo|ppo``: arguments spelled as in the seed and in TrainingArguments/TRL configs."""
 
 from __future__ import annotations
 
@@ -41,15 +41,17 @@ class DataArguments:
 def _config_class(algorithm: str):
     from trl import DPOConfig, SFTConfig
 
+    from resonance.base.ppo import VLPPOConfig
     from resonance.base.reward import VLRewardConfig
     from resonance.grpo import VLGRPOConfig
 
-    return {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig, "grpo": VLGRPOConfig}[algorithm]
+    configs = {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig, "grpo": VLGRPOConfig, "ppo": VLPPOConfig}
+    return configs[algorithm]
 
 
 def parse(algorithm: str, argv: list[str]):
     """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig | VLRewardConfig |
-    VLGRPOConfig)."""
+    VLGRPOConfig | VLPPOConfig)."""
     import torch
     from transformers import HfArgumentParser
 
@@ -85,29 +87,22 @@ def _apply_lora(model, model_cls, model_args: ModelArguments):
     return get_peft_model(model, config)
 
 
-def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArguments, config):
-    """Load adapter, model, processor and data, and return the family's trainer, ready to train."""
+def _load(mapper, model_args: ModelArguments, data_args: DataArguments, config, kind: str, max_images: int | None):
+    """Data (train, eval), then the model (vision tower frozen as asked) and the processor.
+
+    Data first: a bad row, or one the family cannot take (``min_images``/``max_images``), fails in a second,
+    naming its FILE:LINE, not after the model has loaded.
+    """
     import torch
 
     from resonance.data import load_rows
-    from resonance.utils.auto_load import UnsupportedModelError, load_core_mapper
-    from resonance.utils.compat import install_video_processor_optional
 
-    # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
-    # can only be saved and loaded with this patch active (a no-op where torchvision exists).
-    install_video_processor_optional()
-
-    mapper = load_core_mapper(model_args.model_name_or_path)
     model_cls = mapper.model
-    if algorithm == "grpo":
-        return _build_grpo_trainer(mapper, model_args, data_args, config)
-    # Data first: a bad row should fail in a second, not after the model has loaded.
-    kind = "sft" if algorithm == "sft" else "preference"
     data_kwargs = {
         "image_placeholder": mapper.processor.image_placeholder,
         "skip_invalid": data_args.skip_invalid_rows,
-        "min_images": 1 if mapper.processor.images_required else 0,  # rows the family cannot take fail here
-        "max_images": None if mapper.processor.multi_image else 1,
+        "min_images": 1 if mapper.processor.images_required else 0,
+        "max_images": max_images,
     }
     train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
     eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
@@ -116,6 +111,33 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     if model_args.freeze_vision_tower:
         model_cls.freeze_vision_tower(model)
     processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+    return train_rows, eval_rows, dtype, model, processor
+
+
+def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArguments, config):
+    """Load adapter, model, processor and data, and return the family's trainer, ready to train."""
+
+    from resonance.utils.auto_load import UnsupportedModelError, load_core_mapper
+    from resonance.utils.compat import install_video_processor_optional
+
+    # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
+    # can only be saved and loaded with this patch active (a no-op where torchvision exists).
+    install_video_processor_optional()
+    # Seeded before any weight is made (LoRA matrices, heads): the same flags give the same run, whatever ran
+    # before in the process (the trainers seed again, after the model exists).
+    from transformers import set_seed
+
+    set_seed(config.seed)
+
+    mapper = load_core_mapper(model_args.model_name_or_path)
+    model_cls = mapper.model
+    if algorithm == "grpo":
+        return _build_grpo_trainer(mapper, model_args, data_args, config)
+    if algorithm == "ppo":
+        return _build_ppo_trainer(mapper, model_args, data_args, config)
+    kind = "sft" if algorithm == "sft" else "preference"
+    max_images = None if mapper.processor.multi_image else 1
+    train_rows, eval_rows, dtype, model, processor = _load(mapper, model_args, data_args, config, kind, max_images)
     collator_cls = {"sft": mapper.sft_collator, "dpo": mapper.dpo_collator, "rm": mapper.reward_collator}[algorithm]
     if collator_cls is None:
         raise UnsupportedModelError(
@@ -147,9 +169,7 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
 
 def _build_grpo_trainer(mapper, model_args: ModelArguments, data_args: DataArguments, config):
     """GRPO (resonance.grpo): prompt rows, reward functions from --reward_funcs, TRL's GRPOTrainer."""
-    import torch
 
-    from resonance.data import load_rows
     from resonance.grpo import VLGRPOTrainer, load_reward_funcs, max_images_for_grpo, unsupported_reason
     from resonance.utils.auto_load import UnsupportedModelError
 
@@ -158,19 +178,9 @@ def _build_grpo_trainer(mapper, model_args: ModelArguments, data_args: DataArgum
     if reason is not None:  # before data and model load
         raise UnsupportedModelError(f"GRPO: {reason}")
     reward_funcs = load_reward_funcs(config.reward_funcs)
-    data_kwargs = {
-        "image_placeholder": mapper.processor.image_placeholder,
-        "skip_invalid": data_args.skip_invalid_rows,
-        "min_images": 1 if mapper.processor.images_required else 0,
-        "max_images": max_images_for_grpo(mapper.processor),
-    }
-    train_rows = load_rows(data_args.data_path, "prompt", **data_kwargs)
-    eval_rows = load_rows(data_args.eval_data_path, "prompt", **data_kwargs) if data_args.eval_data_path else None
-    dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
-    model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
-    if model_args.freeze_vision_tower:
-        model_cls.freeze_vision_tower(model)
-    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+    train_rows, eval_rows, _, model, processor = _load(
+        mapper, model_args, data_args, config, "prompt", max_images_for_grpo(mapper.processor)
+    )
     trainer = VLGRPOTrainer(
         model=_apply_lora(model, model_cls, model_args),  # with --beta > 0 the reference is the adapter disabled
         reward_funcs=reward_funcs,
@@ -184,19 +194,65 @@ def _build_grpo_trainer(mapper, model_args: ModelArguments, data_args: DataArgum
     return trainer, processor
 
 
+def _build_ppo_trainer(mapper, model_args: ModelArguments, data_args: DataArguments, config):
+    """PPO (resonance.base.ppo): prompt rows, the policy with a value head, rewards from functions and/or a
+    reward model, the reference as the adapter disabled (LoRA) or a frozen copy (full training)."""
+    import torch
+
+    from resonance.base.ppo import load_reward_model
+    from resonance.rewards import load_reward_funcs
+    from resonance.utils.auto_load import UnsupportedModelError
+
+    model_cls = mapper.model
+    if mapper.ppo_trainer is None or mapper.value_model is None:
+        raise UnsupportedModelError(f"{model_cls.__name__}: the adapter has no PPO classes; rerun `resonance scaffold`")
+    reward_funcs = load_reward_funcs(config.reward_funcs) if config.reward_funcs else None
+    if config.reward_model_path and not Path(config.reward_model_path).is_dir():
+        raise FileNotFoundError(f"--reward_model_path {config.reward_model_path}: no such folder")
+    max_images = None if mapper.processor.multi_image else 1
+    train_rows, eval_rows, dtype, model, processor = _load(mapper, model_args, data_args, config, "prompt", max_images)
+    policy = _apply_lora(model, model_cls, model_args)
+    ref_model = None
+    if policy is model:  # full training: a frozen copy is the reference
+        ref_model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+    reward_model = None
+    if config.reward_model_path:
+        reward_model = load_reward_model(config.reward_model_path, policy, model_args.model_name_or_path, dtype, device)
+    trainer = mapper.ppo_trainer(
+        model=mapper.value_model(policy),
+        args=config,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        vl_model=model_cls,
+        vl_processor=processor,
+        reward_funcs=reward_funcs,
+        reward_model=reward_model,
+        ref_model=ref_model,
+        data_collator=mapper.ppo_collator(processor),
+        processing_class=processor.hf,
+    )
+    return trainer, processor
+
+
 def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
     from resonance.base.collator import RowError
+    from resonance.base.ppo import PPOConfigError
     from resonance.data import DataError
-    from resonance.grpo import RewardFunctionError
+    from resonance.rewards import RewardFunctionError
     from resonance.utils.auto_load import UnsupportedModelError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model_args, data_args, config = parse(algorithm, argv)
+    try:
+        model_args, data_args, config = parse(algorithm, argv)
+    except PPOConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         trainer, _ = build_trainer(algorithm, model_args, data_args, config)
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    except (DataError, RowError, UnsupportedModelError, FileNotFoundError, RewardFunctionError) as exc:
+    except (DataError, RowError, UnsupportedModelError, FileNotFoundError, RewardFunctionError, PPOConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The adapter or weights (for rm: plus the reward head), and the processor (processing_class).

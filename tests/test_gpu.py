@@ -1,7 +1,7 @@
 """CUDA checks, run on the device machine (`python -m pytest -m gpu`); CPU CI deselects them.
 
 On a GPU the frozen-vision path, bf16 autocast and the attention choice differ from the CPU run:
-one SFT, one DPO and one reward-model step per family in bf16, and batched bf16 generation.
+one SFT, one DPO, one reward-model, one PPO and one GRPO step per family in bf16, and batched bf16 generation.
 """
 
 from __future__ import annotations
@@ -110,3 +110,55 @@ def test_bf16_generation_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -
     out = generate_batch(model, processor, vl_model, rows, kwargs)
     assert len(out.token_ids) == 2 and all(1 <= len(ids) <= 4 for ids in out.token_ids)
     assert out.sequences.is_cuda
+
+
+def _prompts(tmp_path: Path) -> Path:
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (40, 56), (30, 30, 200)).save(tmp_path / "blue.png")
+    rows = [{"image": picture, "prompt": "<image>\nWhat colour is it?"} for picture in ("red.png", "blue.png")]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GRPO_UNSUPPORTED = {"instructblip", "mllama"}  # refused: resonance.grpo.unsupported_reason, test_grpo.py
+
+
+ONLINE = [("ppo", f) for f in FAMILIES] + [("grpo", f) for f in FAMILIES if f not in GRPO_UNSUPPORTED]
+
+
+@pytest.mark.parametrize(("algorithm", "family"), ONLINE)
+def test_one_bf16_online_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+    """One PPO / GRPO step in bf16 with gradient checkpointing: rollouts on the GPU, the tower unchanged, finite
+    metrics (test_ppo.py's reward function, on PYTHONPATH through tests/)."""
+    from resonance.train import build_trainer, parse
+
+    assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
+    argv = [
+        "--model_name_or_path", str(tiny_checkpoint(family)),
+        "--data_path", str(_prompts(tmp_path)),
+        "--output_dir", str(tmp_path / "out"),
+        "--reward_funcs", "test_ppo:token_sum_reward",
+        "--max_steps", "1",
+        "--per_device_train_batch_size", "2" if algorithm == "ppo" else "4",
+        "--learning_rate", "1e-3",
+        "--bf16", "True",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--logging_steps", "1",
+        "--gradient_checkpointing", "True",
+    ]  # fmt: skip
+    argv += (
+        ["--response_length", "4"] if algorithm == "ppo" else ["--max_completion_length", "4", "--num_generations", "2"]
+    )
+    trainer, _ = build_trainer(algorithm, *parse(algorithm, argv))
+    model = trainer.policy if algorithm == "ppo" else trainer.model
+    tower = trainer.vl_model.get_vision_tower(model)
+    before = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+    trainer.train()
+    assert next(tower.parameters()).is_cuda
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    history = trainer.log_history if algorithm == "ppo" else trainer.state.log_history
+    key = "policy_loss" if algorithm == "ppo" else "loss"
+    values = [entry[key] for entry in history if key in entry]
+    assert values and all(torch.isfinite(torch.tensor(values)))

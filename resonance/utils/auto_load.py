@@ -23,7 +23,8 @@ __all__ = [
 class ModelCoreMapper:
     """Every component of one family's adapter (the seed's ``core_mapper``).
 
-    The reward-model and PPO slots arrive with reward modelling and PPO; until then they are None.
+    Every generated adapter fills every slot; the reward and PPO slots default to None only for adapters
+    generated before they existed (``resonance scaffold`` fills them).
     """
 
     model: Any

@@ -1,0 +1,873 @@
+"""PPO for vision-language models, on accelerate: rollouts, rewards, KL to the reference, GAE, clipped updates.
+
+One PPO step (``state.global_step``) is one rollout and its update:
+
+1. **Rollout.** ``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` prompt rows,
+   in micro-batches of ``per_device_train_batch_size``. Each micro-batch goes through the family's prompt
+   collator (``core_mapper.ppo_collator``: the processor in inference mode, left padding) and
+   :func:`resonance.generate.generate_from`, the code path of ``resonance generate``, with the adapter's
+   default generation kwargs and plain sampling at ``--temperature`` (no top-k/top-p/repetition penalty from the
+   checkpoint's generation config: the log-probs must be those of the sampling distribution; image placeholder
+   tokens are suppressed in both). A response ends
+   at its first end-of-sequence token (included); what ``generate`` pads after it is masked.
+2. **Scoring.** The prompt+response sequences are scored once without gradients: the policy's log-probs and
+   values (:class:`~resonance.base.value.VLModelWithValueHead`) and the reference's log-probs (under LoRA the
+   same model with its adapters disabled, else a frozen copy). Per-token inputs are extended over the response:
+   PaliGemma's prefix-LM ``token_type_ids`` with 1 (causal), Mllama's ``cross_attention_mask`` with the last
+   prompt token's, others (Gemma 3 ``token_type_ids``, Qwen ``mm_token_type_ids``) with 0. With a frozen
+   vision tower each image is encoded once per rollout and the features serve every later forward.
+3. **Rewards.** One score per response, from Python reward functions (``--reward_funcs``, summed), a reward
+   model folder (``--reward_model_path``; a LoRA reward model trained on the policy's own base checkpoint is
+   loaded as a second adapter on the policy's backbone, no second model in memory), or both, summed. The
+   per-token reward is ``-kl_coef * KL_t`` plus the score on the last response token
+   (:func:`~resonance.ppo_math.kl_penalized_rewards`); optional reward whitening, then GAE and advantage
+   whitening over the whole rollout.
+4. **Update.** ``num_ppo_epochs`` passes over the rollout in shuffled minibatches of
+   ``gradient_accumulation_steps`` micro-batches, one optimizer step per minibatch, on the clipped policy loss
+   plus ``vf_coef`` times the clipped value loss.
+
+Empty generations (an end-of-sequence token first) are not scored and not trained on: they are counted
+(``empty_generations`` in the logs, a warning), and a rollout with no usable response skips its update (counted
+in ``skipped_updates``). A reward function that raises or returns a non-finite value stops training before any
+weight moves (:class:`~resonance.rewards.RewardFunctionError`).
+
+Logged per step: ``reward`` (mean score), ``reward_std``, ``kl`` (mean per-response sum of the KL estimate),
+``entropy``, ``clip_fraction``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``value_error``,
+``value_clip_fraction``, ``response_length``, ``empty_generations``, ``no_eos``, ``learning_rate``; with an eval set,
+``eval_reward``, ``eval_response_length`` and ``eval_empty_generations``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+from resonance.base.collator import VLPromptCollator
+from resonance.base.model import VLModel, unwrap
+from resonance.base.processor import VLProcessor
+from resonance.base.reward import VLRewardModel
+from resonance.base.trainer import _ImageEncodingMixin
+from resonance.base.value import VLModelWithValueHead
+from resonance.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    entropy_from_logits,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+)
+
+logger = logging.getLogger("resonance")
+
+CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states
+TRAINER_STATE = "trainer_state.json"
+REWARD_ADAPTER = "reward"
+
+# Generation settings that would make the sampling distribution differ from softmax(logits / temperature); a
+# checkpoint's generation_config.json may set them (Qwen's ships top_k=1, top_p=0.001, repetition_penalty=1.05).
+PLAIN_SAMPLING = {
+    "do_sample": True,
+    "num_beams": 1,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
+
+
+class PPOConfigError(ValueError):
+    """Flags that do not make a PPO run; the message names the flag."""
+
+
+@dataclass
+class VLPPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
+
+    reward_funcs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of reward functions as 'module:function' (called as for GRPO, see "
+            "resonance.rewards); their values are summed. Give this, --reward_model_path, or both."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "A reward model folder written by `resonance train rm` (full or LoRA)."},
+    )
+    response_length: int = field(default=64, metadata={"help": "Most new tokens per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    num_mini_batches: int = field(
+        default=1, metadata={"help": "Optimizer steps per pass; each takes gradient_accumulation_steps micro-batches."}
+    )
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2 or k3 (Schulman)."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean)."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = {
+            "response_length": self.response_length,
+            "num_ppo_epochs": self.num_ppo_epochs,
+            "num_mini_batches": self.num_mini_batches,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise PPOConfigError(f"--{name} must be at least 1, got {value}")
+        if self.temperature <= 0:
+            raise PPOConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise PPOConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if not (self.reward_funcs or self.reward_model_path):
+            raise PPOConfigError(
+                "PPO needs a reward: --reward_funcs module:function, --reward_model_path FOLDER (from "
+                "`resonance train rm`), or both"
+            )
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+class FunctionRewards:
+    """The sum of checked reward functions (:func:`resonance.rewards.load_reward_funcs`), called as GRPO calls
+    them: conversational prompts and completions, the completion ids, the row's images and its other columns."""
+
+    def __init__(self, funcs: Sequence[Callable[..., list[float]]]):
+        self.funcs = list(funcs)
+
+    def __call__(self, rows: list[dict[str, Any]], texts: list[str], token_ids: list[list[int]], images: list[Any]):
+        from resonance.rewards import conversational_message
+
+        columns: dict[str, list[Any]] = defaultdict(list)
+        for row in rows:
+            for key, value in row.items():
+                if key not in ("prompt", "images"):
+                    columns[key].append(value)
+        prompts = [[conversational_message(m) for m in row["prompt"]] for row in rows]
+        completions = [[{"role": "assistant", "content": text}] for text in texts]
+        total = torch.zeros(len(rows), dtype=torch.float32)
+        for func in self.funcs:
+            values = func(prompts=prompts, completions=completions, completion_ids=token_ids, images=images, **columns)
+            total += torch.tensor(values, dtype=torch.float32)
+        return total
+
+
+class ModelRewards:
+    """A reward model's score of each prompt + response, rendered as a training conversation by the reward
+    model's own family (its SFT collator, right padding). ``adapter`` names the PEFT adapter to activate for
+    the call when the reward model shares the policy's backbone."""
+
+    def __init__(self, reward_model: VLRewardModel, collator: Any, adapter: str | None = None):
+        self.reward_model = reward_model
+        self.collator = collator
+        self.adapter = adapter
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self.adapter is None:
+            yield
+            return
+        peft_model = self.reward_model.model
+        previous = peft_model.active_adapter
+        peft_model.set_adapter(self.adapter, inference_mode=True)
+        try:
+            yield
+        finally:  # the policy's adapter active and trainable again, the reward adapter frozen
+            peft_model.set_adapter(previous)
+
+    def __call__(self, rows: list[dict[str, Any]], texts: list[str], token_ids: list[list[int]], images: list[Any]):
+        from resonance.generate import _to_model
+
+        features = [
+            {"messages": [*row["prompt"], _assistant(text)], "images": row.get("images") or [], "source": row["source"]}
+            for row, text in zip(rows, texts, strict=True)
+        ]
+        batch = _to_model(dict(self.collator(features)), self.reward_model.model)
+        with torch.no_grad(), self._active():
+            scores = self.reward_model(**batch)
+        return scores.float().cpu()
+
+
+def load_reward_model(
+    path: str | Path, policy: nn.Module, policy_checkpoint: str | Path, dtype: torch.dtype, device: torch.device
+) -> ModelRewards:
+    """A :class:`ModelRewards` for a folder written by ``resonance train rm``.
+
+    A LoRA reward model whose base checkpoint is the policy's, on a LoRA policy, becomes a second adapter
+    (``"reward"``) on the policy's backbone with its head beside it; anything else loads as its own model.
+    """
+    from resonance.generate import _processor_path
+    from resonance.utils.auto_load import load_core_mapper
+
+    path = Path(path)
+    mapper = load_core_mapper(path)
+    if mapper.reward_model is None:
+        raise PPOConfigError(f"--reward_model_path {path}: its family has no reward model class")
+    adapter_config = path / "adapter_config.json"
+    shared = False
+    if adapter_config.is_file() and hasattr(policy, "peft_config"):
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
+        shared = Path(base).resolve() == Path(policy_checkpoint).resolve()
+    if shared:
+        description_file = path / mapper.reward_model.config_file
+        if not description_file.is_file():
+            raise FileNotFoundError(f"{description_file}: not found; not a reward model saved by Resonance")
+        policy.load_adapter(str(path), adapter_name=REWARD_ADAPTER, is_trainable=False)
+        policy.set_adapter(policy.active_adapter)  # loading does not switch; keep the policy's adapter trainable
+        reward_model = mapper.reward_model(policy)
+        reward_model.load_head(path)
+        reward_model.score.to(device)
+        logger.info("reward model %s: a second adapter on the policy's backbone", path)
+    else:
+        reward_model = mapper.reward_model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        logger.info("reward model %s: loaded as its own model", path)
+    processor = mapper.processor(_processor_path(path), trust_remote_code=mapper.model.trust_remote_code)
+    processor.train()
+    collator = mapper.sft_collator(processor, max_length=None)
+    return ModelRewards(reward_model, collator, adapter=REWARD_ADAPTER if shared else None)
+
+
+# --------------------------------------------------------------------------------------------- rollouts
+
+
+def extend_per_token_inputs(
+    inputs: dict[str, Any], response_length: int, image_inputs: set[str], prefix_lm: bool
+) -> dict[str, Any]:
+    """The processor's per-token inputs (shaped like ``input_ids`` in their first two dims; not image inputs)
+    extended over ``response_length`` generated tokens, as ``generate`` extends them: ``cross_attention_mask``
+    repeats the last prompt position, prefix-LM ``token_type_ids`` mark the response causal (1), others get 0."""
+    ids = inputs["input_ids"]
+    extended = {}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask", "labels") or key in image_inputs:
+            continue
+        if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == ids.shape):
+            continue
+        if key == "cross_attention_mask":
+            tail = value[:, -1:].expand(-1, response_length, *value.shape[2:])
+        else:
+            fill = 1 if key == "token_type_ids" and prefix_lm else 0
+            tail = torch.full((value.shape[0], response_length, *value.shape[2:]), fill, dtype=value.dtype)
+        extended[key] = torch.cat([value, tail.to(value.device)], dim=1)
+    return extended
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of a rollout: sequences (left-padded prompts, then responses) and everything the update
+    reads. Response tensors are ``(batch, response_length)``; ``mask`` marks the tokens trained on."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    model_inputs: dict[str, Any]
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def response_length(self) -> int:
+        return self.mask.shape[1]
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def whiten_across(values: list[torch.Tensor], masks: list[torch.Tensor], shift_mean: bool) -> list[torch.Tensor]:
+    """:func:`~resonance.ppo_math.masked_whiten` over several micro-batches together (responses of different
+    lengths), returned split back as given."""
+    whitened = masked_whiten(_pad_cat(values), _pad_cat([m.to(values[0].dtype) for m in masks]).bool(), shift_mean)
+    out, start = [], 0
+    for value in values:
+        out.append(whitened[start : start + value.shape[0], : value.shape[1]])
+        start += value.shape[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class VLPPOTrainer(_ImageEncodingMixin):
+    """PPO on accelerate for a :class:`~resonance.base.value.VLModelWithValueHead` (see the module docstring).
+
+    ``ref_model`` is required when the policy is not a PEFT model (full training) and must be ``None`` with
+    LoRA (the reference is the adapter disabled). ``reward_funcs`` are checked functions
+    (:func:`resonance.rewards.load_reward_funcs`); ``reward_model`` a :class:`ModelRewards`.
+    """
+
+    def __init__(
+        self,
+        model: VLModelWithValueHead,
+        args: VLPPOConfig,
+        train_dataset: Any,
+        *,
+        vl_model: type[VLModel],
+        vl_processor: VLProcessor,
+        reward_funcs: Sequence[Callable[..., list[float]]] | None = None,
+        reward_model: ModelRewards | None = None,
+        ref_model: nn.Module | None = None,
+        eval_dataset: Any = None,
+        data_collator: Any = None,
+        processing_class: Any = None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        if not isinstance(model, VLModelWithValueHead):
+            raise TypeError(f"VLPPOTrainer trains a VLModelWithValueHead, got {type(model).__name__}")
+        if model.is_lora == (ref_model is not None):
+            raise ValueError(
+                "VLPPOTrainer: with LoRA the reference is the policy with its adapters disabled (pass no ref_model); "
+                "with full training pass a frozen copy as ref_model"
+            )
+        if not reward_funcs and reward_model is None:
+            raise PPOConfigError("PPO needs a reward: --reward_funcs, --reward_model_path, or both")
+        self._bind_adapter(vl_model, vl_processor)
+        self.args = args
+        set_seed(args.seed)
+        mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=args.use_cpu)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator or VLPromptCollator(vl_processor)
+        self.processing_class = processing_class or vl_processor.hf
+        self.rewards: list[Callable[..., torch.Tensor]] = []
+        if reward_funcs:
+            self.rewards.append(FunctionRewards(reward_funcs))
+        if reward_model is not None:
+            self.rewards.append(reward_model)
+        if len(train_dataset) == 0:
+            raise ValueError("PPO: the training data has no rows")
+
+        if args.disable_dropout:
+            _disable_dropout(model)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
+        self.ref_model = ref_model
+        self.ref_scorer = None
+        if ref_model is not None:  # its logits only; the unused value head is a few floats
+            ref_model.requires_grad_(False).eval().to(self.accelerator.device)
+            self.ref_scorer = VLModelWithValueHead(ref_model, vl_model=vl_model).to(self.accelerator.device)
+
+        world = self.accelerator.num_processes
+        self.micro_batch = args.per_device_train_batch_size
+        self.micro_batches = args.gradient_accumulation_steps * args.num_mini_batches  # per rollout
+        self.rollout_rows = self.micro_batch * self.micro_batches  # per process
+        if args.max_steps > 0:
+            self.total_steps = args.max_steps
+        else:
+            self.total_steps = max(
+                1, math.ceil(args.num_train_epochs * len(train_dataset) / (self.rollout_rows * world))
+            )
+        optimizer_steps = self.total_steps * args.num_ppo_epochs * args.num_mini_batches
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(optimizer_steps),
+            num_training_steps=optimizer_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        )
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.policy: VLModelWithValueHead = self.accelerator.unwrap_model(self.model)
+        # Image/video placeholder tokens are never sampled (a response holding one cannot be scored), and the
+        # log-probs are taken over the same action space (VLModelWithValueHead's suppress_tokens).
+        self.suppressed_tokens = vl_processor.placeholder_token_ids()
+        overrides = {
+            **PLAIN_SAMPLING,
+            "temperature": args.temperature,
+            "max_new_tokens": args.response_length,
+            "suppress_tokens": self.suppressed_tokens,
+        }
+        from resonance.generate import generation_kwargs
+
+        self.generation_kwargs = generation_kwargs(vl_model, unwrap(self.policy.model), overrides)
+        self.global_step = 0
+        self.log_history: list[dict[str, float]] = []
+        self.counters = {"empty_generations": 0, "skipped_updates": 0}
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def _row_indices(self, step: int) -> list[int]:
+        """This process's rows of rollout ``step``: positions of an endless stream of shuffled passes over the
+        data (one permutation per pass, seeded by ``seed`` and the pass), so a resumed run draws the same rows."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        size = len(self.train_dataset)
+        start = (step * world + rank) * self.rollout_rows
+        indices, permutations = [], {}
+        for position in range(start, start + self.rollout_rows):
+            epoch, offset = divmod(position, size)
+            if epoch not in permutations:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                generator = torch.Generator().manual_seed(seed + epoch)
+                permutations[epoch] = torch.randperm(size, generator=generator).tolist()
+            indices.append(permutations[epoch][offset])
+        return indices
+
+    # -- rollouts ------------------------------------------------------------------------------------
+
+    def _score(self, model: VLModelWithValueHead, rollout_inputs: dict[str, Any], response_length: int, **kw: Any):
+        return model(
+            rollout_inputs["input_ids"],
+            rollout_inputs["attention_mask"],
+            response_length=response_length,
+            temperature=self.args.temperature,
+            suppress_tokens=self.suppressed_tokens,
+            **{k: v for k, v in rollout_inputs.items() if k not in ("input_ids", "attention_mask")},
+            **kw,
+        )
+
+    def _reference_log_probs(
+        self,
+        rollout_inputs: dict[str, Any],
+        raw_inputs: dict[str, Any],
+        per_token: dict[str, Any],
+        response_length: int,
+    ) -> torch.Tensor:
+        """The reference's log-probs of the responses: under LoRA the policy with its adapters disabled (the
+        tower carries none, so the policy's encoded images serve), else the frozen copy on its own image pass."""
+        if self.ref_model is None:
+            with self.policy.model.disable_adapter():
+                return self._score(self.policy, rollout_inputs, response_length, return_logits=False).log_probs
+        encoded = self._image_model_inputs(self.ref_model, dict(raw_inputs), copies=1)
+        ref_inputs = {**encoded, **per_token}
+        ref_inputs.update(input_ids=rollout_inputs["input_ids"], attention_mask=rollout_inputs["attention_mask"])
+        return self._score(self.ref_scorer, ref_inputs, response_length, return_logits=False).log_probs
+
+    @torch.no_grad()
+    def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
+        """Generate responses for ``rows`` (one micro-batch) and score them: a :class:`Rollout` without
+        rewards and advantages yet, and the micro-batch's counts."""
+        from resonance.generate import generate_from
+
+        batch = self.data_collator(rows)
+        generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+        inputs = generation.inputs
+        prompt_length = inputs["input_ids"].shape[1]
+        sequences = generation.sequences
+        response_length = sequences.shape[1] - prompt_length
+        device = sequences.device
+        lengths = torch.tensor([len(ids) for ids in generation.token_ids], device=device)
+        eos = set(self._eos_ids())
+        ended = torch.tensor([bool(ids) and ids[-1] in eos for ids in generation.token_ids], device=device)
+        empty = torch.tensor([self._is_empty(ids) for ids in generation.token_ids], device=device)
+        positions = torch.arange(response_length, device=device)
+        mask = (positions[None, :] < lengths[:, None]) & ~empty[:, None]
+        attention_mask = torch.cat([inputs["attention_mask"], positions[None, :] < lengths[:, None]], dim=1)
+        attention_mask = attention_mask.to(inputs["attention_mask"].dtype)
+
+        image_names = set(self.vl_processor.image_input_names())
+        per_token = extend_per_token_inputs(inputs, response_length, image_names, self.vl_processor.prefix_lm)
+        raw = {k: v for k, v in inputs.items() if k != "labels"}  # PaliGemma's processor adds labels
+        encoded = self._image_model_inputs(self.policy.model, dict(raw), copies=1)  # frozen tower: encoded once
+        model_inputs = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+        model_inputs.update(per_token)
+        rollout_inputs = {"input_ids": sequences, "attention_mask": attention_mask, **model_inputs}
+        out = self._score(self.policy, rollout_inputs, response_length, return_logits=False)
+        ref_logprobs = self._reference_log_probs(rollout_inputs, raw, per_token, response_length)
+
+        keep = [i for i in range(len(rows)) if not empty[i]]
+        scores = torch.zeros(len(rows), dtype=torch.float32)
+        if keep:
+            kept_rows = [rows[i] for i in keep]
+            texts = [generation.texts[i] for i in keep]
+            token_ids = [generation.token_ids[i] for i in keep]
+            images = [batch["images"][i] for i in keep]
+            total = torch.zeros(len(keep), dtype=torch.float32)
+            for reward in self.rewards:
+                total += reward(kept_rows, texts, token_ids, images)
+            scores[keep] = total
+        scores = scores.to(device)
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * (~ended).float()
+        rollout = Rollout(
+            sequences=sequences,
+            attention_mask=attention_mask,
+            model_inputs=model_inputs,
+            mask=mask,
+            logprobs=out.log_probs,
+            values=out.values,
+            ref_logprobs=ref_logprobs,
+            scores=scores,
+        )
+        counts = {
+            "empty": float(empty.sum()),
+            "no_eos": float((~ended & ~empty).sum()),
+            "rows": float(len(rows)),
+            "length": float(lengths[~empty].float().sum()),
+        }
+        for i in torch.nonzero(empty).flatten().tolist():
+            logger.warning("empty generation for %s: not scored, not trained on", rows[i]["source"])
+        return rollout, counts
+
+    def _is_empty(self, token_ids: list[int]) -> bool:
+        """No token before the end-of-sequence token (a response that decodes to white space is not empty)."""
+        return len(token_ids) == 0 or (len(token_ids) == 1 and token_ids[0] in self._eos_ids())
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.generation_kwargs.get("eos_token_id")
+        if eos is None:
+            return []
+        return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+    # -- advantages ----------------------------------------------------------------------------------
+
+    def compute_advantages(self, rollouts: list[Rollout]) -> None:
+        """KL-penalised per-token rewards, optional reward whitening, GAE, and advantage whitening over the whole
+        rollout (every micro-batch together), stored on each :class:`Rollout`."""
+        args = self.args
+        for r in rollouts:
+            r.rewards, r.kl = kl_penalized_rewards(
+                r.scores, r.logprobs, r.ref_logprobs, r.mask, args.kl_coef, args.kl_estimator
+            )
+        if args.whiten_rewards:
+            whitened = whiten_across([r.rewards for r in rollouts], [r.mask for r in rollouts], shift_mean=False)
+            for r, rewards in zip(rollouts, whitened, strict=True):
+                r.rewards = rewards
+        for r in rollouts:
+            r.advantages, r.returns = compute_gae(r.rewards, r.values, r.mask, args.gamma, args.lam)
+        whitened = whiten_across([r.advantages for r in rollouts], [r.mask for r in rollouts], shift_mean=True)
+        for r, advantages in zip(rollouts, whitened, strict=True):
+            r.advantages = advantages
+
+    # -- update --------------------------------------------------------------------------------------
+
+    def _loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask, **r.model_inputs}
+        out = self._score(self.model, inputs, r.response_length, return_logits=True)
+        policy_loss, policy_metrics = clipped_policy_loss(
+            out.log_probs, r.logprobs, r.advantages, r.mask, self.args.cliprange
+        )
+        value_loss, value_metrics = clipped_value_loss(
+            out.values, r.values, r.returns, r.mask, self.args.cliprange_value
+        )
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(out.logits), r.mask)
+        metrics = {
+            **policy_metrics,
+            **value_metrics,
+            "policy_loss": policy_loss.detach(),
+            "value_loss": value_loss.detach(),
+            "entropy": entropy,
+        }
+        return policy_loss + self.args.vf_coef * value_loss, metrics
+
+    def update(self, rollouts: list[Rollout], generator: torch.Generator) -> dict[str, float]:
+        """``num_ppo_epochs`` passes over the rollout's micro-batches in shuffled minibatches of
+        ``gradient_accumulation_steps`` micro-batches; one optimizer step per minibatch."""
+        args, accelerator = self.args, self.accelerator
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        accumulation = args.gradient_accumulation_steps
+        self.model.train()
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(len(rollouts), generator=generator).tolist()
+            for start in range(0, len(order), accumulation):
+                minibatch = [rollouts[i] for i in order[start : start + accumulation]]
+                for index, rollout in enumerate(minibatch):
+                    last = index == len(minibatch) - 1
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(self.model)
+                    with sync:
+                        loss, metrics = self._loss(rollout)
+                        accelerator.backward(loss / len(minibatch))
+                    for name, value in metrics.items():
+                        sums[name] += float(value)
+                    count += 1
+                if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return {name: total / count for name, total in sums.items()}
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """Rollout ``global_step``, its update, and the step's metrics."""
+        indices = self._row_indices(self.global_step)
+        rollouts, totals = [], defaultdict(float)
+        for start in range(0, len(indices), self.micro_batch):
+            rows = [self.train_dataset[i] for i in indices[start : start + self.micro_batch]]
+            rollout, counts = self.generate_and_score(rows)
+            rollouts.append(rollout)
+            for name, value in counts.items():
+                totals[name] += value
+        self.counters["empty_generations"] += int(totals["empty"])
+        used = [r for r in rollouts if r.mask.any()]
+        scored = torch.cat([r.scores[r.mask.any(dim=1)] for r in used]) if used else torch.zeros(0)
+        metrics = {
+            "reward": float(scored.mean()) if scored.numel() else float("nan"),
+            "reward_std": float(scored.std()) if scored.numel() > 1 else 0.0,
+            "response_length": totals["length"] / max(totals["rows"] - totals["empty"], 1),
+            "empty_generations": totals["empty"],
+            "no_eos": totals["no_eos"],
+        }
+        if not used:
+            self.counters["skipped_updates"] += 1
+            logger.warning(
+                "step %d: every response is empty; update skipped (%d skipped so far)",
+                self.global_step + 1,
+                self.counters["skipped_updates"],
+            )
+            metrics["skipped_updates"] = float(self.counters["skipped_updates"])
+            return metrics
+        self.compute_advantages(used)
+        kl = torch.cat([r.kl.sum(dim=1)[r.mask.any(dim=1)] for r in used])
+        metrics["kl"] = float(kl.mean())
+        generator = torch.Generator().manual_seed(self.args.seed + self.global_step)
+        metrics.update(self.update(used, generator))
+        metrics["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
+        return metrics
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Sample a response for every eval prompt (the rollout's settings) and score it: ``eval_reward`` (mean
+        over non-empty responses), ``eval_response_length``, ``eval_empty_generations``."""
+        from resonance.generate import generate_from
+
+        if self.eval_dataset is None:
+            raise ValueError("evaluate: no eval dataset (--eval_data_path)")
+        scores, lengths, empty = [], [], 0
+        size = self.args.per_device_eval_batch_size
+        for start in range(0, len(self.eval_dataset), size):
+            rows = [self.eval_dataset[i] for i in range(start, min(start + size, len(self.eval_dataset)))]
+            batch = self.data_collator(rows)
+            generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+            keep = [i for i, ids in enumerate(generation.token_ids) if not self._is_empty(ids)]
+            empty += len(rows) - len(keep)
+            if not keep:
+                continue
+            total = torch.zeros(len(keep))
+            for reward in self.rewards:
+                total += reward(
+                    [rows[i] for i in keep],
+                    [generation.texts[i] for i in keep],
+                    [generation.token_ids[i] for i in keep],
+                    [batch["images"][i] for i in keep],
+                )
+            scores.append(total)
+            lengths += [len(generation.token_ids[i]) for i in keep]
+        all_scores = torch.cat(scores) if scores else torch.zeros(0)
+        return {
+            "eval_reward": float(all_scores.mean()) if all_scores.numel() else float("nan"),
+            "eval_response_length": sum(lengths) / max(len(lengths), 1),
+            "eval_empty_generations": float(empty),
+        }
+
+    def _should_evaluate(self) -> bool:
+        strategy = str(getattr(self.args.eval_strategy, "value", self.args.eval_strategy))
+        if self.eval_dataset is None or strategy == "no":
+            return False
+        if strategy == "epoch":
+            per_epoch = max(
+                1, math.ceil(len(self.train_dataset) / (self.rollout_rows * self.accelerator.num_processes))
+            )
+            return self.global_step % per_epoch == 0
+        return self.global_step % max(1, int(self.args.eval_steps or self.args.logging_steps)) == 0
+
+    # -- training loop -------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> None:
+        """Run PPO steps up to ``max_steps`` (or ``num_train_epochs`` passes over the prompts), logging,
+        evaluating and saving checkpoints as the ``TrainingArguments`` say; resume from a checkpoint folder
+        (or ``True``: the last one in ``output_dir``)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if resume_from_checkpoint:
+            self._load_checkpoint(self._checkpoint_path(resume_from_checkpoint))
+        disable = self.args.disable_tqdm or not self.accelerator.is_local_main_process
+        columns = (TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=disable, transient=False) as progress:
+            task = progress.add_task("ppo", total=self.total_steps, completed=self.global_step)
+            while self.global_step < self.total_steps:
+                metrics = self.step()
+                self.global_step += 1
+                progress.update(task, completed=self.global_step)
+                logging_steps = max(1, int(self.args.logging_steps))
+                if self.global_step % logging_steps == 0 or self.global_step == self.total_steps:
+                    self.log(metrics)
+                if self._should_evaluate():
+                    self.log(self.evaluate())
+                strategy = str(getattr(self.args.save_strategy, "value", self.args.save_strategy))
+                if strategy == "steps" and self.global_step % max(1, int(self.args.save_steps)) == 0:
+                    self.save_checkpoint()
+
+    def log(self, metrics: dict[str, float]) -> None:
+        entry = {"step": self.global_step, **{k: round(v, 6) for k, v in metrics.items()}}
+        self.log_history.append(entry)
+        if self.accelerator.is_main_process:
+            text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            logger.info("step %d/%d: %s", self.global_step, self.total_steps, text)
+
+    # -- saving and resuming -------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | Path | None = None) -> None:
+        """The policy (full weights or LoRA adapter), its value head and the processor: a folder
+        ``resonance generate`` and ``VLModelWithValueHead.from_pretrained`` load."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        self._save_policy(output_dir)
+        (output_dir / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
+
+    def _save_policy(self, output_dir: Path) -> None:
+        if self.policy.is_lora and REWARD_ADAPTER in self.policy.model.peft_config:
+            # only the policy's adapter: the reward adapter was loaded from its own folder
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.policy.model.save_pretrained(str(output_dir), selected_adapters=[self.policy.model.active_adapter])
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.head.state_dict().items()}
+            save_file(state, output_dir / self.policy.head_file)
+            (output_dir / self.policy.config_file).write_text(json.dumps(self.policy.description(), indent=2) + "\n")
+        else:
+            self.policy.save_pretrained(output_dir)
+        self.vl_processor.hf.save_pretrained(str(output_dir))
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "max_steps": self.total_steps,
+            "log_history": self.log_history,
+            **self.counters,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """``output_dir/checkpoint-<step>``: the policy as :meth:`save_model` writes it, plus optimizer,
+        scheduler and RNG states. Written to a temporary folder and renamed, so a crash leaves no half
+        checkpoint; the oldest beyond ``save_total_limit`` are removed."""
+        output_dir = Path(self.args.output_dir)
+        final = output_dir / f"checkpoint-{self.global_step}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            temporary = output_dir / f".checkpoint-{self.global_step}.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            self._save_policy(temporary)
+            rng = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(), "rng": rng},
+                temporary / CHECKPOINT_STATE,
+            )
+            (temporary / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
+            torch.save(self.args, temporary / "training_args.bin")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            self._rotate_checkpoints(output_dir)
+            logger.info("saved checkpoint %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self, output_dir: Path) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        checkpoints = sorted(
+            (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in checkpoints[:-limit]:
+            shutil.rmtree(old)
+
+    def _checkpoint_path(self, resume: str | bool) -> Path:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if resume is True or str(resume).lower() in ("true", "last"):
+            last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if last is None:
+                raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
+            return Path(last)
+        path = Path(resume)
+        if not (path / CHECKPOINT_STATE).is_file():
+            raise FileNotFoundError(f"{path / CHECKPOINT_STATE}: not found; not a PPO checkpoint saved by Resonance")
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        policy = self.policy
+        if policy.is_lora:
+            adapter = load_file(str(path / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(policy.model, adapter, adapter_name=policy.model.active_adapter)
+            if result.unexpected_keys:
+                raise ValueError(f"{path}: adapter weights that the policy lacks: {result.unexpected_keys[:5]}")
+        else:
+            policy.load_backbone(path)
+        policy.load_head(path)
+        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        self.global_step = trainer_state["global_step"]
+        self.log_history = trainer_state["log_history"]
+        for name in self.counters:
+            self.counters[name] = trainer_state.get(name, 0)
+        logger.info("resumed from %s at step %d", path, self.global_step)
