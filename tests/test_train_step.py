@@ -199,3 +199,26 @@ def test_cli_end_to_end(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) 
     assert Path(adapter["base_model_name_or_path"]).resolve() == Path(ckpt).resolve()
     assert adapter["target_modules"] == model_cls.lora_target_modules(model_cls.default_lora_target)
     assert f"saved to {output_dir.resolve()}" in result.stderr
+
+
+def test_dpo_evaluation_reports_reward_accuracy_and_margins(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """--eval_data_path with --eval_strategy steps: DPO's eval metrics are the algorithm's (reward accuracy and
+    margins), computed on the eval pairs, and consistent with each other."""
+    ckpt = tiny_checkpoint("llava")
+    data = _data(tmp_path, "dpo")
+    argv = _argv(ckpt, data, tmp_path / "out") + [
+        "--eval_data_path", str(data), "--eval_strategy", "steps", "--eval_steps", "1",
+        "--per_device_eval_batch_size", "2", "--max_steps", "2",
+    ]  # fmt: skip
+    trainer, _ = build_trainer("dpo", *parse("dpo", argv))
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evals) == 2
+    for entry in evals:
+        assert 0.0 <= entry["eval_rewards/accuracies"] <= 1.0
+        assert entry["eval_rewards/margins"] == pytest.approx(
+            entry["eval_rewards/chosen"] - entry["eval_rewards/rejected"], abs=1e-5
+        )
+    assert evals[1]["eval_rewards/margins"] != evals[0]["eval_rewards/margins"]  # measured after each step
