@@ -422,7 +422,10 @@ class VLPPOTrainer(_ImageEncodingMixin):
             num_training_steps=optimizer_steps,
             scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
         )
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once per
+        # process in a multi-process run.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.lr_scheduler = scheduler
         self.policy: VLModelWithValueHead = self.accelerator.unwrap_model(self.model)
         # Image/video placeholder tokens are never sampled (a response holding one cannot be scored), and the
         # log-probs are taken over the same action space (VLModelWithValueHead's suppress_tokens).
