@@ -92,11 +92,13 @@ class ScalarHeadModel(nn.Module):
             "head": self.head_file,
         }
 
-    def save_pretrained(self, output_dir: str | Path) -> None:
-        """The backbone (full weights, or the LoRA adapter), the head file and the JSON description."""
+    def save_pretrained(self, output_dir: str | Path, **save_kwargs: Any) -> None:
+        """The backbone (full weights, or the LoRA adapter), the head file and the JSON description.
+
+        ``save_kwargs`` go to the backbone's ``save_pretrained`` (e.g. PEFT's ``selected_adapters``)."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(output_dir))
+        self.model.save_pretrained(str(output_dir), **save_kwargs)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, output_dir / self.head_file)
         (output_dir / self.config_file).write_text(json.dumps(self.description(), indent=2) + "\n")

@@ -315,7 +315,7 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def whiten_across(values: list[torch.Tensor], masks: list[torch.Tensor], shift_mean: bool) -> list[torch.Tensor]:
     """:func:`~resonance.ppo_math.masked_whiten` over several micro-batches together (responses of different
     lengths), returned split back as given."""
-    whitened = masked_whiten(_pad_cat(values), _pad_cat([m.to(values[0].dtype) for m in masks]).bool(), shift_mean)
+    whitened = masked_whiten(_pad_cat(values), _pad_cat([m.long() for m in masks]).bool(), shift_mean)
     out, start = [], 0
     for value in values:
         out.append(whitened[start : start + value.shape[0], : value.shape[1]])
@@ -509,8 +509,9 @@ class VLPPOTrainer(_ImageEncodingMixin):
         ended = torch.tensor([bool(ids) and ids[-1] in eos for ids in generation.token_ids], device=device)
         empty = torch.tensor([self._is_empty(ids) for ids in generation.token_ids], device=device)
         positions = torch.arange(response_length, device=device)
-        mask = (positions[None, :] < lengths[:, None]) & ~empty[:, None]
-        attention_mask = torch.cat([inputs["attention_mask"], positions[None, :] < lengths[:, None]], dim=1)
+        generated = positions[None, :] < lengths[:, None]  # through the first EOS; generate's padding after it
+        mask = generated & ~empty[:, None]
+        attention_mask = torch.cat([inputs["attention_mask"], generated], dim=1)
         attention_mask = attention_mask.to(inputs["attention_mask"].dtype)
 
         image_names = set(self.vl_processor.image_input_names())
@@ -771,17 +772,11 @@ class VLPPOTrainer(_ImageEncodingMixin):
         (output_dir / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
 
     def _save_policy(self, output_dir: Path) -> None:
+        save_kwargs = {}
         if self.policy.is_lora and REWARD_ADAPTER in self.policy.model.peft_config:
             # only the policy's adapter: the reward adapter was loaded from its own folder
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self.policy.model.save_pretrained(str(output_dir), selected_adapters=[self.policy.model.active_adapter])
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.head.state_dict().items()}
-            save_file(state, output_dir / self.policy.head_file)
-            (output_dir / self.policy.config_file).write_text(json.dumps(self.policy.description(), indent=2) + "\n")
-        else:
-            self.policy.save_pretrained(output_dir)
+            save_kwargs["selected_adapters"] = [self.policy.model.active_adapter]
+        self.policy.save_pretrained(output_dir, **save_kwargs)
         self.vl_processor.hf.save_pretrained(str(output_dir))
 
     def _state(self) -> dict[str, Any]:
