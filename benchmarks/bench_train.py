@@ -272,6 +272,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from resonance.base.processor import VLProcessor
+    from resonance.base.shared_prompt import plan_pairs
+    from resonance.base.trainer import VLDPOConfig
 
     gc.collect()
     if device == "cuda":
@@ -317,10 +319,18 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     hf_processor = bundle["processor"]
     built = time.perf_counter()
     keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
-    if algorithm == "dpo":
-        config = DPOConfig(**common, precompute_ref_log_probs=args.precompute_ref and who == "ours")
+    if algorithm == "dpo" and who == "ours":
+        config = VLDPOConfig(
+            **common, precompute_ref_log_probs=args.precompute_ref, shared_prompt=not args.no_shared_prompt
+        )
+    elif algorithm == "dpo":
+        config = DPOConfig(**common)
     else:  # our collator builds the labels; TRL's prepares its own dataset
-        config = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True} if who == "ours" else None)
+        config = SFTConfig(
+            **common,
+            dataset_kwargs={"skip_prepare_dataset": True} if who == "ours" else None,
+            use_liger_kernel=args.liger and who == "ours",
+        )
     kwargs: dict[str, Any] = {"model": model, "args": config, "processing_class": hf_processor, "callbacks": [timer]}
     if who == "ours":
         processor = VLProcessor.__new__(mapper.processor)
@@ -343,7 +353,13 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         batch = collate(features)
         collate_times.append(time.perf_counter() - begin)
         mask = batch["completion_mask"] if "completion_mask" in batch else (batch["labels"] != -100)
-        batch_tokens.append((int(batch["attention_mask"].sum()), int(mask.sum())))
+        executed = int(batch["attention_mask"].sum())
+        if who == "ours" and algorithm == "dpo" and config.shared_prompt:  # the tokens the model actually runs
+            layout = plan_pairs(
+                batch["input_ids"], batch["attention_mask"], mask, trainer.vl_processor.placeholder_token_ids()
+            )
+            executed = layout.tokens if layout is not None else executed
+        batch_tokens.append((int(batch["attention_mask"].sum()), int(mask.sum()), executed))
     profiler = None
     if args.profile and device == "cuda":
         from transformers import TrainerCallback
@@ -371,8 +387,9 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
     timed = timer.times[args.warmup :]
     step_s = statistics.mean(timed)
-    tokens = statistics.mean(t for t, _ in batch_tokens)
-    completion = statistics.mean(c for _, c in batch_tokens)
+    tokens = statistics.mean(t for t, _, _ in batch_tokens)
+    completion = statistics.mean(c for _, c, _ in batch_tokens)
+    executed = statistics.mean(e for _, _, e in batch_tokens)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {
         "pairs_per_s": args.bs / step_s,
@@ -386,10 +403,42 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "collate_s_per_batch": statistics.mean(collate_times),
         "train_wall_s": wall,
         "setup_s": setup_s,
-        "flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
+        "executed_tokens_per_step": executed,
+        # FLOPs the step runs (shared-prompt rows: each prompt once), and those of the same pairs as two rows
+        "flops_per_step": step_flops(n_lm, lm_head, executed, completion, algorithm),
+        "two_row_flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
     }
     del trainer, model
     return result
+
+
+def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl, args, device: str) -> dict[str, Any]:
+    """For each side, the largest of ``sizes`` (tried in order, two steps each) that trains without running
+    out of GPU memory, with the peak memory and speed at each size that fitted."""
+    entry: dict[str, Any] = {"model": bundle["key"], "algorithm": algorithm, "setup": "lora", "largest_batch": {}}
+    for who in args.order.split(","):
+        fitted: dict[int, dict[str, Any]] = {}
+        failure = None
+        for size in sizes:
+            trial = argparse.Namespace(**{**vars(args), "bs": size, "warmup": 1, "steps": 1})
+            log(bundle["key"], algorithm, who, "batch", size, "...")
+            try:
+                result = run_one(bundle, algorithm, who, rows_ours, rows_trl, trial, device)
+            except torch.OutOfMemoryError:
+                failure = f"out of memory at batch {size}"
+            except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
+                failure = f"{type(exc).__name__} at batch {size}: {exc}"[:500]
+            else:
+                fitted[size] = {"peak_gb": result["peak_gb"], "pairs_per_s": result["pairs_per_s"]}
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if failure:
+                break
+        largest = max(fitted, default=None)
+        entry["largest_batch"][who] = {"largest": largest, "stopped": failure, "fitted": fitted}
+        log(bundle["key"], algorithm, who, "largest batch", largest, failure)
+    return entry
 
 
 def main() -> None:
@@ -410,6 +459,16 @@ def main() -> None:
         "--precompute-ref", action="store_true", help="Ours precomputes reference log-probs before training."
     )
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
+    parser.add_argument(
+        "--no-shared-prompt", action="store_true", help="Ablation: ours runs each pair as two rows, as TRL does."
+    )
+    parser.add_argument("--liger", action="store_true", help="Ours (SFT) applies Liger's layer kernels.")
+    parser.add_argument(
+        "--max-batch",
+        default="",
+        help="Comma-separated per-device batch sizes to try, one step each, in increasing order; reports the "
+        "largest that fits for each side (stops at the first out-of-memory).",
+    )
     args = parser.parse_args()
 
     import accelerate
@@ -439,9 +498,14 @@ def main() -> None:
     for model_key in args.models.split(","):
         bundle = build(model_key, args.tiny)
         with tempfile.TemporaryDirectory() as folder:
-            needed = args.bs * (args.warmup + args.steps)
+            sizes = [int(size) for size in args.max_batch.split(",") if size]
+            needed = max([args.bs * (args.warmup + args.steps), *(2 * size for size in sizes)])
             rows_ours, rows_trl = make_rows(bundle, max(args.rows, needed), 64, 128, Path(folder))
             for algorithm in args.algorithms.split(","):
+                if sizes:
+                    report["runs"].append(largest_batch(bundle, algorithm, sizes, rows_ours, rows_trl, args, device))
+                    Path(args.out).write_text(json.dumps(report, indent=1))
+                    continue
                 entry: dict[str, Any] = {
                     "model": model_key,
                     "algorithm": algorithm,
@@ -459,6 +523,7 @@ def main() -> None:
                     if peak and "flops_per_step" in entry[who]:
                         side = entry[who]
                         side["mfu"] = side["flops_per_step"] / side["step_s"] / 1e12 / peak
+                        side["two_row_mfu"] = side["two_row_flops_per_step"] / side["step_s"] / 1e12 / peak
                     log(model_key, algorithm, who, {k: v for k, v in entry[who].items() if k != "losses"})
                 ours, theirs = entry.get("ours", {}), entry.get("trl", {})
                 if "pairs_per_s" in ours and "pairs_per_s" in theirs:

@@ -39,18 +39,19 @@ class DataArguments:
 
 
 def _config_class(algorithm: str):
-    from trl import DPOConfig, SFTConfig
+    from trl import SFTConfig
 
     from resonance.base.ppo import VLPPOConfig
     from resonance.base.reward import VLRewardConfig
+    from resonance.base.trainer import VLDPOConfig
     from resonance.grpo import VLGRPOConfig
 
-    configs = {"sft": SFTConfig, "dpo": DPOConfig, "rm": VLRewardConfig, "grpo": VLGRPOConfig, "ppo": VLPPOConfig}
+    configs = {"sft": SFTConfig, "dpo": VLDPOConfig, "rm": VLRewardConfig, "grpo": VLGRPOConfig, "ppo": VLPPOConfig}
     return configs[algorithm]
 
 
 def parse(algorithm: str, argv: list[str]):
-    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | DPOConfig | VLRewardConfig |
+    """Parse command-line flags into (ModelArguments, DataArguments, SFTConfig | VLDPOConfig | VLRewardConfig |
     VLGRPOConfig | VLPPOConfig)."""
     import torch
     from transformers import HfArgumentParser

@@ -39,7 +39,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from resonance.base.processor import VLProcessor
-from resonance.base.trainer import fused_head_backbone
+from resonance.base.trainer import VLDPOConfig, fused_head_backbone
 from resonance.data import features_for
 from resonance.utils.auto_load import ModelCoreMapper
 
@@ -71,8 +71,8 @@ def _lora_model(mapper: ModelCoreMapper, ckpt: Path) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def _config(output_dir: Path, batch_size: int) -> DPOConfig:
-    return DPOConfig(
+def _config(output_dir: Path, batch_size: int, config_class: type[DPOConfig] = DPOConfig) -> DPOConfig:
+    return config_class(
         output_dir=str(output_dir),
         report_to="none",
         remove_unused_columns=False,
@@ -97,7 +97,7 @@ def pair(
 
     ours = mapper.dpo_trainer(
         model=_lora_model(mapper, ckpt),
-        args=_config(tmp / "ours", len(rows)),
+        args=_config(tmp / "ours", len(rows), VLDPOConfig),
         data_collator=collator,
         train_dataset=dataset,
         processing_class=processor.hf,
@@ -161,11 +161,42 @@ def test_loss_and_gradients_match_trl(pair: Pair) -> None:
     ours_grads, trl_grads = _lora_grads(pair.ours.model), _lora_grads(pair.trl.model)
     assert ours_grads.keys() == trl_grads.keys()
     assert ours_grads and all(".lora_" in name and ".default." in name for name in ours_grads)
+    # Compared as whole tensors: ours runs each pair as one row over a shared prompt, so the prompt's
+    # gradient is summed in another order (fp32 rounding: ~1e-6 of the norm); a wrong mask or position is
+    # off by orders of magnitude more.
     for name, grad in ours_grads.items():
-        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+        error = ((grad - trl_grads[name]).norm() / trl_grads[name].norm().clamp(min=1e-12)).item()
+        assert error < 3e-5, f"{name}: gradient differs from TRL's by {error:.2e} of its norm"
+        assert torch.isfinite(grad).all(), name
     assert any(grad.abs().sum() > 0 for grad in ours_grads.values())
     for trainer in (pair.ours, pair.trl):
         trainer.model.zero_grad(set_to_none=True)
+
+
+def test_pairs_share_their_prompt(pair: Pair) -> None:
+    """Families whose attention is plain causal run each pair as one row over its prompt (fewer tokens) and
+    get the same loss and log-probs as with two rows; the others (spec shared_prompt: false) run two rows."""
+    trainer, batch = pair.ours, pair.batch
+    layout = trainer.pair_layout(trainer.model, batch)
+    if not pair.mapper.model.shares_prompt:
+        assert layout is None
+        return
+    assert layout is not None, "every preference row of the fixture shares its prompt"
+    assert layout.tokens < int(batch["attention_mask"].sum())
+    trainer.model.eval()
+    losses, metrics = [], []
+    try:
+        for shared in (True, False):
+            trainer.args.shared_prompt = shared
+            with torch.no_grad():
+                losses.append(trainer.compute_loss(trainer.model, dict(batch)))
+            metrics.append({key: trainer._metrics["eval"][key][-1] for key in ("logps/chosen", "logps/rejected")})
+    finally:
+        trainer.args.shared_prompt = True
+        trainer.model.train()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for key, value in metrics[0].items():
+        assert value == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-5), key
 
 
 def test_vision_tower_runs_once_per_step(pair: Pair) -> None:

@@ -52,6 +52,7 @@ class VLModel:
     default_generation_kwargs: ClassVar[dict[str, Any]] = {}
     supports_flash_attention: ClassVar[bool] = False
     position_ids_kind: ClassVar[str] = "1d"
+    shares_prompt: ClassVar[bool] = True  # spec shared_prompt: chosen and rejected may share one prompt row
     image_features_input: ClassVar[str | None] = None  # spec image.features_input
 
     @classmethod

@@ -10,16 +10,18 @@ and backpropagates through it).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTTrainer
 from trl.trainer.utils import hash_module
 
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
+from resonance.base.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
 
 
 def _repeat(value: Any, copies: int) -> Any:
@@ -150,8 +152,26 @@ class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+@dataclass
+class VLDPOConfig(DPOConfig):
+    """TRL's DPOConfig and how our trainer lays out the pairs."""
+
+    shared_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair's chosen and rejected answers in one row over a single copy of their prompt "
+            "(and its image tokens), with an attention mask that keeps them apart: the same log-probs as two "
+            "rows, for fewer tokens. Needs sdpa or eager attention and right padding; families whose attention "
+            "is not plain causal (spec shared_prompt: false) always run two rows."
+        },
+    )
+
+
 class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
     """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step.
+
+    Each pair runs as one row over its shared prompt where the family allows it (see
+    :mod:`resonance.base.shared_prompt`), for the policy and the reference alike.
 
     ``precompute_ref_log_probs=True`` works for image datasets too (TRL refuses it for them): the
     reference log-probs of every row are computed once before training, with TRL's own cached pass
@@ -167,6 +187,8 @@ class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
         super().__init__(*args, **kwargs)
         fused_head_backbone(self.model)
         fused_head_backbone(self.ref_model)
+        install_shared_prompt(self.model, vl_model.position_ids_kind)
+        install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
         if precompute:
             config.precompute_ref_log_probs = True
             self._precompute_images()
@@ -190,9 +212,28 @@ class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
                 self.eval_dataset, "eval", size or self.args.per_device_eval_batch_size
             )
 
+    def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> PairLayout | None:
+        """The shared-prompt layout of this batch, or ``None`` to run it as chosen rows then rejected rows."""
+        base = unwrap(model)
+        if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
+            return None
+        if base.config._attn_implementation not in ("sdpa", "eager"):
+            return None  # flash-attention takes no custom mask
+        return plan_pairs(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+            self.vl_processor.placeholder_token_ids(),
+        )
+
     def compute_ref_log_probs(self, model, inputs):
-        return super().compute_ref_log_probs(model, self._image_model_inputs(model, inputs, copies=2))
+        layout = self.pair_layout(model, inputs)
+        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+        with sharing(layout, model, self.ref_model):
+            return super().compute_ref_log_probs(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        inputs = self._image_model_inputs(model, inputs, copies=2)
-        return super()._compute_loss(model, inputs, return_outputs)
+        layout = self.pair_layout(model, inputs)
+        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+        with sharing(layout, model, self.ref_model):
+            return super()._compute_loss(model, inputs, return_outputs)

@@ -274,6 +274,15 @@ class ModelSpec(_Strict):
             "the prefix)."
         ),
     )
+    shared_prompt: bool = Field(
+        True,
+        description=(
+            "Whether a preference pair may run as one row, chosen and rejected over a single copy of their "
+            "prompt, under a custom 4-D attention mask (causal; each answer sees the prompt and itself) with "
+            "explicit position ids. false for families whose own mask is not plain causal over the text "
+            "(bidirectional image or prefix blocks, sliding windows), which a custom mask would replace."
+        ),
+    )
     overrides: Overrides | None = None
     tiny: Tiny
 
