@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,12 @@ def parse(algorithm: str, argv: list[str]):
     defaults = {"remove_unused_columns": False, "report_to": "none"}
     if not torch.cuda.is_available():
         defaults["bf16"] = False  # TRL's configs default to bf16, which a CPU run refuses
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Several processes without a GPU (torchrun, or `accelerate launch` of configs/accelerate/cpu_2proc.yaml):
+            # accelerate only joins them into one gloo group (MULTI_CPU) when asked for the CPU. Without it each
+            # process sees LOCAL_RANK, finds no GPU, falls back to DistributedType.NO and trains alone on the
+            # whole dataset: N independent copies of a one-process run, all writing the same --output_dir.
+            defaults["use_cpu"] = True
     argv = [*argv]
     for key, value in defaults.items():
         if f"--{key}" not in argv:
@@ -236,6 +243,20 @@ def _build_ppo_trainer(mapper, model_args: ModelArguments, data_args: DataArgume
     return trainer, processor
 
 
+def _log_processes(config) -> None:
+    """Say how many processes train together; warn where the launcher started more than joined."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = getattr(getattr(config, "distributed_state", None), "distributed_type", "?")
+    if config.world_size != launched:
+        logger.warning(
+            "%d processes were launched but this one trains alone (%s): each runs the whole training on its own",
+            launched,
+            kind,
+        )
+    elif config.process_index == 0:
+        logger.info("%d process(es), %s", config.world_size, kind)
+
+
 def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
     from resonance.base.collator import RowError
@@ -252,6 +273,7 @@ def main(algorithm: str, argv: list[str]) -> int:
         return 2
     try:
         trainer, _ = build_trainer(algorithm, model_args, data_args, config)
+        _log_processes(config)
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     except (DataError, RowError, UnsupportedModelError, FileNotFoundError, RewardFunctionError, PPOConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,103 @@
+"""Two CPU processes (gloo) train exactly like one process with the same global batch: SFT and DPO.
+
+Both runs train the tiny LLaVA for one epoch of the example data (16 rows, 4 steps of 4 rows): two processes
+with 2 rows each, and one process with 4. Their logged losses and final LoRA weights must agree to fp32
+rounding.
+
+Launching: the shipped ``configs/accelerate/cpu_2proc.yaml``, as README tells users to. It says
+``distributed_type: MULTI_GPU`` so that accelerate starts the processes through torchrun (with ``MULTI_CPU`` it
+starts ONE process unless ``mpirun`` is set up, which then trains alone with the per-process batch);
+``resonance train`` sees ``WORLD_SIZE`` > 1 without a GPU and sets ``--use_cpu``, so accelerate joins them into
+one gloo group (MULTI_CPU), which the test checks in the log.
+
+Tolerances: the two runs add the same numbers in another order (gloo's all-reduce of two half-batch
+gradients, per-process padding), about 1e-7 of each value in fp32. Losses are forward passes: 1e-5 relative.
+Weights pass through AdamW, whose m / (sqrt(v) + eps) enlarges that rounding in entries whose gradients are
+near zero: the worst tensor measured differs by 9e-6 of its norm, so each LoRA tensor must be within 1e-4 of
+its norm. A real difference in the data or its weighting is far above either: a process training alone on 2
+rows a step, LoRA dropout 0.05, or ``--average_tokens_across_devices False`` each move some tensor by 0.5 to
+0.9 of its norm after 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+STEPS, GLOBAL_BATCH, ROWS = 4, 4, 16
+
+
+def _argv(algorithm: str, ckpt: Path, out: Path, per_device: int) -> list[str]:
+    return [
+        "--model_name_or_path", str(ckpt), "--data_path", str(REPO / "examples" / "data" / f"{algorithm}.jsonl"),
+        "--output_dir", str(out), "--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device),
+        # a rate that moves the weights well away from where they start (DPO's default 1e-6 barely does)
+        "--learning_rate", "1e-3",
+        # LoRA dropout draws its masks from each process's own random stream: no two-process run can match
+        "--lora_dropout", "0",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(STEPS), "--report_to", "none",
+    ]  # fmt: skip
+
+
+def _run(command: list[str]) -> str:
+    # a clean environment: nothing from an outer launcher (ranks, ports) reaches the runs
+    outer = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in outer}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+    argv = _argv(algorithm, ckpt, out, GLOBAL_BATCH // processes)
+    if processes == 1:
+        command = [sys.executable, "-m", "resonance", "train", algorithm, *argv]
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+            "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
+            "-m", "resonance", "train", algorithm, *argv,
+        ]  # fmt: skip
+    output = _run(command)
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    return logs, load_file(out / "adapter_model.safetensors"), output
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_two_cpu_processes_match_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("llava")
+    two_logs, two_weights, two_output = _train(algorithm, ckpt, tmp_path / "two", processes=2)
+    one_logs, one_weights, _ = _train(algorithm, ckpt, tmp_path / "one", processes=1)
+
+    # Two processes really trained together: one gloo group, and 4 of the 16 rows a step (a process that
+    # trained alone with its 2 rows a step would log epoch 0.125 at step 1).
+    assert "2 process(es), DistributedType.MULTI_CPU" in two_output, two_output[-4000:]
+    for logs in (two_logs, one_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+        assert logs[0]["epoch"] == pytest.approx(GLOBAL_BATCH / ROWS)
+
+    # Logged loss: with two processes, the mean of the two processes' losses (SFT: each already divided by
+    # the token count of the whole global batch, average_tokens_across_devices): the one-process loss.
+    for two, one in zip(two_logs, one_logs, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
+
+    assert two_weights.keys() == one_weights.keys() and two_weights
+    moved = 0.0
+    for name, one in one_weights.items():
+        error = ((two_weights[name] - one).norm() / one.norm()).item()
+        assert error < 1e-4, f"{name}: the two runs differ by {error:.2e} of its norm"
+        if ".lora_B." in name:  # zero at the start: all of it is what training did
+            moved = max(moved, one.abs().max().item())
+    assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
