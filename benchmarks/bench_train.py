@@ -412,13 +412,14 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     return result
 
 
-def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl, args, device: str) -> dict[str, Any]:
+def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl, args, device: str, save) -> None:
     """For each side, the largest of ``sizes`` (tried in order, two steps each) that trains without running
-    out of GPU memory, with the peak memory and speed at each size that fitted."""
+    out of GPU memory, with the peak memory and speed at each size that fitted; ``save(entry)`` after each."""
     entry: dict[str, Any] = {"model": bundle["key"], "algorithm": algorithm, "setup": "lora", "largest_batch": {}}
     for who in args.order.split(","):
         fitted: dict[int, dict[str, Any]] = {}
         failure = None
+        entry["largest_batch"][who] = {"largest": None, "stopped": "not finished", "fitted": fitted}
         for size in sizes:
             trial = argparse.Namespace(**{**vars(args), "bs": size, "warmup": 1, "steps": 1})
             log(bundle["key"], algorithm, who, "batch", size, "...")
@@ -430,6 +431,8 @@ def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl,
                 failure = f"{type(exc).__name__} at batch {size}: {exc}"[:500]
             else:
                 fitted[size] = {"peak_gb": result["peak_gb"], "pairs_per_s": result["pairs_per_s"]}
+                entry["largest_batch"][who]["largest"] = size
+                save(entry)
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -437,8 +440,8 @@ def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl,
                 break
         largest = max(fitted, default=None)
         entry["largest_batch"][who] = {"largest": largest, "stopped": failure, "fitted": fitted}
+        save(entry)
         log(bundle["key"], algorithm, who, "largest batch", largest, failure)
-    return entry
 
 
 def main() -> None:
@@ -503,8 +506,12 @@ def main() -> None:
             rows_ours, rows_trl = make_rows(bundle, max(args.rows, needed), 64, 128, Path(folder))
             for algorithm in args.algorithms.split(","):
                 if sizes:
-                    report["runs"].append(largest_batch(bundle, algorithm, sizes, rows_ours, rows_trl, args, device))
-                    Path(args.out).write_text(json.dumps(report, indent=1))
+
+                    def save(entry: dict[str, Any], slot: int = len(report["runs"])) -> None:
+                        report["runs"][slot:] = [entry]
+                        Path(args.out).write_text(json.dumps(report, indent=1))
+
+                    largest_batch(bundle, algorithm, sizes, rows_ours, rows_trl, args, device, save)
                     continue
                 entry: dict[str, Any] = {
                     "model": model_key,

@@ -53,6 +53,7 @@ class VLModel:
     supports_flash_attention: ClassVar[bool] = False
     position_ids_kind: ClassVar[str] = "1d"
     shares_prompt: ClassVar[bool] = True  # spec shared_prompt: chosen and rejected may share one prompt row
+    batched_vision_attention: ClassVar[bool] = False  # spec image.batched_attention
     image_features_input: ClassVar[str | None] = None  # spec image.features_input
 
     @classmethod
@@ -85,10 +86,21 @@ class VLModel:
             base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
             base = model_class.from_pretrained(base_path, **kwargs)
             cls.check_model(base)
+            cls.batch_vision_attention(base)
             return PeftModel.from_pretrained(base, str(path))
         model = model_class.from_pretrained(str(path), **kwargs)
         cls.check_model(model)
+        cls.batch_vision_attention(model)
         return model
+
+    @classmethod
+    def batch_vision_attention(cls, model: nn.Module) -> None:
+        """Where the spec says so (image.batched_attention), run the vision tower's per-segment attention as one
+        batched sdpa call (:mod:`resonance.base.vision_attention`); idempotent."""
+        if cls.batched_vision_attention:
+            from resonance.base.vision_attention import install_batched_vision_attention
+
+            install_batched_vision_attention(cls.get_vision_tower(unwrap(model)))
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:

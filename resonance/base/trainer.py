@@ -146,6 +146,7 @@ class VLSFTTrainer(_ImageEncodingMixin, SFTTrainer):
         self._bind_adapter(vl_model, vl_processor)
         super().__init__(*args, **kwargs)
         fused_head_backbone(self.model)
+        vl_model.batch_vision_attention(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         inputs = self._image_model_inputs(model, inputs, copies=1)
@@ -189,6 +190,9 @@ class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
         fused_head_backbone(self.ref_model)
         install_shared_prompt(self.model, vl_model.position_ids_kind)
         install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                vl_model.batch_vision_attention(model)
         if precompute:
             config.precompute_ref_log_probs = True
             self._precompute_images()

@@ -134,6 +134,14 @@ class Image(_Strict):
     processor_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the processor call (e.g. max_pixels)."
     )
+    batched_attention: bool = Field(
+        False,
+        description=(
+            "Whether the vision tower's attention modules take cu_seqlens segments (Qwen-VL towers: one per image, "
+            "or per window in Qwen2.5-VL) that sdpa would run as one call per segment; true runs them as one "
+            "batched sdpa call over padded segments instead (resonance.base.vision_attention)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _grid_for_patches(self) -> Image:
