@@ -321,7 +321,10 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
     if algorithm == "dpo" and who == "ours":
         config = VLDPOConfig(
-            **common, precompute_ref_log_probs=args.precompute_ref, shared_prompt=not args.no_shared_prompt
+            **common,
+            precompute_ref_log_probs=args.precompute_ref,
+            shared_prompt=not args.no_shared_prompt,
+            use_liger_kernel=args.liger,
         )
     elif algorithm == "dpo":
         config = DPOConfig(**common)
@@ -465,7 +468,9 @@ def main() -> None:
     parser.add_argument(
         "--no-shared-prompt", action="store_true", help="Ablation: ours runs each pair as two rows, as TRL does."
     )
-    parser.add_argument("--liger", action="store_true", help="Ours (SFT) applies Liger's layer kernels.")
+    parser.add_argument(
+        "--liger", action="store_true", help="Ours applies Liger's layer kernels (RMSNorm, SwiGLU, RoPE)."
+    )
     parser.add_argument(
         "--max-batch",
         default="",
@@ -502,7 +507,8 @@ def main() -> None:
         bundle = build(model_key, args.tiny)
         with tempfile.TemporaryDirectory() as folder:
             sizes = [int(size) for size in args.max_batch.split(",") if size]
-            needed = max([args.bs * (args.warmup + args.steps), *(2 * size for size in sizes)])
+            # Rows for the timed steps, and for the three batches collated up front to count tokens.
+            needed = max([args.bs * max(3, args.warmup + args.steps), *(3 * size for size in sizes)])
             rows_ours, rows_trl = make_rows(bundle, max(args.rows, needed), 64, 128, Path(folder))
             for algorithm in args.algorithms.split(","):
                 if sizes:
