@@ -420,6 +420,8 @@ def largest_batch(bundle, algorithm: str, sizes: list[int], rows_ours, rows_trl,
     out of GPU memory, with the peak memory and speed at each size that fitted; ``save(entry)`` after each."""
     entry: dict[str, Any] = {"model": bundle["key"], "algorithm": algorithm, "setup": "lora", "largest_batch": {}}
     for who in args.order.split(","):
+        if args.only and who != args.only:
+            continue
         fitted: dict[int, dict[str, Any]] = {}
         failure = None
         entry["largest_batch"][who] = {"largest": None, "stopped": "not finished", "fitted": fitted}
