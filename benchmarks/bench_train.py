@@ -393,6 +393,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     tokens = statistics.mean(t for t, _, _ in batch_tokens)
     completion = statistics.mean(c for _, c, _ in batch_tokens)
     executed = statistics.mean(e for _, _, e in batch_tokens)
+    # With precomputed reference log-probs a step runs no reference forward: count it as SFT-like.
+    counted = "sft" if algorithm == "dpo" and getattr(config, "precompute_ref_log_probs", False) else algorithm
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {
         "pairs_per_s": args.bs / step_s,
@@ -408,8 +410,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "setup_s": setup_s,
         "executed_tokens_per_step": executed,
         # FLOPs the step runs (shared-prompt rows: each prompt once), and those of the same pairs as two rows
-        "flops_per_step": step_flops(n_lm, lm_head, executed, completion, algorithm),
-        "two_row_flops_per_step": step_flops(n_lm, lm_head, tokens, completion, algorithm),
+        "flops_per_step": step_flops(n_lm, lm_head, executed, completion, counted),
+        "two_row_flops_per_step": step_flops(n_lm, lm_head, tokens, completion, counted),
     }
     del trainer, model
     return result
