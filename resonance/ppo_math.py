@@ -13,6 +13,7 @@ tokens, ``log pi_old`` those at rollout time, ``log pi_ref`` the reference model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -64,17 +65,34 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalise the unmasked values over the whole batch: ``(x - mean) / sqrt(var + eps)``.
 
     ``mean`` and ``var`` are :func:`masked_mean` and the unbiased :func:`masked_var` of the unmasked values.
     With ``shift_mean=False`` the mean is added back, ``(x - mean) / sqrt(var + eps) + mean``: the values are
     rescaled to unit variance but keep their mean (used for rewards, whose sign carries meaning). Masked
     positions are 0.
+
+    ``reduce`` (several processes): sums a tensor over all processes; ``mean`` and ``var`` are then those of
+    every process's unmasked values together (the same two-pass formulas), so each process whitens its share
+    of one global batch.
     """
     mask = _bool(mask, values)
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    if reduce is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        sums = reduce(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)]))
+        count = sums[1]
+        mean = sums[0] / count.clamp(min=1)
+        var = reduce(masked_sum((values - mean) ** 2, mask)) / count.clamp(min=1)
+        var = var * count / (count - 1) if count > 1 else var
+    whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return _masked(whitened, mask)

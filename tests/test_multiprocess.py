@@ -101,3 +101,54 @@ def test_two_cpu_processes_match_one(algorithm: str, tiny_checkpoint, tmp_path: 
         if ".lora_B." in name:  # zero at the start: all of it is what training did
             moved = max(moved, one.abs().max().item())
     assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+
+
+def _whiten_worker(rank: int, init: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    from resonance.base.ppo import whiten_across
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        values, masks = _whiten_data()
+        mine = slice(0, 2) if rank == 0 else slice(2, 3)  # unequal shares: 2 micro-batches and 1
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        for shift_mean in (True, False):
+            out = whiten_across(values[mine], masks[mine], shift_mean, reduce=reduce)
+            results[(rank, shift_mean)] = [t.clone() for t in out]
+    finally:
+        dist.destroy_process_group()
+
+
+def _whiten_data() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, 5), (3, 7), (2, 4)]  # micro-batches with responses of different lengths
+    values = [torch.randn(shape, generator=generator) * 3 + 1 for shape in shapes]
+    masks = [torch.rand(shape, generator=generator) > 0.3 for shape in shapes]
+    return values, masks
+
+
+def test_ppo_whitening_spans_all_processes(tmp_path: Path) -> None:
+    """Two gloo processes, each whitening its share of a rollout with the cross-process reduce PPO uses,
+    get exactly what one process whitening the whole rollout gets (not each share's own statistics)."""
+    import torch.multiprocessing as mp
+
+    from resonance.base.ppo import whiten_across
+
+    manager = mp.Manager()
+    results = manager.dict()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_whiten_worker, args=(init, results), nprocs=2, start_method="spawn")
+    values, masks = _whiten_data()
+    for shift_mean in (True, False):
+        whole = whiten_across(values, masks, shift_mean)
+        shared = [*results[(0, shift_mean)], *results[(1, shift_mean)]]
+        for got, want in zip(shared, whole, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        alone = whiten_across(values[2:], masks[2:], shift_mean)  # the last share on its own statistics
+        assert not torch.allclose(alone[0], whole[2], atol=1e-3)

@@ -40,6 +40,7 @@ Logged per step: ``reward`` (mean score), ``reward_std``, ``kl`` (mean per-respo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -312,10 +313,16 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
 
 
-def whiten_across(values: list[torch.Tensor], masks: list[torch.Tensor], shift_mean: bool) -> list[torch.Tensor]:
+def whiten_across(
+    values: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    shift_mean: bool,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """:func:`~resonance.ppo_math.masked_whiten` over several micro-batches together (responses of different
-    lengths), returned split back as given."""
-    whitened = masked_whiten(_pad_cat(values), _pad_cat([m.long() for m in masks]).bool(), shift_mean)
+    lengths), and with ``reduce`` over every process's micro-batches, returned split back as given."""
+    mask = _pad_cat([m.long() for m in masks]).bool()
+    whitened = masked_whiten(_pad_cat(values), mask, shift_mean, reduce=reduce)
     out, start = [], 0
     for value in values:
         out.append(whitened[start : start + value.shape[0], : value.shape[1]])
@@ -578,13 +585,21 @@ class VLPPOTrainer(_ImageEncodingMixin):
             r.rewards, r.kl = kl_penalized_rewards(
                 r.scores, r.logprobs, r.ref_logprobs, r.mask, args.kl_coef, args.kl_estimator
             )
+        # Several processes whiten over the rollout of all of them, as one process would with their rows.
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = functools.partial(self.accelerator.reduce, reduction="sum")
         if args.whiten_rewards:
-            whitened = whiten_across([r.rewards for r in rollouts], [r.mask for r in rollouts], shift_mean=False)
+            whitened = whiten_across(
+                [r.rewards for r in rollouts], [r.mask for r in rollouts], shift_mean=False, reduce=reduce
+            )
             for r, rewards in zip(rollouts, whitened, strict=True):
                 r.rewards = rewards
         for r in rollouts:
             r.advantages, r.returns = compute_gae(r.rewards, r.values, r.mask, args.gamma, args.lam)
-        whitened = whiten_across([r.advantages for r in rollouts], [r.mask for r in rollouts], shift_mean=True)
+        whitened = whiten_across(
+            [r.advantages for r in rollouts], [r.mask for r in rollouts], shift_mean=True, reduce=reduce
+        )
         for r, advantages in zip(rollouts, whitened, strict=True):
             r.advantages = advantages
 
