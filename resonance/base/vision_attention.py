@@ -1,4 +1,4 @@
-"""Qwen-VL vision towers' segment attention as one batched sdpa call (spec ``batched_vision_attention``).
+"""Qwen-VL vision towers' segment attention as one batched sdpa call (spec ``image.batched_attention``).
 
 The Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers attend within segments of the flattened patch sequence given
 by ``cu_seqlens``: each image (full-attention blocks) or each 8x8-patch window (Qwen2.5-VL's windowed
