@@ -346,6 +346,10 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images")} for r in rows_trl])
         trainer_cls = DPOTrainer if algorithm == "dpo" else SFTTrainer
     trainer = trainer_cls(train_dataset=dataset, **kwargs)
+    if args.compile and who == "ours":  # what `resonance train --compile_layers True` does
+        from resonance.base.compile import compile_blocks
+
+        compile_blocks(trainer.model)
     setup_s = time.perf_counter() - built  # includes the reference pass with --precompute-ref
     # Tokens per step from a few batches collated up front (the loader may run in worker processes).
     collate = trainer.data_collator
@@ -408,6 +412,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "collate_s_per_batch": statistics.mean(collate_times),
         "train_wall_s": wall,
         "setup_s": setup_s,
+        "warmup_step_s": timer.times[: args.warmup],  # with --compile: includes compiling
+        "compiled_layers": bool(args.compile and who == "ours"),
         "executed_tokens_per_step": executed,
         # FLOPs the step runs (shared-prompt rows: each prompt once), and those of the same pairs as two rows
         "flops_per_step": step_flops(n_lm, lm_head, executed, completion, counted),
@@ -474,6 +480,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--liger", action="store_true", help="Ours applies Liger's layer kernels (RMSNorm, SwiGLU, RoPE)."
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Ours compiles each decoder layer and vision block in place (--compile_layers); give enough "
+        "--warmup steps for the compiles (about 3: first shapes, then dynamic lengths).",
     )
     parser.add_argument(
         "--max-batch",

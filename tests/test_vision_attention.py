@@ -34,6 +34,22 @@ def test_segments_attend_within_themselves_only(lengths: list[int]) -> None:
     torch.testing.assert_close(out, _reference(query, key, value, cu_seqlens, 0.35), rtol=1e-5, atol=1e-6)
 
 
+def test_segment_lengths_read_once_per_tensor_and_again_after_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each block of a tower gets the same ``cu_seqlens``: its lengths reach the host (a GPU sync) once."""
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
+    query, key, value = (torch.randn(9, 2, 4) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 4, 9])
+    for _ in range(3):
+        segment_attention(query, key, value, cu_seqlens, 0.5)
+    assert len(reads) == 1
+    cu_seqlens[1] = 6  # changed in place: read again, and the new segments are used
+    out = segment_attention(query, key, value, cu_seqlens, 0.5)
+    assert len(reads) == 2
+    torch.testing.assert_close(out, _reference(query, key, value, cu_seqlens, 0.5), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", BATCHED)
 def test_tower_features_match_per_segment_attention(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)

@@ -13,13 +13,30 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Segment lengths per cu_seqlens tensor. A tower passes the same two tensors (windows, whole images) to all
+# its blocks; reading them on the host waits for the GPU, so it is done once per tensor, not once per block.
+# Keyed by id (tensors compare elementwise, so they cannot be dict keys); an entry goes with its tensor.
+_SIZES: dict[int, tuple[weakref.ref, int, list[int]]] = {}
 
+
+def _segment_sizes(cu_seqlens: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+    key = id(cu_seqlens)
+    cached = _SIZES.get(key)
+    if cached is not None and cached[0]() is cu_seqlens and cached[1] == cu_seqlens._version:
+        return cached[2]
+    sizes = lengths.tolist()
+    _SIZES[key] = (weakref.ref(cu_seqlens, lambda _, key=key: _SIZES.pop(key, None)), cu_seqlens._version, sizes)
+    return sizes
+
+
+@torch.compiler.disable  # data-dependent shapes: inside a compiled block (compile_blocks) it runs eagerly
 def segment_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -27,7 +44,7 @@ def segment_attention(
     without masks across segments, as one sdpa call; returns ``[N, heads * dim]`` in the input order."""
     total, heads, dim = query.shape
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    sizes = lengths.tolist()
+    sizes = _segment_sizes(cu_seqlens, lengths)
     count, longest = len(sizes), max(sizes)
     if all(size == longest for size in sizes):  # one dense batch, no mask: sdpa may pick flash kernels
 

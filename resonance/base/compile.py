@@ -1,0 +1,51 @@
+"""Regional compilation: every block of a repeated stack (decoder layers, vision blocks) compiled in place.
+
+A VLM training step on a small language model (Qwen2.5-VL-3B) is bound by launching small kernels: RMSNorm
+in fp32, rotary embeddings, SiLU-and-multiply, residual adds and LoRA's dtype casts, some thirty per layer,
+each a separate kernel in eager mode. ``torch.compile`` fuses them. Compiling each block of a
+``ModuleList`` whose entries share a class (accelerate's ``is_repeated_blocks``) compiles the block's code
+once and reuses it for every layer, so the compile time is that of one layer, not of the model.
+
+The blocks are compiled in place (``nn.Module.compile``), not wrapped: the module tree, parameter names,
+PEFT's adapters, hooks, gradient checkpointing (transformers' ``GradientCheckpointingLayer`` calls the
+compiled forward inside the checkpoint) and saving all stay as they are. Everything outside the blocks
+(embeddings, masks, the vision merger, the LM head and the loss) runs eagerly.
+
+Each block compiles a few variants: with and without grad (the reference pass runs under ``no_grad``),
+each active LoRA adapter (TRL's reference adapter, or adapters disabled), and once more with symbolic
+sequence lengths after the first length change. The per-function recompile limit is raised to hold them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate.utils.other import is_repeated_blocks
+from torch import nn
+
+logger = logging.getLogger("resonance")
+
+RECOMPILE_LIMIT = 32  # variants per compiled block: grad mode x adapter x static/dynamic lengths, with room
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Compile, in place, each block of every repeated stack in ``model``; return how many blocks.
+
+    Blocks already compiled are left as they are, so calling it twice is harmless. Stacks nested inside a
+    compiled block are compiled as part of it.
+    """
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    return _compile(model, compile_kwargs)
+
+
+def _compile(module: nn.Module, compile_kwargs: dict) -> int:
+    if is_repeated_blocks(module):
+        count = 0
+        for block in module:
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(**compile_kwargs)
+                count += 1
+        return count
+    return sum(_compile(child, compile_kwargs) for child in module.children())
