@@ -11,9 +11,12 @@ PEFT's adapters, hooks, gradient checkpointing (transformers' ``GradientCheckpoi
 compiled forward inside the checkpoint) and saving all stay as they are. Everything outside the blocks
 (embeddings, masks, the vision merger, the LM head and the loss) runs eagerly.
 
-Each block compiles a few variants: with and without grad (the reference pass runs under ``no_grad``),
-each active LoRA adapter (TRL's reference adapter, or adapters disabled), and once more with symbolic
-sequence lengths after the first length change. The per-function recompile limit is raised to hold them.
+Sizes are symbolic from the first compile (``dynamic=True``): batches of other lengths reuse the compiled
+code. With torch's default (specialise first, go symbolic on the first change) the second compile landed
+several steps into training, whenever a batch of a new length first came, as a pause of 10-25 s on an H100
+host. Each block still compiles a few variants: with and without grad (the reference pass runs under
+``no_grad``) and per active LoRA adapter (TRL's reference adapter, or adapters disabled). The per-function
+recompile limit is raised to hold them.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ RECOMPILE_LIMIT = 32  # variants per compiled block: grad mode x adapter x stati
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Compile, in place, each block of every repeated stack in ``model``; return how many blocks.
 
-    Blocks already compiled are left as they are, so calling it twice is harmless. Stacks nested inside a
-    compiled block are compiled as part of it.
+    ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=True``). Blocks already compiled are left
+    as they are, so calling it twice is harmless. Stacks nested inside a compiled block are compiled as
+    part of it.
     """
+    compile_kwargs.setdefault("dynamic", True)
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     return _compile(model, compile_kwargs)
