@@ -319,6 +319,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     hf_processor = bundle["processor"]
     built = time.perf_counter()
     keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
+    if who == "ours" and args.compile:  # as `resonance train --compile_layers True`
+        common["pad_to_multiple_of"] = 8
     if algorithm == "dpo" and who == "ours":
         config = VLDPOConfig(
             **common,
@@ -339,7 +341,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         processor = VLProcessor.__new__(mapper.processor)
         VLProcessor.__init__(processor, hf_processor)
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images", "source")} for r in rows_ours])
-        collator = (mapper.dpo_collator if algorithm == "dpo" else mapper.sft_collator)(processor)
+        collator_cls = mapper.dpo_collator if algorithm == "dpo" else mapper.sft_collator
+        collator = collator_cls(processor, pad_to_multiple_of=config.pad_to_multiple_of)
         trainer_cls = mapper.dpo_trainer if algorithm == "dpo" else mapper.sft_trainer
         kwargs.update(data_collator=collator, vl_model=mapper.model, vl_processor=processor)
     else:
@@ -412,7 +415,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         "collate_s_per_batch": statistics.mean(collate_times),
         "train_wall_s": wall,
         "setup_s": setup_s,
-        "warmup_step_s": timer.times[: args.warmup],  # with --compile: includes compiling
+        "each_step_s": timer.times,  # warm-up steps first (with --compile they include compiling)
         "compiled_layers": bool(args.compile and who == "ours"),
         "executed_tokens_per_step": executed,
         # FLOPs the step runs (shared-prompt rows: each prompt once), and those of the same pairs as two rows

@@ -30,7 +30,8 @@ class ModelArguments:
         metadata={
             "help": "Compile each decoder layer and vision block in place with torch.compile (one compile per "
             "layer kind, reused by every layer): fuses the small kernels that bound steps on small models. The "
-            "first steps are slower while it compiles. sft, dpo and rm only."
+            "first steps are slower while it compiles. Pads batches to a multiple of 8 tokens unless "
+            "--pad_to_multiple_of says otherwise. sft, dpo and rm only."
         },
     )
 
@@ -86,6 +87,11 @@ def parse(algorithm: str, argv: list[str]):
         parser.error(
             f"--compile_layers: sft, dpo and rm only, not {algorithm} (generation would compile every layer separately)"
         )
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "--pad_to_multiple_of" not in given:
+        # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
+        # lengths of both kinds would compile every layer twice, the second time deep into training.
+        config.pad_to_multiple_of = 8
     if algorithm == "sft":
         config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
     return model_args, data_args, config
@@ -164,7 +170,12 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
         raise UnsupportedModelError(
             f"{model_cls.__name__}: the adapter has no {algorithm} classes; rerun `resonance scaffold`"
         )
-    collator = collator_cls(processor, max_length=config.max_length, skip_long_rows=data_args.skip_long_rows)
+    collator = collator_cls(
+        processor,
+        max_length=config.max_length,
+        skip_long_rows=data_args.skip_long_rows,
+        pad_to_multiple_of=getattr(config, "pad_to_multiple_of", None),
+    )
     ref_model = None
     peft_model = _apply_lora(model, model_cls, model_args)
     if algorithm == "dpo" and peft_model is model:

@@ -85,3 +85,12 @@ def test_compile_layers_refused_for_generation(algorithm: str, capsys: pytest.Ca
         )
     assert exc.value.code == 2
     assert f"--compile_layers: sft, dpo and rm only, not {algorithm}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
+def test_compile_layers_pads_batches_to_a_multiple_of_8_unless_told(algorithm: str) -> None:
+    """Compiled attention specialises on lengths that are multiples of 8 (sdpa's mask alignment)."""
+    argv = ["--model_name_or_path", "m", "--data_path", "d"]
+    assert parse(algorithm, argv)[2].pad_to_multiple_of is None
+    assert parse(algorithm, [*argv, "--compile_layers", "True"])[2].pad_to_multiple_of == 8
+    assert parse(algorithm, [*argv, "--compile_layers", "True", "--pad_to_multiple_of=16"])[2].pad_to_multiple_of == 16

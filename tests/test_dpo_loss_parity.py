@@ -175,28 +175,37 @@ def test_loss_and_gradients_match_trl(pair: Pair) -> None:
 
 def test_pairs_share_their_prompt(pair: Pair) -> None:
     """Families whose attention is plain causal run each pair as one row over its prompt (fewer tokens) and
-    get the same loss and log-probs as with two rows; the others (spec shared_prompt: false) run two rows."""
+    get the same loss and log-probs as with two rows; the others (spec shared_prompt: false) run two rows.
+    Padding to a multiple of tokens (``--pad_to_multiple_of``: the collator's rows, then the shared rows)
+    changes neither."""
     trainer, batch = pair.ours, pair.batch
     layout = trainer.pair_layout(trainer.model, batch)
     if not pair.mapper.model.shares_prompt:
         assert layout is None
-        return
-    assert layout is not None, "every preference row of the fixture shares its prompt"
-    assert layout.tokens < int(batch["attention_mask"].sum())
+    else:
+        assert layout is not None, "every preference row of the fixture shares its prompt"
+        assert layout.tokens < int(batch["attention_mask"].sum())
+    collator, length = trainer.data_collator, batch["input_ids"].shape[1]
+    multiple = 8 if length % 8 else 16  # one that really pads
+    padded = type(collator)(collator.processor, pad_to_multiple_of=multiple).pad(dict(batch))
+    assert padded["input_ids"].shape[1] % multiple == 0 and padded["input_ids"].shape[1] > length
     trainer.model.eval()
     losses, metrics = [], []
     try:
-        for shared in (True, False):
-            trainer.args.shared_prompt = shared
+        for shared, padding, inputs in ((True, None, batch), (True, multiple, padded), (False, None, batch)):
+            trainer.args.shared_prompt, trainer.args.pad_to_multiple_of = shared, padding
+            if padding and layout is not None:
+                assert trainer.pair_layout(trainer.model, inputs).shared_length % padding == 0
             with torch.no_grad():
-                losses.append(trainer.compute_loss(trainer.model, dict(batch)))
+                losses.append(trainer.compute_loss(trainer.model, dict(inputs)))
             metrics.append({key: trainer._metrics["eval"][key][-1] for key in ("logps/chosen", "logps/rejected")})
     finally:
-        trainer.args.shared_prompt = True
+        trainer.args.shared_prompt, trainer.args.pad_to_multiple_of = True, None
         trainer.model.train()
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    for key, value in metrics[0].items():
-        assert value == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-5), key
+    for loss, values in zip(losses[1:], metrics[1:], strict=True):
+        torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-6)
+        for key, value in values.items():
+            assert value == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-5), key
 
 
 def test_vision_tower_runs_once_per_step(pair: Pair) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TEMPLATE_FAMILIES
+from conftest import FAMILIES, TEMPLATE_FAMILIES
 from helpers import (
     IGNORE_INDEX,
     IMAGE,
@@ -201,3 +201,34 @@ def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Calla
     reference.update({name: from_prompts[name] for name in prompt_only_inputs(processor)})
     for name in processor.image_input_names():
         assert torch.equal(batch[name], reference[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_to_a_multiple_only_adds_padding(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """``pad_to_multiple_of`` (TRL's flag, 8 under --compile_layers) lengthens the batch with padding only:
+    the tokens, labels, masks and image inputs of the unpadded batch stay as they were."""
+    mapper, processor = load_adapter(tiny_checkpoint(family))
+    messages, sizes = SFT_CASES["single_turn"][0]
+    sft_rows = [{"messages": messages, "images": row_images(tmp_path, 0, sizes), "source": "case:0"}]
+    dpo_rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    for collator_cls, rows in ((mapper.sft_collator, sft_rows), (mapper.dpo_collator, dpo_rows)):
+        plain = collator_cls(processor)(rows)
+        padded = collator_cls(processor, pad_to_multiple_of=8)(rows)
+        assert plain.keys() == padded.keys()
+        count, length = plain["input_ids"].shape
+        assert padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] >= length
+        for key, value in plain.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() >= 2 and value.shape[:2] == (count, length):  # per token: a prefix, then padding
+                assert padded[key].shape[1] == padded["input_ids"].shape[1], key
+                assert torch.equal(padded[key][:, :length], value), key
+                tail = padded[key][:, length:]
+                if key in ("attention_mask", "completion_mask"):
+                    assert not tail.any(), key
+                if key == "labels":
+                    assert (tail == IGNORE_INDEX).all()
+            else:
+                assert torch.equal(padded[key], value), key

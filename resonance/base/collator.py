@@ -16,6 +16,20 @@ from resonance.base.processor import IGNORE_INDEX, VLProcessor
 logger = logging.getLogger("resonance.data")
 
 
+# The batch inputs with one entry per token (dimension 1), which padding lengthens: text, masks, labels (DPO:
+# the completion mask) and the families' per-token extras (Gemma 3 / PaliGemma token types, Qwen3-VL's
+# multimodal token types, Mllama's cross-attention mask [rows, tokens, images, tiles]).
+PER_TOKEN_INPUTS = {
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "completion_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "cross_attention_mask",
+}
+
+
 class RowError(ValueError):
     """A dataset row that cannot be used; the message names its file and line."""
 
@@ -40,15 +54,37 @@ def load_row_images(processor: VLProcessor, paths: list[str], source: str) -> li
 class _VLCollatorBase:
     """Shared by the SFT and DPO collators: image loading and the max-length policy."""
 
-    def __init__(self, processor: VLProcessor, max_length: int | None = None, skip_long_rows: bool = False):
+    def __init__(
+        self,
+        processor: VLProcessor,
+        max_length: int | None = None,
+        skip_long_rows: bool = False,
+        pad_to_multiple_of: int | None = None,
+    ):
         self.processor = processor
         self.max_length = max_length
         self.skip_long_rows = skip_long_rows
+        self.pad_to_multiple_of = pad_to_multiple_of  # TRL's --pad_to_multiple_of
         self.skipped_rows = 0
 
     def load_images(self, paths: list[str], source: str) -> list[Image.Image]:
         """Open a row's images as RGB; a missing or unreadable file names the row."""
         return load_row_images(self.processor, paths, source)
+
+    def pad(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Right-pad the per-token inputs to a multiple of ``pad_to_multiple_of`` tokens (padding, unattended,
+        unsupervised); image inputs are left as they are."""
+        length = batch["input_ids"].shape[1]
+        extra = -length % (self.pad_to_multiple_of or 1)
+        if not extra:
+            return batch
+        pad_id = self.processor.tokenizer.pad_token_id
+        fills = {"input_ids": 0 if pad_id is None else pad_id, "labels": IGNORE_INDEX}
+        for key in PER_TOKEN_INPUTS & batch.keys():
+            value = batch[key]
+            shape = (value.shape[0], extra, *value.shape[2:])
+            batch[key] = torch.cat([value, value.new_full(shape, fills.get(key, 0))], dim=1)
+        return batch
 
     def _too_long(self, lengths: list[int], sources: list[str]) -> list[int]:
         """Indices of rows over max_length: an error, or (with skip_long_rows) logged and counted."""
@@ -83,7 +119,7 @@ class VLSFTDataCollatorWithPadding(_VLCollatorBase):
             features = [f for i, f in enumerate(features) if i not in over]
         if not (batch["labels"] != IGNORE_INDEX).any():
             raise RowError(f"no supervised tokens in batch {sources}: do the rows have assistant turns?")
-        return dict(batch)
+        return self.pad(dict(batch))
 
 
 class VLDPODataCollatorWithPadding(_VLCollatorBase):
@@ -118,6 +154,7 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
             if not over:
                 break
             features = [f for i, f in enumerate(features) if i not in over]
+        batch = self.pad(dict(batch))
         completion_mask = (batch.pop("labels") != IGNORE_INDEX).long()
         for i in range(completion_mask.shape[0]):
             if not completion_mask[i].any():

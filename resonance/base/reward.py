@@ -126,11 +126,15 @@ def bradley_terry(
 
 @dataclass
 class VLRewardConfig(TrainingArguments):
-    """``TrainingArguments`` plus ``max_length`` (tokens per chosen or rejected row, image tokens included)."""
+    """``TrainingArguments`` plus ``max_length`` (tokens per chosen or rejected row, image tokens included) and
+    ``pad_to_multiple_of`` (as in TRL's configs)."""
 
     max_length: int | None = field(
         default=1024,
         metadata={"help": "Longest chosen/rejected row in tokens (image tokens included); longer rows fail or skip."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch to a multiple of this many tokens."}
     )
 
 

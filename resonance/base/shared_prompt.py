@@ -112,8 +112,11 @@ def plan_pairs(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     placeholder_ids: list[int],
+    multiple_of: int = 1,
 ) -> PairLayout | None:
-    """The shared layout of a chosen-then-rejected batch, or ``None`` where it cannot be shared exactly."""
+    """The shared layout of a chosen-then-rejected batch, or ``None`` where it cannot be shared exactly.
+
+    The shared rows are padded to a multiple of ``multiple_of`` tokens (TRL's ``pad_to_multiple_of``)."""
     rows, length = input_ids.shape
     if rows % 2 or rows == 0 or length < 2:
         return None
@@ -144,7 +147,7 @@ def plan_pairs(
         segments.append(segment)
         starts.append(n_chosen)
         lasts.append(prompt - 1)
-    size = max(len(s) for s in sources)
+    size = -(-max(len(s) for s in sources) // multiple_of) * multiple_of
     source = torch.full((pairs, size), -1, dtype=torch.long)
     segment = torch.full((pairs, size), -1, dtype=torch.long)
     for b, (src, seg) in enumerate(zip(sources, segments, strict=True)):

@@ -228,6 +228,7 @@ class VLDPOTrainer(_ImageEncodingMixin, DPOTrainer):
             inputs["attention_mask"],
             inputs["completion_mask"],
             self.vl_processor.placeholder_token_ids(),
+            multiple_of=self.args.pad_to_multiple_of or 1,
         )
 
     def compute_ref_log_probs(self, model, inputs):
