@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Resonance vs TRL, same model, data, batch, LoRA and precision, in one process: DPO and SFT throughput.
+"""Resonance vs TRL, same model, data, batch, LoRA and precision, in one process: DPO, SFT and RM throughput.
 
 Models are random-weight and real-size, built from configs (no download): a Qwen2.5-VL-3B shape and a
 LLaVA-1.5-7B shape (the shapes of ../shared/bench/trl_baseline.py). Images are synthetic (448x448 for
@@ -7,7 +7,8 @@ Qwen, 336x336 for LLaVA); prompts ~64 tokens, answers ~128 tokens. For each (mod
 model is built twice from the same seed: once trained by our trainer (adapter from specs/), once by
 TRL's own DPOTrainer / SFTTrainer with its own collator. Prints and writes as JSON: pairs/s, tokens/s,
 peak GPU memory, MFU against a bf16 matmul measured in the same run, the first-step loss, and the
-ratios ours/TRL.
+ratios ours/TRL. The reward model (``rm``) runs ours only: TRL 1.16's RewardTrainer takes no images, so its
+entry records that instead of TRL figures. PPO has no peer at all (TRL 1.x removed it) and no script here.
 
     python benchmarks/bench_train.py --out results.json                  # GPU, real sizes
     python benchmarks/bench_train.py --tiny --out /tmp/bench.json        # CPU smoke test, tiny sizes
@@ -267,11 +268,14 @@ def matmul_peak_tflops() -> float | None:
 
 def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device: str) -> dict[str, Any]:
     """Train ``args.warmup + args.steps`` steps with our trainer or TRL's; return the measurements."""
+    if algorithm == "rm" and who == "trl":
+        raise NotImplementedError("TRL 1.16's RewardTrainer is text-only: it has no image reward model to compare")
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from resonance.base.processor import VLProcessor
+    from resonance.base.reward import VLRewardConfig
     from resonance.base.shared_prompt import plan_pairs
     from resonance.base.trainer import VLDPOConfig
 
@@ -297,6 +301,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         target_modules=mapper.model.lora_target_modules(mapper.model.default_lora_target),
     )
     model = get_peft_model(model, lora)
+    if algorithm == "rm":  # the scalar head on the LoRA model, as `resonance train rm` builds it
+        model = mapper.reward_model(model)
     common = dict(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.bs,
@@ -318,7 +324,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         mapper.model.image_encoder_frozen = classmethod(lambda cls, model: False)
     hf_processor = bundle["processor"]
     built = time.perf_counter()
-    keys = ("prompt", "chosen", "rejected") if algorithm == "dpo" else ("messages",)
+    keys = ("messages",) if algorithm == "sft" else ("prompt", "chosen", "rejected")
     if who == "ours" and args.compile:  # as `resonance train --compile_layers True`
         common["pad_to_multiple_of"] = 8
     if algorithm == "dpo" and who == "ours":
@@ -330,6 +336,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         )
     elif algorithm == "dpo":
         config = DPOConfig(**common)
+    elif algorithm == "rm":
+        config = VLRewardConfig(**common)
     else:  # our collator builds the labels; TRL's prepares its own dataset
         config = SFTConfig(
             **common,
@@ -341,9 +349,9 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         processor = VLProcessor.__new__(mapper.processor)
         VLProcessor.__init__(processor, hf_processor)
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images", "source")} for r in rows_ours])
-        collator_cls = mapper.dpo_collator if algorithm == "dpo" else mapper.sft_collator
-        collator = collator_cls(processor, pad_to_multiple_of=config.pad_to_multiple_of)
-        trainer_cls = mapper.dpo_trainer if algorithm == "dpo" else mapper.sft_trainer
+        collator_cls = {"dpo": mapper.dpo_collator, "sft": mapper.sft_collator, "rm": mapper.reward_collator}
+        collator = collator_cls[algorithm](processor, pad_to_multiple_of=config.pad_to_multiple_of)
+        trainer_cls = {"dpo": mapper.dpo_trainer, "sft": mapper.sft_trainer, "rm": mapper.reward_trainer}[algorithm]
         kwargs.update(data_collator=collator, vl_model=mapper.model, vl_processor=processor)
     else:
         dataset = Dataset.from_list([{k: r[k] for k in (*keys, "images")} for r in rows_trl])
@@ -362,7 +370,12 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         begin = time.perf_counter()
         batch = collate(features)
         collate_times.append(time.perf_counter() - begin)
-        mask = batch["completion_mask"] if "completion_mask" in batch else (batch["labels"] != -100)
+        if "completion_mask" in batch:
+            mask = batch["completion_mask"]
+        elif "labels" in batch:
+            mask = batch["labels"] != -100
+        else:  # reward model: a score on each row's last token, no LM head
+            mask = torch.zeros_like(batch["attention_mask"])
         executed = int(batch["attention_mask"].sum())
         if who == "ours" and algorithm == "dpo" and config.shared_prompt:  # the tokens the model actually runs
             layout = plan_pairs(
@@ -465,7 +478,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="Where to write the JSON results.")
     parser.add_argument("--tiny", action="store_true", help="Tiny sizes on the CPU (a smoke test).")
     parser.add_argument("--models", default="qwen2_5_vl_3b,llava_1_5_7b")
-    parser.add_argument("--algorithms", default="dpo,sft")
+    parser.add_argument(
+        "--algorithms", default="dpo,sft", help="dpo, sft, rm (rm: ours only; TRL has no image reward trainer)"
+    )
     parser.add_argument("--bs", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)

@@ -1,7 +1,8 @@
 """CUDA checks, run on the device machine (`python -m pytest -m gpu`); CPU CI deselects them.
 
 On a GPU the frozen-vision path, bf16 autocast and the attention choice differ from the CPU run:
-one SFT, one DPO, one reward-model, one PPO and one GRPO step per family in bf16, and batched bf16 generation.
+one SFT, one DPO, one reward-model, one PPO and one GRPO step per family in bf16, batched bf16 generation, and
+--compile_layers (Triton kernels) against eager on three families.
 """
 
 from __future__ import annotations
@@ -162,3 +163,39 @@ def test_one_bf16_online_step_on_cuda(family: str, algorithm: str, tiny_checkpoi
     key = "policy_loss" if algorithm == "ppo" else "loss"
     values = [entry[key] for entry in history if key in entry]
     assert values and all(torch.isfinite(torch.tensor(values)))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3"])
+def test_compiled_layers_match_eager_in_bf16_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> None:
+    """--compile_layers on CUDA (inductor's Triton kernels): DPO losses as eager ones, to bf16 precision."""
+    from torch._dynamo.utils import counters
+
+    from resonance.train import build_trainer, parse
+
+    ckpt, data = tiny_checkpoint(family), _data(tmp_path, "dpo")
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        argv = [
+            "--model_name_or_path", str(ckpt),
+            "--data_path", str(data),
+            "--output_dir", str(tmp_path / f"out{compiled}"),
+            "--max_steps", "3",
+            "--per_device_train_batch_size", "2",
+            "--learning_rate", "1e-3",
+            "--lora_dropout", "0",
+            "--bf16", "True",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--logging_steps", "1",
+            "--gradient_checkpointing", "True",
+            "--compile_layers", str(compiled),
+        ]  # fmt: skip
+        trainer, _ = build_trainer("dpo", *parse("dpo", argv))
+        trainer.train()
+        losses[compiled] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        if compiled:
+            assert counters["stats"]["unique_graphs"] > 0 and not counters["recompile_limit"]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2, abs=2e-3)
