@@ -170,6 +170,7 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
         raise UnsupportedModelError(
             f"{model_cls.__name__}: the adapter has no {algorithm} classes; rerun `resonance scaffold`"
         )
+    train_rows, eval_rows = (_with_lengths(rows, processor, config) for rows in (train_rows, eval_rows))
     collator = collator_cls(
         processor,
         max_length=config.max_length,
@@ -203,6 +204,18 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
         count = sum(compile_blocks(m) for m in models if m is not None)
         logger.info("compiled %d layers in place (torch.compile, one compile per layer kind)", count)
     return trainer, processor
+
+
+def _with_lengths(rows, processor, config):
+    """Length-grouped sampling (``--train_sampling_strategy group_by_length`` or ``batch_rebalance``) reads each
+    row's token count from ``--length_column_name``; our rows are tokenized per batch, so add it where missing."""
+    if rows is None or config.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
+        return rows
+    if config.length_column_name in rows.column_names:
+        return rows
+    from resonance.base.lengths import row_lengths
+
+    return rows.add_column(config.length_column_name, row_lengths(rows, processor))
 
 
 def _build_grpo_trainer(mapper, model_args: ModelArguments, data_args: DataArguments, config):
