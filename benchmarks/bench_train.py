@@ -502,8 +502,8 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="Ours compiles each decoder layer and vision block in place (--compile_layers); give enough "
-        "--warmup steps for the compiles (about 3: first shapes, then dynamic lengths).",
+        help="Ours compiles each decoder layer and vision block in place and pads to a multiple of 8 (as "
+        "--compile_layers); give --warmup 3: the first two steps compile (with grad, without, backward).",
     )
     parser.add_argument(
         "--max-batch",

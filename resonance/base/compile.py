@@ -12,24 +12,21 @@ compiled forward inside the checkpoint) and saving all stay as they are. Everyth
 (embeddings, masks, the vision merger, the LM head and the loss) runs eagerly.
 
 Sizes are symbolic from the first compile (``dynamic=True``): batches of other lengths reuse the compiled
-code. With torch's default (specialise first, go symbolic on the first change) the second compile landed
-several steps into training, whenever a batch of a new length first came, as a pause of 10-25 s on an H100
-host. Each block still compiles a few variants: with and without grad (the reference pass runs under
-``no_grad``) and per active LoRA adapter (TRL's reference adapter, or adapters disabled). The per-function
-recompile limit is raised to hold them.
+code. With torch's default (specialise on the first shapes, go symbolic at the first change) every layer kind
+compiles a second time when the first batch of a new length arrives, well into training. One specialisation
+remains: inductor guards on whether the length is a multiple of 8 (sdpa's mask alignment), which is why
+``--compile_layers`` pads batches to a multiple of 8. Each block still compiles a few variants: with and
+without grad (the reference pass runs under ``no_grad``) and per active LoRA adapter (TRL's reference
+adapter, or adapters disabled). The per-function recompile limit is raised to hold them.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from accelerate.utils.other import is_repeated_blocks
 from torch import nn
 
-logger = logging.getLogger("resonance")
-
-RECOMPILE_LIMIT = 32  # variants per compiled block: grad mode x adapter x static/dynamic lengths, with room
+RECOMPILE_LIMIT = 32  # variants per compiled code object: grad mode x adapter x layer kind, with room
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
