@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES
-from helpers import make_image, save_png, write_jsonl
+from helpers import write_jsonl
 from peft.tuners.lora import LoraLayer
+from test_train_step import PREFERENCE_ROWS, save_images
 
 from resonance.base.model import unwrap
 from resonance.base.reward import REWARD_CONFIG, REWARD_HEAD, VLRewardModel
@@ -25,18 +26,8 @@ PREFIX = "model.base_model.model."  # VLRewardModel.model -> PEFT -> the transfo
 
 
 def _data(tmp_path: Path) -> Path:
-    save_png(tmp_path, "red.png", make_image(40, 30, seed=1))
-    save_png(tmp_path, "box.png", make_image(64, 48, seed=2))
-    rows = [
-        {"images": ["red.png"], "prompt": "<image>\nWhat colour is it?", "chosen": "Red.", "rejected": "Blue."},
-        {
-            "images": ["box.png"],
-            "prompt": [{"role": "user", "content": "<image>\nDescribe the picture."}],
-            "chosen": [{"role": "assistant", "content": "A green box on a table."}],
-            "rejected": "A cat.",
-            "margin": 1.5,
-        },
-    ]
+    save_images(tmp_path)
+    rows = [PREFERENCE_ROWS[0], {**PREFERENCE_ROWS[1], "margin": 1.5}]
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 

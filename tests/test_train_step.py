@@ -28,10 +28,27 @@ from resonance.utils.auto_load import load_core_mapper
 PREFIX = "base_model.model."  # PEFT's prefix before the transformers model's module names
 
 
-def _data(tmp_path: Path, algorithm: str) -> Path:
-    """A two-row data file in the formats users write, with PNG images next to it."""
+# Two preference rows in the formats users write (plain strings, message lists), for save_images' files.
+PREFERENCE_ROWS: list[dict[str, Any]] = [
+    {"images": ["red.png"], "prompt": "<image>\nWhat colour is it?", "chosen": "Red.", "rejected": "Blue."},
+    {
+        "images": ["box.png"],
+        "prompt": [{"role": "user", "content": "<image>\nDescribe the picture."}],
+        "chosen": [{"role": "assistant", "content": "A green box on a table."}],
+        "rejected": "A cat.",
+    },
+]
+
+
+def save_images(tmp_path: Path) -> None:
+    """The PNGs the rows name, next to the data file."""
     save_png(tmp_path, "red.png", make_image(40, 30, seed=1))
     save_png(tmp_path, "box.png", make_image(64, 48, seed=2))
+
+
+def _data(tmp_path: Path, algorithm: str) -> Path:
+    """A two-row data file in the formats users write, with PNG images next to it."""
+    save_images(tmp_path)
     if algorithm == "sft":
         rows: list[dict[str, Any]] = [
             {
@@ -52,15 +69,7 @@ def _data(tmp_path: Path, algorithm: str) -> Path:
             },
         ]
     else:
-        rows = [
-            {"images": ["red.png"], "prompt": "<image>\nWhat colour is it?", "chosen": "Red.", "rejected": "Blue."},
-            {
-                "images": ["box.png"],
-                "prompt": [{"role": "user", "content": "<image>\nDescribe the picture."}],
-                "chosen": [{"role": "assistant", "content": "A green box on a table."}],
-                "rejected": "A cat.",
-            },
-        ]
+        rows = PREFERENCE_ROWS
     return write_jsonl(tmp_path / f"{algorithm}.jsonl", rows)
 
 
