@@ -130,9 +130,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def build(model_key: str, tiny: bool) -> dict[str, Any]:
     """The processor, config and adapter for one model, real-size unless ``tiny``."""
-    from resonance.compiler import load_specs
+    from resonance.base.registry import load_core_mapper  # noqa: F401  (registry import check
+    from resonance.codegen.project import load_specs
     from resonance.tiny import build_processor_and_config, tiny_from_spec
-    from resonance.utils.auto_load import load_core_mapper  # noqa: F401  (registry import check)
 
     shape = REAL_SHAPES[model_key]
     ((_, spec),) = load_specs([REPO / "specs" / f"{shape['spec']}.yaml"], REPO)
@@ -274,10 +274,10 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from resonance.algorithms.dpo.config import VLDPOConfig
+    from resonance.algorithms.dpo.shared_prompt import plan_pairs
+    from resonance.algorithms.rm import VLRewardConfig
     from resonance.base.processor import VLProcessor
-    from resonance.base.reward import VLRewardConfig
-    from resonance.base.shared_prompt import plan_pairs
-    from resonance.base.trainer import VLDPOConfig
 
     gc.collect()
     if device == "cuda":
@@ -358,7 +358,7 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
         trainer_cls = DPOTrainer if algorithm == "dpo" else SFTTrainer
     trainer = trainer_cls(train_dataset=dataset, **kwargs)
     if args.compile and who == "ours":  # what `resonance train --compile_layers True` does
-        from resonance.base.compile import compile_blocks
+        from resonance.patches.compile_layers import compile_blocks
 
         compile_blocks(trainer.model)
     setup_s = time.perf_counter() - built  # includes the reference pass with --precompute-ref
@@ -518,7 +518,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from resonance.utils.compat import install_video_processor_optional
+    from resonance.patches.video_processor import install_video_processor_optional
 
     install_video_processor_optional()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -15,22 +15,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from resonance import compiler
-from resonance.spec import ModelSpec, SpecError
+from resonance import codegen
+from resonance.algorithms import ALGORITHMS, Algorithm
+from resonance.codegen.schema import ModelSpec
+from resonance.errors import EXIT_FAILED, EXIT_INPUT, SpecError
 
 app = typer.Typer(
     help="Align vision-language models from declarative model specs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: sft, dpo, rm, grpo or ppo.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: " + ", ".join(ALGORITHMS) + ".", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-EXIT_DRIFT = 1
-EXIT_SPEC = 2
 
 Project = Annotated[Path, typer.Option("--project", help="Project folder holding specs/ and generated/.")]
 
@@ -38,10 +37,10 @@ Project = Annotated[Path, typer.Option("--project", help="Project folder holding
 def _spec_failure(exc: SpecError) -> typer.Exit:
     for problem in exc.problems:
         err.print(str(problem), markup=False)
-    return typer.Exit(EXIT_SPEC)
+    return typer.Exit(EXIT_INPUT)
 
 
-def _report_drift(drift: compiler.Drift, fix: str, show_diff: bool = True) -> None:
+def _report_drift(drift: codegen.Drift, fix: str, show_diff: bool = True) -> None:
     if show_diff and drift.diff:
         out.print(drift.diff, markup=False, end="")
     for label, files in (
@@ -58,10 +57,10 @@ def _report_drift(drift: compiler.Drift, fix: str, show_diff: bool = True) -> No
 
 def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) -> None:
     try:
-        plan = compiler.plan(project, specs)
+        plan = codegen.plan(project, specs)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
-    drift = compiler.compare(plan)
+    drift = codegen.compare(plan)
     if drift.clean:
         err.print(f"generated/ is up to date with {len(plan.files) - 2} spec(s).", markup=False)
         return
@@ -71,7 +70,7 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     if drift.hand_edited:
         fix += " --force  (after moving the hand edits into an override module)"
     _report_drift(drift, fix.strip(), show_diff)
-    raise typer.Exit(EXIT_DRIFT)
+    raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -88,18 +87,18 @@ def scaffold(
         _run_check(project, specs or None)
         return
     try:
-        plan = compiler.plan(project, specs or None)
+        plan = codegen.plan(project, specs or None)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
     if diff:
-        drift = compiler.compare(plan)
+        drift = codegen.compare(plan)
         out.print(drift.diff, markup=False, end="")
-        raise typer.Exit(0 if drift.clean else EXIT_DRIFT)
+        raise typer.Exit(0 if drift.clean else EXIT_FAILED)
     try:
-        written = compiler.apply(plan, force=force, prune=prune)
+        written = codegen.apply(plan, force=force, prune=prune)
     except PermissionError as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(EXIT_DRIFT) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     for rel in written:
         err.print(f"wrote {rel}", markup=False)
     if plan.stale and not prune:
@@ -124,7 +123,7 @@ def schema() -> None:
 def models(project: Project = Path(".")) -> None:
     """List the model families of the project."""
     try:
-        loaded = compiler.load_specs(compiler.project_specs(project), project)
+        loaded = codegen.load_specs(codegen.project_specs(project), project)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
     table = Table("name", "architectures", "flash-attn", "multi-image", "transformers")
@@ -150,20 +149,20 @@ def tiny(
     """Build a family's tiny random-weight model and processor offline, for smoke tests."""
     from resonance.tiny import build_tiny, tiny_from_spec
 
-    spec_path = project / compiler.SPECS_DIR / f"{name}.yaml"
+    spec_path = project / codegen.SPECS_DIR / f"{name}.yaml"
     if not spec_path.is_file():
-        known = ", ".join(p.stem for p in compiler.project_specs(project))
+        known = ", ".join(p.stem for p in codegen.project_specs(project))
         err.print(f"error: no spec {spec_path} (known: {known})", markup=False)
-        raise typer.Exit(EXIT_SPEC)
+        raise typer.Exit(EXIT_INPUT)
     try:
-        ((_, spec),) = compiler.load_specs([spec_path], project)
+        ((_, spec),) = codegen.load_specs([spec_path], project)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
     try:
         path = build_tiny(tiny_from_spec(spec), out_dir, seed=seed, overwrite=overwrite)
     except FileExistsError as exc:
         err.print(f"error: {exc} (pass --overwrite to replace it)", markup=False)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     err.print(f"saved tiny {name} model and processor to {path}", markup=False)
 
 
@@ -176,7 +175,7 @@ def verify(
     project: Project = Path("."),
 ) -> None:
     """Build the spec's tiny model and check every spec field against it (exit 1 naming the bad fields)."""
-    from resonance.verify import verify as run_verify
+    from resonance.commands.verify import verify as run_verify
 
     try:
         spec, checks = run_verify(spec_path, project, checkpoint)
@@ -187,7 +186,7 @@ def verify(
         result = "ok" if check.ok else ("skipped: " + check.skipped if check.skipped else "FAILED")
         table.add_row(check.name, check.fields, result)
     out.print(table)
-    rel = compiler.relative(spec_path, project)
+    rel = codegen.relative(spec_path, project)
     failed = False
     for check in checks:
         for problem in check.problems:
@@ -197,47 +196,27 @@ def verify(
             err.print(f"{rel}: {check.name}: {check.error}", markup=False)
         failed = failed or not check.ok
     if failed:
-        raise typer.Exit(EXIT_DRIFT)
+        raise typer.Exit(EXIT_FAILED)
     err.print(f"{rel}: every check passed", markup=False)
 
 
 _TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def _train(algorithm: str, ctx: typer.Context) -> None:
-    from resonance.train import main
+def _train_command(algorithm: Algorithm) -> None:
+    """``resonance train <algorithm>``: its flags are parsed by the algorithm's config (``--help`` lists them)."""
 
-    sys.exit(main(algorithm, list(ctx.args)))
+    def command(ctx: typer.Context) -> None:
+        from resonance.commands.train import main
 
+        sys.exit(main(algorithm.name, list(ctx.args)))
 
-@train_app.command("sft", context_settings=_TRAIN_CONTEXT, add_help_option=False)
-def train_sft(ctx: typer.Context) -> None:
-    """Supervised fine-tuning. Takes TrainingArguments/SFTConfig flags; --help lists them."""
-    _train("sft", ctx)
-
-
-@train_app.command("dpo", context_settings=_TRAIN_CONTEXT, add_help_option=False)
-def train_dpo(ctx: typer.Context) -> None:
-    """Direct preference optimisation. Takes TrainingArguments/DPOConfig flags; --help lists them."""
-    _train("dpo", ctx)
+    command.__doc__ = algorithm.help
+    train_app.command(algorithm.name, context_settings=_TRAIN_CONTEXT, add_help_option=False)(command)
 
 
-@train_app.command("rm", context_settings=_TRAIN_CONTEXT, add_help_option=False)
-def train_rm(ctx: typer.Context) -> None:
-    """Reward modelling (Bradley-Terry on preference pairs). Takes TrainingArguments flags and --max_length."""
-    _train("rm", ctx)
-
-
-@train_app.command("grpo", context_settings=_TRAIN_CONTEXT, add_help_option=False)
-def train_grpo(ctx: typer.Context) -> None:
-    """GRPO on prompt rows with --reward_funcs module:function. Takes TrainingArguments/GRPOConfig flags."""
-    _train("grpo", ctx)
-
-
-@train_app.command("ppo", context_settings=_TRAIN_CONTEXT, add_help_option=False)
-def train_ppo(ctx: typer.Context) -> None:
-    """PPO on prompt rows, rewarded by --reward_funcs and/or --reward_model_path. Takes TrainingArguments flags."""
-    _train("ppo", ctx)
+for _algorithm in ALGORITHMS.values():
+    _train_command(_algorithm)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -257,7 +236,7 @@ def generate(
 ) -> None:
     """Generate an answer for every prompt row. Further --name value flags (--max_new_tokens 64, --do_sample
     true, --temperature 0.7, ...: any transformers GenerationConfig field) override the family's defaults."""
-    from resonance.generate import main
+    from resonance.commands.generate import main
 
     options = {"batch_size": batch_size, "overwrite": overwrite, "skip_invalid_rows": skip_invalid_rows, "seed": seed}
     raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), **options))

@@ -62,8 +62,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
 
-from resonance.spec import ModelSpec
-from resonance.utils.compat import video_processor_kwargs, video_processor_optional
+from resonance.codegen.schema import ModelSpec
+from resonance.patches.video_processor import video_processor_kwargs, video_processor_optional
 
 __all__ = [
     "build_processor_and_config",

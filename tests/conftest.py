@@ -36,7 +36,7 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """``tiny_checkpoint(name)`` -> folder of that family's tiny model and processor (built once)."""
-    from resonance.compiler import load_specs
+    from resonance.codegen.project import load_specs
     from resonance.tiny import build_tiny, tiny_from_spec
 
     built: dict[str, Path] = {}

@@ -1,6 +1,6 @@
 """Shared by the parity, label, DPO-loss and train-step tests: images, conversations, references.
 
-Conversations are written once in Resonance's canonical row format (what ``resonance.data`` produces and
+Conversations are written once in Resonance's canonical row format (what ``resonance.data.rows`` produces and
 the collators consume: image parts ``{"type": "image", "text": None}``) and converted to the format the
 family's own HF processor documents (image parts carrying the PIL image) for the reference side.
 
@@ -20,8 +20,8 @@ from PIL import Image
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from resonance.base.processor import VLProcessor
-from resonance.utils.auto_load import ModelCoreMapper, load_core_mapper
-from resonance.utils.compat import video_processor_optional
+from resonance.base.registry import ModelCoreMapper, load_core_mapper
+from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
 IMAGE = object()  # marks an image part in user(...)

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from resonance.base.collator import RowError
+from resonance.base.registry import load_core_mapper
 from resonance.cli import app
-from resonance.data import load_rows
-from resonance.utils.auto_load import UnsupportedModelError, load_core_mapper
+from resonance.data.rows import load_rows
+from resonance.errors import RowError, UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_long_row_skipped_and_counted_with_flag(tmp_path: Path, llava, caplog: p
     mapper, processor = llava
     rows = load_rows(_sft_file(tmp_path, [_row(), _row("word " * 200)]), "sft")
     collator = mapper.sft_collator(processor, max_length=64, skip_long_rows=True)
-    with caplog.at_level(logging.WARNING, logger="resonance.data"):
+    with caplog.at_level(logging.WARNING, logger="resonance.data.rows"):
         batch = collator([rows[0], rows[1]])
     assert batch["input_ids"].shape[0] == 1
     assert collator.skipped_rows == 1

@@ -17,9 +17,9 @@ import torch
 from test_train_step import _argv, _data
 from torch._dynamo.utils import counters
 
-from resonance.base.compile import compile_blocks
 from resonance.base.model import unwrap
-from resonance.train import build_trainer, parse
+from resonance.commands.train import build_trainer, parse
+from resonance.patches.compile_layers import compile_blocks
 
 
 def _train(algorithm: str, ckpt: Path, data: Path, out: Path, compiled: bool):
@@ -66,7 +66,7 @@ def test_compiled_layers_train_like_eager(
 
 
 def test_compile_blocks_is_idempotent(tiny_checkpoint: Callable[[str], Path]) -> None:
-    from resonance.utils.auto_load import load_core_mapper
+    from resonance.base.registry import load_core_mapper
 
     ckpt = tiny_checkpoint("qwen2_5_vl")
     model = load_core_mapper(ckpt).model.from_pretrained(ckpt, dtype=torch.float32)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from resonance import compiler
+from resonance import codegen
 from resonance.cli import app
-from resonance.compiler import py_literal
+from resonance.codegen.render import py_literal
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -24,15 +24,15 @@ def _invoke(*args: str):
 
 
 def test_repository_is_up_to_date() -> None:
-    drift = compiler.compare(compiler.plan(REPO))
+    drift = codegen.compare(codegen.plan(REPO))
     assert drift.clean, drift.diff
 
 
 def test_deterministic_and_idempotent(project: Path) -> None:
-    first = compiler.plan(project).files
-    second = compiler.plan(project).files
+    first = codegen.plan(project).files
+    second = codegen.plan(project).files
     assert first == second
-    assert compiler.apply(compiler.plan(project)) == []  # the copy of the repo is already up to date
+    assert codegen.apply(codegen.plan(project)) == []  # the copy of the repo is already up to date
     before = {p: p.read_bytes() for p in (project / "generated").rglob("*.py")}
     result = _invoke("scaffold", "--project", str(project), str(project / "specs" / "llava.yaml"))
     assert result.exit_code == 0, result.output
@@ -74,11 +74,10 @@ def test_check_changed_spec(project: Path) -> None:
     spec.write_text(spec.read_text().replace("max_new_tokens: 1024", "max_new_tokens: 7"))
     result = _invoke("check", "--project", str(project))
     assert result.exit_code == 1
-    assert '-        "max_new_tokens": 1024,' in result.stdout
-    assert '+        "max_new_tokens": 7,' in result.stdout
+    assert '+    default_generation_kwargs = {"do_sample": False, "max_new_tokens": 7}' in result.stdout
     assert "generated/llava/__init__.py: out of date" in result.stderr
     diff = _invoke("scaffold", "--diff", "--project", str(project), str(spec))
-    assert diff.exit_code == 1 and '+        "max_new_tokens": 7,' in diff.stdout
+    assert diff.exit_code == 1 and '"max_new_tokens": 7}' in diff.stdout
     assert _invoke("scaffold", "--check", "--project", str(project), str(spec)).exit_code == 1
     assert _invoke("scaffold", "--project", str(project), str(spec)).exit_code == 0
     assert _invoke("check", "--project", str(project)).exit_code == 0
@@ -137,7 +136,7 @@ def test_literals_round_trip_and_never_become_code(value) -> None:
 def test_spec_strings_are_emitted_as_literals(project: Path) -> None:
     spec = project / "specs" / "llava.yaml"
     spec.write_text(spec.read_text().replace('placeholder: "<image>"', "placeholder: \"<im\\\"age>\\n'''x\""))
-    compiler.apply(compiler.plan(project))
+    codegen.apply(codegen.plan(project))
     source = (project / "generated" / "llava" / "__init__.py").read_text()
     tree = ast.parse(source)
     values = [n.value.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
@@ -145,24 +144,24 @@ def test_spec_strings_are_emitted_as_literals(project: Path) -> None:
 
 
 def test_writes_stay_inside_output_folder(project: Path, tmp_path: Path) -> None:
-    plan = compiler.plan(project)
+    plan = codegen.plan(project)
     plan.files["generated/../../escape.py"] = "x = 1\n"
     with pytest.raises(ValueError, match="outside"):
-        compiler.apply(plan)
+        codegen.apply(plan)
     assert not (tmp_path.parent / "escape.py").exists()
 
 
 def test_atomic_write_leaves_no_partial_file(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = project / "generated" / "llava" / "__init__.py"
     target.unlink()
-    plan = compiler.plan(project)
+    plan = codegen.plan(project)
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(compiler.os, "replace", explode)
+    monkeypatch.setattr(codegen.project.os, "replace", explode)
     with pytest.raises(OSError, match="disk full"):
-        compiler.apply(plan)
+        codegen.apply(plan)
     assert not target.exists()
     assert not list(target.parent.glob(".*.tmp"))
 
@@ -188,50 +187,59 @@ def test_check_imports_neither_torch_nor_transformers() -> None:
 
 # -- hand overrides (generation gap) -------------------------------------------------------------
 
-OVERRIDE_MODULE = '''
-def format_multimodal_prompt(self, prompt, num_images):
-    """Images after the question, marked for the test."""
-    return prompt + "\\n" + "[IMG]" * num_images
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OVERRIDE_HOOKS = [
+    "processor.format_multimodal_prompt",
+    "model.prepare_default_generation_kwargs",
+    "reward_model.forward",
+]
 
 
-def prepare_default_generation_kwargs(cls, generation_config):
-    return {"max_new_tokens": 3, "from_override": True}
-'''
-
-
-def _add_overrides(project: Path, hooks: list[str], module_text: str = OVERRIDE_MODULE) -> None:
+def _add_overrides(project: Path, hooks: list[str], module_text: str | None = None) -> Path:
+    """The fixture override module (or ``module_text``) as ``my_overrides.llava_hooks``, named by llava's spec."""
     (project / "my_overrides").mkdir(exist_ok=True)
     (project / "my_overrides" / "__init__.py").write_text("")
-    (project / "my_overrides" / "llava_hooks.py").write_text(module_text)
+    module = project / "my_overrides" / "llava_hooks.py"
+    module.write_text(
+        module_text if module_text is not None else (FIXTURES / "overrides" / "llava_hooks.py").read_text()
+    )
     spec = project / "specs" / "llava.yaml"
     block = "overrides:\n  module: my_overrides.llava_hooks\n  hooks:\n" + "".join(f"    - {h}\n" for h in hooks)
     spec.write_text(spec.read_text().replace("\n# A tiny", "\n" + block + "\n# A tiny", 1))
+    return module
 
 
-def test_override_takes_effect_and_survives_scaffold(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _add_overrides(project, ["processor.format_multimodal_prompt", "model.prepare_default_generation_kwargs"])
-    assert _invoke("scaffold", "--project", str(project)).exit_code == 0
-    source = (project / "generated" / "llava" / "__init__.py").read_text()
-    assert "import my_overrides.llava_hooks as overrides" in source
-    assert "format_multimodal_prompt = overrides.format_multimodal_prompt" in source
-    assert "classmethod(overrides.prepare_default_generation_kwargs)" in source
-    # the hand-written module is never touched; scaffolding again changes nothing; check is green
-    hooks_file = project / "my_overrides" / "llava_hooks.py"
-    assert hooks_file.read_text() == OVERRIDE_MODULE
-    assert _invoke("scaffold", "--project", str(project)).exit_code == 0
-    assert _invoke("check", "--project", str(project)).exit_code == 0
-    assert hooks_file.read_text() == OVERRIDE_MODULE
-
+def _load_generated(project: Path, name: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(project))
-    module_spec = importlib.util.spec_from_file_location("overridden_llava", project / "generated/llava/__init__.py")
+    module_spec = importlib.util.spec_from_file_location(
+        f"overridden_{name}", project / f"generated/{name}/__init__.py"
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def test_override_mixins_call_super_and_survive_scaffold(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hooks_file = _add_overrides(project, OVERRIDE_HOOKS)
+    written = hooks_file.read_text()
+    assert _invoke("scaffold", "--project", str(project)).exit_code == 0
+    source = (project / "generated" / "llava" / "__init__.py").read_text()
+    assert "import my_overrides.llava_hooks as hooks" in source
+    assert "class LlavaProcessor(hooks.ProcessorHooks, api.VLProcessor):" in source
+    assert "class LlavaForRL(hooks.ModelHooks, api.VLModel):" in source
+    assert "class LlavaRewardModel(hooks.RewardModelHooks, api.VLRewardModel):" in source
+    # the hand-written module is never touched; scaffolding again changes nothing; check is green
+    assert _invoke("scaffold", "--project", str(project)).exit_code == 0
+    assert _invoke("check", "--project", str(project)).exit_code == 0
+    assert hooks_file.read_text() == written
+
+    module = _load_generated(project, "llava", monkeypatch)
     processor = object.__new__(module.LlavaProcessor)
-    assert processor.format_multimodal_prompt("What?", 2) == "What?\n[IMG][IMG]"
-    assert module.LlavaForRL.prepare_default_generation_kwargs(None) == {
-        "max_new_tokens": 3,
-        "from_override": True,
-    }
+    # the mixin's result wraps the base class's (super()): placeholder first, then the mark
+    assert processor.format_multimodal_prompt("What?", 2) == "[marked] <image><image>\nWhat?"
+    assert module.LlavaForRL.prepare_default_generation_kwargs(None) == {"max_new_tokens": 3, "do_sample": False}
+    assert module.core_mapper.reward_model is module.LlavaRewardModel
+    assert module.LlavaRewardModel.__mro__[1].__name__ == "RewardModelHooks"
 
 
 @pytest.mark.parametrize(
@@ -239,18 +247,25 @@ def test_override_takes_effect_and_survives_scaffold(project: Path, monkeypatch:
     [
         (
             ["processor.format_multimodal_prompts"],
-            OVERRIDE_MODULE,
+            None,
             "did you mean 'processor.format_multimodal_prompt'",
         ),
         (
             ["processor.remove_image_placeholder"],
-            OVERRIDE_MODULE,
-            "defines no function 'remove_image_placeholder'",
+            None,
+            "defines no method ProcessorHooks.remove_image_placeholder",
         ),
         (
             ["processor.format_multimodal_prompt"],
-            "def format_multimodal_prompt(self, prompt):\n    return prompt\n",
+            "class ProcessorHooks:\n    def format_multimodal_prompt(self, prompt):\n        return prompt\n",
             "must take ('self', 'prompt', 'num_images')",
+        ),
+        (
+            ["model.prepare_default_generation_kwargs"],
+            "class ModelHooks:\n"
+            "    def prepare_default_generation_kwargs(cls, generation_config):\n"
+            "        return {}\n",
+            "ModelHooks.prepare_default_generation_kwargs must be a @classmethod",
         ),
     ],
 )
@@ -264,22 +279,74 @@ def test_bad_hooks_are_spec_errors(project: Path, hooks, module_text, message) -
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("module_text", "message"),
+    [
+        (  # a method the spec does not list would silently change behaviour
+            "class ProcessorHooks:\n    def format_multimodal_prompt(self, prompt, num_images):\n        return ''\n"
+            "    def remove_image_placeholder(self, prompt):\n        return prompt\n",
+            "ProcessorHooks.remove_image_placeholder is not listed",
+        ),
+        (  # a misspelt mixin would never be used
+            "class ProcessorHooks:\n    def format_multimodal_prompt(self, prompt, num_images):\n        return ''\n"
+            "class ProcesorHooks:\n    pass\n",
+            "no adapter class takes ProcesorHooks; did you mean 'ProcessorHooks'?",
+        ),
+    ],
+)
+def test_unlisted_hooks_and_unknown_mixins_are_spec_errors(project: Path, module_text, message) -> None:
+    _add_overrides(project, ["processor.format_multimodal_prompt"], module_text)
+    result = _invoke("check", "--project", str(project))
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
 def test_hook_catalogue_matches_base_classes() -> None:
     import inspect
 
-    from resonance.base.collator import VLDPODataCollatorWithPadding, VLSFTDataCollatorWithPadding
-    from resonance.base.model import VLModel
-    from resonance.base.processor import VLProcessor
-    from resonance.hooks import HOOKS
+    from resonance import api
+    from resonance.codegen.hooks import HOOKS, SLOT_BY_NAME
 
-    classes = {
-        "model": VLModel,
-        "processor": VLProcessor,
-        "sft_collator": VLSFTDataCollatorWithPadding,
-        "dpo_collator": VLDPODataCollatorWithPadding,
-    }
+    def params(func) -> tuple[str, ...]:
+        stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+        return tuple(stars.get(p.kind, "") + p.name for p in inspect.signature(func).parameters.values())
+
     for hook in HOOKS.values():
-        attr = inspect.getattr_static(classes[hook.slot], hook.method)
+        base = getattr(api, SLOT_BY_NAME[hook.slot].base)
+        attr = inspect.getattr_static(base, hook.method)
         assert isinstance(attr, classmethod) == hook.classmethod, hook
         func = attr.__func__ if isinstance(attr, classmethod) else attr
-        assert tuple(inspect.signature(func).parameters) == hook.params, hook
+        assert params(func) == hook.params, hook
+
+
+def test_every_slot_is_a_core_mapper_field_and_an_api_class() -> None:
+    import dataclasses
+
+    from resonance import api
+    from resonance.codegen.hooks import SLOTS
+
+    assert [slot.name for slot in SLOTS] == [f.name for f in dataclasses.fields(api.ModelCoreMapper)]
+    for slot in SLOTS:
+        assert isinstance(getattr(api, slot.base), type), slot
+
+
+def test_base_class_defaults_equal_the_schema_defaults() -> None:
+    """Adapters omit every attribute whose spec value is the schema's default, so the base classes must hold
+    exactly those defaults."""
+    from resonance import api
+    from resonance.codegen.adapter import _REQUIRED, ATTRIBUTES, schema_default
+
+    bases = {"model": api.VLModel, "processor": api.VLProcessor}
+    for slot, attributes in ATTRIBUTES.items():
+        for attribute in attributes:
+            default = schema_default(attribute.field)
+            if default is _REQUIRED:
+                continue
+            assert getattr(bases[slot], attribute.name) == attribute.convert(default), (slot, attribute)
+
+
+def test_adapters_write_only_what_differs_from_the_defaults() -> None:
+    source = (REPO / "generated" / "llava" / "__init__.py").read_text()
+    for default in ("trust_remote_code", "position_ids_kind", "image_placeholder =", "train_padding_side", '"""'):
+        assert default not in source.split('"""', 2)[-1], default
+    assert source.count("import") == 1 and "from resonance import api" in source

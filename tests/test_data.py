@@ -1,4 +1,4 @@
-"""Tests for resonance.data: both SFT formats, preference rows, canonical parts, and every data error."""
+"""Tests for resonance.data.rows: both SFT formats, preference rows, canonical parts, and every data error."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from resonance.data import (
-    DataError,
-    convert_row,
-    features_for,
-    load_rows,
-    read_rows,
-    text_to_parts,
-)
+from resonance.data.images import ImageCount
+from resonance.data.rows import convert_row, features_for, load_rows, read_rows, text_to_parts
+from resonance.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 IMG = {"type": "image", "text": None}
@@ -193,12 +188,12 @@ def test_image_counts_a_family_cannot_take_are_row_errors(data_dir: Path) -> Non
     path = write_jsonl(data_dir / "mix.jsonl", [text_only, llava(), two])
     assert len(load_rows(path, "sft")) == 3  # families that take any count
     with pytest.raises(DataError) as excinfo:
-        load_rows(path, "sft", min_images=1, max_images=1)  # PaliGemma-like and single-image
+        load_rows(path, "sft", image_count=ImageCount(1, 1))  # PaliGemma-like and single-image
     assert problems(excinfo) == [
         f"{path}:1: 0 image(s), but this model family needs at least 1 per conversation",
         f"{path}:3: 2 images, but this model family takes at most 1 per conversation",
     ]
-    loaded = read_rows(path, "sft", min_images=1, max_images=1, skip_invalid=True)
+    loaded = read_rows(path, "sft", image_count=ImageCount(1, 1), skip_invalid=True)
     assert [row["source"] for row in loaded.rows] == [f"{path}:2"] and loaded.skipped == 2
 
 
@@ -534,11 +529,11 @@ def test_bad_arguments() -> None:
 def test_skip_invalid_drops_rows_with_a_warning_each(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = [llava(), "oops", llava(image="missing.png"), llava(), "[]"]
     path = write_jsonl(data_dir / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="resonance.data"):
+    with caplog.at_level(logging.WARNING, logger="resonance.data.rows"):
         ds = load_rows(path, "sft", skip_invalid=True)
     assert ds["source"] == [f"{path}:1", f"{path}:4"]
     assert ds.info.description == f"2 sft rows from {path}; 3 invalid rows skipped"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "resonance.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "resonance.data.rows"]
     assert len(warnings) == 4
     assert warnings[0].startswith(f"skipping invalid row {path}:2: invalid JSON")
     assert warnings[1].startswith(f"skipping invalid row {path}:3: image: image file not found")

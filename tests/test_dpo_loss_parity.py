@@ -1,6 +1,6 @@
 """DPO: our trainer's loss equals TRL's DPOTrainer's on the same weights and batch; one vision pass.
 
-Both trainers are built the way ``resonance.train.build_trainer`` builds ours: the tiny fp32 model with
+Both trainers are built the way ``resonance.commands.train.build_trainer`` builds ours: the tiny fp32 model with
 a frozen vision tower and LoRA on the language model (``model_cls.lora_target_modules``), passed as a
 PEFT model without ``ref_model``, so TRL keeps a frozen copy of the initial adapter ("ref") as the
 reference. The LoRA B matrices of the trained adapter are then set to the same random values in both
@@ -38,10 +38,12 @@ from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
+from resonance.algorithms.dpo.config import VLDPOConfig
+from resonance.base.model import unwrap
 from resonance.base.processor import VLProcessor
-from resonance.base.trainer import VLDPOConfig, fused_head_backbone
-from resonance.data import features_for
-from resonance.utils.auto_load import ModelCoreMapper
+from resonance.base.registry import ModelCoreMapper
+from resonance.data.rows import features_for
+from resonance.patches.fused_head import fused_head_backbone
 
 
 @dataclass
@@ -112,7 +114,7 @@ def pair(
     )
     # TRL's fused LM head cannot run a model without a backbone module (InstructBLIP); both trainers get the
     # same small adapter (a no-op for every other family), so the rest of TRL's computation is compared.
-    fused_head_backbone(trl.model)
+    fused_head_backbone(unwrap(trl.model))
 
     # Only now perturb the trained adapter: TRL copied the initial one into the "ref" adapter at init.
     generator = torch.Generator().manual_seed(1234)

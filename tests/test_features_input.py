@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from helpers import IMAGE, assistant, load_adapter, make_image, user
 
-from resonance.base.trainer import _ImageEncodingMixin
+from resonance.algorithms.image_features import ImageEncodingMixin
 
 
 def _batch(processor: Any) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_forward_with_encoded_images_equals_forward_with_pixels(tiny_checkpoint:
         assert not torch.allclose(model(**text, cross_attention_states=features * 0).logits, expected)
 
 
-class _Encoder(_ImageEncodingMixin):
+class _Encoder(ImageEncodingMixin):
     pass
 
 

@@ -19,7 +19,7 @@ from conftest import FAMILIES
 from test_train_step import _argv, _data
 
 from resonance.base.model import unwrap
-from resonance.train import build_trainer, parse
+from resonance.commands.train import build_trainer, parse
 
 NOT_FORWARDED = {"labels", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 

@@ -1,4 +1,4 @@
-"""``resonance generate`` and :func:`resonance.generate.generate_batch`.
+"""``resonance generate`` and :func:`resonance.generation.generate_batch`.
 
 Every family: a left-padded batch of two prompts of different lengths generates exactly what each prompt
 generates alone. Then the generation flags, prompt rows, and the command end to end on tiny LLaVA (a base
@@ -22,18 +22,13 @@ from conftest import FAMILIES
 from helpers import make_image, save_png, write_jsonl
 from typer.testing import CliRunner
 
-import resonance.generate as gen
-from resonance.base.collator import RowError
+import resonance.commands.generate as gen
 from resonance.cli import app
-from resonance.data import DataError, read_rows
-from resonance.generate import (
-    GenerateError,
-    OutputExistsError,
-    generate_batch,
-    generation_kwargs,
-    load_for_generation,
-    parse_generation_overrides,
-)
+from resonance.commands.generate import parse_generation_overrides
+from resonance.data.images import ImageCount
+from resonance.data.rows import read_rows
+from resonance.errors import ConfigError, DataError, OutputExistsError, RowError
+from resonance.generation import generate_batch, generation_kwargs, load_for_generation
 
 IMAGE_PART = {"type": "image"}
 
@@ -142,11 +137,11 @@ def test_parse_generation_overrides() -> None:
         "eos_token_id": [1, 2],
         "do_sample": False,
     }
-    with pytest.raises(GenerateError, match="did you mean --max_new_tokens"):
+    with pytest.raises(ConfigError, match="did you mean --max_new_tokens"):
         parse_generation_overrides(["--max_new_token", "3"])
-    with pytest.raises(GenerateError, match="--top_p needs a value"):
+    with pytest.raises(ConfigError, match="--top_p needs a value"):
         parse_generation_overrides(["--top_p", "--top_k", "3"])
-    with pytest.raises(GenerateError, match="unexpected argument 'True'"):
+    with pytest.raises(ConfigError, match="unexpected argument 'True'"):
         parse_generation_overrides(["True"])
 
 
@@ -189,7 +184,7 @@ def test_prompt_rows(tmp_path: Path) -> None:
     assert loaded.to_dataset().column_names == ["prompt", "images", "source", "id"]
 
     with pytest.raises(DataError, match=r"p\.jsonl:2: 0 image\(s\), but this model family needs at least 1"):
-        read_rows(path, "prompt", skip_invalid=False, min_images=1, check_images=False)
+        read_rows(path, "prompt", skip_invalid=False, image_count=ImageCount(1), check_images=False)
 
 
 def test_unreadable_image_at_generation_names_the_row(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -250,7 +245,7 @@ def _lora_folder(ckpt: Path, folder: Path) -> Path:
     """A LoRA output folder as `resonance train` leaves it (adapter + processor), with non-zero LoRA weights."""
     from peft import LoraConfig, get_peft_model
 
-    from resonance.utils.auto_load import load_core_mapper
+    from resonance.base.registry import load_core_mapper
 
     mapper = load_core_mapper(ckpt)
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ def _data(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
 def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
-    from resonance.train import build_trainer, parse
+    from resonance.commands.train import build_trainer, parse
 
     assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
     ckpt = tiny_checkpoint(family)
@@ -96,8 +96,8 @@ def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_generation_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> None:
-    from resonance.data import read_rows
-    from resonance.generate import generate_batch, generation_kwargs, load_for_generation
+    from resonance.data.rows import read_rows
+    from resonance.generation import generate_batch, generation_kwargs, load_for_generation
 
     assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
@@ -122,7 +122,7 @@ def _prompts(tmp_path: Path) -> Path:
     return path
 
 
-GRPO_UNSUPPORTED = {"instructblip", "mllama"}  # refused: resonance.grpo.unsupported_reason, test_grpo.py
+GRPO_UNSUPPORTED = {"instructblip", "mllama"}  # refused: resonance.algorithms.grpo.unsupported_reason, test_grpo.py
 
 
 ONLINE = [("ppo", f) for f in FAMILIES] + [("grpo", f) for f in FAMILIES if f not in GRPO_UNSUPPORTED]
@@ -132,7 +132,7 @@ ONLINE = [("ppo", f) for f in FAMILIES] + [("grpo", f) for f in FAMILIES if f no
 def test_one_bf16_online_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
     """One PPO / GRPO step in bf16 with gradient checkpointing: rollouts on the GPU, the tower unchanged, finite
     metrics (test_ppo.py's reward function, on PYTHONPATH through tests/)."""
-    from resonance.train import build_trainer, parse
+    from resonance.commands.train import build_trainer, parse
 
     assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
     argv = [
@@ -170,7 +170,7 @@ def test_compiled_layers_match_eager_in_bf16_on_cuda(family: str, tiny_checkpoin
     """--compile_layers on CUDA (inductor's Triton kernels): DPO losses as eager ones, to bf16 precision."""
     from torch._dynamo.utils import counters
 
-    from resonance.train import build_trainer, parse
+    from resonance.commands.train import build_trainer, parse
 
     ckpt, data = tiny_checkpoint(family), _data(tmp_path, "dpo")
     losses = {}

@@ -1,4 +1,4 @@
-"""GRPO (``resonance train grpo``, resonance.grpo): learning, the command line, reward checks, family coverage.
+"""GRPO (``resonance train grpo``, algorithms.grpo): learning, the command line, reward checks, family coverage.
 
 The reward functions live in this module (importable as ``test_grpo:...`` since tests/ is on sys.path, and
 through PYTHONPATH for the CLI subprocess).
@@ -20,12 +20,13 @@ from conftest import FAMILIES
 from helpers import make_image, save_png, write_jsonl
 from transformers import TrainerCallback
 
-from resonance.grpo import RewardFunctionError, load_reward_funcs
-from resonance.train import build_trainer, main, parse
-from resonance.utils.auto_load import UnsupportedModelError, load_core_mapper
+from resonance.algorithms.grpo import RewardFunctionError, load_reward_funcs
+from resonance.base.registry import load_core_mapper
+from resonance.commands.train import build_trainer, main, parse
+from resonance.errors import UnsupportedModelError
 
 TESTS = Path(__file__).resolve().parent
-UNSUPPORTED = {"instructblip", "mllama"}  # see resonance.grpo.unsupported_reason
+UNSUPPORTED = {"instructblip", "mllama"}  # see resonance.algorithms.grpo.unsupported_reason
 TARGET = {"id": -1}  # the token the learning test rewards
 
 

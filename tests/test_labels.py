@@ -39,7 +39,7 @@ from helpers import (
     user,
 )
 
-from resonance.base.collator import RowError
+from resonance.errors import RowError
 
 # (messages, image sizes) per row of a batch.
 SFT_CASES: dict[str, list[tuple[list[Message], list[tuple[int, int]]]]] = {

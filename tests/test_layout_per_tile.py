@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from resonance.base.processor import ImageInput, VLProcessor
-from resonance.spec.schema import Image
+from resonance.codegen.schema import Image
 
 
 def test_per_tile_needs_no_grid_input() -> None:

@@ -1,4 +1,4 @@
-"""Row lengths for length-grouped sampling (resonance.base.lengths), without preprocessing the data.
+"""Row lengths for length-grouped sampling (resonance.algorithms.lengths), without preprocessing the data.
 
 The estimate is checked against what the collator really produces: exact up to template whitespace for rows
 with at most one image. LLaVA-OneVision gives an image fewer tokens in a multi-image row than alone (no
@@ -17,8 +17,8 @@ from test_labels import SFT_CASES
 from test_train_step import _argv, _data
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from resonance.base.lengths import row_lengths
-from resonance.train import build_trainer, parse
+from resonance.algorithms.lengths import row_lengths
+from resonance.commands.train import build_trainer, parse
 
 
 @pytest.mark.parametrize("family", FAMILIES)

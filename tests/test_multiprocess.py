@@ -106,7 +106,7 @@ def test_two_cpu_processes_match_one(algorithm: str, tiny_checkpoint, tmp_path: 
 def _whiten_worker(rank: int, init: str, results: dict) -> None:
     import torch.distributed as dist
 
-    from resonance.base.ppo import whiten_across
+    from resonance.algorithms.ppo.rollout import whiten_across
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
@@ -138,7 +138,7 @@ def test_ppo_whitening_spans_all_processes(tmp_path: Path) -> None:
     get exactly what one process whitening the whole rollout gets (not each share's own statistics)."""
     import torch.multiprocessing as mp
 
-    from resonance.base.ppo import whiten_across
+    from resonance.algorithms.ppo.rollout import whiten_across
 
     manager = mp.Manager()
     results = manager.dict()

@@ -1,4 +1,4 @@
-"""PPO (``resonance train ppo``, resonance.base.ppo): learning, rollout log-probs, one step per family, rewards from
+"""PPO (``resonance train ppo``, algorithms.ppo): learning, rollout log-probs, one step per family, rewards from
 functions and reward models, resume, evaluation, the command line and bad input.
 
 The reward functions live in this module (importable as ``test_ppo:...``: tests/ is on sys.path, and on
@@ -23,21 +23,20 @@ import torch
 from conftest import FAMILIES
 from helpers import make_image, save_png, write_jsonl
 
+from resonance.algorithms.arguments import ModelArguments
+from resonance.algorithms.ppo.config import VLPPOConfig
+from resonance.algorithms.ppo.math import masked_whiten
+from resonance.algorithms.ppo.rewards import REWARD_ADAPTER
+from resonance.algorithms.ppo.rollout import extend_per_token_inputs, whiten_across
+from resonance.algorithms.setup import apply_lora
+from resonance.base.logprobs import token_log_probs
 from resonance.base.model import unwrap
-from resonance.base.ppo import (
-    REWARD_ADAPTER,
-    PPOConfigError,
-    VLPPOConfig,
-    extend_per_token_inputs,
-    whiten_across,
-)
+from resonance.base.registry import load_core_mapper
 from resonance.base.reward import VLRewardModel
 from resonance.base.value import VALUE_CONFIG, VALUE_HEAD, VLModelWithValueHead
-from resonance.generate import generate_batch
-from resonance.ppo_math import masked_whiten, token_log_probs
-from resonance.rewards import RewardFunctionError
-from resonance.train import ModelArguments, _apply_lora, build_trainer, main, parse
-from resonance.utils.auto_load import load_core_mapper
+from resonance.commands.train import build_trainer, main, parse
+from resonance.errors import ConfigError, RewardFunctionError
+from resonance.generation import generate_batch
 
 TESTS = Path(__file__).resolve().parent
 TARGET = {"id": -1}  # the token the learning test rewards
@@ -209,7 +208,7 @@ def _reward_model_folder(ckpt: Path, out: Path, lora: bool) -> Path:
     mapper = load_core_mapper(ckpt)
     model = mapper.model.from_pretrained(ckpt, dtype=torch.float32)
     if lora:
-        model = _apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt)))
+        model = apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt)))
         torch.manual_seed(5)
         with torch.no_grad():  # LoRA B starts at 0: move it, so the reward adapter differs from the base
             for name, parameter in model.named_parameters():
@@ -357,7 +356,7 @@ def test_cli_end_to_end_with_eval_then_generate(tmp_path: Path, tiny_checkpoint:
     assert state["global_step"] == 2 and any("eval_reward" in e for e in state["log_history"])
     assert isinstance(VLModelWithValueHead.from_pretrained(output_dir), VLModelWithValueHead)
 
-    from resonance import generate
+    from resonance.commands import generate
 
     answers = tmp_path / "answers.jsonl"
     assert generate.main(str(output_dir), str(data), str(answers), ["--max_new_tokens", "3"]) == 0
@@ -419,7 +418,7 @@ def test_no_reward_or_bad_settings(tmp_path: Path, tiny_checkpoint, capsys) -> N
     ckpt = tiny_checkpoint("llava")
     assert main("ppo", _argv(ckpt, _data(tmp_path), tmp_path / "out", None)) == 2
     assert "PPO needs a reward: --reward_funcs" in capsys.readouterr().err
-    with pytest.raises(PPOConfigError, match="--kl_estimator must be k1, k2 or k3"):
+    with pytest.raises(ConfigError, match="--kl_estimator must be k1, k2 or k3"):
         VLPPOConfig(output_dir=str(tmp_path), reward_funcs="x:y", kl_estimator="k4")
     missing = _argv(ckpt, _data(tmp_path), tmp_path / "out", None, reward_model_path=str(tmp_path / "nope"))
     assert main("ppo", missing) == 2

@@ -1,4 +1,4 @@
-"""resonance.ppo_math against values worked out by hand (in the comments), and its edge cases.
+"""resonance.algorithms.ppo.math against values worked out by hand (in the comments), and its edge cases.
 
 Every expected number below is computed on paper from the formula in the function's docstring; a flipped
 sign, a shifted index or a leak from padding changes at least one of them.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from resonance.ppo_math import (
+from resonance.algorithms.ppo.math import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
@@ -23,8 +23,8 @@ from resonance.ppo_math import (
     masked_sum,
     masked_var,
     masked_whiten,
-    token_log_probs,
 )
+from resonance.base.logprobs import token_log_probs
 
 NAN = float("nan")
 

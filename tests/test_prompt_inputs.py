@@ -1,6 +1,6 @@
 """InstructBLIP's mechanisms: image inputs computed from the prompt only (spec image.inputs source: prompt),
 refused image counts (image.multi_image / image.required), and TRL's fused LM head on a model without a
-backbone module (resonance.base.trainer.fused_head_backbone)."""
+backbone module (resonance.patches.fused_head.fused_head_backbone)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from helpers import IMAGE, assistant, hf_batch, load_adapter, load_hf_processor, make_image, to_hf, user
 from trl.trainer.utils import add_fused_lm_head
 
-from resonance.base.trainer import fused_head_backbone
+from resonance.patches.fused_head import fused_head_backbone
 
 CONVERSATION = [
     user(IMAGE, "What is shown in this image?"),
@@ -60,7 +60,7 @@ def test_refused_image_counts(tiny_checkpoint: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match="row 0: 2 images"):
         processor.process_batch_conv([two], [[make_image(32, 32), make_image(40, 30)]])
     text_only = [user("Yes or no?"), assistant("Yes.")]
-    with pytest.raises(ValueError, match="row 1: no image"):
+    with pytest.raises(ValueError, match=r"row 1: 0 image\(s\), but this model family needs at least 1"):
         processor.process_batch_conv([CONVERSATION, text_only], [[make_image(32, 32)], []])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from resonance.train import main
+from resonance.commands.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 

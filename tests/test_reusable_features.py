@@ -1,4 +1,4 @@
-"""resonance.base.trainer._reusable_features: encoder outputs repeated for chosen + rejected, in image order.
+"""algorithms.image_features._reusable_features: encoder outputs repeated for chosen + rejected, in image order.
 
 Qwen3-VL's ``get_image_features`` returns ``pooler_output`` as one tensor per image and
 ``deepstack_features`` as, per DeepStack layer, one tensor per image. The model concatenates each
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from resonance.base.trainer import _reusable_features
+from resonance.algorithms.image_features import _reusable_features
 
 
 def test_deepstack_layers_of_per_image_tensors_follow_the_image_order() -> None:

@@ -16,9 +16,13 @@ import torch
 from helpers import load_adapter, make_image, preference_rows, save_png, write_jsonl
 from test_reward_step import rm_argv
 
-from resonance.base.reward import REWARD_CONFIG, REWARD_HEAD, VLRewardModel, bradley_terry, last_token_positions
-from resonance.data import DataError, load_rows
-from resonance.train import ModelArguments, _apply_lora, build_trainer, main, parse
+from resonance.algorithms.arguments import ModelArguments
+from resonance.algorithms.rm import bradley_terry
+from resonance.algorithms.setup import apply_lora
+from resonance.base.reward import REWARD_CONFIG, REWARD_HEAD, VLRewardModel, last_token_positions
+from resonance.commands.train import build_trainer, main, parse
+from resonance.data.rows import load_rows
+from resonance.errors import DataError
 
 
 def _log1p_exp(x: float) -> float:  # -log(sigmoid(x)) = log(1 + exp(-x))
@@ -66,7 +70,7 @@ def _reward_model(ckpt: Path, lora: str) -> VLRewardModel:
     mapper, _ = load_adapter(ckpt)
     model = mapper.model.from_pretrained(ckpt, dtype=torch.float32)
     mapper.model.freeze_vision_tower(model)
-    model = _apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt), lora_target_modules=lora))
+    model = apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt), lora_target_modules=lora))
     return mapper.reward_model(model)
 
 

@@ -1,6 +1,6 @@
 """One reward-model training step per family through the training entry point, then save and reload.
 
-The trainer is built with ``resonance.train.parse`` + ``build_trainer`` (what ``resonance train rm`` runs):
+The trainer is built with ``resonance.commands.train.parse`` + ``build_trainer`` (what ``resonance train rm`` runs):
 LoRA ``auto`` on the language model, frozen vision tower, a fresh scalar head.
 """
 
@@ -18,9 +18,9 @@ from peft.tuners.lora import LoraLayer
 from test_train_step import PREFERENCE_ROWS, save_images
 
 from resonance.base.model import unwrap
+from resonance.base.registry import load_core_mapper
 from resonance.base.reward import REWARD_CONFIG, REWARD_HEAD, VLRewardModel
-from resonance.train import build_trainer, parse
-from resonance.utils.auto_load import load_core_mapper
+from resonance.commands.train import build_trainer, parse
 
 PREFIX = "model.base_model.model."  # VLRewardModel.model -> PEFT -> the transformers model
 

@@ -1,4 +1,4 @@
-"""The shared-prompt layout of a DPO batch (resonance.base.shared_prompt), on hand-made batches.
+"""The shared-prompt layout of a DPO batch (resonance.algorithms.dpo.shared_prompt), on hand-made batches.
 
 Each family's loss, log-probs and gradients with the layout are checked against TRL's two-row DPOTrainer
 in test_dpo_loss_parity; here the bookkeeping itself: which tokens a row holds, what each sees, its
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from resonance.base.shared_prompt import plan_pairs
+from resonance.algorithms.dpo.shared_prompt import plan_pairs
 
 IMAGE = 99
 PAD = 0

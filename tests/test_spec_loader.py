@@ -9,7 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from resonance.cli import app
-from resonance.spec import ModelSpec, SpecError, load_spec
+from resonance.codegen.loader import load_spec
+from resonance.codegen.schema import ModelSpec
+from resonance.errors import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 

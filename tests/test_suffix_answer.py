@@ -47,10 +47,10 @@ from pydantic import ValidationError
 from test_labels import SFT_CASES
 from test_parity import CASES
 
-from resonance import compiler
-from resonance.base.collator import RowError
-from resonance.spec import ModelSpec
-from resonance.verify import verify
+from resonance import codegen
+from resonance.codegen.schema import ModelSpec
+from resonance.commands.verify import verify
+from resonance.errors import RowError
 
 
 def _spec(family: str) -> dict[str, Any]:
@@ -210,10 +210,10 @@ def test_rows_without_images_are_refused(family: str, tmp_path: Path, tiny_check
         "images": row_images(tmp_path, 0, [(40, 30)]),
         "source": "data.jsonl:8",
     }
-    with pytest.raises(RowError, match="data.jsonl:7: no image"):
+    with pytest.raises(RowError, match=r"data.jsonl:7: 0 image\(s\), but this model family needs at least 1"):
         mapper.sft_collator(processor)([with_image, text_only])
     pref = {"prompt": [user("Yes or no?")], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]}
-    with pytest.raises(RowError, match="pref:9: no image"):
+    with pytest.raises(RowError, match=r"pref:9: 0 image\(s\), but this model family needs at least 1"):
         mapper.dpo_collator(processor)([{**pref, "images": [], "source": "pref:9"}])
 
 
@@ -336,14 +336,14 @@ def test_spec_fields_validate() -> None:
 def test_adapters_carry_the_fields_only_when_set(project: Path) -> None:
     """The generated processor class sets answer_as_suffix / prefix_lm / images_required only when used."""
     path = project / "specs" / "llava.yaml"
-    plain = compiler.plan(project, [path]).files["generated/llava/__init__.py"]
+    plain = codegen.plan(project, [path]).files["generated/llava/__init__.py"]
     for attribute in ("answer_as_suffix", "prefix_lm", "images_required"):
         assert attribute not in plain
     text = path.read_text()
     text = text.replace("  multi_image: true\n", "  multi_image: true\n  required: true\n", 1)
     text = text.replace("chat_template:\n  source: model\n", "chat_template:\n  source: model\n  answer: suffix\n", 1)
     path.write_text(text + "token_type_ids: prefix_lm\n")
-    source = compiler.plan(project, [path]).files["generated/llava/__init__.py"]
+    source = codegen.plan(project, [path]).files["generated/llava/__init__.py"]
     namespace: dict[str, Any] = {}
     exec(compile(source, "llava_adapter", "exec"), namespace)  # noqa: S102 - our own compiled spec
     processor_class = namespace["LlavaProcessor"]

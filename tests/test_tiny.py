@@ -13,10 +13,10 @@ from conftest import FAMILIES
 from PIL import Image
 from safetensors.torch import load_file
 
-from resonance.compiler import load_specs
-from resonance.spec import ModelSpec
+from resonance.codegen.project import load_specs
+from resonance.codegen.schema import ModelSpec
+from resonance.patches.video_processor import video_processor_optional
 from resonance.tiny import build_tiny, tiny_from_spec
-from resonance.utils.compat import video_processor_optional
 
 REPO = Path(__file__).resolve().parent.parent
 

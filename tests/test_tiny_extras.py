@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from resonance.compiler import load_specs
-from resonance.spec.schema import Tiny
+from resonance.codegen.project import load_specs
+from resonance.codegen.schema import Tiny
 from resonance.tiny import (
     build_extra_tokenizer,
     build_processor_and_config,

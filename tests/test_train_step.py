@@ -1,6 +1,6 @@
 """One optimizer step of SFT and DPO per family through the training entry point, then save, reload, generate.
 
-The trainer is built with ``resonance.train.parse`` + ``build_trainer`` (what ``resonance.train.main``
+The trainer is built with ``resonance.commands.train.parse`` + ``build_trainer`` (what ``resonance.commands.train.main``
 runs) so its weights can be inspected; ``test_cli_end_to_end`` runs the installed ``resonance`` command.
 """
 
@@ -22,8 +22,8 @@ from helpers import IMAGE, make_image, save_png, user, write_jsonl
 from peft.tuners.lora import LoraLayer
 
 from resonance.base.model import unwrap
-from resonance.train import build_trainer, parse
-from resonance.utils.auto_load import load_core_mapper
+from resonance.base.registry import load_core_mapper
+from resonance.commands.train import build_trainer, parse
 
 PREFIX = "base_model.model."  # PEFT's prefix before the transformers model's module names
 

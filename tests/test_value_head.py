@@ -14,20 +14,21 @@ from conftest import FAMILIES
 from helpers import load_adapter, make_image, preference_rows, repeat_images, save_png, write_jsonl
 from peft.tuners.lora import LoraLayer
 
+from resonance.algorithms.arguments import ModelArguments
+from resonance.algorithms.setup import apply_lora
+from resonance.base.logprobs import token_log_probs
 from resonance.base.model import VLModel, unwrap
+from resonance.base.registry import ModelCoreMapper
 from resonance.base.value import VALUE_CONFIG, VALUE_HEAD, VLModelWithValueHead
-from resonance.data import read_rows
-from resonance.generate import generate_batch, generation_kwargs
-from resonance.ppo_math import token_log_probs
-from resonance.train import ModelArguments, _apply_lora
-from resonance.utils.auto_load import ModelCoreMapper
+from resonance.data.rows import read_rows
+from resonance.generation import generate_batch, generation_kwargs
 
 
 def _value_model(ckpt: Path, lora: str = "auto") -> tuple[ModelCoreMapper, VLModelWithValueHead]:
     mapper, _ = load_adapter(ckpt)
     model = mapper.model.from_pretrained(ckpt, dtype=torch.float32)
     mapper.model.freeze_vision_tower(model)
-    model = _apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt), lora_target_modules=lora))
+    model = apply_lora(model, mapper.model, ModelArguments(model_name_or_path=str(ckpt), lora_target_modules=lora))
     return mapper, VLModelWithValueHead(model, vl_model=mapper.model)
 
 

@@ -9,10 +9,10 @@ import pytest
 from helpers import make_image
 from typer.testing import CliRunner
 
-from resonance.base.checks import SpecMismatchError
 from resonance.base.processor import ImageInput
+from resonance.base.registry import load_core_mapper
 from resonance.cli import app
-from resonance.utils.auto_load import load_core_mapper
+from resonance.errors import SpecMismatchError
 
 runner = CliRunner()
 

@@ -14,9 +14,13 @@ import pytest
 import transformers
 from transformers.utils import is_torchvision_available
 
-from resonance.compiler import load_specs
+from resonance.codegen.project import load_specs
+from resonance.patches.video_processor import (
+    VideoProcessorUnavailable,
+    video_processor_kwargs,
+    video_processor_optional,
+)
 from resonance.tiny import _token_id, build_tiny, build_tokenizer, tiny_from_spec
-from resonance.utils.compat import VideoProcessorUnavailable, video_processor_kwargs, video_processor_optional
 
 REPO = Path(__file__).resolve().parent.parent
 

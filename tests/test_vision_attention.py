@@ -1,5 +1,5 @@
 """Qwen-VL vision towers with batched segment attention give the same image features as transformers' own
-per-segment sdpa calls, in one attention call per block (resonance.base.vision_attention)."""
+per-segment sdpa calls, in one attention call per block (resonance.patches.vision_attention)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import load_adapter, make_image
 
-from resonance.base.vision_attention import install_batched_vision_attention, segment_attention
+from resonance.patches.vision_attention import install_batched_vision_attention, segment_attention
 
 BATCHED = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 

@@ -8,43 +8,23 @@ first batch with images) and, all at once, in ``resonance verify SPEC``.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class SpecProblem:
-    """One spec field that does not fit the model or processor."""
-
-    field: str  # dotted, list indexes as numbers: image.inputs.1.name
-    message: str
-
-
-class SpecMismatchError(ValueError):
-    """The spec does not fit the loaded model or processor; the message names the spec file and fields."""
-
-    def __init__(self, owner: type, problems: list[SpecProblem]):
-        self.problems = problems
-        where = spec_file(owner)
-        lines = [f"{where}: {p.field}: {p.message}" for p in problems]
-        super().__init__("the spec does not fit the checkpoint:\n  " + "\n  ".join(lines))
+from resonance.errors import FieldProblem, SpecMismatchError
+from resonance.generated.registry import SPECS
 
 
 def spec_file(owner: type) -> str:
     """The spec a generated adapter class came from (``specs/<name>.yaml``), for error messages."""
     name = owner.__module__.rsplit(".", 1)[-1]
-    try:
-        from resonance.generated.registry import SPECS
-    except ImportError:  # pragma: no cover - the registry is generated with the package
-        SPECS = {}
     return SPECS.get(name, f"the spec of {owner.__qualname__}")
 
 
-def raise_problems(owner: type, problems: list[SpecProblem]) -> None:
+def raise_problems(owner: type, problems: list[FieldProblem]) -> None:
     if problems:
-        raise SpecMismatchError(owner, problems)
+        raise SpecMismatchError(spec_file(owner), problems)
 
 
 def _near(path: str, names: list[str]) -> str:
@@ -54,11 +34,10 @@ def _near(path: str, names: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
-def module_problems(vl_model: Any, model: nn.Module) -> list[SpecProblem]:
-    """Module paths that do not exist and LoRA targets that match no linear layer of the language model."""
-    from resonance.base.model import unwrap
-
-    base = unwrap(model)
+def module_problems(vl_model: Any, model: nn.Module) -> list[FieldProblem]:
+    """Module paths that do not exist and LoRA targets that match no linear layer of the language model, for
+    the transformers model (unwrapped from PEFT and distributed wrappers)."""
+    base = model
     names = [name for name, _ in base.named_modules() if name]
     problems = []
     paths = {
@@ -72,7 +51,7 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[SpecProblem]:
         try:
             base.get_submodule(path)
         except AttributeError:
-            problems.append(SpecProblem(field, f"{type(base).__name__} has no submodule {path!r}{_near(path, names)}"))
+            problems.append(FieldProblem(field, f"{type(base).__name__} has no submodule {path!r}{_near(path, names)}"))
     if any(p.field == "modules.language_model" for p in problems):
         return problems
     prefix = vl_model.language_model_path + "."
@@ -84,7 +63,7 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[SpecProblem]:
     for index, target in enumerate(vl_model.default_lora_target):
         if target not in leaves:
             problems.append(
-                SpecProblem(
+                FieldProblem(
                     f"lora.targets.{index}",
                     f"{target!r} is no linear layer under {vl_model.language_model_path}; "
                     f"its linear layers are named {sorted(leaves)}",
@@ -93,7 +72,7 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[SpecProblem]:
     return problems
 
 
-def token_problems(vl_processor: Any) -> list[SpecProblem]:
+def token_problems(vl_processor: Any) -> list[FieldProblem]:
     """The spec's image token must be one token of the tokenizer."""
     tokenizer = vl_processor.tokenizer
     token = vl_processor.image_token
@@ -101,7 +80,7 @@ def token_problems(vl_processor: Any) -> list[SpecProblem]:
     if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
         added = sorted(str(t) for t in tokenizer.get_added_vocab())
         return [
-            SpecProblem(
+            FieldProblem(
                 "image.token",
                 f"{token!r} is not a token of the tokenizer{_near(token, added)} (its added tokens: {added[:12]})",
             )
@@ -109,11 +88,11 @@ def token_problems(vl_processor: Any) -> list[SpecProblem]:
     return []
 
 
-def image_output_problems(vl_processor: Any, batch: Any) -> list[SpecProblem]:
+def image_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
     """Image inputs the processor did not produce for a batch with images, and a missing image token."""
     produced = sorted(batch.keys())
     problems = [
-        SpecProblem(
+        FieldProblem(
             f"image.inputs.{index}.name",
             f"the processor produced no {item.name!r} for a batch with images; it produced {produced}",
         )
@@ -122,7 +101,7 @@ def image_output_problems(vl_processor: Any, batch: Any) -> list[SpecProblem]:
     ]
     if "input_ids" in batch and not (batch["input_ids"] == vl_processor.image_token_id).any():
         problems.append(
-            SpecProblem(
+            FieldProblem(
                 "image.token",
                 f"{vl_processor.image_token!r} does not occur in the processor's input_ids for a batch with images; "
                 "it must be the token the processor expands each image into",

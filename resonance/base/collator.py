@@ -1,4 +1,4 @@
-"""Collators: dataset rows (see resonance.data) -> padded model batches with labels.
+"""Collators: dataset rows (see resonance.data.rows) -> padded model batches with labels.
 
 Images are opened here, lazily, one batch at a time.
 """
@@ -9,11 +9,13 @@ import logging
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from resonance.base.processor import IGNORE_INDEX, VLProcessor
+from resonance.data.images import load_row_images
+from resonance.errors import RowError
 
-logger = logging.getLogger("resonance.data")
+logger = logging.getLogger("resonance.data.rows")
 
 
 # The batch inputs with one entry per token (dimension 1), which padding lengthens: text, masks, labels (DPO:
@@ -28,27 +30,6 @@ PER_TOKEN_INPUTS = {
     "mm_token_type_ids",
     "cross_attention_mask",
 }
-
-
-class RowError(ValueError):
-    """A dataset row that cannot be used; the message names its file and line."""
-
-
-def load_row_images(processor: VLProcessor, paths: list[str], source: str) -> list[Image.Image]:
-    """A row's images as RGB. An unreadable file, or an image count the family cannot take (spec
-    image.required, image.multi_image), is a :class:`RowError` naming the row's ``source`` (FILE:LINE)."""
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise RowError(f"{source}: cannot read image {path}: {exc}") from exc
-    if not images and processor.images_required:
-        raise RowError(f"{source}: no image, but this model family's processor needs one in every conversation")
-    if len(images) > 1 and not processor.multi_image:
-        raise RowError(f"{source}: {len(images)} images, but this model family takes one image per conversation")
-    return images
 
 
 class _VLCollatorBase:
@@ -170,7 +151,7 @@ class VLPromptCollator(_VLCollatorBase):
     (with the generation prompt), their images and the processor's batch in inference mode (left padding).
 
     This is the PPO collator (``core_mapper.ppo_collator``) and the first half of
-    :func:`resonance.generate.generate_batch`. The processor is switched to inference mode for the call and
+    :func:`resonance.generation.generate_batch`. The processor is switched to inference mode for the call and
     back to the caller's mode afterwards. ``max_length`` and ``skip_long_rows`` are not used: a prompt's
     length is bounded by generation, not truncated.
     """

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from resonance.base.model import VLModel, unwrap
+from resonance.base.registry import load_core_mapper
 
 
 class ScalarHeadModel(nn.Module):
@@ -120,7 +121,6 @@ class ScalarHeadModel(nn.Module):
 
         The class is the family's adapter subclass where the ``core_mapper`` has one, else ``cls``.
         """
-        from resonance.utils.auto_load import load_core_mapper
 
         path = Path(path)
         config_file = path / cls.config_file

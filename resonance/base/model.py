@@ -14,6 +14,8 @@ import transformers
 from torch import nn
 
 from resonance.base.checks import module_problems, raise_problems
+from resonance.base.registry import lora_base_checkpoint
+from resonance.patches.vision_attention import install_batched_vision_attention
 
 logger = logging.getLogger("resonance")
 
@@ -49,7 +51,7 @@ class VLModel:
     vision_tower_path: ClassVar[str]
     projector_path: ClassVar[str | None] = None
     default_lora_target: ClassVar[list[str]]
-    default_generation_kwargs: ClassVar[dict[str, Any]] = {}
+    default_generation_kwargs: ClassVar[dict[str, Any]] = {"max_new_tokens": 1024, "do_sample": False}
     supports_flash_attention: ClassVar[bool] = False
     position_ids_kind: ClassVar[str] = "1d"
     shares_prompt: ClassVar[bool] = True  # spec shared_prompt: chosen and rejected may share one prompt row
@@ -79,12 +81,11 @@ class VLModel:
         kwargs.setdefault("attn_implementation", cls.attention_implementation())
         kwargs.setdefault("trust_remote_code", cls.trust_remote_code)
         model_class = getattr(transformers, cls.hf_model_class)
-        adapter_config = path / "adapter_config.json"
-        if adapter_config.is_file():
-            from peft import PeftConfig, PeftModel
+        base_path = lora_base_checkpoint(path)
+        if base_path is not None:
+            from peft import PeftModel
 
-            base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-            base = model_class.from_pretrained(base_path, **kwargs)
+            base = model_class.from_pretrained(str(base_path), **kwargs)
             cls.check_model(base)
             cls.batch_vision_attention(base)
             return PeftModel.from_pretrained(base, str(path))
@@ -96,16 +97,14 @@ class VLModel:
     @classmethod
     def batch_vision_attention(cls, model: nn.Module) -> None:
         """Where the spec says so (image.batched_attention), run the vision tower's per-segment attention as one
-        batched sdpa call (:mod:`resonance.base.vision_attention`); idempotent."""
+        batched sdpa call (:mod:`resonance.patches.vision_attention`); idempotent."""
         if cls.batched_vision_attention:
-            from resonance.base.vision_attention import install_batched_vision_attention
-
             install_batched_vision_attention(cls.get_vision_tower(unwrap(model)))
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:
         """Raise :class:`SpecMismatchError` naming each spec field (modules, lora.targets) the model does not fit."""
-        raise_problems(cls, module_problems(cls, model))
+        raise_problems(cls, module_problems(cls, unwrap(model)))
 
     @classmethod
     def get_language_model(cls, model: nn.Module) -> nn.Module:

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from resonance.base.checks import image_output_problems, raise_problems, token_problems
-from resonance.utils.compat import video_processor_optional
+from resonance.data.images import ImageCount
+from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
 
@@ -241,14 +242,13 @@ class VLProcessor:
         return self._with_prefix_lm(batch)
 
     def _check_image_counts(self, images: list[list[Any]]) -> None:
-        """Refuse rows the family cannot take (spec image.multi_image, image.required), before the processor
+        """Refuse rows the family cannot take (:class:`~resonance.data.images.ImageCount`), before the processor
         silently misplaces their images (InstructBLIP's puts query tokens in every row of a batch with images)."""
+        count = ImageCount.for_family(self)
         for row, row_images in enumerate(images):
-            if len(row_images) > 1 and not self.multi_image:
-                count = len(row_images)
-                raise ValueError(f"row {row}: {count} images, but this model family takes one per conversation")
-            if not row_images and self.images_required:
-                raise ValueError(f"row {row}: no image, but this model family needs one in every conversation")
+            problem = count.problem(len(row_images))
+            if problem is not None:
+                raise ValueError(f"row {row}: {problem}")
 
     def _from_prompts(
         self, batch: BatchFeature, conversations: list[list[Message]], images: list[list[Any]], first: list[int]

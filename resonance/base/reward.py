@@ -10,25 +10,24 @@ DPO's (chosen rows, then rejected rows, the prompts' images once), encoding froz
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
 
 from resonance.base.collator import VLDPODataCollatorWithPadding
 from resonance.base.heads import ScalarHeadModel
 from resonance.base.model import VLModel, unwrap
-from resonance.base.processor import VLProcessor
-from resonance.base.trainer import _ImageEncodingMixin
+from resonance.patches.fused_head import output_embeddings_as_identity
 
 REWARD_CONFIG = "reward_config.json"
+
+
 REWARD_HEAD = "reward_head.safetensors"
+
+
 FORMAT = "resonance-reward-model"
+
 
 logger = logging.getLogger("resonance")
 
@@ -52,12 +51,8 @@ def final_hidden_states(model: nn.Module, inputs: dict[str, Any]) -> torch.Tenso
     backbone = base.base_model
     if backbone is not base:
         return backbone(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    head = base.get_output_embeddings()
-    base.set_output_embeddings(nn.Identity())
-    try:
+    with output_embeddings_as_identity(base):
         return base(**inputs, use_cache=False, return_dict=True).logits
-    finally:
-        base.set_output_embeddings(head)
 
 
 class VLRewardModel(ScalarHeadModel):
@@ -105,122 +100,3 @@ class VLRewardDataCollatorWithPadding(VLDPODataCollatorWithPadding):
         output.pop("completion_mask")
         output["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in kept], dtype=torch.float32)
         return output
-
-
-def bradley_terry(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean ``-logsigmoid(chosen - rejected - margin)`` and per-pair metrics (accuracy: chosen > rejected)."""
-    difference = chosen - rejected
-    if margin is not None:
-        difference = difference - margin.to(difference)
-    loss = -F.logsigmoid(difference).mean()
-    metrics = {
-        "accuracy": (chosen > rejected).float(),
-        "reward_gap": (chosen - rejected).detach(),
-        "chosen_reward": chosen.detach(),
-        "rejected_reward": rejected.detach(),
-    }
-    return loss, metrics
-
-
-@dataclass
-class VLRewardConfig(TrainingArguments):
-    """``TrainingArguments`` plus ``max_length`` (tokens per chosen or rejected row, image tokens included) and
-    ``pad_to_multiple_of`` (as in TRL's configs)."""
-
-    max_length: int | None = field(
-        default=1024,
-        metadata={"help": "Longest chosen/rejected row in tokens (image tokens included); longer rows fail or skip."},
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch to a multiple of this many tokens."}
-    )
-
-
-class VLRewardTrainer(_ImageEncodingMixin, Trainer):
-    """transformers' Trainer with the Bradley-Terry loss; images encoded once for chosen and rejected.
-
-    Logs ``accuracy``, ``reward_gap`` (mean chosen - rejected), ``chosen_reward`` and ``rejected_reward``,
-    averaged over the pairs since the last log (``eval_``-prefixed when evaluating).
-    """
-
-    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
-        self._bind_adapter(vl_model, vl_processor)
-        self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._metric_counts = {"train": 0, "eval": 0}
-        super().__init__(*args, **kwargs)
-
-    def _reward_model(self, model: nn.Module) -> VLRewardModel:
-        model = self.accelerator.unwrap_model(model)
-        if not isinstance(model, VLRewardModel):
-            raise TypeError(f"VLRewardTrainer trains a VLRewardModel, got {type(model).__name__}")
-        return model
-
-    def rewards(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen rewards, rejected rewards) of a reward batch."""
-        inputs = {k: v for k, v in inputs.items() if k != "margin"}
-        inputs = self._image_model_inputs(self._reward_model(model).model, inputs, copies=2)
-        rewards = model(**inputs)
-        half = rewards.shape[0] // 2
-        return rewards[:half], rewards[half:]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        chosen, rejected = self.rewards(model, inputs)
-        loss, metrics = bradley_terry(chosen, rejected, inputs.get("margin"))
-        mode = "train" if model.training else "eval"
-        for name, values in metrics.items():
-            self._metric_sums[mode][name] += values.float().sum().item()
-        self._metric_counts[mode] += chosen.shape[0]
-        if return_outputs:
-            return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
-        return loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        loss = loss.detach()
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, torch.stack([outputs["rewards_chosen"], outputs["rewards_rejected"]], dim=1), None
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        count = self._metric_counts[mode]
-        if count:
-            prefix = "eval_" if mode == "eval" else ""
-            for name, total in self._metric_sums[mode].items():
-                logs[prefix + name] = total / count
-            self._metric_sums[mode].clear()
-            self._metric_counts[mode] = 0
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        self._reward_model(self.model).save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, Path(output_dir) / "training_args.bin")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        reward_model = self._reward_model(model or self.model)
-        if reward_model.is_lora:  # Trainer loads a PEFT adapter into the PEFT model
-            super()._load_from_checkpoint(resume_from_checkpoint, model=reward_model.model)
-        else:  # full weights, saved in the checkpoint's format: loaded the way from_pretrained reads them
-            reward_model.load_backbone(resume_from_checkpoint)
-        reward_model.load_head(resume_from_checkpoint)
-
-    def _issue_warnings_after_load(self, load_result: Any) -> None:
-        """Trainer's check of a loaded checkpoint, against the backbone (the reward model has no HF attributes)."""
-        backbone = unwrap(self._reward_model(self.model).model)
-        ignored = set(getattr(backbone, "_keys_to_ignore_on_save", None) or ())
-        if load_result.missing_keys:
-            if ignored and set(load_result.missing_keys) == ignored:
-                backbone.tie_weights()
-            else:
-                logger.warning("There were missing keys in the checkpoint model loaded: %s.", load_result.missing_keys)
-        if load_result.unexpected_keys:
-            logger.warning(
-                "There were unexpected keys in the checkpoint model loaded: %s.", load_result.unexpected_keys
-            )

@@ -4,13 +4,13 @@ One backbone pass gives the final hidden states (:func:`resonance.base.reward.fi
 is not run by the model). The LM head then runs only on the positions that predict response tokens, and the
 value head ``v_head = nn.Linear(hidden, 1)`` (float32) on the same positions, so ``values[:, i]`` is the value of
 the state in which ``logits[:, i]`` picks the i-th response token: ``V(s_t)`` for the action ``a_t``, the
-alignment :func:`resonance.ppo_math.compute_gae` expects.
+alignment :func:`resonance.algorithms.ppo.math.compute_gae` expects.
 
 Saving writes the backbone (full weights or the LoRA adapter), ``value_head.safetensors`` and
 ``value_config.json`` (:class:`~resonance.base.heads.ScalarHeadModel`); :meth:`VLModelWithValueHead.from_pretrained`
 reloads them.
 
-Left padding (rollouts from :func:`resonance.generate.generate_batch`) needs no position ids: every family's
+Left padding (rollouts from :func:`resonance.generation.generate_batch`) needs no position ids: every family's
 language model uses rotary positions, which only see distances between tokens, or derives positions from the
 attention mask itself (Qwen's M-RoPE).
 """
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from resonance.base.heads import ScalarHeadModel
+from resonance.base.logprobs import token_log_probs
 from resonance.base.model import VLModel, unwrap
 from resonance.base.reward import final_hidden_states
-from resonance.ppo_math import token_log_probs
 
 VALUE_CONFIG = "value_config.json"
 VALUE_HEAD = "value_head.safetensors"

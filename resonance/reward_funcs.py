@@ -21,10 +21,7 @@ from typing import Any
 
 import torch
 
-
-class RewardFunctionError(ValueError):
-    """A reward function that cannot be loaded, raised, or returned something that is not one finite number per
-    completion. The message names the function (and ``--reward_funcs``) and, for bad values, the row."""
+from resonance.errors import RewardFunctionError
 
 
 def load_reward_funcs(names: str | None) -> list[Any]:

@@ -4,9 +4,9 @@ TRL's trainer does the rollouts (left-padded prompts through the family's HF pro
 the group-relative advantages, the clipped policy loss and the optional KL to the reference (the adapter
 disabled under LoRA). Resonance adds:
 
-* prompt rows (``resonance.data`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
+* prompt rows (``resonance.data.rows`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
   lazily per batch with the row's ``FILE:LINE`` in any error;
-* reward functions named on the command line (``--reward_funcs pkg.module:function``, :mod:`resonance.rewards`),
+* reward functions named on the command line (``--reward_funcs pkg.module:function``, :mod:`resonance.reward_funcs`),
   each call checked, so a bad value is an error naming the row, never a silent zero in TRL's ``nansum``;
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
@@ -21,10 +21,12 @@ from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
-from resonance.base.collator import load_row_images
+from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
-from resonance.rewards import RewardFunctionError, checked_reward, conversational_message, load_reward_funcs
+from resonance.data.images import load_row_images
+from resonance.errors import RewardFunctionError, UnsupportedModelError
+from resonance.reward_funcs import checked_reward, conversational_message, load_reward_funcs
 
 __all__ = ["RewardFunctionError", "VLGRPOConfig", "VLGRPOTrainer", "checked_reward", "load_reward_funcs"]
 
@@ -90,8 +92,6 @@ class VLGRPOTrainer(GRPOTrainer):
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
         reason = unsupported_reason(vl_model, vl_processor)
         if reason is not None:
-            from resonance.utils.auto_load import UnsupportedModelError
-
             raise UnsupportedModelError(f"GRPO: {reason}")
         self.vl_model = vl_model
         self.vl_processor = vl_processor
@@ -133,3 +133,26 @@ class VLGRPOTrainer(GRPOTrainer):
         return super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
+
+
+def build(mapper, model_args, data_args, config):
+    """``resonance train grpo``: prompt rows, reward functions from --reward_funcs, the family's GRPO trainer; with
+    --beta > 0 the reference is the adapter disabled."""
+    reason = unsupported_reason(mapper.model, mapper.processor)
+    if reason is not None:  # before data and model load
+        raise UnsupportedModelError(f"GRPO: {reason}")
+    reward_funcs = load_reward_funcs(config.reward_funcs)
+    train_rows, eval_rows, _, model, processor = load_data_and_model(
+        mapper, model_args, data_args, config, "prompt", max_images_for_grpo(mapper.processor)
+    )
+    trainer = mapper.grpo_trainer(
+        model=apply_lora(model, mapper.model, model_args),
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=processor.hf,
+        vl_model=mapper.model,
+        vl_processor=processor,
+    )
+    return trainer, processor

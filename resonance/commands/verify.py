@@ -17,15 +17,20 @@ from typing import Any
 
 import torch
 
-from resonance.base.checks import SpecMismatchError, SpecProblem, image_output_problems, module_problems
-from resonance.spec import ModelSpec
+from resonance import codegen
+from resonance.base.checks import image_output_problems, module_problems
+from resonance.base.model import unwrap
+from resonance.codegen.schema import ModelSpec
+from resonance.errors import FieldProblem, SpecMismatchError
+from resonance.patches.video_processor import video_processor_optional
+from resonance.tiny import build_tiny, tiny_from_spec
 
 
 @dataclass
 class Check:
     name: str
     fields: str  # the spec fields it proves
-    problems: list[SpecProblem] = field(default_factory=list)
+    problems: list[FieldProblem] = field(default_factory=list)
     error: str | None = None  # an exception that is not a spec problem
     skipped: str | None = None
 
@@ -36,13 +41,12 @@ class Check:
 
 def compile_adapter(project: Path, spec_path: Path) -> types.ModuleType:
     """The adapter module the spec compiles to, imported from memory as ``resonance.generated.<name>``."""
-    from resonance import compiler
 
-    plan = compiler.plan(project, [spec_path])
+    plan = codegen.plan(project, [spec_path])
     name = spec_path.stem
-    source = plan.files[f"{compiler.OUTPUT_DIR}/{name}/__init__.py"]
+    source = plan.files[f"{codegen.OUTPUT_DIR}/{name}/__init__.py"]
     module = types.ModuleType(f"resonance.generated.{name}")
-    module.__file__ = str(project / compiler.OUTPUT_DIR / name / "__init__.py")
+    module.__file__ = str(project / codegen.OUTPUT_DIR / name / "__init__.py")
     exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own compiled spec
     return module
 
@@ -77,7 +81,7 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     checks: list[Check] = []
     state: dict[str, Any] = {}
 
-    def run(name: str, fields: str, body: Callable[[], list[SpecProblem] | None], needs: tuple[str, ...] = ()):
+    def run(name: str, fields: str, body: Callable[[], list[FieldProblem] | None], needs: tuple[str, ...] = ()):
         check = Check(name, fields)
         missing = [key for key in needs if key not in state]
         if missing:
@@ -91,11 +95,11 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
                 check.error = f"{type(exc).__name__}: {exc}"
         checks.append(check)
 
-    def load_model() -> list[SpecProblem]:
+    def load_model() -> list[FieldProblem]:
         model_class = getattr(transformers, vl_model.hf_model_class)
         model = model_class.from_pretrained(str(checkpoint), attn_implementation="sdpa")
         state["model"] = model.eval()
-        problems = module_problems(vl_model, model)
+        problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
             state["vision tower"] = True
         return problems
@@ -103,7 +107,7 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     def load_processor() -> None:
         state["processor"] = vl_processor_cls(checkpoint)
 
-    def process() -> list[SpecProblem]:
+    def process() -> list[FieldProblem]:
         processor = state["processor"]
         count = 2 if spec.image.multi_image else 1
         other = 1 if spec.image.required else 0  # a row without images, unless the family needs one in every row
@@ -113,26 +117,26 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         )
         problems = image_output_problems(processor, batch)
         if not (batch["labels"] != -100).any(1).all():
-            problems.append(SpecProblem("chat_template", "an assistant turn got no supervised tokens"))
+            problems.append(FieldProblem("chat_template", "an assistant turn got no supervised tokens"))
         state["batch"] = batch
         return problems
 
-    def forward() -> list[SpecProblem]:
+    def forward() -> list[FieldProblem]:
         with torch.no_grad():
             loss = state["model"](**state["batch"]).loss
         if not math.isfinite(loss.item()):
-            return [SpecProblem("image.inputs", f"the model's loss on a processed batch is {loss.item()}")]
+            return [FieldProblem("image.inputs", f"the model's loss on a processed batch is {loss.item()}")]
         return []
 
-    def freeze() -> list[SpecProblem]:
+    def freeze() -> list[FieldProblem]:
         model = state["model"]
         vl_model.freeze_vision_tower(model)
         tower = vl_model.get_vision_tower(model)
         if any(p.requires_grad for p in tower.parameters()):
-            return [SpecProblem("modules.vision_tower", "freeze_vision_tower left trainable weights in the tower")]
+            return [FieldProblem("modules.vision_tower", "freeze_vision_tower left trainable weights in the tower")]
         return []
 
-    def lora() -> list[SpecProblem]:
+    def lora() -> list[FieldProblem]:
         from peft import LoraConfig, get_peft_model
 
         model = state["model"]
@@ -142,13 +146,13 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         outside = [n for n in trained if f".{vl_model.language_model_path}." not in f".{n}"]
         problems = []
         if not trained:
-            problems.append(SpecProblem("lora.targets", f"the LoRA regex {target!r} matched no module"))
+            problems.append(FieldProblem("lora.targets", f"the LoRA regex {target!r} matched no module"))
         if outside:
-            problems.append(SpecProblem("lora.targets", f"LoRA weights outside the language model: {outside[:3]}"))
+            problems.append(FieldProblem("lora.targets", f"LoRA weights outside the language model: {outside[:3]}"))
         state["model"] = peft_model.unload()  # the plain model again, for generation
         return problems
 
-    def generate() -> list[SpecProblem]:
+    def generate() -> list[FieldProblem]:
         processor, model = state["processor"], state["model"]
         processor.infer()
         try:
@@ -161,7 +165,7 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         finally:
             processor.train()
         if out.shape[1] <= inputs["input_ids"].shape[1]:
-            return [SpecProblem("generation", "generate() returned no new tokens")]
+            return [FieldProblem("generation", "generate() returned no new tokens")]
         return []
 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
@@ -180,12 +184,8 @@ def verify(spec_path: Path, project: Path, checkpoint: Path | None = None) -> tu
     """Compile ``spec_path``, build its tiny checkpoint (unless ``checkpoint`` is given) and run the checks."""
     import transformers
 
-    from resonance import compiler
-    from resonance.tiny import build_tiny, tiny_from_spec
-    from resonance.utils.compat import video_processor_optional
-
     transformers.utils.logging.disable_progress_bar()
-    ((_, spec),) = compiler.load_specs([spec_path], project)
+    ((_, spec),) = codegen.load_specs([spec_path], project)
     adapter = compile_adapter(project, spec_path)
     with video_processor_optional(), tempfile.TemporaryDirectory(prefix=f"resonance-verify-{spec.name}-") as tmp:
         if checkpoint is None:

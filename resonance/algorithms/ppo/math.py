@@ -32,9 +32,6 @@ def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-# ------------------------------------------------------------------------------ masked statistics
-
-
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """``sum_t m_t x_t`` over all positions, or along ``dim``."""
     mask = _bool(mask, values)
@@ -98,31 +95,12 @@ def masked_whiten(
     return _masked(whitened, mask)
 
 
-# ------------------------------------------------------------------------------ log-probabilities
-
-
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``log softmax(logits / temperature)[token]`` at each position: ``(..., vocab)`` and ``(...)`` -> ``(...)``.
-
-    ``logits[..., i, :]`` must be the prediction of ``tokens[..., i]`` (already shifted). Computed in float32.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``, per position: ``(..., vocab)`` -> ``(...)``.
 
     A logit of ``-inf`` (a suppressed token) has ``p = 0`` and contributes 0 (``0 log 0 = 0``)."""
     probs = torch.softmax(logits.float(), dim=-1)
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
-
-
-# ------------------------------------------------------------------------------ KL estimators
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLEstimator = "k1") -> torch.Tensor:
@@ -179,9 +157,6 @@ def kl_penalized_rewards(
     return rewards, kl
 
 
-# ------------------------------------------------------------------------------ advantages
-
-
 def compute_gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +188,6 @@ def compute_gae(
         advantages[:, t] = next_advantage
     returns = _masked(advantages + values, mask)
     return advantages, returns
-
-
-# ------------------------------------------------------------------------------ losses
 
 
 def clipped_policy_loss(

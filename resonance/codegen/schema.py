@@ -139,7 +139,7 @@ class Image(_Strict):
         description=(
             "Whether the vision tower's attention modules take cu_seqlens segments (Qwen-VL towers: one per image, "
             "or per window in Qwen2.5-VL) that sdpa would run as one call per segment; true runs them as one "
-            "batched sdpa call over padded segments instead (resonance.base.vision_attention)."
+            "batched sdpa call over padded segments instead (resonance.patches.vision_attention)."
         ),
     )
 

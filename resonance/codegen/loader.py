@@ -7,36 +7,16 @@ all problems of a file at once (torchtune-style), with a did-you-mean for unknow
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from resonance.spec.schema import ModelSpec
+from resonance.codegen.schema import ModelSpec
+from resonance.errors import SpecError, SpecProblem
 
 Loc = tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class SpecProblem:
-    file: str
-    line: int
-    col: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.field or '<spec>'}: {self.message}"
-
-
-class SpecError(ValueError):
-    """One or more problems in a spec file; ``str()`` lists them one per line."""
-
-    def __init__(self, problems: list[SpecProblem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 class _PositionLoader(yaml.SafeLoader):

@@ -46,7 +46,10 @@ from typing import Any, Literal
 import datasets
 from PIL import Image
 
-logger = logging.getLogger("resonance.data")
+from resonance.data.images import ANY_IMAGE_COUNT, ImageCount
+from resonance.errors import DataError
+
+logger = logging.getLogger("resonance.data.rows")
 
 Kind = Literal["sft", "preference", "prompt"]
 Part = dict[str, str | None]
@@ -55,7 +58,6 @@ _Columns = dict[str, list[Message]]
 
 KINDS: tuple[str, ...] = ("sft", "preference", "prompt")
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
-MAX_LISTED_ERRORS = 20
 
 _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _CHAT_ROLES = ("system", "user", "assistant")
@@ -81,22 +83,6 @@ _PROMPT_FORMAT = (
     'prompt rows are {"prompt": str | [messages ending with a user turn]} or SFT rows ("conversations" / '
     '"messages", a trailing assistant turn is dropped), with optional "image" / "images" and "id"'
 )
-
-
-class DataError(ValueError):
-    """Invalid data; ``errors`` holds every ``(source, message)``, ``str()`` lists the first ones."""
-
-    def __init__(self, errors: list[tuple[str, str]], header: str | None = None):
-        self.errors = list(errors)
-        self.header = header
-        lines = [header] if header else []
-        lines += [f"{source}: {message}" for source, message in self.errors[:MAX_LISTED_ERRORS]]
-        if len(self.errors) > MAX_LISTED_ERRORS:
-            lines.append(f"... and {len(self.errors) - MAX_LISTED_ERRORS} more")
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self) -> tuple[type[DataError], tuple[list[tuple[str, str]], str | None]]:
-        return (type(self), (self.errors, self.header))
 
 
 def features_for(kind: Kind, margin: bool = False) -> datasets.Features:
@@ -184,17 +170,16 @@ def load_rows(
     image_placeholder: str = "<image>",
     skip_invalid: bool = False,
     check_images: bool = True,
-    min_images: int = 0,
-    max_images: int | None = None,
+    image_count: ImageCount = ANY_IMAGE_COUNT,
 ) -> datasets.Dataset:
     """Load, validate and canonicalise a data file into a ``datasets.Dataset``.
 
     Raises :class:`DataError` listing every problem of the file, unless ``skip_invalid``: then invalid rows
-    are dropped with one warning each (logger ``resonance.data``) and a summary, and the returned dataset's
+    are dropped with one warning each (logger ``resonance.data.rows``) and a summary, and the returned dataset's
     ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use
     :func:`read_rows` for the count and problems as data). A file without valid rows is always an error.
     ``check_images`` opens every image with PIL and ``verify()``s it; ``False`` skips all file checks.
-    ``min_images`` / ``max_images``: the images a conversation must have, as the model family takes them
+    ``image_count``: the images a conversation may have, as the model family takes them
     (spec image.required and image.multi_image); a row outside them is invalid.
     """
     return read_rows(
@@ -203,8 +188,7 @@ def load_rows(
         image_placeholder=image_placeholder,
         skip_invalid=skip_invalid,
         check_images=check_images,
-        min_images=min_images,
-        max_images=max_images,
+        image_count=image_count,
     ).to_dataset()
 
 
@@ -215,8 +199,7 @@ def read_rows(
     image_placeholder: str = "<image>",
     skip_invalid: bool = False,
     check_images: bool = True,
-    min_images: int = 0,
-    max_images: int | None = None,
+    image_count: ImageCount = ANY_IMAGE_COUNT,
 ) -> LoadedRows:
     """Like :func:`load_rows`, but return the canonical rows as a list with the skip count and problems."""
     _check_kind(kind)
@@ -234,7 +217,7 @@ def read_rows(
         raise DataError([(display, f"unsupported file type ({found}); {expected}")])
     raw_rows = _read_jsonl(file) if suffix == ".jsonl" else _read_json_list(file, display)
     converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images)
-    converter.image_range = (min_images, max_images)
+    converter.image_count = image_count
 
     rows: list[dict[str, Any]] = []
     invalid: list[tuple[str, list[str]]] = []
@@ -409,7 +392,7 @@ class _RowConverter:
         self.base_dir = base_dir
         self.placeholder = placeholder
         self.check_images = check_images
-        self.image_range: tuple[int, int | None] = (0, None)  # images a conversation must have
+        self.image_count = ANY_IMAGE_COUNT  # images a conversation may have
         self._image_problems: dict[str, str | None] = {}
 
     def convert(self, obj: Any, kind: Kind, source: str, problems: list[str]) -> dict[str, Any] | None:
@@ -430,12 +413,9 @@ class _RowConverter:
             columns = self._preference_messages(obj, problems)
         if columns is None or images is None or len(problems) > before:
             return None
-        least, most = self.image_range
-        if len(images) < least:
-            problems.append(f"{len(images)} image(s), but this model family needs at least {least} per conversation")
-            return None
-        if most is not None and len(images) > most:
-            problems.append(f"{len(images)} images, but this model family takes at most {most} per conversation")
+        count_problem = self.image_count.problem(len(images))
+        if count_problem is not None:
+            problems.append(count_problem)
             return None
         self._place_images(columns, len(images), problems)
         for column, messages in columns.items():

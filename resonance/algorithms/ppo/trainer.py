@@ -1,41 +1,4 @@
-"""PPO for vision-language models, on accelerate: rollouts, rewards, KL to the reference, GAE, clipped updates.
-
-One PPO step (``state.global_step``) is one rollout and its update:
-
-1. **Rollout.** ``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` prompt rows,
-   in micro-batches of ``per_device_train_batch_size``. Each micro-batch goes through the family's prompt
-   collator (``core_mapper.ppo_collator``: the processor in inference mode, left padding) and
-   :func:`resonance.generate.generate_from`, the code path of ``resonance generate``, with the adapter's
-   default generation kwargs and plain sampling at ``--temperature`` (no top-k/top-p/repetition penalty from the
-   checkpoint's generation config: the log-probs must be those of the sampling distribution; image placeholder
-   tokens are suppressed in both). A response ends
-   at its first end-of-sequence token (included); what ``generate`` pads after it is masked.
-2. **Scoring.** The prompt+response sequences are scored once without gradients: the policy's log-probs and
-   values (:class:`~resonance.base.value.VLModelWithValueHead`) and the reference's log-probs (under LoRA the
-   same model with its adapters disabled, else a frozen copy). Per-token inputs are extended over the response:
-   PaliGemma's prefix-LM ``token_type_ids`` with 1 (causal), Mllama's ``cross_attention_mask`` with the last
-   prompt token's, others (Gemma 3 ``token_type_ids``, Qwen ``mm_token_type_ids``) with 0. With a frozen
-   vision tower each image is encoded once per rollout and the features serve every later forward.
-3. **Rewards.** One score per response, from Python reward functions (``--reward_funcs``, summed), a reward
-   model folder (``--reward_model_path``; a LoRA reward model trained on the policy's own base checkpoint is
-   loaded as a second adapter on the policy's backbone, no second model in memory), or both, summed. The
-   per-token reward is ``-kl_coef * KL_t`` plus the score on the last response token
-   (:func:`~resonance.ppo_math.kl_penalized_rewards`); optional reward whitening, then GAE and advantage
-   whitening over the whole rollout.
-4. **Update.** ``num_ppo_epochs`` passes over the rollout in shuffled minibatches of
-   ``gradient_accumulation_steps`` micro-batches, one optimizer step per minibatch, on the clipped policy loss
-   plus ``vf_coef`` times the clipped value loss.
-
-Empty generations (an end-of-sequence token first) are not scored and not trained on: they are counted
-(``empty_generations`` in the logs, a warning), and a rollout with no usable response skips its update (counted
-in ``skipped_updates``). A reward function that raises or returns a non-finite value stops training before any
-weight moves (:class:`~resonance.rewards.RewardFunctionError`).
-
-Logged per step: ``reward`` (mean score), ``reward_std``, ``kl`` (mean per-response sum of the KL estimate),
-``entropy``, ``clip_fraction``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``value_error``,
-``value_clip_fraction``, ``response_length``, ``empty_generations``, ``no_eos``, ``learning_rate``; with an eval set,
-``eval_reward``, ``eval_response_length`` and ``eval_empty_generations``.
-"""
+"""PPO's trainer: the loop, scoring, the update, evaluation and checkpoints (see :mod:`resonance.algorithms.ppo`)."""
 
 from __future__ import annotations
 
@@ -48,289 +11,42 @@ import os
 import random
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainingArguments
 
-from resonance.base.collator import VLPromptCollator
-from resonance.base.model import VLModel, unwrap
-from resonance.base.processor import VLProcessor
-from resonance.base.reward import VLRewardModel
-from resonance.base.trainer import _ImageEncodingMixin
-from resonance.base.value import VLModelWithValueHead
-from resonance.ppo_math import (
+from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.ppo.config import VLPPOConfig
+from resonance.algorithms.ppo.math import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
     entropy_from_logits,
     kl_penalized_rewards,
     masked_mean,
-    masked_whiten,
 )
+from resonance.algorithms.ppo.rewards import REWARD_ADAPTER, FunctionRewards, ModelRewards, load_reward_model
+from resonance.algorithms.ppo.rollout import PLAIN_SAMPLING, Rollout, extend_per_token_inputs, whiten_across
+from resonance.algorithms.setup import apply_lora, load_data_and_model
+from resonance.base.collator import VLPromptCollator
+from resonance.base.model import VLModel, unwrap
+from resonance.base.processor import VLProcessor
+from resonance.base.value import VLModelWithValueHead
+from resonance.errors import CheckpointError, ConfigError
+from resonance.generation import generate_from, generation_kwargs
+from resonance.reward_funcs import load_reward_funcs
 
 logger = logging.getLogger("resonance")
 
+
 CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states
+
+
 TRAINER_STATE = "trainer_state.json"
-REWARD_ADAPTER = "reward"
-
-# Generation settings that would make the sampling distribution differ from softmax(logits / temperature); a
-# checkpoint's generation_config.json may set them (Qwen's ships top_k=1, top_p=0.001, repetition_penalty=1.05).
-PLAIN_SAMPLING = {
-    "do_sample": True,
-    "num_beams": 1,
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-}
-
-
-class PPOConfigError(ValueError):
-    """Flags that do not make a PPO run; the message names the flag."""
-
-
-@dataclass
-class VLPPOConfig(TrainingArguments):
-    """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
-
-    reward_funcs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma list of reward functions as 'module:function' (called as for GRPO, see "
-            "resonance.rewards); their values are summed. Give this, --reward_model_path, or both."
-        },
-    )
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={"help": "A reward model folder written by `resonance train rm` (full or LoRA)."},
-    )
-    response_length: int = field(default=64, metadata={"help": "Most new tokens per response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "Optimizer steps per pass; each takes gradient_accumulation_steps micro-batches."}
-    )
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
-    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2 or k3 (Schulman)."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean)."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
-    )
-    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive = {
-            "response_length": self.response_length,
-            "num_ppo_epochs": self.num_ppo_epochs,
-            "num_mini_batches": self.num_mini_batches,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise PPOConfigError(f"--{name} must be at least 1, got {value}")
-        if self.temperature <= 0:
-            raise PPOConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise PPOConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
-        if not (self.reward_funcs or self.reward_model_path):
-            raise PPOConfigError(
-                "PPO needs a reward: --reward_funcs module:function, --reward_model_path FOLDER (from "
-                "`resonance train rm`), or both"
-            )
-
-
-# --------------------------------------------------------------------------------------------- rewards
-
-
-def _assistant(text: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-class FunctionRewards:
-    """The sum of checked reward functions (:func:`resonance.rewards.load_reward_funcs`), called as GRPO calls
-    them: conversational prompts and completions, the completion ids, the row's images and its other columns."""
-
-    def __init__(self, funcs: Sequence[Callable[..., list[float]]]):
-        self.funcs = list(funcs)
-
-    def __call__(self, rows: list[dict[str, Any]], texts: list[str], token_ids: list[list[int]], images: list[Any]):
-        from resonance.rewards import conversational_message
-
-        columns: dict[str, list[Any]] = defaultdict(list)
-        for row in rows:
-            for key, value in row.items():
-                if key not in ("prompt", "images"):
-                    columns[key].append(value)
-        prompts = [[conversational_message(m) for m in row["prompt"]] for row in rows]
-        completions = [[{"role": "assistant", "content": text}] for text in texts]
-        total = torch.zeros(len(rows), dtype=torch.float32)
-        for func in self.funcs:
-            values = func(prompts=prompts, completions=completions, completion_ids=token_ids, images=images, **columns)
-            total += torch.tensor(values, dtype=torch.float32)
-        return total
-
-
-class ModelRewards:
-    """A reward model's score of each prompt + response, rendered as a training conversation by the reward
-    model's own family (its SFT collator, right padding). ``adapter`` names the PEFT adapter to activate for
-    the call when the reward model shares the policy's backbone."""
-
-    def __init__(self, reward_model: VLRewardModel, collator: Any, adapter: str | None = None):
-        self.reward_model = reward_model
-        self.collator = collator
-        self.adapter = adapter
-
-    @contextlib.contextmanager
-    def _active(self) -> Iterator[None]:
-        if self.adapter is None:
-            yield
-            return
-        peft_model = self.reward_model.model
-        previous = peft_model.active_adapter
-        peft_model.set_adapter(self.adapter, inference_mode=True)
-        try:
-            yield
-        finally:  # the policy's adapter active and trainable again, the reward adapter frozen
-            peft_model.set_adapter(previous)
-
-    def __call__(self, rows: list[dict[str, Any]], texts: list[str], token_ids: list[list[int]], images: list[Any]):
-        from resonance.generate import _to_model
-
-        features = [
-            {"messages": [*row["prompt"], _assistant(text)], "images": row.get("images") or [], "source": row["source"]}
-            for row, text in zip(rows, texts, strict=True)
-        ]
-        batch = _to_model(dict(self.collator(features)), self.reward_model.model)
-        with torch.no_grad(), self._active():
-            scores = self.reward_model(**batch)
-        return scores.float().cpu()
-
-
-def load_reward_model(
-    path: str | Path, policy: nn.Module, policy_checkpoint: str | Path, dtype: torch.dtype, device: torch.device
-) -> ModelRewards:
-    """A :class:`ModelRewards` for a folder written by ``resonance train rm``.
-
-    A LoRA reward model whose base checkpoint is the policy's, on a LoRA policy, becomes a second adapter
-    (``"reward"``) on the policy's backbone with its head beside it; anything else loads as its own model.
-    """
-    from resonance.generate import _processor_path
-    from resonance.utils.auto_load import load_core_mapper
-
-    path = Path(path)
-    mapper = load_core_mapper(path)
-    if mapper.reward_model is None:
-        raise PPOConfigError(f"--reward_model_path {path}: its family has no reward model class")
-    adapter_config = path / "adapter_config.json"
-    shared = False
-    if adapter_config.is_file() and hasattr(policy, "peft_config"):
-        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
-        shared = Path(base).resolve() == Path(policy_checkpoint).resolve()
-    if shared:
-        description_file = path / mapper.reward_model.config_file
-        if not description_file.is_file():
-            raise FileNotFoundError(f"{description_file}: not found; not a reward model saved by Resonance")
-        policy.load_adapter(str(path), adapter_name=REWARD_ADAPTER, is_trainable=False)
-        policy.set_adapter(policy.active_adapter)  # loading does not switch; keep the policy's adapter trainable
-        reward_model = mapper.reward_model(policy)
-        reward_model.load_head(path)
-        reward_model.score.to(device)
-        logger.info("reward model %s: a second adapter on the policy's backbone", path)
-    else:
-        reward_model = mapper.reward_model.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        logger.info("reward model %s: loaded as its own model", path)
-    processor = mapper.processor(_processor_path(path), trust_remote_code=mapper.model.trust_remote_code)
-    processor.train()
-    collator = mapper.sft_collator(processor, max_length=None)
-    return ModelRewards(reward_model, collator, adapter=REWARD_ADAPTER if shared else None)
-
-
-# --------------------------------------------------------------------------------------------- rollouts
-
-
-def extend_per_token_inputs(
-    inputs: dict[str, Any], response_length: int, image_inputs: set[str], prefix_lm: bool
-) -> dict[str, Any]:
-    """The processor's per-token inputs (shaped like ``input_ids`` in their first two dims; not image inputs)
-    extended over ``response_length`` generated tokens, as ``generate`` extends them: ``cross_attention_mask``
-    repeats the last prompt position, prefix-LM ``token_type_ids`` mark the response causal (1), others get 0."""
-    ids = inputs["input_ids"]
-    extended = {}
-    for key, value in inputs.items():
-        if key in ("input_ids", "attention_mask", "labels") or key in image_inputs:
-            continue
-        if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == ids.shape):
-            continue
-        if key == "cross_attention_mask":
-            tail = value[:, -1:].expand(-1, response_length, *value.shape[2:])
-        else:
-            fill = 1 if key == "token_type_ids" and prefix_lm else 0
-            tail = torch.full((value.shape[0], response_length, *value.shape[2:]), fill, dtype=value.dtype)
-        extended[key] = torch.cat([value, tail.to(value.device)], dim=1)
-    return extended
-
-
-@dataclass
-class Rollout:
-    """One micro-batch of a rollout: sequences (left-padded prompts, then responses) and everything the update
-    reads. Response tensors are ``(batch, response_length)``; ``mask`` marks the tokens trained on."""
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    model_inputs: dict[str, Any]
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    values: torch.Tensor
-    ref_logprobs: torch.Tensor
-    scores: torch.Tensor
-    rewards: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    @property
-    def response_length(self) -> int:
-        return self.mask.shape[1]
-
-
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
-
-
-def whiten_across(
-    values: list[torch.Tensor],
-    masks: list[torch.Tensor],
-    shift_mean: bool,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
-    """:func:`~resonance.ppo_math.masked_whiten` over several micro-batches together (responses of different
-    lengths), and with ``reduce`` over every process's micro-batches, returned split back as given."""
-    mask = _pad_cat([m.long() for m in masks]).bool()
-    whitened = masked_whiten(_pad_cat(values), mask, shift_mean, reduce=reduce)
-    out, start = [], 0
-    for value in values:
-        out.append(whitened[start : start + value.shape[0], : value.shape[1]])
-        start += value.shape[0]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- trainer
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -339,12 +55,12 @@ def _disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-class VLPPOTrainer(_ImageEncodingMixin):
+class VLPPOTrainer(ImageEncodingMixin):
     """PPO on accelerate for a :class:`~resonance.base.value.VLModelWithValueHead` (see the module docstring).
 
     ``ref_model`` is required when the policy is not a PEFT model (full training) and must be ``None`` with
     LoRA (the reference is the adapter disabled). ``reward_funcs`` are checked functions
-    (:func:`resonance.rewards.load_reward_funcs`); ``reward_model`` a :class:`ModelRewards`.
+    (:func:`resonance.reward_funcs.load_reward_funcs`); ``reward_model`` a :class:`ModelRewards`.
     """
 
     def __init__(
@@ -373,7 +89,7 @@ class VLPPOTrainer(_ImageEncodingMixin):
                 "with full training pass a frozen copy as ref_model"
             )
         if not reward_funcs and reward_model is None:
-            raise PPOConfigError("PPO needs a reward: --reward_funcs, --reward_model_path, or both")
+            raise ConfigError("PPO needs a reward: --reward_funcs, --reward_model_path, or both")
         self._bind_adapter(vl_model, vl_processor)
         self.args = args
         set_seed(args.seed)
@@ -443,7 +159,6 @@ class VLPPOTrainer(_ImageEncodingMixin):
             "max_new_tokens": args.response_length,
             "suppress_tokens": self.suppressed_tokens,
         }
-        from resonance.generate import generation_kwargs
 
         self.generation_kwargs = generation_kwargs(vl_model, unwrap(self.policy.model), overrides)
         self.global_step = 0
@@ -502,7 +217,6 @@ class VLPPOTrainer(_ImageEncodingMixin):
     def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
         """Generate responses for ``rows`` (one micro-batch) and score them: a :class:`Rollout` without
         rewards and advantages yet, and the micro-batch's counts."""
-        from resonance.generate import generate_from
 
         batch = self.data_collator(rows)
         generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
@@ -698,7 +412,6 @@ class VLPPOTrainer(_ImageEncodingMixin):
     def evaluate(self) -> dict[str, float]:
         """Sample a response for every eval prompt (the rollout's settings) and score it: ``eval_reward`` (mean
         over non-empty responses), ``eval_response_length``, ``eval_empty_generations``."""
-        from resonance.generate import generate_from
 
         if self.eval_dataset is None:
             raise ValueError("evaluate: no eval dataset (--eval_data_path)")
@@ -884,3 +597,36 @@ class VLPPOTrainer(_ImageEncodingMixin):
         for name in self.counters:
             self.counters[name] = trainer_state.get(name, 0)
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def build(mapper, model_args, data_args, config):
+    """``resonance train ppo``: prompt rows, the policy with a value head, rewards from functions and/or a reward
+    model, the reference as the adapter disabled (LoRA) or a frozen copy (full training)."""
+    reward_funcs = load_reward_funcs(config.reward_funcs) if config.reward_funcs else None
+    if config.reward_model_path and not Path(config.reward_model_path).is_dir():
+        raise CheckpointError(f"--reward_model_path {config.reward_model_path}: no such folder")
+    train_rows, eval_rows, dtype, model, processor = load_data_and_model(
+        mapper, model_args, data_args, config, "prompt"
+    )
+    policy = apply_lora(model, mapper.model, model_args)
+    ref_model = None
+    if policy is model:  # full training: a frozen copy is the reference
+        ref_model = mapper.model.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+    reward_model = None
+    if config.reward_model_path:
+        reward_model = load_reward_model(config.reward_model_path, policy, model_args.model_name_or_path, dtype, device)
+    trainer = mapper.ppo_trainer(
+        model=mapper.value_model(policy),
+        args=config,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        vl_model=mapper.model,
+        vl_processor=processor,
+        reward_funcs=reward_funcs,
+        reward_model=reward_model,
+        ref_model=ref_model,
+        data_collator=mapper.ppo_collator(processor),
+        processing_class=processor.hf,
+    )
+    return trainer, processor

@@ -1,0 +1,108 @@
+"""DPO's trainer: TRL's DPOTrainer sharing one vision pass between chosen, rejected and the reference, each pair
+run as one row over a single copy of its prompt (:mod:`resonance.algorithms.dpo.shared_prompt`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.utils import hash_module
+
+from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
+from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.setup import build_offline_trainer
+from resonance.base.model import VLModel, unwrap
+from resonance.base.processor import VLProcessor
+from resonance.patches.fused_head import fused_head_backbone
+
+
+class VLDPOTrainer(ImageEncodingMixin, DPOTrainer):
+    """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step.
+
+    Each pair runs as one row over its shared prompt where the family allows it (see
+    :mod:`resonance.algorithms.dpo.shared_prompt`), for the policy and the reference alike.
+
+    ``precompute_ref_log_probs=True`` works for image datasets too (TRL refuses it for them): the
+    reference log-probs of every row are computed once before training, with TRL's own cached pass
+    and our collator, and training then skips the reference forward.
+    """
+
+    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
+        self._bind_adapter(vl_model, vl_processor)
+        config = kwargs.get("args")
+        precompute = bool(config is not None and config.precompute_ref_log_probs)
+        if precompute:
+            config.precompute_ref_log_probs = False  # TRL's __init__ refuses image datasets; done below instead
+        super().__init__(*args, **kwargs)
+        fused_head_backbone(unwrap(self.model))
+        fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
+        install_shared_prompt(self.model, vl_model.position_ids_kind)
+        install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                vl_model.batch_vision_attention(model)
+        if precompute:
+            config.precompute_ref_log_probs = True
+            self._precompute_images()
+
+    def _precompute_images(self) -> None:
+        """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns to the train and eval datasets."""
+        self.precompute_ref_logps = True
+        self._precompute_model_hash = hash_module(self.ref_model or self.model)
+        self._precompute_engine = None
+        size = self.args.precompute_ref_batch_size
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", size or self.args.per_device_train_batch_size
+        )
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                name: self._precompute_ref_logps(data, name, size or self.args.per_device_eval_batch_size)
+                for name, data in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._precompute_ref_logps(
+                self.eval_dataset, "eval", size or self.args.per_device_eval_batch_size
+            )
+
+    def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> PairLayout | None:
+        """The shared-prompt layout of this batch, or ``None`` to run it as chosen rows then rejected rows."""
+        base = unwrap(model)
+        if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
+            return None
+        if base.config._attn_implementation not in ("sdpa", "eager"):
+            return None  # flash-attention takes no custom mask
+        return plan_pairs(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+            self.vl_processor.placeholder_token_ids(),
+            multiple_of=self.args.pad_to_multiple_of or 1,
+        )
+
+    def compute_ref_log_probs(self, model, inputs):
+        layout = self.pair_layout(model, inputs)
+        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+        with sharing(layout, model, self.ref_model):
+            return super().compute_ref_log_probs(model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        layout = self.pair_layout(model, inputs)
+        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+        with sharing(layout, model, self.ref_model):
+            return super()._compute_loss(model, inputs, return_outputs)
+
+
+def build(mapper, model_args, data_args, config):
+    """``resonance train dpo``: preference rows, the family's DPO collator and trainer; full training gets a frozen
+    copy of the model as its reference."""
+    return build_offline_trainer(
+        mapper,
+        model_args,
+        data_args,
+        config,
+        kind="preference",
+        collator_cls=mapper.dpo_collator,
+        trainer_cls=mapper.dpo_trainer,
+        full_training_reference=True,
+    )

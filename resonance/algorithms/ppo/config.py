@@ -1,0 +1,65 @@
+"""PPO's flags: TrainingArguments plus the PPO settings; the only place they are defined."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from resonance.errors import ConfigError
+
+
+@dataclass
+class VLPPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
+
+    reward_funcs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of reward functions as 'module:function' (called as for GRPO, see "
+            "resonance.reward_funcs); their values are summed. Give this, --reward_model_path, or both."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "A reward model folder written by `resonance train rm` (full or LoRA)."},
+    )
+    response_length: int = field(default=64, metadata={"help": "Most new tokens per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    num_mini_batches: int = field(
+        default=1, metadata={"help": "Optimizer steps per pass; each takes gradient_accumulation_steps micro-batches."}
+    )
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2 or k3 (Schulman)."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean)."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = {
+            "response_length": self.response_length,
+            "num_ppo_epochs": self.num_ppo_epochs,
+            "num_mini_batches": self.num_mini_batches,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if not (self.reward_funcs or self.reward_model_path):
+            raise ConfigError(
+                "PPO needs a reward: --reward_funcs module:function, --reward_model_path FOLDER (from "
+                "`resonance train rm`), or both"
+            )

@@ -1,0 +1,112 @@
+"""The setup steps every algorithm shares: data and model loading, LoRA, sampler lengths, and the trainer of the
+offline algorithms (sft, dpo, rm), which differ only in their core_mapper classes."""
+
+from __future__ import annotations
+
+from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.lengths import row_lengths
+from resonance.data.images import ImageCount
+from resonance.data.rows import load_rows
+
+
+def apply_lora(model, model_cls, model_args: ModelArguments):
+    """``--lora_target_modules`` on the model: ``auto`` (the spec's targets), leaf names, or ``none`` (full)."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = model_args.lora_target_modules.strip()
+    if spec.lower() == "none":
+        return model
+    names = model_cls.default_lora_target if spec == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_cls.lora_target_modules(names),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_data_and_model(
+    mapper, model_args: ModelArguments, data_args: DataArguments, config, kind: str, most_images: int | None = None
+):
+    """Data (train, eval), then the model (vision tower frozen as asked) and the processor.
+
+    Data first: a bad row, or one the family cannot take (its :class:`ImageCount`, narrowed to ``most_images``
+    where the algorithm takes fewer), fails in a second, naming its FILE:LINE, not after the model has loaded.
+    """
+    import torch
+
+    model_cls = mapper.model
+    data_kwargs = {
+        "image_placeholder": mapper.processor.image_placeholder,
+        "skip_invalid": data_args.skip_invalid_rows,
+        "image_count": ImageCount.for_family(mapper.processor, most_images),
+    }
+    train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
+    eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
+    dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
+    model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    if model_args.freeze_vision_tower:
+        model_cls.freeze_vision_tower(model)
+    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+    return train_rows, eval_rows, dtype, model, processor
+
+
+def with_lengths(rows, processor, config):
+    """Length-grouped sampling (``--train_sampling_strategy group_by_length`` or ``batch_rebalance``) reads each
+    row's token count from ``--length_column_name``; our rows are tokenized per batch, so add it where missing."""
+    if rows is None or config.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
+        return rows
+    if config.length_column_name in rows.column_names:
+        return rows
+
+    return rows.add_column(config.length_column_name, row_lengths(rows, processor))
+
+
+def build_offline_trainer(
+    mapper,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config,
+    *,
+    kind: str,
+    collator_cls: type,
+    trainer_cls: type,
+    wrap=None,
+    full_training_reference: bool = False,
+):
+    """The trainer of an offline algorithm: rows of ``kind``, the family's collator and trainer classes, LoRA;
+    ``wrap`` puts a head on the (LoRA-wrapped) model; ``full_training_reference`` gives full training a frozen
+    copy of the model as its reference (under LoRA the reference is the adapter disabled)."""
+    train_rows, eval_rows, dtype, model, processor = load_data_and_model(mapper, model_args, data_args, config, kind)
+    model_cls = mapper.model
+    train_rows, eval_rows = (with_lengths(rows, processor, config) for rows in (train_rows, eval_rows))
+    collator = collator_cls(
+        processor,
+        max_length=config.max_length,
+        skip_long_rows=data_args.skip_long_rows,
+        pad_to_multiple_of=getattr(config, "pad_to_multiple_of", None),
+    )
+    trained = apply_lora(model, model_cls, model_args)
+    kwargs = {}
+    if full_training_reference:
+        ref_model = None
+        if trained is model:
+            ref_model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+            ref_model.requires_grad_(False)
+        kwargs["ref_model"] = ref_model
+    if wrap is not None:
+        trained = wrap(trained)
+    trainer = trainer_cls(
+        model=trained,
+        args=config,
+        data_collator=collator,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=processor.hf,
+        vl_model=model_cls,
+        vl_processor=processor,
+        **kwargs,
+    )
+    return trainer, processor

@@ -1,0 +1,41 @@
+"""SFT: TRL's SFTTrainer with our collator (labels on assistant turns only), frozen-tower images encoded once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl import SFTTrainer
+
+from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.setup import build_offline_trainer
+from resonance.base.model import VLModel, unwrap
+from resonance.base.processor import VLProcessor
+from resonance.patches.fused_head import fused_head_backbone
+
+
+class VLSFTTrainer(ImageEncodingMixin, SFTTrainer):
+    """SFT on TRL's SFTTrainer with our collator (labels on assistant turns only)."""
+
+    def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
+        self._bind_adapter(vl_model, vl_processor)
+        super().__init__(*args, **kwargs)
+        fused_head_backbone(unwrap(self.model))
+        vl_model.batch_vision_attention(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        inputs = self._image_model_inputs(model, inputs, copies=1)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def build(mapper, model_args, data_args, config):
+    """``resonance train sft``: SFT rows, the family's SFT collator and trainer."""
+    config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}  # rows are ours
+    return build_offline_trainer(
+        mapper,
+        model_args,
+        data_args,
+        config,
+        kind="sft",
+        collator_cls=mapper.sft_collator,
+        trainer_cls=mapper.sft_trainer,
+    )

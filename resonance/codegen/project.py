@@ -1,0 +1,208 @@
+"""The project: which files generated/ should hold (the plan), how they differ (drift), atomic writes."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resonance.codegen.adapter import adapter_classes
+from resonance.codegen.loader import load_spec
+from resonance.codegen.overrides import resolve_hooks
+from resonance.codegen.render import edited_by_hand, environment, is_generated, render
+from resonance.codegen.schema import ModelSpec
+from resonance.errors import SpecError, SpecProblem
+
+OUTPUT_DIR = "generated"
+
+
+SPECS_DIR = "specs"
+
+
+@dataclass
+class Plan:
+    """The files the compiler wants under ``generated/`` (relative path -> content) and stale ones."""
+
+    project: Path
+    files: dict[str, str] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+
+def relative(path: Path, project: Path) -> str:
+    try:
+        return path.resolve().relative_to(project.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def project_specs(project: Path) -> list[Path]:
+    return sorted((project / SPECS_DIR).glob("*.yaml"))
+
+
+def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]:
+    """Load every spec, collecting all files' problems into one SpecError."""
+    loaded, problems = [], []
+    for path in paths:
+        try:
+            loaded.append((path, load_spec(path, display=relative(path, project))))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    names: dict[str, Path] = {}
+    for path, spec in loaded:
+        if spec.name in names:
+            problems.append(
+                SpecProblem(
+                    relative(path, project),
+                    *spec.position("name", "<value>"),
+                    "name",
+                    f"{spec.name!r} also in {names[spec.name]}",
+                )
+            )
+        names[spec.name] = path
+    if problems:
+        raise SpecError(problems)
+    return loaded
+
+
+def _command(spec_files: list[str]) -> str:
+    return "resonance scaffold " + " ".join(spec_files) if spec_files else "resonance scaffold"
+
+
+def plan(project: Path, named: list[Path] | None = None) -> Plan:
+    """Render the adapters of ``named`` specs (all of the project's when None) and the registry."""
+    project = project.resolve()
+    every = project_specs(project)
+    for path in named or []:
+        if path.resolve().parent != (project / SPECS_DIR).resolve():
+            rel = relative(path, project)
+            raise SpecError(
+                [
+                    SpecProblem(
+                        rel,
+                        1,
+                        1,
+                        "",
+                        f"specs live in {project / SPECS_DIR}/ so that `resonance check` sees them",
+                    )
+                ]
+            )
+    targets = [p.resolve() for p in named] if named else every
+    loaded = load_specs(sorted(set(every) | set(targets)), project)
+    env = environment()
+    out = Plan(project)
+    for path, spec in loaded:
+        if path.resolve() not in targets:
+            continue
+        rel = relative(path, project)
+        classes = adapter_classes(spec, resolve_hooks(spec, rel, project))
+        out.files[f"{OUTPUT_DIR}/{spec.name}/__init__.py"] = render(
+            env, "adapter.py.j2", rel, _command([rel]), spec=spec, classes=classes
+        )
+    registry_cmd = "resonance scaffold"
+    out.files[f"{OUTPUT_DIR}/registry.py"] = render(
+        env,
+        "registry.py.j2",
+        f"{SPECS_DIR}/*.yaml",
+        registry_cmd,
+        nickname_map={arch: spec.name for _, spec in loaded for arch in spec.architectures},
+        flash_models=sorted(arch for _, spec in loaded if spec.flash_attention for arch in spec.architectures),
+        spec_files={spec.name: relative(path, project) for path, spec in loaded},
+    )
+    out.files[f"{OUTPUT_DIR}/__init__.py"] = render(env, "package_init.py.j2", f"{SPECS_DIR}/*.yaml", registry_cmd)
+    wanted = {f"{OUTPUT_DIR}/{spec.name}/__init__.py" for _, spec in loaded} | set(out.files)
+    gen_dir = project / OUTPUT_DIR
+    if gen_dir.is_dir():
+        for file in sorted(gen_dir.rglob("*")):
+            if not file.is_file() or "__pycache__" in file.parts:
+                continue
+            rel = file.relative_to(project).as_posix()
+            if rel in wanted:
+                continue
+            text = file.read_text(encoding="utf-8", errors="replace")
+            (out.stale if is_generated(text) else out.foreign).append(rel)
+    return out
+
+
+@dataclass
+class Drift:
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    hand_edited: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    diff: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.changed or self.stale or self.foreign)
+
+
+def compare(p: Plan) -> Drift:
+    """What differs between the plan and the files on disk, with a unified diff."""
+    drift = Drift(stale=list(p.stale), foreign=list(p.foreign))
+    chunks = []
+    for rel, wanted in sorted(p.files.items()):
+        path = p.project / rel
+        if not path.exists():
+            drift.missing.append(rel)
+            current = ""
+        else:
+            current = path.read_text(encoding="utf-8")
+            if current == wanted:
+                continue
+            drift.changed.append(rel)
+            if is_generated(current) and edited_by_hand(current):
+                drift.hand_edited.append(rel)
+        chunks.extend(
+            difflib.unified_diff(
+                current.splitlines(keepends=True), wanted.splitlines(keepends=True), f"a/{rel}", f"b/{rel}"
+            )
+        )
+    for rel in p.stale:
+        current = (p.project / rel).read_text(encoding="utf-8")
+        chunks.extend(difflib.unified_diff(current.splitlines(keepends=True), [], f"a/{rel}", "/dev/null"))
+    drift.diff = "".join(chunks)
+    return drift
+
+
+def _atomic_write(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _inside(path: Path, root: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"refusing to write {path}: outside {root}")
+    return resolved
+
+
+def apply(p: Plan, *, force: bool = False, prune: bool = False) -> list[str]:
+    """Write the planned files atomically; returns what changed. Hand-edited files need ``force``."""
+    root = p.project / OUTPUT_DIR
+    drift = compare(p)
+    if drift.hand_edited and not force:
+        raise PermissionError(
+            "these generated files were edited by hand and would be overwritten: "
+            + ", ".join(drift.hand_edited)
+            + ". Move the change into an override module (spec `overrides:`), then rerun with --force."
+        )
+    written = []
+    for rel in sorted(drift.missing + drift.changed):
+        _atomic_write(_inside(p.project / rel, root), p.files[rel])
+        written.append(rel)
+    if prune:
+        for rel in p.stale:
+            _inside(p.project / rel, root).unlink()
+            written.append(f"{rel} (removed)")
+    return written

@@ -1,0 +1,111 @@
+"""``resonance train X``: flags (spelled as in the seed and in TrainingArguments/TRL configs) -> the algorithm's
+trainer (:data:`resonance.algorithms.ALGORITHMS`) -> train -> save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from resonance.algorithms import ALGORITHMS
+from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.base.registry import load_core_mapper
+from resonance.errors import ResonanceError
+from resonance.patches.compile_layers import compile_blocks
+from resonance.patches.video_processor import install_video_processor_optional
+
+logger = logging.getLogger("resonance")
+
+
+def parse(algorithm: str, argv: list[str]):
+    """Parse command-line flags into (ModelArguments, DataArguments, the algorithm's config)."""
+    import torch
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, ALGORITHMS[algorithm].config_class()))
+    parser.prog = f"resonance train {algorithm}"
+    defaults = {"remove_unused_columns": False, "report_to": "none"}
+    if not torch.cuda.is_available():
+        defaults["bf16"] = False  # TRL's configs default to bf16, which a CPU run refuses
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Several processes without a GPU (torchrun, or `accelerate launch` of configs/accelerate/cpu_2proc.yaml):
+            # accelerate only joins them into one gloo group (MULTI_CPU) when asked for the CPU. Without it each
+            # process sees LOCAL_RANK, finds no GPU, falls back to DistributedType.NO and trains alone on the
+            # whole dataset: N independent copies of a one-process run, all writing the same --output_dir.
+            defaults["use_cpu"] = True
+    argv = [*argv]
+    for key, value in defaults.items():
+        if f"--{key}" not in argv:
+            argv += [f"--{key}", str(value)]
+    model_args, data_args, config = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.compile_layers and not ALGORITHMS[algorithm].compile_layers:
+        # Generation guards each layer on its own KV-cache entry, so every layer would compile separately.
+        supported = [a.name for a in ALGORITHMS.values() if a.compile_layers]
+        listed = ", ".join(supported[:-1]) + " and " + supported[-1]
+        parser.error(
+            f"--compile_layers: {listed} only, not {algorithm} (generation would compile every layer separately)"
+        )
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "--pad_to_multiple_of" not in given:
+        # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
+        # lengths of both kinds would compile every layer twice, the second time deep into training.
+        config.pad_to_multiple_of = 8
+    return model_args, data_args, config
+
+
+def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArguments, config):
+    """Load adapter, model, processor and data, and return the family's trainer for ``algorithm``, ready to train."""
+    from transformers import set_seed
+
+    # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
+    # can only be saved and loaded with this patch active (a no-op where torchvision exists).
+    install_video_processor_optional()
+    # Seeded before any weight is made (LoRA matrices, heads): the same flags give the same run, whatever ran
+    # before in the process (the trainers seed again, after the model exists).
+    set_seed(config.seed)
+    mapper = load_core_mapper(model_args.model_name_or_path)
+    trainer, processor = ALGORITHMS[algorithm].builder()(mapper, model_args, data_args, config)
+    if model_args.compile_layers:
+        models = (trainer.model, getattr(trainer, "ref_model", None))  # DPO's separate reference: full training
+        count = sum(compile_blocks(m) for m in models if m is not None)
+        logger.info("compiled %d layers in place (torch.compile, one compile per layer kind)", count)
+    return trainer, processor
+
+
+def _log_processes(config) -> None:
+    """Say how many processes train together; warn where the launcher started more than joined."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = getattr(getattr(config, "distributed_state", None), "distributed_type", "?")
+    if config.world_size != launched:
+        logger.warning(
+            "%d processes were launched but this one trains alone (%s): each runs the whole training on its own",
+            launched,
+            kind,
+        )
+    elif config.process_index == 0:
+        logger.info("%d process(es), %s", config.world_size, kind)
+
+
+def main(algorithm: str, argv: list[str]) -> int:
+    """Train, then save weights (or adapter) and the processor into --output_dir."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model_args, data_args, config = parse(algorithm, argv)
+        trainer, _ = build_trainer(algorithm, model_args, data_args, config)
+        _log_processes(config)
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except ResonanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    # The adapter or weights (for rm: plus the reward head), and the processor (processing_class).
+    trainer.save_model(config.output_dir)
+    skipped = getattr(trainer.data_collator, "skipped_rows", 0)  # GRPO: TRL's collator, no length policy
+    if skipped:
+        logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)
+    logger.info("saved to %s", Path(config.output_dir).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,113 @@
+"""Resonance's one exception tree and its exit codes (stdlib only).
+
+Every error a user can fix derives from :class:`ResonanceError`; its message names the file, row, field or
+flag and says what would be right. Commands catch ``ResonanceError`` alone and exit with its ``exit_code``;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- exit codes (every command) -------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran and found a problem: drift, a failed verify check, an existing output
+EXIT_INPUT = 2  # the input is wrong: a spec, data, a flag, a checkpoint, a reward function
+
+MAX_LISTED_ERRORS = 20  # problems shown in one message; the rest are counted
+
+
+class ResonanceError(Exception):
+    """A problem with the user's input; ``str()`` says where and what would be right."""
+
+    exit_code = EXIT_INPUT
+
+
+# -- compile time: specs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One problem at a place in a spec file."""
+
+    file: str
+    line: int
+    col: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.field or '<spec>'}: {self.message}"
+
+
+class SpecError(ResonanceError, ValueError):
+    """One or more problems in spec files; ``str()`` lists them one per line."""
+
+    def __init__(self, problems: list[SpecProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One spec field that does not fit the loaded model or processor (no position yet: the adapter knows
+    only its spec's name; ``resonance verify`` maps the field to its line)."""
+
+    field: str  # dotted, list indexes as numbers: image.inputs.1.name
+    message: str
+
+
+class SpecMismatchError(ResonanceError, ValueError):
+    """The spec does not fit the loaded model or processor; the message names the spec file and fields."""
+
+    def __init__(self, spec_file: str, problems: list[FieldProblem]):
+        self.problems = problems
+        lines = [f"{spec_file}: {p.field}: {p.message}" for p in problems]
+        super().__init__("the spec does not fit the checkpoint:\n  " + "\n  ".join(lines))
+
+
+# -- run time: checkpoints, data, flags, rewards, outputs -------------------------------------------------
+
+
+class UnsupportedModelError(ResonanceError, ValueError):
+    """The checkpoint's architecture has no adapter, or the adapter cannot run the asked algorithm."""
+
+
+class CheckpointError(ResonanceError, FileNotFoundError):
+    """A checkpoint or model folder that is missing or incomplete."""
+
+
+class DataError(ResonanceError, ValueError):
+    """Invalid data; ``errors`` holds every ``(source, message)``, ``str()`` lists the first ones."""
+
+    def __init__(self, errors: list[tuple[str, str]], header: str | None = None):
+        self.errors = list(errors)
+        self.header = header
+        lines = [header] if header else []
+        lines += [f"{source}: {message}" for source, message in self.errors[:MAX_LISTED_ERRORS]]
+        if len(self.errors) > MAX_LISTED_ERRORS:
+            lines.append(f"... and {len(self.errors) - MAX_LISTED_ERRORS} more")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[list[tuple[str, str]], str | None]]:
+        return (type(self), (self.errors, self.header))
+
+
+class RowError(ResonanceError, ValueError):
+    """A dataset row that cannot be used, found while batching; the message names its file and line."""
+
+
+class ConfigError(ResonanceError, ValueError):
+    """Flags that do not make a run; the message names the flag."""
+
+
+class RewardFunctionError(ResonanceError, ValueError):
+    """A reward function that cannot be loaded, raised, or returned something that is not one finite number per
+    completion. The message names the function (and ``--reward_funcs``) and, for bad values, the row."""
+
+
+class OutputExistsError(ResonanceError, FileExistsError):
+    """The output exists and --overwrite was not given."""
+
+    exit_code = EXIT_FAILED

@@ -1,0 +1,126 @@
+"""Batched generation from prompt rows: what ``resonance generate``, PPO rollouts and evaluation share.
+
+:func:`generate_batch` takes canonical prompt rows (``resonance.data``, kind ``"prompt"``) and returns the answers'
+texts and token ids. The processor runs in inference mode (left padding), so every row of a batch continues at the
+same position and a batch generates what each row would alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resonance.base.collator import VLPromptCollator
+from resonance.base.registry import load_core_mapper, processor_checkpoint
+from resonance.patches.video_processor import install_video_processor_optional
+
+logger = logging.getLogger("resonance")
+
+
+@dataclass
+class Generation:
+    """What :func:`generate_batch` returns, one entry per row in the order given.
+
+    ``token_ids`` are the answer's tokens: the new tokens through the first end-of-sequence token, without
+    the padding ``generate`` adds after it. ``texts`` are those tokens decoded with special tokens skipped,
+    stripped of surrounding white space. ``sequences`` is ``generate``'s output (the left-padded prompts,
+    then the new tokens) and ``inputs`` the processor's batch, on the model's device: what PPO scores.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    sequences: torch.Tensor
+    inputs: Any
+
+
+def _eos_ids(generation_kwargs: dict[str, Any], model: Any) -> set[int]:
+    eos = generation_kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(token) for token in eos}
+
+
+def to_model_device(inputs: Any, model: Any) -> Any:
+    """The batch on the model's device, floating tensors (pixel values) in the model's dtype."""
+    parameter = next(model.parameters())
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            dtype = parameter.dtype if value.is_floating_point() else value.dtype
+            inputs[key] = value.to(device=parameter.device, dtype=dtype)
+    return inputs
+
+
+def generate_batch(
+    model: Any,
+    vl_processor: Any,
+    vl_model: Any,
+    rows: Sequence[dict[str, Any]],
+    generation_kwargs: dict[str, Any],
+) -> Generation:
+    """Generate an answer for each canonical prompt row (``{"prompt": [Message], "images": [path], ...}``).
+
+    ``model`` is the loaded model (a PEFT model too), ``vl_processor`` the family's processor instance,
+    ``vl_model`` the family's model adapter class (unused today; the PPO trainer's signature), and
+    ``generation_kwargs`` go to ``model.generate`` as they are (see :func:`generation_kwargs`). The prompts go
+    through :class:`~resonance.base.collator.VLPromptCollator` (inference mode, left padding), then
+    :func:`generate_from`.
+    """
+    del vl_model  # every family generates through model.generate; kept for a uniform adapter signature
+
+    if not rows:
+        raise ValueError("generate_batch: no rows")
+    return generate_from(model, vl_processor, VLPromptCollator(vl_processor)(list(rows)), generation_kwargs)
+
+
+def generate_from(
+    model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
+) -> Generation:
+    """Generate from a prompt batch of :class:`~resonance.base.collator.VLPromptCollator` (its ``inputs`` are moved
+    to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call."""
+    inputs = to_model_device(batch["inputs"], model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sequences = model.generate(**inputs, **generation_kwargs)
+    finally:
+        model.train(was_training)
+    new_tokens = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+    eos = _eos_ids(generation_kwargs, model)
+    token_ids = []
+    for tokens in new_tokens:
+        end = next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
+        token_ids.append(tokens[:end])
+    tokenizer = vl_processor.tokenizer
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+    return Generation(prompts=batch["prompts"], texts=texts, token_ids=token_ids, sequences=sequences, inputs=inputs)
+
+
+def generation_kwargs(vl_model: Any, model: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The family's defaults (spec ``generation``, with the model's special token ids), then ``overrides``."""
+    kwargs = vl_model.prepare_default_generation_kwargs(model.generation_config)
+    kwargs.update(overrides or {})
+    return kwargs
+
+
+def load_for_generation(checkpoint: str | Path, device: str | None = None) -> tuple[Any, Any, Any]:
+    """``(vl_model class, model, processor)`` for a base checkpoint or a LoRA output folder.
+
+    bf16 on CUDA when available, fp32 on CPU; the model is in eval mode, the processor in inference mode.
+    """
+    install_video_processor_optional()  # Qwen-VL processors load without torchvision (no-op where it exists)
+    checkpoint = Path(checkpoint)
+    mapper = load_core_mapper(checkpoint)
+    vl_model = mapper.model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = vl_model.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    processor = mapper.processor(processor_checkpoint(checkpoint), trust_remote_code=vl_model.trust_remote_code)
+    processor.infer()
+    return vl_model, model, processor
