@@ -11,28 +11,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API_NAMES = frozenset(
-    {
-        "ImageInput",
-        "ModelCoreMapper",
-        "VLDPODataCollatorWithPadding",
-        "VLDPOTrainer",
-        "VLGRPOTrainer",
-        "VLModel",
-        "VLModelWithValueHead",
-        "VLPPOTrainer",
-        "VLProcessor",
-        "VLPromptCollator",
-        "VLRewardDataCollatorWithPadding",
-        "VLRewardModel",
-        "VLRewardTrainer",
-        "VLSFTDataCollatorWithPadding",
-        "VLSFTTrainer",
-    }
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _API_NAMES:
-        return getattr(importlib.import_module("resonance.api"), name)
+    # Only class names reach resonance.api (and torch); submodule lookups such as `from resonance import codegen`
+    # fall through to the import system untouched.
+    if name[:1].isupper():
+        api = importlib.import_module("resonance.api")
+        if name in api.__all__:
+            return getattr(api, name)
     raise AttributeError(f"module 'resonance' has no attribute {name!r}")

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
-import os
-import random
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.algorithms.ppo.math import (
     clipped_policy_loss,
@@ -29,7 +25,7 @@ from resonance.algorithms.ppo.math import (
     kl_penalized_rewards,
     masked_mean,
 )
-from resonance.algorithms.ppo.rewards import REWARD_ADAPTER, FunctionRewards, ModelRewards, load_reward_model
+from resonance.algorithms.ppo.rewards import FunctionRewards, ModelRewards, load_reward_model
 from resonance.algorithms.ppo.rollout import PLAIN_SAMPLING, Rollout, extend_per_token_inputs, whiten_across
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.collator import VLPromptCollator
@@ -43,19 +39,13 @@ from resonance.reward_funcs import load_reward_funcs
 logger = logging.getLogger("resonance")
 
 
-CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states
-
-
-TRAINER_STATE = "trainer_state.json"
-
-
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
 
 
-class VLPPOTrainer(ImageEncodingMixin):
+class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
     """PPO on accelerate for a :class:`~resonance.base.value.VLModelWithValueHead` (see the module docstring).
 
     ``ref_model`` is required when the policy is not a PEFT model (full training) and must be ``None`` with
@@ -488,115 +478,6 @@ class VLPPOTrainer(ImageEncodingMixin):
             logger.info("step %d/%d: %s", self.global_step, self.total_steps, text)
 
     # -- saving and resuming -------------------------------------------------------------------------
-
-    def save_model(self, output_dir: str | Path | None = None) -> None:
-        """The policy (full weights or LoRA adapter), its value head and the processor: a folder
-        ``resonance generate`` and ``VLModelWithValueHead.from_pretrained`` load."""
-        output_dir = Path(output_dir or self.args.output_dir)
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        self._save_policy(output_dir)
-        (output_dir / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
-
-    def _save_policy(self, output_dir: Path) -> None:
-        save_kwargs = {}
-        if self.policy.is_lora and REWARD_ADAPTER in self.policy.model.peft_config:
-            # only the policy's adapter: the reward adapter was loaded from its own folder
-            save_kwargs["selected_adapters"] = [self.policy.model.active_adapter]
-        self.policy.save_pretrained(output_dir, **save_kwargs)
-        self.vl_processor.hf.save_pretrained(str(output_dir))
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "global_step": self.global_step,
-            "max_steps": self.total_steps,
-            "log_history": self.log_history,
-            **self.counters,
-        }
-
-    def save_checkpoint(self) -> Path:
-        """``output_dir/checkpoint-<step>``: the policy as :meth:`save_model` writes it, plus optimizer,
-        scheduler and RNG states. Written to a temporary folder and renamed, so a crash leaves no half
-        checkpoint; the oldest beyond ``save_total_limit`` are removed."""
-        output_dir = Path(self.args.output_dir)
-        final = output_dir / f"checkpoint-{self.global_step}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            temporary = output_dir / f".checkpoint-{self.global_step}.tmp"
-            shutil.rmtree(temporary, ignore_errors=True)
-            self._save_policy(temporary)
-            rng = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            }
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(), "rng": rng},
-                temporary / CHECKPOINT_STATE,
-            )
-            (temporary / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
-            torch.save(self.args, temporary / "training_args.bin")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            self._rotate_checkpoints(output_dir)
-            logger.info("saved checkpoint %s", final)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def _rotate_checkpoints(self, output_dir: Path) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        checkpoints = sorted(
-            (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in checkpoints[:-limit]:
-            shutil.rmtree(old)
-
-    def _checkpoint_path(self, resume: str | bool) -> Path:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if resume is True or str(resume).lower() in ("true", "last"):
-            last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
-            if last is None:
-                raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
-            return Path(last)
-        path = Path(resume)
-        if not (path / CHECKPOINT_STATE).is_file():
-            raise FileNotFoundError(f"{path / CHECKPOINT_STATE}: not found; not a PPO checkpoint saved by Resonance")
-        return path
-
-    def _load_checkpoint(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        policy = self.policy
-        if policy.is_lora:
-            adapter = load_file(str(path / "adapter_model.safetensors"))
-            result = set_peft_model_state_dict(policy.model, adapter, adapter_name=policy.model.active_adapter)
-            if result.unexpected_keys:
-                raise ValueError(f"{path}: adapter weights that the policy lacks: {result.unexpected_keys[:5]}")
-        else:
-            policy.load_backbone(path)
-        policy.load_head(path)
-        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        self.global_step = trainer_state["global_step"]
-        self.log_history = trainer_state["log_history"]
-        for name in self.counters:
-            self.counters[name] = trainer_state.get(name, 0)
-        logger.info("resumed from %s at step %d", path, self.global_step)
 
 
 def build(mapper, model_args, data_args, config):
