@@ -139,8 +139,12 @@ def build(model_key: str, tiny: bool) -> dict[str, Any]:
     description = tiny_from_spec(spec)
     image_size = 56 if tiny else shape["image_size"]
     if not tiny:
-        description["config"] = merge(description["config"], shape["config"])
-        description["image_processor"] = dict(shape["image_processor"])
+        description = description.model_copy(
+            update={
+                "config": merge(description.config, shape["config"]),
+                "image_processor": dict(shape["image_processor"]),
+            }
+        )
     processor, config = build_processor_and_config(description)
     if not tiny:
         config.get_text_config(decoder=True).vocab_size = shape["vocab_size"]

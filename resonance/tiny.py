@@ -1,39 +1,40 @@
-"""Tiny random-weight vision-language checkpoints, built fully offline from a declarative dict.
+"""Tiny random-weight vision-language checkpoints, built fully offline from a family spec's ``tiny:`` section.
 
-A family spec carries a ``tiny:`` section (see ``tests/fixtures/tiny/*.yaml``)::
+The section's fields are typed and documented in :class:`resonance.codegen.schema.Tiny` (``resonance schema``
+prints them), and validated with the rest of the spec, every problem at its ``FILE:LINE:COL``. In short::
 
-    model_class: LlavaForConditionalGeneration       # getattr(transformers, name)
     config_class: LlavaConfig
-    config: {...}                 # kwargs to config_class; nested text_config / vision_config dicts allowed
-    processor_class: LlavaProcessor
-    processor: {...}              # extra kwargs to processor_class (a video_processor is handled here)
+    config: {...}                 # kwargs to config_class; nested text_config / vision_config mappings allowed
+    processor: {...}              # extra kwargs to the spec's processor_class (a video_processor is handled here)
     image_processor_class: CLIPImageProcessorPil
     image_processor: {...}        # constructor kwargs
     tokenizer:
       vocab_size: 400             # byte-level BPE trained with `tokenizers` on a built-in corpus
       special_tokens: ["<image>"] # added as special tokens, ids right after bos/eos/pad/unk
-      named_special_tokens:       # optional: model-specific special tokens the processor reads by name
+      named_special_tokens:       # model-specific special tokens the processor reads by name
         context_image_token: "<IMG_CONTEXT>"   # -> tokenizer.context_image_token(_id), like InternVL's
-      bos_token: "<s>"            # optional, like eos_token / pad_token / unk_token
-      add_bos_token: true         # optional: the tokenizer prepends bos (Llama style)
-      pre_tokenizer_pattern: "..."  # optional: the family's split regex (default: GPT-2's), e.g. Llama 3's
+      bos_token: "<s>"            # likewise eos_token / pad_token / unk_token
+      add_bos_token: true         # the tokenizer prepends bos (Llama style)
+      pre_tokenizer_pattern: "..."  # the family's split regex (default: GPT-2's), e.g. Llama 3's
       config_token_ids:           # config paths (dotted) filled with token ids after the processor is built
         image_token_id: "<image>"
         text_config.pad_token_id: "<pad>"
     chat_template: "..."          # the family's real chat template (jinja)
-    extra_tokenizers:             # optional: a processor's other tokenizers, by processor attribute
+    extra_tokenizers:             # a processor's other tokenizers, by processor attribute
       qformer_tokenizer:          # InstructBLIP's Q-Former tokenizer
         kind: wordpiece           # BERT-style lower-cased WordPiece ([CLS] text [SEP]); or bpe (keys as above)
         vocab_size: 200
         pad_token: "[PAD]"        # likewise unk_token, cls_token, sep_token, mask_token
         config_vocab_size: qformer_config.vocab_size    # config path set to len(that tokenizer)
         config_token_ids: {qformer_config.pad_token_id: "[PAD]"}
-    parameters:                   # optional: parameters (glob over names) set to a constant after init
+    parameters:                   # parameters (glob over names) set to a constant after init
       "*.cross_attn_attn_gate": 0.5
 
 ``build_tiny`` trains the tokenizer, builds the image processor and the processor, fills the config's
 token ids (and ``text_config.vocab_size = len(tokenizer)``) from the tokenizer as the processor left it,
-builds the model with seeded random weights and saves both with ``save_pretrained``.
+builds the model with seeded random weights and saves both with ``save_pretrained``. What the schema
+cannot know without transformers is checked here: class names, tokens that must be single tokens of the
+trained tokenizer, config paths through the config's mappings, parameter patterns that must match.
 
 Without torchvision, processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) cannot be
 built, saved or loaded by transformers at all. ``build_tiny`` then builds them without one, and loading
@@ -58,43 +59,30 @@ from typing import Any
 
 import torch
 import transformers
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
 
-from resonance.codegen.schema import ModelSpec
+from resonance.codegen.schema import (
+    BpeExtraTokenizer,
+    Identifier,
+    ModelSpec,
+    Tiny,
+    TinyTokenizer,
+    WordpieceTokenizer,
+)
 from resonance.patches.video_processor import video_processor_kwargs, video_processor_optional
 
 __all__ = [
+    "TinyRecipe",
     "build_processor_and_config",
     "build_tiny",
     "build_tokenizer",
     "tiny_from_spec",
 ]
 
-REQUIRED_KEYS = (
-    "model_class",
-    "config_class",
-    "config",
-    "processor_class",
-    "image_processor_class",
-    "tokenizer",
-    "chat_template",
-)
-OPTIONAL_KEYS = ("processor", "image_processor", "extra_tokenizers", "parameters")
-TOKENIZER_KEYS = (
-    "vocab_size",
-    "special_tokens",
-    "named_special_tokens",
-    "bos_token",
-    "eos_token",
-    "pad_token",
-    "unk_token",
-    "add_bos_token",
-    "add_eos_token",
-    "config_token_ids",
-    "pre_tokenizer_pattern",
-)
+# The tokenizers' special tokens by name, in the order of their ids.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 WORDPIECE_SPECIAL_TOKENS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
@@ -117,31 +105,35 @@ USER: ASSISTANT: User: Assistant: system user assistant System: Picture 1: Video
 """
 
 
-def tiny_from_spec(spec: ModelSpec) -> dict[str, Any]:
-    """The dict :func:`build_tiny` takes, from a family spec's ``tiny`` section and class names."""
-    return {"model_class": spec.model_class, "processor_class": spec.processor_class, **spec.tiny.model_dump()}
+class TinyRecipe(Tiny):
+    """What :func:`build_tiny` builds: a spec's ``tiny`` section and the model and processor classes it names."""
+
+    model_class: Identifier = Field(description="The transformers model class, e.g. LlavaForConditionalGeneration.")
+    processor_class: Identifier = Field(description="The transformers processor class, e.g. LlavaProcessor.")
 
 
-def build_tokenizer(spec: Mapping[str, Any], chat_template: str | None = None) -> transformers.TokenizersBackend:
-    """Train a deterministic byte-level BPE tokenizer from a ``tokenizer`` dict and wrap it for transformers.
+def tiny_from_spec(spec: ModelSpec) -> TinyRecipe:
+    """The recipe :func:`build_tiny` takes, from a family spec's ``tiny`` section and class names."""
+    return TinyRecipe(model_class=spec.model_class, processor_class=spec.processor_class, **dict(spec.tiny))
+
+
+def build_tokenizer(spec: TinyTokenizer, chat_template: str | None = None) -> transformers.TokenizersBackend:
+    """Train a deterministic byte-level BPE tokenizer from a ``tiny.tokenizer`` section and wrap it for transformers.
 
     Special tokens get the first ids, in the order: bos, eos, pad, unk, ``special_tokens``, then any
     ``named_special_tokens`` not listed before. ``named_special_tokens`` maps attribute names to tokens
     (a real tokenizer_config's model-specific special tokens, e.g. InternVL's ``context_image_token``):
     the tokenizer exposes each as ``tokenizer.<name>`` and ``tokenizer.<name>_id`` and saves them.
     """
-    unknown = set(spec) - set(TOKENIZER_KEYS)
-    if unknown:
-        raise ValueError(f"tokenizer: unknown keys {sorted(unknown)}; allowed: {list(TOKENIZER_KEYS)}")
-    named = {key: spec[key] for key in NAMED_SPECIAL_TOKENS if spec.get(key)}
-    model_specific = dict(spec.get("named_special_tokens") or {})
+    named = {key: getattr(spec, key) for key in NAMED_SPECIAL_TOKENS if getattr(spec, key)}
+    model_specific = dict(spec.named_special_tokens)
     specials: list[str] = []
-    for token in [*named.values(), *spec.get("special_tokens", []), *model_specific.values()]:
+    for token in [*named.values(), *spec.special_tokens, *model_specific.values()]:
         if token not in specials:
             specials.append(token)
 
     backend = Tokenizer(models.BPE(unk_token=named.get("unk_token")))
-    pattern = spec.get("pre_tokenizer_pattern")
+    pattern = spec.pre_tokenizer_pattern
     if pattern:  # the family's own split regex, then bytes (Llama 3's and Qwen2's tokenizer.json layout)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -153,7 +145,7 @@ def build_tokenizer(spec: Mapping[str, Any], chat_template: str | None = None) -
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=int(spec.get("vocab_size", 400)),
+        vocab_size=spec.vocab_size,
         min_frequency=1,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -174,8 +166,8 @@ def build_tokenizer(spec: Mapping[str, Any], chat_template: str | None = None) -
         unk_token=named.get("unk_token"),
         extra_special_tokens=extra,
         **({"model_specific_special_tokens": model_specific} if model_specific else {}),
-        add_bos_token=bool(spec.get("add_bos_token", False)),
-        add_eos_token=bool(spec.get("add_eos_token", False)),
+        add_bos_token=spec.add_bos_token,
+        add_eos_token=spec.add_eos_token,
         model_max_length=4096,
     )
     if chat_template is not None:
@@ -183,11 +175,7 @@ def build_tokenizer(spec: Mapping[str, Any], chat_template: str | None = None) -
     return tokenizer
 
 
-WORDPIECE_KEYS = ("vocab_size", "lowercase", "special_tokens", *WORDPIECE_SPECIAL_TOKENS)
-EXTRA_TOKENIZER_KEYS = ("kind", "config_vocab_size", "config_token_ids")
-
-
-def build_wordpiece_tokenizer(spec: Mapping[str, Any]) -> transformers.TokenizersBackend:
+def build_wordpiece_tokenizer(spec: WordpieceTokenizer) -> transformers.TokenizersBackend:
     """A deterministic BERT-style WordPiece tokenizer (lower-cased, ``[CLS] text [SEP]``) from ``spec``.
 
     Special tokens get the first ids, in the order: pad, unk, cls, sep, mask, then ``special_tokens``; then
@@ -195,12 +183,9 @@ def build_wordpiece_tokenizer(spec: Mapping[str, Any]) -> transformers.Tokenizer
     words (ties in alphabetical order) up to ``vocab_size``. (The ``tokenizers`` WordPiece trainer breaks
     ties between equally frequent merges differently from run to run.)
     """
-    unknown = set(spec) - set(WORDPIECE_KEYS)
-    if unknown:
-        raise ValueError(f"wordpiece tokenizer: unknown keys {sorted(unknown)}; allowed: {list(WORDPIECE_KEYS)}")
-    named = {key: spec[key] for key in WORDPIECE_SPECIAL_TOKENS if spec.get(key)}
-    specials = list(dict.fromkeys([*named.values(), *spec.get("special_tokens", [])]))
-    normalizer = normalizers.BertNormalizer(lowercase=bool(spec.get("lowercase", True)))
+    named = {key: getattr(spec, key) for key in WORDPIECE_SPECIAL_TOKENS if getattr(spec, key)}
+    specials = list(dict.fromkeys([*named.values(), *spec.special_tokens]))
+    normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words = [
         word
@@ -211,7 +196,7 @@ def build_wordpiece_tokenizer(spec: Mapping[str, Any]) -> transformers.Tokenizer
     vocab = list(dict.fromkeys([*specials, *chars, *(f"##{char}" for char in chars)]))
     counts = collections.Counter(words)
     for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        if len(vocab) >= int(spec.get("vocab_size", 200)):
+        if len(vocab) >= spec.vocab_size:
             break
         if word not in vocab:
             vocab.append(word)
@@ -232,18 +217,14 @@ def build_wordpiece_tokenizer(spec: Mapping[str, Any]) -> transformers.Tokenizer
     )
 
 
-def build_extra_tokenizer(spec: Mapping[str, Any]) -> transformers.TokenizersBackend:
-    """A processor's second tokenizer (``tiny.extra_tokenizers`` entry): ``kind`` wordpiece or bpe.
+def build_extra_tokenizer(spec: WordpieceTokenizer | BpeExtraTokenizer) -> transformers.TokenizersBackend:
+    """A processor's second tokenizer (a ``tiny.extra_tokenizers`` entry), by its ``kind``.
 
     ``config_vocab_size`` and ``config_token_ids`` are read by the config builder, not here.
     """
-    options = {key: value for key, value in spec.items() if key not in EXTRA_TOKENIZER_KEYS}
-    kind = spec.get("kind", "wordpiece")
-    if kind == "wordpiece":
-        return build_wordpiece_tokenizer(options)
-    if kind == "bpe":
-        return build_tokenizer(options)
-    raise ValueError(f"extra tokenizer kind {kind!r}: expected 'wordpiece' or 'bpe'")
+    if isinstance(spec, WordpieceTokenizer):
+        return build_wordpiece_tokenizer(spec)
+    return build_tokenizer(spec)
 
 
 def _resolve(name: str) -> Any:
@@ -273,57 +254,55 @@ def _token_id(tokenizer: transformers.TokenizersBackend, token: str) -> int:
     return int(token_id)
 
 
-def _build_processor(tiny: Mapping[str, Any], tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
-    processor_class = _resolve(tiny["processor_class"])
-    image_processor = _resolve(tiny["image_processor_class"])(**copy.deepcopy(tiny.get("image_processor") or {}))
-    kwargs: dict[str, Any] = copy.deepcopy(tiny.get("processor") or {})
+def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
+    processor_class = _resolve(tiny.processor_class)
+    image_processor = _resolve(tiny.image_processor_class)(**copy.deepcopy(tiny.image_processor))
+    kwargs: dict[str, Any] = copy.deepcopy(tiny.processor)
     attributes = processor_class.get_attributes()
     for name in attributes:
         modality = _get_modality_for_attribute(name)
         if modality == "video_processor" and name not in kwargs:
             # Only reached with torchvision installed (see video_processor_optional): default video
             # processor of the family, as AutoVideoProcessor maps the config's model type.
-            model_type = _resolve(tiny["config_class"]).model_type
+            model_type = _resolve(tiny.config_class).model_type
             video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
             if video_class is None:
                 raise ValueError(f"{processor_class.__name__} needs a video processor; none is mapped for {model_type}")
             kwargs[name] = _resolve(video_class)()
-        elif name in (tiny.get("extra_tokenizers") or {}):  # a second tokenizer (InstructBLIP's qformer_tokenizer)
-            kwargs[name] = build_extra_tokenizer(tiny["extra_tokenizers"][name])
+        elif name in tiny.extra_tokenizers:  # a second tokenizer (InstructBLIP's qformer_tokenizer)
+            kwargs[name] = build_extra_tokenizer(tiny.extra_tokenizers[name])
         elif name != "tokenizer" and modality == "tokenizer":
             raise ValueError(f"{processor_class.__name__} needs a {name}: describe it in tiny.extra_tokenizers")
         elif modality not in ("image_processor", "tokenizer", "video_processor"):
             raise ValueError(f"{processor_class.__name__} needs a {name}, which build_tiny does not make")
     kwargs.update(video_processor_kwargs(processor_class))  # without torchvision: SmolVLM's required one is None
     return processor_class(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tiny["chat_template"], **kwargs
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tiny.chat_template, **kwargs
     )
 
 
-def _build_config(
-    tiny: Mapping[str, Any], tokenizer: transformers.TokenizersBackend, processor: ProcessorMixin | None = None
-) -> Any:
-    config: dict[str, Any] = copy.deepcopy(dict(tiny["config"]))
-    for path, token in (tiny["tokenizer"].get("config_token_ids") or {}).items():
+def _build_config(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend, processor: ProcessorMixin) -> Any:
+    config: dict[str, Any] = copy.deepcopy(tiny.config)
+    for path, token in tiny.tokenizer.config_token_ids.items():
         _set_path(config, path, _token_id(tokenizer, token))
-    for name, spec in (tiny.get("extra_tokenizers") or {}).items():
+    for name, spec in tiny.extra_tokenizers.items():
         extra = getattr(processor, name)
-        for path, token in (spec.get("config_token_ids") or {}).items():
+        for path, token in spec.config_token_ids.items():
             _set_path(config, path, _token_id(extra, token))
-        if spec.get("config_vocab_size"):
-            _set_path(config, spec["config_vocab_size"], len(extra))
-    built = _resolve(tiny["config_class"])(**config)
+        if spec.config_vocab_size:
+            _set_path(config, spec.config_vocab_size, len(extra))
+    built = _resolve(tiny.config_class)(**config)
     built.get_text_config(decoder=True).vocab_size = len(tokenizer)
     return built
 
 
-def build_processor_and_config(tiny: Mapping[str, Any]) -> tuple[ProcessorMixin, Any]:
+def build_processor_and_config(tiny: TinyRecipe) -> tuple[ProcessorMixin, Any]:
     """The processor and model config that ``tiny`` describes, without weights (benchmarks size them up)."""
-    tokenizer = build_tokenizer(tiny["tokenizer"], tiny["chat_template"])
+    tokenizer = build_tokenizer(tiny.tokenizer, tiny.chat_template)
     processor = _build_processor(tiny, tokenizer)
     # The processor may add tokens (Idefics3): read every id from the tokenizer as it left it.
     tokenizer = processor.tokenizer
-    tokenizer.chat_template = tiny["chat_template"]
+    tokenizer.chat_template = tiny.chat_template
     return processor, _build_config(tiny, tokenizer, processor)
 
 
@@ -344,14 +323,7 @@ def set_parameters(model: torch.nn.Module, values: Mapping[str, float]) -> None:
                 named[name].fill_(float(value))
 
 
-def _check_tiny(tiny: Mapping[str, Any]) -> None:
-    missing = [key for key in REQUIRED_KEYS if key not in tiny]
-    unknown = set(tiny) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS)
-    if missing or unknown:
-        raise ValueError(f"tiny spec: missing keys {missing}, unknown keys {sorted(unknown)}")
-
-
-def build_tiny(tiny: Mapping[str, Any], out_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny(tiny: TinyRecipe, out_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
     """Build a tiny random model and its processor from ``tiny`` and save both into ``out_dir``.
 
     The folder loads back with ``AutoProcessor.from_pretrained`` and ``AutoModelForImageTextToText``
@@ -359,7 +331,6 @@ def build_tiny(tiny: Mapping[str, Any], out_dir: str | Path, *, seed: int = 0, o
     The folder is written next to ``out_dir`` and renamed at the end, so a failure leaves nothing behind.
     Raises ``FileExistsError`` if ``out_dir`` exists and is not empty, unless ``overwrite``.
     """
-    _check_tiny(tiny)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
@@ -371,8 +342,8 @@ def build_tiny(tiny: Mapping[str, Any], out_dir: str | Path, *, seed: int = 0, o
             processor, config = build_processor_and_config(tiny)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = _resolve(tiny["model_class"])(config).to(torch.float32).eval()
-            set_parameters(model, tiny.get("parameters") or {})
+                model = _resolve(tiny.model_class)(config).to(torch.float32).eval()
+            set_parameters(model, tiny.parameters)
             model.save_pretrained(staging)
             processor.save_pretrained(staging)
         if out_dir.is_dir() and not out_dir.is_symlink():

@@ -124,3 +124,208 @@ def test_schema_command_prints_json_schema() -> None:
     schema = json.loads(result.stdout)
     assert schema["additionalProperties"] is False
     assert {"name", "modules", "lora", "image", "tiny"} <= set(schema["properties"])
+
+
+# -- the tiny section: typed like the rest of the spec, so its problems name file:line:col too --------------
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "field", "needle", "col", "message"),
+    [
+        (
+            "llava",
+            "    add_bos_token: true",
+            "    add_bos_tokn: true",
+            "tiny.tokenizer.add_bos_tokn",
+            "add_bos_tokn:",
+            5,
+            "unknown key 'add_bos_tokn'; did you mean 'add_bos_token'? (allowed: vocab_size, special_tokens,",
+        ),
+        (
+            "llava",
+            "    vocab_size: 400",
+            '    vocab_size: "many"',
+            "tiny.tokenizer.vocab_size",
+            'vocab_size: "many"',
+            17,
+            "valid integer",
+        ),
+        (
+            "llava",
+            "    vocab_size: 400",
+            "    vocab_size: 0",
+            "tiny.tokenizer.vocab_size",
+            "vocab_size: 0",
+            17,
+            "greater than 0",
+        ),
+        (
+            "llava",
+            '    special_tokens: ["<image>"]',
+            '    special_tokens: ["<image>", ""]',
+            "tiny.tokenizer.special_tokens.1",
+            "special_tokens:",
+            33,
+            "at least 1 character",
+        ),
+        (
+            "llava",
+            '      text_config.pad_token_id: "<pad>"',
+            '      text_config..pad_token_id: "<pad>"',
+            "tiny.tokenizer.config_token_ids.text_config..pad_token_id",
+            "text_config..pad_token_id",
+            7,
+            "not a dotted path",
+        ),
+        (
+            "llava",
+            "  image_processor:\n",
+            "  image_processer:\n",
+            "tiny.image_processer",
+            "image_processer:",
+            3,
+            "did you mean 'image_processor'?",
+        ),
+        (
+            "llava",
+            "    image_seq_length: 16",
+            "    image-seq-length: 16",
+            "tiny.config.image-seq-length",
+            "image-seq-length:",
+            5,
+            "not a Python identifier",
+        ),
+        (  # a free-form value below a free-form mapping: pydantic's own path parts (dict, list) are no keys
+            "llava",
+            "      max_position_embeddings: 512",
+            "      max_position_embeddings: 2024-01-01",
+            "tiny.config.text_config.max_position_embeddings",
+            "max_position_embeddings:",
+            32,
+            "is not JSON data",
+        ),
+        (
+            "llava",
+            "      hidden_size: 64",
+            "      7: 64",
+            "tiny.config.text_config.7",
+            "      7: 64",
+            7,
+            "key 7 is not a string",
+        ),
+        (
+            "llava",
+            "    num_additional_image_tokens: 1",
+            "    tokenizer: 1",
+            "tiny.processor.tokenizer",
+            "    tokenizer: 1",
+            5,
+            "'tokenizer' is built from tiny.tokenizer",
+        ),
+        (
+            "instructblip",
+            '      cls_token: "[CLS]"',
+            '      cls_tokn: "[CLS]"',
+            "tiny.extra_tokenizers.qformer_tokenizer.cls_tokn",
+            "cls_tokn:",
+            7,
+            "did you mean 'cls_token'?",
+        ),
+        (
+            "instructblip",
+            "      kind: wordpiece",
+            "      kind: unigram",
+            "tiny.extra_tokenizers.qformer_tokenizer.kind",
+            "kind: unigram",
+            13,
+            "'wordpiece', 'bpe'",
+        ),
+        (
+            "instructblip",
+            "      kind: wordpiece\n",
+            "",
+            "tiny.extra_tokenizers.qformer_tokenizer.kind",
+            "qformer_tokenizer:",
+            5,
+            "required field is missing",
+        ),
+        (
+            "instructblip",
+            "      config_vocab_size: qformer_config.vocab_size",
+            "      config_vocab_size: qformer_config.vocab size",
+            "tiny.extra_tokenizers.qformer_tokenizer.config_vocab_size",
+            "config_vocab_size:",
+            26,
+            "not a dotted path",
+        ),
+    ],
+)
+def test_invalid_tiny_names_file_line_col(project: Path, name, old, new, field, needle, col, message) -> None:
+    path = _break(project, old, new, name)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, display=f"specs/{name}.yaml")
+    assert [p.field for p in info.value.problems] == [field]
+    (problem,) = info.value.problems
+    line = _line_of(path, needle)
+    assert (problem.line, problem.col) == (line, col)
+    assert message in problem.message
+    assert str(problem) == f"specs/{name}.yaml:{line}:{col}: {field}: {problem.message}"
+
+
+def test_unknown_tokenizer_key_message(project: Path) -> None:
+    """The whole line a user sees for a typo inside tiny.tokenizer."""
+    path = _break(project, '    pad_token: "<pad>"', '    pad_tokens: "<pad>"')
+    with pytest.raises(SpecError) as info:
+        load_spec(path, display="specs/llava.yaml")
+    line = _line_of(path, "pad_tokens:")
+    assert str(info.value) == (
+        f"specs/llava.yaml:{line}:5: tiny.tokenizer.pad_tokens: unknown key 'pad_tokens'; did you mean 'pad_token'? "
+        "(allowed: vocab_size, special_tokens, named_special_tokens, bos_token, eos_token, pad_token, unk_token, "
+        "add_bos_token, add_eos_token, config_token_ids, pre_tokenizer_pattern)"
+    )
+
+
+def test_extra_tokenizer_keys_follow_its_kind(project: Path) -> None:
+    """A bpe extra tokenizer takes tiny.tokenizer's keys: the wordpiece-only ones are unknown, each at its line."""
+    path = _break(project, "      kind: wordpiece", "      kind: bpe", "instructblip")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    prefix = "tiny.extra_tokenizers.qformer_tokenizer."
+    assert [p.field for p in info.value.problems] == [
+        f"{prefix}{key}" for key in ("cls_token", "sep_token", "mask_token")
+    ]
+    for problem in info.value.problems:
+        assert problem.line == _line_of(path, problem.field.removeprefix(prefix) + ":")
+        assert "pre_tokenizer_pattern" in problem.message  # the keys allowed for kind bpe
+
+
+def test_all_tiny_problems_reported_at_once(project: Path) -> None:
+    _break(project, "    image_seq_length: 16", "    image-seq-length: 16")
+    _break(project, "    vocab_size: 400", '    vocab_size: "many"')
+    _break(project, "    add_bos_token: true", "    add_bos_tokn: true")
+    path = _break(project, "flash_attention: true", "flash_attention: maybe")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    problems = info.value.problems
+    assert [p.field for p in problems] == [
+        "flash_attention",
+        "tiny.config.image-seq-length",
+        "tiny.tokenizer.vocab_size",
+        "tiny.tokenizer.add_bos_tokn",
+    ]
+    needles = ["flash_attention: maybe", "image-seq-length:", "vocab_size:", "add_bos_tokn:"]
+    assert [p.line for p in problems] == [_line_of(path, needle) for needle in needles]
+
+
+def test_schema_describes_every_tiny_field() -> None:
+    """`resonance schema` documents the tiny section: every property of its models has a description."""
+    definitions = ModelSpec.model_json_schema()["$defs"]
+    models = ["Tiny", "TinyTokenizer", "WordpieceTokenizer", "BpeExtraTokenizer"]
+    undocumented = [
+        f"{model}.{name}"
+        for model in models
+        for name, prop in definitions[model]["properties"].items()
+        if not prop.get("description")
+    ]
+    assert undocumented == []
+    assert definitions["Tiny"]["additionalProperties"] is False

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from resonance.codegen.project import load_specs
 from resonance.codegen.schema import ModelSpec
 from resonance.patches.video_processor import video_processor_optional
-from resonance.tiny import build_tiny, tiny_from_spec
+from resonance.tiny import TinyRecipe, build_tiny, tiny_from_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def model_spec(family: str) -> ModelSpec:
     return loaded
 
 
-def spec(family: str) -> dict[str, Any]:
+def spec(family: str) -> TinyRecipe:
     """The ``tiny`` section of specs/<family>.yaml, as build_tiny takes it."""
     return tiny_from_spec(model_spec(family))
 
@@ -70,7 +70,7 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
     out_dir = build_tiny(tiny, tmp_path / family)
     assert out_dir == tmp_path / family
     # A checkpoint family without a chat template (PaliGemma: tiny chat_template null) saves none, like the real.
-    saved_template = {"chat_template.jinja"} if tiny["chat_template"] is not None else set()
+    saved_template = {"chat_template.jinja"} if tiny.chat_template is not None else set()
     assert {"config.json", "model.safetensors", "tokenizer.json", *saved_template} <= {
         p.name for p in out_dir.iterdir()
     }
@@ -78,19 +78,19 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
 
     processor, model = load(out_dir)
     tokenizer = processor.tokenizer
-    assert type(model).__name__ == tiny["model_class"]
-    assert type(processor).__name__ == tiny["processor_class"]
+    assert type(model).__name__ == tiny.model_class
+    assert type(processor).__name__ == tiny.processor_class
     # The spec names the PIL class (no torchvision here); with torchvision AutoProcessor loads the same
     # family's torchvision class from the saved folder.
-    assert type(processor.image_processor).__name__.removesuffix("Pil") == tiny["image_processor_class"].removesuffix(
+    assert type(processor.image_processor).__name__.removesuffix("Pil") == tiny.image_processor_class.removesuffix(
         "Pil"
     )
-    assert processor.chat_template == tokenizer.chat_template == tiny["chat_template"]
+    assert processor.chat_template == tokenizer.chat_template == tiny.chat_template
 
     # Config ids point at the trained tokenizer (filled after the processor added its tokens).
     config = model.config
     assert config.get_text_config(decoder=True).vocab_size == len(tokenizer)
-    for path, token in tiny["tokenizer"]["config_token_ids"].items():
+    for path, token in tiny.tokenizer.config_token_ids.items():
         node = config
         for key in path.split("."):
             node = getattr(node, key)
@@ -105,7 +105,7 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
     # Without a checkpoint template, conversations are rendered with the spec's inline one; a family whose
     # processor takes the answer as `suffix` (spec chat_template.answer) is given the prompt and the answer.
     family_spec = model_spec(family)
-    template = None if tiny["chat_template"] is not None else family_spec.chat_template.template
+    template = None if tiny.chat_template is not None else family_spec.chat_template.template
     as_suffix = family_spec.chat_template.answer == "suffix"
     rendered = processor.apply_chat_template(conversation(), add_generation_prompt=True, chat_template=template)
     assert rendered == expected(family)["prompt"]
@@ -179,8 +179,7 @@ def test_existing_out_dir(tmp_path: Path) -> None:
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
-    tiny = spec("llava")
-    tiny["model_class"] = "NoSuchModelForConditionalGeneration"
+    tiny = spec("llava").model_copy(update={"model_class": "NoSuchModelForConditionalGeneration"})
     with pytest.raises(ValueError, match="NoSuchModel"):
         build_tiny(tiny, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []

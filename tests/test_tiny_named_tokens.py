@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import transformers
 
+from resonance.codegen.schema import TinyTokenizer
 from resonance.tiny import build_tokenizer
 
 NAMED = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
 
 
-def _spec(**extra: object) -> dict[str, object]:
-    return {"vocab_size": 300, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **extra}
+def _spec(**extra: object) -> TinyTokenizer:
+    return TinyTokenizer.model_validate(
+        {"vocab_size": 300, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **extra}
+    )
 
 
 def test_named_tokens_are_attributes_with_ids_and_survive_a_reload(tmp_path: Path) -> None:

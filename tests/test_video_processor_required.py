@@ -15,17 +15,18 @@ import transformers
 from transformers.utils import is_torchvision_available
 
 from resonance.codegen.project import load_specs
+from resonance.codegen.schema import TinyTokenizer
 from resonance.patches.video_processor import (
     VideoProcessorUnavailable,
     video_processor_kwargs,
     video_processor_optional,
 )
-from resonance.tiny import _token_id, build_tiny, build_tokenizer, tiny_from_spec
+from resonance.tiny import TinyRecipe, _token_id, build_tiny, build_tokenizer, tiny_from_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _tiny(family: str) -> dict:
+def _tiny(family: str) -> TinyRecipe:
     ((_, spec),) = load_specs([REPO / "specs" / f"{family}.yaml"], REPO)
     return tiny_from_spec(spec)
 
@@ -73,7 +74,7 @@ def test_optional_video_processor_is_left_alone(tmp_path: Path) -> None:
 
 def test_config_token_ids_may_name_the_unk_token() -> None:
     """Mistral-based families (Idefics2) pad with <unk>: the unk token itself is a valid config id."""
-    tokenizer = build_tokenizer({"vocab_size": 300, "bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<unk>"})
+    tokenizer = build_tokenizer(TinyTokenizer(vocab_size=300, bos_token="<s>", unk_token="<unk>", pad_token="<unk>"))
     assert _token_id(tokenizer, "<unk>") == tokenizer.unk_token_id == tokenizer.pad_token_id
     with pytest.raises(ValueError, match="not a single token"):
         _token_id(tokenizer, "<not_a_token>")

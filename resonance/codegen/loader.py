@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -55,47 +56,106 @@ def _positions(node: yaml.Node, loc: Loc, out: dict[Loc, tuple[int, int]]) -> No
             _positions(item, child, out)
 
 
-def _field_names(model: type[BaseModel], loc: Loc) -> list[str]:
-    """The allowed keys at ``loc`` (for did-you-mean), walking nested pydantic models."""
-    current: Any = model
+def _options(annotation: Any) -> list[Any]:
+    """The types an annotation allows, with ``Annotated`` metadata and unions (``X | None``) unpacked."""
+    if get_origin(annotation) is Annotated:
+        return _options(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [option for arg in get_args(annotation) for option in _options(arg)]
+    return [annotation]
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    return [o for o in _options(annotation) if isinstance(o, type) and issubclass(o, BaseModel)]
+
+
+def _tags(model: type[BaseModel]) -> set[Any]:
+    """The values of ``model``'s ``Literal`` fields: a member of a tagged union is chosen by one of them."""
+    return {
+        value
+        for f in model.model_fields.values()
+        if get_origin(f.annotation) is Literal
+        for value in get_args(f.annotation)
+    }
+
+
+def _below(annotation: Any, part: str | int) -> Any:
+    """The annotation at ``part`` of a pydantic error location below ``annotation`` (None: not a schema type)."""
+    models = _models(annotation)
+    for model in models:
+        if part in model.model_fields:
+            return model.model_fields[part].annotation
+    if len(models) > 1:  # pydantic names the member of a tagged union it chose by its tag (tiny.extra_tokenizers)
+        return next((model for model in models if part in _tags(model)), None)
+    for option in _options(annotation):
+        if get_origin(option) is dict:
+            return get_args(option)[1]
+        if get_origin(option) is list and isinstance(part, int):
+            return get_args(option)[0]
+    return None
+
+
+def _field_names(loc: Loc) -> list[str]:
+    """The keys allowed at pydantic error location ``loc`` (for did-you-mean), walking the schema from ModelSpec."""
+    current: Any = ModelSpec
     for part in loc:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
-            args = getattr(current, "__args__", ())
-            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if current is None:
-                return []
-            if isinstance(part, int):
-                continue
-        field = current.model_fields.get(part)
-        if field is None:
+        current = _below(current, part)
+        if current is None:
             return []
-        current = field.annotation
-        args = getattr(current, "__args__", ())
-        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        if nested:
-            current = nested[0]
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+    models = _models(current)
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _spec_path(loc: Loc, positions: dict[Loc, tuple[int, int]]) -> Loc:
+    """``loc`` as a path of keys and indices in the YAML file.
+
+    pydantic puts parts in error locations that are no key of the file: the tag of the member it chose
+    in a tagged union (``wordpiece``; ``dict``/``list`` inside free-form values) and ``[key]`` for a bad
+    mapping key. Such parts are dropped; a missing field, the last part, is kept.
+    """
+    path: Loc = ()
+    for index, part in enumerate(loc):
+        if part == "[key]":
+            continue
+        if (*path, part) not in positions and (*path, str(part)) in positions:
+            part = str(part)  # a YAML key that is a number: positions hold every key as a string
+        if (*path, part) in positions or index == len(loc) - 1:
+            path = (*path, part)
+    return path
 
 
 def _message(error: dict, loc: Loc) -> str:
     if error["type"] == "extra_forbidden":
         key = str(loc[-1])
-        allowed = _field_names(ModelSpec, loc[:-1])
+        allowed = _field_names(tuple(error["loc"])[:-1])
         hint = difflib.get_close_matches(key, allowed, n=1)
         suffix = f"; did you mean {hint[0]!r}?" if hint else ""
         return f"unknown key {key!r}{suffix} (allowed: {', '.join(allowed)})"
-    if error["type"] == "missing":
+    if error["type"] in ("missing", "union_tag_not_found"):
         return "required field is missing"
-    msg = error["msg"]
-    return msg.removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid":
+        return f"Input should be {error['ctx']['expected_tags']}, not {error['ctx']['tag']!r}"
+    if error["type"] == "invalid-json-value":
+        value = error["input"]
+        return f"{value!r} is not JSON data (string, number, boolean, null, list or mapping); quote it if it is text"
+    if _is_key(error) and error["type"] == "string_type":
+        return f"key {error['loc'][-2]!r} is not a string: quote it"
+    msg = error["msg"].removeprefix("Value error, ")
+    if _is_key(error) and repr(error["loc"][-2]) not in msg:
+        msg = f"key {error['loc'][-2]!r}: {msg}"
+    return msg
+
+
+def _is_key(error: dict) -> bool:
+    """Whether the error is about a mapping's key, not its value."""
+    return tuple(error["loc"])[-1:] == ("[key]",)
 
 
 def _locate(loc: Loc, positions: dict[Loc, tuple[int, int]], kind: str) -> tuple[int, int]:
-    """Where to point: at the value of a wrong field, the key of an unknown one, the parent of a missing one."""
-    missing = kind == "missing"
-    if kind != "extra_forbidden" and not missing and (*loc, "<value>") in positions:
+    """Where to point: at the value of a wrong field, the key of an unknown one or a wrong key, the parent of a
+    missing one."""
+    missing = kind in ("missing", "union_tag_not_found")
+    if kind not in ("extra_forbidden", "[key]") and not missing and (*loc, "<value>") in positions:
         return positions[(*loc, "<value>")]
     probe = loc[:-1] if missing else loc
     while probe not in positions and probe:
@@ -128,8 +188,11 @@ def load_spec(path: str | Path, *, display: str | None = None) -> ModelSpec:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            loc = tuple(error["loc"])
-            line, col = _locate(loc, positions, error["type"])
+            loc = _spec_path(tuple(error["loc"]), positions)
+            tag_field = error.get("ctx", {}).get("discriminator", "")
+            if error["type"].startswith("union_tag_") and tag_field.startswith("'"):  # at kind, not the mapping
+                loc = (*loc, tag_field.strip("'"))
+            line, col = _locate(loc, positions, "[key]" if _is_key(error) else error["type"])
             field = ".".join(str(p) for p in loc)
             problems.append(SpecProblem(shown, line, col, field, _message(error, loc)))
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.col))) from exc

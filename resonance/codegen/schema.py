@@ -11,7 +11,7 @@ import keyword
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, model_validator
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -209,18 +209,136 @@ class Overrides(_Strict):
     )
 
 
+# Processor arguments build_tiny makes itself, and what it makes them from.
+_BUILT_PROCESSOR_KWARGS = {
+    "tokenizer": "tiny.tokenizer",
+    "image_processor": "tiny.image_processor_class and tiny.image_processor",
+    "chat_template": "tiny.chat_template",
+}
+
+
+def _processor_kwarg(value: str) -> str:
+    _identifier(value)
+    if value in _BUILT_PROCESSOR_KWARGS:
+        raise ValueError(f"{value!r} is built from {_BUILT_PROCESSOR_KWARGS[value]}, not passed as a processor kwarg")
+    return value
+
+
+Kwargs = dict[Identifier, JsonValue]
+ProcessorKwargs = dict[Annotated[str, AfterValidator(_processor_kwarg)], JsonValue]
+ConfigTokenIds = Annotated[
+    dict[DottedPath, NonEmpty],
+    Field(
+        default_factory=dict,
+        description=(
+            "Config paths (dotted, e.g. text_config.pad_token_id) set to these tokens' ids, read from the tokenizer "
+            "as the processor left it; each token must be a single token of this tokenizer."
+        ),
+    ),
+]
+ConfigVocabSize = Annotated[
+    DottedPath | None,
+    Field(None, description="A config path (e.g. qformer_config.vocab_size) set to this tokenizer's length."),
+]
+
+
+def _special(name: str) -> Any:
+    return Field(None, description=f"The {name} token, a special token with one of the first ids.")
+
+
+class TinyTokenizer(_Strict):
+    """The tiny checkpoint's tokenizer: a byte-level BPE trained offline on a built-in corpus and the chat template.
+
+    Special tokens get the first ids, in the order: bos, eos, pad, unk, ``special_tokens``, then any
+    ``named_special_tokens`` not listed before.
+    """
+
+    vocab_size: int = Field(400, gt=0, description="Size of the trained BPE vocabulary, special tokens included.")
+    special_tokens: list[NonEmpty] = Field(
+        default_factory=list, description="Added as special tokens (never split), ids right after bos/eos/pad/unk."
+    )
+    named_special_tokens: dict[Identifier, NonEmpty] = Field(
+        default_factory=dict,
+        description=(
+            "Model-specific special tokens the processor reads by attribute name, as a real tokenizer_config names "
+            "them (InternVL's context_image_token): the tokenizer exposes tokenizer.<name> and tokenizer.<name>_id."
+        ),
+    )
+    bos_token: NonEmpty | None = _special("beginning-of-sequence")
+    eos_token: NonEmpty | None = _special("end-of-sequence")
+    pad_token: NonEmpty | None = _special("padding")
+    unk_token: NonEmpty | None = _special("unknown")
+    add_bos_token: bool = Field(False, description="Whether the tokenizer prepends bos_token (Llama style).")
+    add_eos_token: bool = Field(False, description="Whether the tokenizer appends eos_token.")
+    config_token_ids: ConfigTokenIds
+    pre_tokenizer_pattern: NonEmpty | None = Field(
+        None,
+        description=(
+            "The family's split regex (a tokenizer.json pre_tokenizer's, e.g. Llama 3's), applied before the bytes; "
+            "default: GPT-2's."
+        ),
+    )
+
+
+class BpeExtraTokenizer(TinyTokenizer):
+    """A processor's second tokenizer, byte-level BPE like ``tiny.tokenizer``."""
+
+    kind: Literal["bpe"] = Field(description="bpe: byte-level BPE, the keys of tiny.tokenizer.")
+    config_vocab_size: ConfigVocabSize
+
+
+class WordpieceTokenizer(_Strict):
+    """A processor's second tokenizer, BERT-style: lower-cased WordPiece, ``[CLS] text [SEP]``.
+
+    Special tokens get the first ids, in the order: pad, unk, cls, sep, mask, then ``special_tokens``.
+    """
+
+    kind: Literal["wordpiece"] = Field(description="wordpiece: BERT-style WordPiece (or bpe).")
+    vocab_size: int = Field(200, gt=0, description="Size of the vocabulary, special tokens included.")
+    lowercase: bool = Field(True, description="Whether text is lower-cased before it is split (bert-base-uncased).")
+    special_tokens: list[NonEmpty] = Field(
+        default_factory=list, description="Added as special tokens, ids right after pad/unk/cls/sep/mask."
+    )
+    pad_token: NonEmpty | None = _special("padding")
+    unk_token: NonEmpty | None = Field(
+        None, description="The unknown token (the WordPiece model's unk: [UNK] if unset)."
+    )
+    cls_token: NonEmpty | None = Field(None, description="The classification token, written before the text.")
+    sep_token: NonEmpty | None = Field(None, description="The separator token, written after the text.")
+    mask_token: NonEmpty | None = _special("mask")
+    config_vocab_size: ConfigVocabSize
+    config_token_ids: ConfigTokenIds
+
+
+ExtraTokenizer = Annotated[WordpieceTokenizer | BpeExtraTokenizer, Field(discriminator="kind")]
+
+
 class Tiny(_Strict):
     """A tiny random-weight configuration that builds offline (see resonance/tiny.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    config_class: Identifier
-    config: dict[str, Any] = Field(default_factory=dict)
-    processor: dict[str, Any] = Field(default_factory=dict)
-    image_processor_class: Identifier
-    image_processor: dict[str, Any] = Field(default_factory=dict)
-    tokenizer: dict[str, Any] = Field(
-        default_factory=dict, description="BPE size, special tokens, and config fields set to token ids."
+    config_class: Identifier = Field(description="The transformers config class, e.g. LlavaConfig.")
+    config: Kwargs = Field(
+        default_factory=dict,
+        description=(
+            "Keyword arguments to config_class (nested text_config / vision_config mappings allowed); the text "
+            "vocab size and tokenizer.config_token_ids are filled from the tokenizer."
+        ),
+    )
+    processor: ProcessorKwargs = Field(
+        default_factory=dict,
+        description=(
+            "Extra keyword arguments to processor_class (its tokenizer, image processor and chat template are "
+            "built from the other fields)."
+        ),
+    )
+    image_processor_class: Identifier = Field(
+        description="The transformers image processor class, e.g. CLIPImageProcessorPil."
+    )
+    image_processor: Kwargs = Field(default_factory=dict, description="Keyword arguments to image_processor_class.")
+    tokenizer: TinyTokenizer = Field(
+        default_factory=TinyTokenizer, description="BPE size, special tokens, and config fields set to token ids."
     )
     chat_template: str | None = Field(
         description=(
@@ -228,7 +346,7 @@ class Tiny(_Strict):
             "ship none (then chat_template.source must be inline)."
         )
     )
-    extra_tokenizers: dict[Identifier, dict[str, Any]] = Field(
+    extra_tokenizers: dict[Identifier, ExtraTokenizer] = Field(
         default_factory=dict,
         description=(
             "The processor's other tokenizers by attribute name (InstructBLIP's qformer_tokenizer): kind "
@@ -236,7 +354,7 @@ class Tiny(_Strict):
             "to its length) and config_token_ids."
         ),
     )
-    parameters: dict[str, float] = Field(
+    parameters: dict[NonEmpty, float] = Field(
         default_factory=dict,
         description=(
             "Parameters, by glob pattern over their names, set to a constant after the random init: for weights "
@@ -292,7 +410,7 @@ class ModelSpec(_Strict):
         ),
     )
     overrides: Overrides | None = None
-    tiny: Tiny
+    tiny: Tiny = Field(description="How to build a tiny random-weight checkpoint offline (resonance tiny).")
 
     @model_validator(mode="after")
     def _template_somewhere(self) -> ModelSpec:
