@@ -17,11 +17,25 @@ import importlib
 import inspect
 import math
 import numbers
+from dataclasses import field
 from typing import Any
 
 import torch
 
 from resonance.errors import RewardFunctionError
+
+
+def reward_funcs_field(also: str = "") -> Any:
+    """The ``--reward_funcs`` flag, for every config that takes it (GRPO, PPO): one definition, one help text."""
+    return field(
+        default=None,
+        metadata={
+            "help": "Comma list of reward functions as importable 'module:function' names, e.g. "
+            "'my_rewards:exact_match'; their values are summed. Each is called as TRL calls GRPO reward functions: "
+            "f(prompts=..., completions=..., completion_ids=..., images=..., source=..., id=..., **kwargs) and "
+            "returns one finite number per completion." + also
+        },
+    )
 
 
 def load_reward_funcs(names: str | None) -> list[Any]:

@@ -16,7 +16,7 @@ disabled under LoRA). Resonance adds:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
@@ -26,7 +26,7 @@ from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
-from resonance.reward_funcs import checked_reward, conversational_message, load_reward_funcs
+from resonance.reward_funcs import checked_reward, conversational_message, load_reward_funcs, reward_funcs_field
 
 __all__ = ["RewardFunctionError", "VLGRPOConfig", "VLGRPOTrainer", "checked_reward", "load_reward_funcs"]
 
@@ -41,15 +41,7 @@ TRL_IMAGE_INPUTS = {"pixel_values", "image_grid_thw", "pixel_attention_mask", "i
 class VLGRPOConfig(GRPOConfig):
     """TRL's GRPOConfig plus the reward functions, named on the command line."""
 
-    reward_funcs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma list of reward functions as importable 'module:function' names, e.g. "
-            "'my_rewards:exact_match'. Each is called as TRL calls reward functions: "
-            "f(prompts=..., completions=..., completion_ids=..., images=..., source=..., id=..., **kwargs) and "
-            "returns one finite number per completion."
-        },
-    )
+    reward_funcs: str | None = reward_funcs_field()
 
 
 # ----------------------------------------------------------------------------------------------- family

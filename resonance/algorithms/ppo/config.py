@@ -7,19 +7,14 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from resonance.errors import ConfigError
+from resonance.reward_funcs import reward_funcs_field
 
 
 @dataclass
 class VLPPOConfig(TrainingArguments):
     """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
 
-    reward_funcs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma list of reward functions as 'module:function' (called as for GRPO, see "
-            "resonance.reward_funcs); their values are summed. Give this, --reward_model_path, or both."
-        },
-    )
+    reward_funcs: str | None = reward_funcs_field(" Give this, --reward_model_path, or both.")
     reward_model_path: str | None = field(
         default=None,
         metadata={"help": "A reward model folder written by `resonance train rm` (full or LoRA)."},
