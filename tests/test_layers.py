@@ -8,6 +8,8 @@ path imports neither torch nor transformers (tests/test_compiler.py runs it in a
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,21 @@ def test_generated_code_imports_resonance_api_only() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         other = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
         assert len(other) == len(allowed), (path, [ast.unparse(n) for n in other])
+
+
+PROJECT = ["--project", str(REPO)]
+
+
+@pytest.mark.parametrize(
+    "args", [["check", *PROJECT], ["scaffold", "--check", *PROJECT], ["schema"], ["models", *PROJECT], ["train"]]
+)
+def test_compile_path_imports_neither_torch_nor_transformers(args: list[str]) -> None:
+    """The compile-time commands (and the train command's listing) run without torch, transformers, trl or peft."""
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom resonance.cli import app\n"
+        f"r = CliRunner().invoke(app, {args!r})\n"
+        "assert r.exit_code == (2 if sys.argv[1:] == ['train'] else 0) and r.output, r.output\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args[:1]], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
