@@ -21,9 +21,11 @@ from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
+from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
 from resonance.reward_funcs import checked_reward, conversational_message, load_reward_funcs, reward_funcs_field
@@ -127,7 +129,9 @@ class VLGRPOTrainer(GRPOTrainer):
         )
 
 
-def build(mapper, model_args, data_args, config):
+def build(
+    mapper: ModelCoreMapper, model_args: ModelArguments, data_args: DataArguments, config: VLGRPOConfig
+) -> tuple[Any, VLProcessor]:
     """``resonance train grpo``: prompt rows, reward functions from --reward_funcs, the family's GRPO trainer; with
     --beta > 0 the reference is the adapter disabled."""
     reason = unsupported_reason(mapper.model, mapper.processor)

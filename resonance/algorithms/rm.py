@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.base.reward import VLRewardModel
 
 logger = logging.getLogger("resonance")
@@ -142,7 +144,9 @@ class VLRewardTrainer(ImageEncodingMixin, Trainer):
             )
 
 
-def build(mapper, model_args, data_args, config):
+def build(
+    mapper: ModelCoreMapper, model_args: ModelArguments, data_args: DataArguments, config: VLRewardConfig
+) -> tuple[Any, VLProcessor]:
     """``resonance train rm``: preference rows, the family's reward model (a scalar head on the LoRA-wrapped
     model; the head is always fully trained), collator and trainer."""
     return build_offline_trainer(

@@ -3,16 +3,24 @@ offline algorithms (sft, dpo, rm), which differ only in their core_mapper classe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.lengths import row_lengths
+from resonance.base.model import VLModel
+from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import ImageCount
 from resonance.data.rows import load_rows
 
 
-def apply_lora(model, model_cls, model_args: ModelArguments):
+def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: ModelArguments) -> torch.nn.Module:
     """``--lora_target_modules`` on the model: ``auto`` (the spec's targets), leaf names, or ``none`` (full)."""
-    from peft import LoraConfig, get_peft_model
-
     spec = model_args.lora_target_modules.strip()
     if spec.lower() == "none":
         return model
@@ -28,8 +36,13 @@ def apply_lora(model, model_cls, model_args: ModelArguments):
 
 
 def load_data_and_model(
-    mapper, model_args: ModelArguments, data_args: DataArguments, config, kind: str, most_images: int | None = None
-):
+    mapper: ModelCoreMapper,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config: TrainingArguments,
+    kind: str,
+    most_images: int | None = None,
+) -> tuple[Any, Any, torch.dtype, torch.nn.Module, VLProcessor]:
     """Data (train, eval), then the model (vision tower frozen as asked) and the processor.
 
     Data first: a bad row, or one the family cannot take (its :class:`ImageCount`, narrowed to ``most_images``
@@ -53,7 +66,7 @@ def load_data_and_model(
     return train_rows, eval_rows, dtype, model, processor
 
 
-def with_lengths(rows, processor, config):
+def with_lengths(rows: Any, processor: VLProcessor, config: TrainingArguments) -> Any:
     """Length-grouped sampling (``--train_sampling_strategy group_by_length`` or ``batch_rebalance``) reads each
     row's token count from ``--length_column_name``; our rows are tokenized per batch, so add it where missing."""
     if rows is None or config.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
@@ -65,17 +78,17 @@ def with_lengths(rows, processor, config):
 
 
 def build_offline_trainer(
-    mapper,
+    mapper: ModelCoreMapper,
     model_args: ModelArguments,
     data_args: DataArguments,
-    config,
+    config: TrainingArguments,
     *,
     kind: str,
     collator_cls: type,
     trainer_cls: type,
-    wrap=None,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     full_training_reference: bool = False,
-):
+) -> tuple[Any, VLProcessor]:
     """The trainer of an offline algorithm: rows of ``kind``, the family's collator and trainer classes, LoRA;
     ``wrap`` puts a head on the (LoRA-wrapped) model; ``full_training_reference`` gives full training a frozen
     copy of the model as its reference (under LoRA the reference is the adapter disabled)."""

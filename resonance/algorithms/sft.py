@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
+from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.patches.fused_head import fused_head_backbone
 
 
@@ -27,7 +29,9 @@ class VLSFTTrainer(ImageEncodingMixin, SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def build(mapper, model_args, data_args, config):
+def build(
+    mapper: ModelCoreMapper, model_args: ModelArguments, data_args: DataArguments, config: SFTConfig
+) -> tuple[Any, VLProcessor]:
     """``resonance train sft``: SFT rows, the family's SFT collator and trainer."""
     config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}  # rows are ours
     return build_offline_trainer(

@@ -9,11 +9,14 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.utils import hash_module
 
+from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.patches.fused_head import fused_head_backbone
 
 
@@ -93,7 +96,9 @@ class VLDPOTrainer(ImageEncodingMixin, DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)
 
 
-def build(mapper, model_args, data_args, config):
+def build(
+    mapper: ModelCoreMapper, model_args: ModelArguments, data_args: DataArguments, config: VLDPOConfig
+) -> tuple[Any, VLProcessor]:
     """``resonance train dpo``: preference rows, the family's DPO collator and trainer; full training gets a frozen
     copy of the model as its reference."""
     return build_offline_trainer(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
@@ -31,6 +32,7 @@ from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.collator import VLPromptCollator
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper
 from resonance.base.value import VLModelWithValueHead
 from resonance.errors import CheckpointError, ConfigError
 from resonance.generation import generate_from, generation_kwargs
@@ -480,7 +482,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
     # -- saving and resuming -------------------------------------------------------------------------
 
 
-def build(mapper, model_args, data_args, config):
+def build(
+    mapper: ModelCoreMapper, model_args: ModelArguments, data_args: DataArguments, config: VLPPOConfig
+) -> tuple[Any, VLProcessor]:
     """``resonance train ppo``: prompt rows, the policy with a value head, rewards from functions and/or a reward
     model, the reference as the adapter disabled (LoRA) or a frozen copy (full training)."""
     reward_funcs = load_reward_funcs(config.reward_funcs) if config.reward_funcs else None
