@@ -1,4 +1,4 @@
-"""Shared fixtures: a scratch project with the repository's specs, and tiny checkpoints."""
+"""Shared fixtures: a scratch project with the repository's specs, and tiny checkpoints. Shared code: helpers/."""
 
 from __future__ import annotations
 
@@ -6,23 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-FAMILIES = sorted(p.stem for p in (REPO / "specs").glob("*.yaml"))
-
-
-def _answer(family: str) -> str:
-    chat_template = yaml.safe_load((REPO / "specs" / f"{family}.yaml").read_text()).get("chat_template") or {}
-    return chat_template.get("answer", "template")
-
-
-# How each family's processor gets the answer (spec chat_template.answer). The references of test_parity,
-# test_labels and TRL's DPO collator render whole conversations with the chat template: they describe the
-# `template` families. `suffix` families (PaliGemma: processor(text=prompt, suffix=answer)) are checked
-# against that call in test_suffix_answer.py.
-TEMPLATE_FAMILIES = [family for family in FAMILIES if _answer(family) == "template"]
-SUFFIX_FAMILIES = [family for family in FAMILIES if _answer(family) == "suffix"]
+from helpers import REPO
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Each unit may import the units of the layers above it and the modules of its own folder, never a unit of its own
 layer or below; no import cycle inside a folder; generated adapters import ``resonance.api`` only; the compile
-path imports neither torch nor transformers (tests/test_compiler.py runs it in a subprocess).
+path imports neither torch nor transformers (tests/codegen/test_compiler.py runs it in a subprocess).
 """
 
 from __future__ import annotations

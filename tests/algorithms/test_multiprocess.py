@@ -1,0 +1,154 @@
+"""Two CPU processes (gloo) train exactly like one process with the same global batch: SFT and DPO.
+
+Both runs train the tiny LLaVA for one epoch of the example data (16 rows, 4 steps of 4 rows): two processes
+with 2 rows each, and one process with 4. Their logged losses and final LoRA weights must agree to fp32
+rounding.
+
+Launching: the shipped ``configs/accelerate/cpu_2proc.yaml``, as README tells users to. It says
+``distributed_type: MULTI_GPU`` so that accelerate starts the processes through torchrun (with ``MULTI_CPU`` it
+starts ONE process unless ``mpirun`` is set up, which then trains alone with the per-process batch);
+``resonance train`` sees ``WORLD_SIZE`` > 1 without a GPU and sets ``--use_cpu``, so accelerate joins them into
+one gloo group (MULTI_CPU), which the test checks in the log.
+
+Tolerances: the two runs add the same numbers in another order (gloo's all-reduce of two half-batch
+gradients, per-process padding), about 1e-7 of each value in fp32. Losses are forward passes: 1e-5 relative.
+Weights pass through AdamW, whose m / (sqrt(v) + eps) enlarges that rounding in entries whose gradients are
+near zero: the worst tensor measured differs by 9e-6 of its norm, so each LoRA tensor must be within 1e-4 of
+its norm. A real difference in the data or its weighting is far above either: a process training alone on 2
+rows a step, LoRA dropout 0.05, or ``--average_tokens_across_devices False`` each move some tensor by 0.5 to
+0.9 of its norm after 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EXAMPLES, REPO, train_argv
+from safetensors.torch import load_file
+
+CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+STEPS, GLOBAL_BATCH, ROWS = 4, 4, 16
+
+
+def _argv(algorithm: str, ckpt: Path, out: Path, per_device: int) -> list[str]:
+    return train_argv(
+        algorithm, ckpt, EXAMPLES / f"{algorithm}.jsonl", out,
+        max_steps=STEPS, per_device_train_batch_size=per_device,
+        # a rate that moves the weights well away from where they start (DPO's default 1e-6 barely does)
+        learning_rate="1e-3",
+        # LoRA dropout draws its masks from each process's own random stream: no two-process run can match
+        lora_dropout=0,
+        save_strategy="steps", save_steps=STEPS,
+    )  # fmt: skip
+
+
+def _run(command: list[str]) -> str:
+    # a clean environment: nothing from an outer launcher (ranks, ports) reaches the runs
+    outer = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in outer}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+    argv = _argv(algorithm, ckpt, out, GLOBAL_BATCH // processes)
+    if processes == 1:
+        command = [sys.executable, "-m", "resonance", "train", algorithm, *argv]
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+            "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
+            "-m", "resonance", "train", algorithm, *argv,
+        ]  # fmt: skip
+    output = _run(command)
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    return logs, load_file(out / "adapter_model.safetensors"), output
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_two_cpu_processes_match_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("llava")
+    two_logs, two_weights, two_output = _train(algorithm, ckpt, tmp_path / "two", processes=2)
+    one_logs, one_weights, _ = _train(algorithm, ckpt, tmp_path / "one", processes=1)
+
+    # Two processes really trained together: one gloo group, and 4 of the 16 rows a step (a process that
+    # trained alone with its 2 rows a step would log epoch 0.125 at step 1).
+    assert "2 process(es), DistributedType.MULTI_CPU" in two_output, two_output[-4000:]
+    for logs in (two_logs, one_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+        assert logs[0]["epoch"] == pytest.approx(GLOBAL_BATCH / ROWS)
+
+    # Logged loss: with two processes, the mean of the two processes' losses (SFT: each already divided by
+    # the token count of the whole global batch, average_tokens_across_devices): the one-process loss.
+    for two, one in zip(two_logs, one_logs, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
+
+    assert two_weights.keys() == one_weights.keys() and two_weights
+    moved = 0.0
+    for name, one in one_weights.items():
+        error = ((two_weights[name] - one).norm() / one.norm()).item()
+        assert error < 1e-4, f"{name}: the two runs differ by {error:.2e} of its norm"
+        if ".lora_B." in name:  # zero at the start: all of it is what training did
+            moved = max(moved, one.abs().max().item())
+    assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+
+
+def _whiten_worker(rank: int, init: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    from resonance.algorithms.ppo.rollout import whiten_across
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        values, masks = _whiten_data()
+        mine = slice(0, 2) if rank == 0 else slice(2, 3)  # unequal shares: 2 micro-batches and 1
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        for shift_mean in (True, False):
+            out = whiten_across(values[mine], masks[mine], shift_mean, reduce=reduce)
+            results[(rank, shift_mean)] = [t.clone() for t in out]
+    finally:
+        dist.destroy_process_group()
+
+
+def _whiten_data() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, 5), (3, 7), (2, 4)]  # micro-batches with responses of different lengths
+    values = [torch.randn(shape, generator=generator) * 3 + 1 for shape in shapes]
+    masks = [torch.rand(shape, generator=generator) > 0.3 for shape in shapes]
+    return values, masks
+
+
+def test_ppo_whitening_spans_all_processes(tmp_path: Path) -> None:
+    """Two gloo processes, each whitening its share of a rollout with the cross-process reduce PPO uses,
+    get exactly what one process whitening the whole rollout gets (not each share's own statistics)."""
+    import torch.multiprocessing as mp
+
+    from resonance.algorithms.ppo.rollout import whiten_across
+
+    manager = mp.Manager()
+    results = manager.dict()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_whiten_worker, args=(init, results), nprocs=2, start_method="spawn")
+    values, masks = _whiten_data()
+    for shift_mean in (True, False):
+        whole = whiten_across(values, masks, shift_mean)
+        shared = [*results[(0, shift_mean)], *results[(1, shift_mean)]]
+        for got, want in zip(shared, whole, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        alone = whiten_across(values[2:], masks[2:], shift_mean)  # the last share on its own statistics
+        assert not torch.allclose(alone[0], whole[2], atol=1e-3)

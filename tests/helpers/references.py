@@ -1,0 +1,149 @@
+"""The reference side: each family's own HF processor, and the adapter under test loaded the way users load it.
+
+The references never use Resonance code: :func:`hf_batch` and :func:`expected_supervision` call the HF
+processor's ``apply_chat_template`` only (on conversations converted with ``helpers.messages.to_hf``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+
+from helpers.messages import Message
+from helpers.repo import REPO
+from resonance.base.processor import VLProcessor
+from resonance.base.registry import ModelCoreMapper, load_core_mapper
+from resonance.patches.video_processor import video_processor_optional
+
+IGNORE_INDEX = -100
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+def load_adapter(ckpt: Path) -> tuple[ModelCoreMapper, VLProcessor]:
+    """The family's adapter and our processor for ``ckpt`` (video processor optional: no torchvision here)."""
+    mapper = load_core_mapper(ckpt)
+    with video_processor_optional():
+        processor = mapper.processor(ckpt)
+    return mapper, processor
+
+
+def load_hf_processor(ckpt: Path) -> ProcessorMixin:
+    """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
+
+    Where the checkpoints ship no chat template (InstructBLIP), it gets the prompt format its spec documents
+    (chat_template.template of the spec that lists the checkpoint's architecture), read from the YAML.
+    """
+    with video_processor_optional():
+        processor = AutoProcessor.from_pretrained(ckpt)
+    if not processor.chat_template:
+        architecture = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+        for path in sorted((REPO / "specs").glob("*.yaml")):
+            spec = yaml.safe_load(path.read_text())
+            if architecture in spec["architectures"]:
+                processor.chat_template = (spec.get("chat_template") or {}).get("template")
+    return processor
+
+
+# -- references (HF only) ----------------------------------------------------------------------------
+
+
+def hf_batch(
+    hf: ProcessorMixin, conversations: list[list[Message]], add_generation_prompt: bool = False
+) -> BatchFeature:
+    """Tokenize HF-format conversations (images inside) with the HF processor, right padding."""
+    return hf.apply_chat_template(
+        conversations,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "right"},
+    )
+
+
+def hf_ids(hf: ProcessorMixin, conversation: list[Message], add_generation_prompt: bool = False) -> list[int]:
+    return hf_batch(hf, [conversation], add_generation_prompt)["input_ids"][0].tolist()
+
+
+def is_blank_token(hf: ProcessorMixin, token_id: int) -> bool:
+    return not hf.tokenizer.decode([token_id]).strip()
+
+
+def _collapse_image_runs(ids: list[int], image_token_id: int | None) -> tuple[list[int], list[int]]:
+    """``ids`` with every run of consecutive image tokens shortened to one, and each kept token's index."""
+    kept: list[int] = []
+    positions: list[int] = []
+    for index, token in enumerate(ids):
+        if token == image_token_id and index > 0 and ids[index - 1] == image_token_id:
+            continue
+        kept.append(token)
+        positions.append(index)
+    return kept, positions
+
+
+def expected_supervision(
+    hf: ProcessorMixin, conversation: list[Message], first: int = 0
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the HF-format ``conversation`` and, per assistant turn at index >= ``first``, the
+    positions that must be supervised.
+
+    Turn k's positions run from the length of the prefix tokenized with the generation prompt
+    (``conversation[:k]``) to the length of the prefix through turn k (``conversation[:k + 1]``), minus
+    trailing whitespace-only tokens. Each prefix is tokenized by the HF processor, images included.
+
+    Lengths are counted with each run of image tokens as one token: some processors expand an image into
+    a number of tokens that depends on the images later in the conversation (LLaVA-OneVision tiles a lone
+    image, but gives each of several images one tile), so a prefix's image runs may differ in length from
+    the full conversation's. Every other token must still be a prefix.
+    """
+    full = hf_ids(hf, conversation)
+    image_token_id = getattr(hf, "image_token_id", None)
+    full_collapsed, full_positions = _collapse_image_runs(full, image_token_id)
+    turns = []
+    for k, message in enumerate(conversation):
+        if message["role"] != "assistant" or k < first:
+            continue
+        before, _ = _collapse_image_runs(hf_ids(hf, conversation[:k], add_generation_prompt=True), image_token_id)
+        through, _ = _collapse_image_runs(hf_ids(hf, conversation[: k + 1]), image_token_id)
+        # The reconstruction is only meaningful if tokenization is prefix-stable; fail loudly otherwise.
+        assert through[: len(before)] == before, f"turn {k}: generation-prompt prefix is not a token prefix"
+        assert full_collapsed[: len(through)] == through, f"turn {k}: prefix through the turn is not a token prefix"
+        positions = [full_positions[i] for i in range(len(before), len(through))]
+        while positions and is_blank_token(hf, full[positions[-1]]):
+            positions.pop()
+        assert positions, f"turn {k}: no tokens for the assistant answer"
+        turns.append(positions)
+    return full, turns
+
+
+def repeat_images(batch: dict[str, Any], processor: VLProcessor) -> dict[str, Any]:
+    """Our DPO batch in TRL's layout: the prompt images repeated for chosen and rejected.
+
+    Every image input (per_image, per_row, per_patch) and the grid (e.g. image_grid_thw) are
+    concatenated with themselves along the first axis, as TRL's collator does by processing
+    ``images * 2``.
+    """
+    names = set(processor.image_input_names())
+    if processor.image_grid_input:
+        names.add(processor.image_grid_input)
+    return {k: (torch.cat([v, v]) if k in names else v) for k, v in batch.items()}
+
+
+def takes(processor: VLProcessor, image_counts: list[int]) -> bool:
+    """Whether the family takes rows with these numbers of images (spec image.multi_image, image.required)."""
+    return all((n > 0 or not processor.images_required) and (n <= 1 or processor.multi_image) for n in image_counts)
+
+
+def prompt_only_inputs(processor: VLProcessor) -> set[str]:
+    return {item.name for item in processor.image_inputs if item.from_prompt}
+
+
+def supervised_positions(row: torch.Tensor) -> list[int]:
+    return (row != IGNORE_INDEX).nonzero().flatten().tolist()
