@@ -18,9 +18,9 @@ from helpers import (
     PARITY_CASES,
     TEMPLATE_FAMILIES,
     hf_batch,
-    inference_rows,
     load_adapter,
     load_hf_processor,
+    our_inference_batch,
     prompt_of,
     prompt_only_inputs,
     takes,
@@ -95,13 +95,7 @@ def test_image_tokens_expand_per_image(family: str, tiny_checkpoint: Callable[[s
 @pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
 def test_inference_prompts_equal_hf_processor(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
     """Inference mode: generation prompts, left padding, as the HF processor makes them for ``generate``."""
-    ckpt = tiny_checkpoint(family)
-    _, processor = load_adapter(ckpt)
-    hf = load_hf_processor(ckpt)
-    rows = inference_rows()
-    processor.infer()
-    texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
-    ours = processor(text=texts, images=[list(images) for _, images in rows])
+    processor, hf, rows, ours = our_inference_batch(tiny_checkpoint(family))
 
     def reference_for(padding_side: str):
         return hf.apply_chat_template(

@@ -35,11 +35,11 @@ from helpers import (
     SUFFIX_FAMILIES,
     Message,
     assistant,
-    inference_rows,
     load_adapter,
     load_hf_processor,
     make_image,
     open_rgb,
+    our_inference_batch,
     preference_rows,
     read_spec,
     row_images,
@@ -173,13 +173,7 @@ def test_dpo_batch_equals_processor_with_suffix(
 @pytest.mark.parametrize("family", SUFFIX_FAMILIES)
 def test_inference_prompts_equal_processor(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
     """Inference: the prompt alone (all prefix, token_type_ids 0), left-padded, as processor(text=prompt)."""
-    ckpt = tiny_checkpoint(family)
-    _, processor = load_adapter(ckpt)
-    hf = load_hf_processor(ckpt)
-    rows = inference_rows()
-    processor.infer()
-    texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
-    ours = processor(text=texts, images=[list(images) for _, images in rows])
+    processor, hf, rows, ours = our_inference_batch(tiny_checkpoint(family))
     prompts = [
         hf.apply_chat_template(to_hf(m, images), chat_template=_template(family), add_generation_prompt=True)
         for m, images in rows

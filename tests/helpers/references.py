@@ -147,3 +147,16 @@ def prompt_only_inputs(processor: VLProcessor) -> set[str]:
 
 def supervised_positions(row: torch.Tensor) -> list[int]:
     return (row != IGNORE_INDEX).nonzero().flatten().tolist()
+
+
+def our_inference_batch(ckpt: Path) -> tuple[VLProcessor, ProcessorMixin, list[tuple[list[Message], list[Any]]], Any]:
+    """Our processor in inference mode on :func:`helpers.rows.inference_rows` (generation prompts, left padding):
+    ``(processor, the family's HF processor, the rows, our batch)``, for a comparison with the HF side."""
+    from helpers.rows import inference_rows
+
+    _, processor = load_adapter(ckpt)
+    hf = load_hf_processor(ckpt)
+    rows = inference_rows()
+    processor.infer()
+    texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
+    return processor, hf, rows, processor(text=texts, images=[list(images) for _, images in rows])
