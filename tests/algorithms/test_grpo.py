@@ -141,12 +141,16 @@ def test_one_step(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], 
     """One GRPO step (LoRA auto, frozen tower, KL to the adapter-disabled reference): LoRA B moves, the rest
     stays, the loss is finite."""
     ckpt = tiny_checkpoint(family)
-    argv = _argv(ckpt, tmp_path, "token_sum_reward", beta="0.04")
+    # Two prompts x 4 completions, rewarded so that different completions get different rewards: the step has
+    # something to learn unless all 4 completions of both prompts are the same (checked below, not assumed).
+    argv = _argv(ckpt, tmp_path, "completion_code", beta="0.04", per_device_train_batch_size=8, num_generations=4)
     trainer, _ = build_trainer("grpo", *parse("grpo", argv))
     model = trainer.model
     tower = load_core_mapper(ckpt).model.get_vision_tower(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "frac_reward_zero_std" in entry]
+    assert logged["frac_reward_zero_std"] < 1, "every group's completions got equal rewards: nothing to learn"
     after = dict(model.named_parameters())
     lora_b = [n for n in before if ".lora_B." in n]
     assert lora_b

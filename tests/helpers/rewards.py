@@ -54,3 +54,11 @@ def short_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[f
 
 
 NOT_A_FUNCTION = 3
+
+
+def completion_code(
+    prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any
+) -> list[float]:
+    """A position-weighted sum of a completion's token ids: different completions (almost) never share it, so
+    a group's rewards differ whenever its completions do (``token_sum_reward`` % 7 collides one time in seven)."""
+    return [float(sum((k + 1) * (token + 1) for k, token in enumerate(ids))) for ids in completion_ids]
