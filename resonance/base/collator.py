@@ -15,7 +15,7 @@ from resonance.base.processor import IGNORE_INDEX, VLProcessor
 from resonance.data.images import load_row_images
 from resonance.errors import RowError
 
-logger = logging.getLogger("resonance.data.rows")
+logger = logging.getLogger("resonance.data")
 
 
 # The batch inputs with one entry per token (dimension 1), which padding lengthens: text, masks, labels (DPO:

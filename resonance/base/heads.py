@@ -121,7 +121,6 @@ class ScalarHeadModel(nn.Module):
 
         The class is the family's adapter subclass where the ``core_mapper`` has one, else ``cls``.
         """
-
         path = Path(path)
         config_file = path / cls.config_file
         if not config_file.is_file():

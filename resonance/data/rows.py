@@ -49,7 +49,7 @@ from PIL import Image
 from resonance.data.images import ANY_IMAGE_COUNT, ImageCount
 from resonance.errors import DataError
 
-logger = logging.getLogger("resonance.data.rows")
+logger = logging.getLogger("resonance.data")
 
 Kind = Literal["sft", "preference", "prompt"]
 Part = dict[str, str | None]

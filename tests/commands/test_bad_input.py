@@ -71,7 +71,7 @@ def test_long_row_skipped_and_counted_with_flag(tmp_path: Path, llava, caplog: p
     mapper, processor = llava
     rows = load_rows(_sft_file(tmp_path, [_row(), _row("word " * 200)]), "sft")
     collator = mapper.sft_collator(processor, max_length=64, skip_long_rows=True)
-    with caplog.at_level(logging.WARNING, logger="resonance.data.rows"):
+    with caplog.at_level(logging.WARNING, logger="resonance.data"):
         batch = collator([rows[0], rows[1]])
     assert batch["input_ids"].shape[0] == 1
     assert collator.skipped_rows == 1

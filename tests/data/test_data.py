@@ -523,11 +523,11 @@ def test_bad_arguments() -> None:
 def test_skip_invalid_drops_rows_with_a_warning_each(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = [llava(), "oops", llava(image="missing.png"), llava(), "[]"]
     path = write_jsonl(data_dir / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="resonance.data.rows"):
+    with caplog.at_level(logging.WARNING, logger="resonance.data"):
         ds = load_rows(path, "sft", skip_invalid=True)
     assert ds["source"] == [f"{path}:1", f"{path}:4"]
     assert ds.info.description == f"2 sft rows from {path}; 3 invalid rows skipped"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "resonance.data.rows"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "resonance.data"]
     assert len(warnings) == 4
     assert warnings[0].startswith(f"skipping invalid row {path}:2: invalid JSON")
     assert warnings[1].startswith(f"skipping invalid row {path}:3: image: image file not found")
