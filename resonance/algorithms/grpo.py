@@ -70,14 +70,12 @@ def unsupported_reason(vl_model: type[VLModel], vl_processor: type[VLProcessor] 
 
 
 def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
-    """The most images a GRPO prompt row may have for this family.
+    """How GRPO narrows the family's image count (:class:`~resonance.data.images.ImageCount`), or None.
 
     TRL's loss forward never passes ``batch_num_images``; LLaVA-OneVision then treats every image as a row's only
     image (anyres patching), which is right only for rows with one image.
     """
-    if not vl_processor.multi_image or any(item.name == "batch_num_images" for item in vl_processor.image_inputs):
-        return 1
-    return None
+    return 1 if any(item.name == "batch_num_images" for item in vl_processor.image_inputs) else None
 
 
 class VLGRPOTrainer(GRPOTrainer):

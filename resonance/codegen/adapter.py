@@ -44,9 +44,9 @@ class Attribute:
 
 
 def _image_input(item: Any) -> Call:
-    get = item.get if isinstance(item, dict) else lambda key, default=None: getattr(item, key, default)
-    kwargs = (("from_prompt", True),) if get("source", "conversation") == "prompt" else ()
-    return Call("api.ImageInput", (get("name"), get("layout")), kwargs)
+    """``api.ImageInput(name, layout[, from_prompt=True])`` for one spec ``image.inputs`` entry."""
+    kwargs = (("from_prompt", True),) if item.source == "prompt" else ()
+    return Call("api.ImageInput", (item.name, item.layout), kwargs)
 
 
 ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
