@@ -21,6 +21,7 @@ from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
+from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.model import VLModel
@@ -137,7 +138,7 @@ def build(
         raise UnsupportedModelError(f"GRPO: {reason}")
     reward_funcs = load_reward_funcs(config.reward_funcs)
     train_rows, eval_rows, _, model, processor = load_data_and_model(
-        mapper, model_args, data_args, config, "prompt", max_images_for_grpo(mapper.processor)
+        mapper, model_args, data_args, config, ALGORITHMS["grpo"].data, max_images_for_grpo(mapper.processor)
     )
     trainer = mapper.grpo_trainer(
         model=apply_lora(model, mapper.model, model_args),

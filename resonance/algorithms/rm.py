@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
@@ -154,7 +155,7 @@ def build(
         model_args,
         data_args,
         config,
-        kind="preference",
+        kind=ALGORITHMS["rm"].data,
         collator_cls=mapper.reward_collator,
         trainer_cls=mapper.reward_trainer,
         wrap=mapper.reward_model,

@@ -6,6 +6,7 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
+from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
@@ -39,7 +40,7 @@ def build(
         model_args,
         data_args,
         config,
-        kind="sft",
+        kind=ALGORITHMS["sft"].data,
         collator_cls=mapper.sft_collator,
         trainer_cls=mapper.sft_trainer,
     )

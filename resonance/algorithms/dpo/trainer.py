@@ -9,6 +9,7 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.utils import hash_module
 
+from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
@@ -106,7 +107,7 @@ def build(
         model_args,
         data_args,
         config,
-        kind="preference",
+        kind=ALGORITHMS["dpo"].data,
         collator_cls=mapper.dpo_collator,
         trainer_cls=mapper.dpo_trainer,
         full_training_reference=True,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
@@ -491,7 +492,7 @@ def build(
     if config.reward_model_path and not Path(config.reward_model_path).is_dir():
         raise CheckpointError(f"--reward_model_path {config.reward_model_path}: no such folder")
     train_rows, eval_rows, dtype, model, processor = load_data_and_model(
-        mapper, model_args, data_args, config, "prompt"
+        mapper, model_args, data_args, config, ALGORITHMS["ppo"].data
     )
     policy = apply_lora(model, mapper.model, model_args)
     ref_model = None
