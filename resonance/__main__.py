@@ -1,3 +1,3 @@
-from resonance.cli import app
+from resonance.cli import entry
 
-app(prog_name="resonance")
+entry()

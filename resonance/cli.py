@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from resonance import codegen
 from resonance.algorithms import ALGORITHMS, Algorithm
 from resonance.codegen.schema import ModelSpec
-from resonance.errors import EXIT_FAILED, EXIT_INPUT, SpecError
+from resonance.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ResonanceError, SpecError
 
 app = typer.Typer(
     help="Align vision-language models from declarative model specs.",
@@ -242,5 +243,37 @@ def generate(
     raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), **options))
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The ``resonance`` entry point: exit 0 ok, 1 a check or run failed, 2 bad input, 3 an internal error.
+
+    A :class:`ResonanceError` that reaches here is one line; anything else is a bug, printed with its traceback
+    and exit code 3, so CI can tell a crash from drift (1) or a bad spec (2).
+    """
+    try:
+        app(args=argv, prog_name="resonance")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILED)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    except ResonanceError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+        traceback.print_exc()
+        err.print(
+            "internal error (a bug in resonance or a library it calls, not in your input): please report it "
+            "with the traceback above",
+            markup=False,
+        )
+        return EXIT_INTERNAL
+    return 0
+
+
+def entry() -> None:
+    """``[project.scripts]``: exit with :func:`main`'s code."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
-    app()
+    entry()

@@ -2,7 +2,8 @@
 
 Every error a user can fix derives from :class:`ResonanceError`; its message names the file, row, field or
 flag and says what would be right. Commands catch ``ResonanceError`` alone and exit with its ``exit_code``;
-anything else is a bug and keeps its traceback.
+anything else is a bug: :func:`resonance.cli.main` prints its traceback and exits with ``EXIT_INTERNAL``, so
+CI can tell a crash from drift or from bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem: drift, a failed verify check, an existing output
 EXIT_INPUT = 2  # the input is wrong: a spec, data, a flag, a checkpoint, a reward function
+EXIT_INTERNAL = 3  # a bug in Resonance or a library it calls: the traceback is printed; please report it
+EXIT_INTERRUPTED = 130  # Ctrl-C (the shell's convention: 128 + SIGINT)
 
 MAX_LISTED_ERRORS = 20  # problems shown in one message; the rest are counted
 
@@ -105,6 +108,18 @@ class ConfigError(ResonanceError, ValueError):
 class RewardFunctionError(ResonanceError, ValueError):
     """A reward function that cannot be loaded, raised, or returned something that is not one finite number per
     completion. The message names the function (and ``--reward_funcs``) and, for bad values, the row."""
+
+
+class ChatTemplateError(ResonanceError, ValueError):
+    """A chat template that cannot render a conversation: a syntax error, a sandbox violation, no output, or
+    over its time or size budget. The message names the template's source (spec or checkpoint)."""
+
+
+class TrainingError(ResonanceError, RuntimeError):
+    """The run started but cannot go on or finish: a non-finite loss or weight, a save that failed. The message
+    says what happened, at which step, and where anything already trained was kept."""
+
+    exit_code = EXIT_FAILED
 
 
 class OutputExistsError(ResonanceError, FileExistsError):

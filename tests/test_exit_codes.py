@@ -1,0 +1,43 @@
+"""One exit-code table for every command: 0 ok, 1 a check or run failed, 2 bad input, 3 an internal error."""
+
+from __future__ import annotations
+
+import pytest
+
+from resonance import cli, codegen
+from resonance.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+
+
+def test_a_bug_exits_3_with_its_traceback_and_a_line_saying_it_is_not_the_input(monkeypatch, capsys):
+    def crash(*args, **kwargs):
+        raise RuntimeError("compiler bug")
+
+    monkeypatch.setattr(codegen, "plan", crash)
+    assert cli.main(["check"]) == EXIT_INTERNAL
+    captured = capsys.readouterr().err
+    assert "Traceback" in captured and "RuntimeError: compiler bug" in captured
+    assert "internal error" in captured and "not in your input" in captured
+
+
+def test_a_resonance_error_that_reaches_the_top_is_one_line_with_its_own_code(monkeypatch, capsys):
+    def bad_flag(*args, **kwargs):
+        raise ConfigError("--batch_size: must be at least 1, got 0")
+
+    monkeypatch.setattr(codegen, "plan", bad_flag)
+    assert cli.main(["check"]) == EXIT_INPUT
+    captured = capsys.readouterr().err
+    assert "Traceback" not in captured
+    assert captured.strip() == "error: --batch_size: must be at least 1, got 0"
+
+
+def test_ctrl_c_exits_130(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codegen, "plan", interrupted)
+    assert cli.main(["check"]) == EXIT_INTERRUPTED
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], EXIT_OK), (["no-such-command"], EXIT_INPUT)])
+def test_usage_errors_are_bad_input(argv, code):
+    assert cli.main(argv) == code
