@@ -13,7 +13,7 @@ from resonance.codegen.loader import load_spec
 from resonance.codegen.overrides import resolve_hooks
 from resonance.codegen.render import edited_by_hand, environment, is_generated, render
 from resonance.codegen.schema import ModelSpec
-from resonance.errors import SpecError, SpecProblem
+from resonance.errors import ConfigError, SpecError, SpecProblem
 
 OUTPUT_DIR = "generated"
 
@@ -71,9 +71,20 @@ def _command(spec_files: list[str]) -> str:
     return "resonance scaffold " + " ".join(spec_files) if spec_files else "resonance scaffold"
 
 
+def project_root(project: Path) -> Path:
+    """The project folder, resolved; the filesystem root is refused (its generated/ would be ``/generated``)."""
+    resolved = project.resolve()
+    if resolved == Path(resolved.anchor):
+        raise ConfigError(
+            f"--project {project}: resolves to the filesystem root {resolved}; name the folder that holds specs/ "
+            "and generated/"
+        )
+    return resolved
+
+
 def plan(project: Path, named: list[Path] | None = None) -> Plan:
     """Render the adapters of ``named`` specs (all of the project's when None) and the registry."""
-    project = project.resolve()
+    project = project_root(project)
     every = project_specs(project)
     for path in named or []:
         if path.resolve().parent != (project / SPECS_DIR).resolve():
@@ -154,7 +165,7 @@ def compare(p: Plan) -> Drift:
             if current == wanted:
                 continue
             drift.changed.append(rel)
-            if is_generated(current) and edited_by_hand(current):
+            if not is_generated(current) or edited_by_hand(current):  # a deleted banner is a hand edit too
                 drift.hand_edited.append(rel)
         chunks.extend(
             difflib.unified_diff(
@@ -168,10 +179,19 @@ def compare(p: Plan) -> Drift:
     return drift
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, content: str) -> None:
+    """Write through a temporary file in the same folder and rename it, so no reader sees half a file; the file
+    gets the permissions of any file the user creates (0o644 less the umask), not the temporary file's 0o600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(content)
         os.replace(tmp, path)
@@ -180,17 +200,29 @@ def _atomic_write(path: Path, content: str) -> None:
         raise
 
 
-def _inside(path: Path, root: Path) -> Path:
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise ValueError(f"refusing to write {path}: outside {root}")
-    return resolved
+def _output_path(project: Path, rel: str) -> Path:
+    """Where ``rel`` is written: its folder, with every symlink resolved, must be inside the project's own
+    generated/ folder. The file itself may be a link: the rename replaces the link, never what it points to."""
+    root = project.resolve() / OUTPUT_DIR
+    target = project.resolve() / rel
+    folder = target.parent.resolve()
+    if folder.is_relative_to(root):
+        return folder / target.name
+    link = project / OUTPUT_DIR
+    if link.resolve() != root:
+        raise ConfigError(
+            f"{link}: resolves to {link.resolve()}, not the project's own {OUTPUT_DIR}/ folder {root}; scaffold "
+            "writes only inside the project: replace the link with a folder"
+        )
+    raise ConfigError(f"refusing to write {rel}: it resolves to {folder / target.name}, outside {root}")
 
 
 def apply(p: Plan, *, force: bool = False, prune: bool = False) -> list[str]:
-    """Write the planned files atomically; returns what changed. Hand-edited files need ``force``."""
-    root = p.project / OUTPUT_DIR
+    """Write the planned files atomically; returns what changed. Hand-edited files need ``force``; nothing is
+    written unless every target stays inside the project's generated/ (a ConfigError says which does not)."""
     drift = compare(p)
+    writes = {rel: _output_path(p.project, rel) for rel in sorted(drift.missing + drift.changed)}
+    removals = {rel: _output_path(p.project, rel) for rel in (p.stale if prune else [])}  # all checked first
     if drift.hand_edited and not force:
         raise PermissionError(
             "these generated files were edited by hand and would be overwritten: "
@@ -198,11 +230,10 @@ def apply(p: Plan, *, force: bool = False, prune: bool = False) -> list[str]:
             + ". Move the change into an override module (spec `overrides:`), then rerun with --force."
         )
     written = []
-    for rel in sorted(drift.missing + drift.changed):
-        _atomic_write(_inside(p.project / rel, root), p.files[rel])
+    for rel, path in writes.items():
+        _atomic_write(path, p.files[rel])
         written.append(rel)
-    if prune:
-        for rel in p.stale:
-            _inside(p.project / rel, root).unlink()
-            written.append(f"{rel} (removed)")
+    for rel, path in removals.items():
+        path.unlink()
+        written.append(f"{rel} (removed)")
     return written
