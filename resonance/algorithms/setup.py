@@ -3,12 +3,14 @@ offline algorithms (sft, dpo, rm), which differ only in their core_mapper classe
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
+from transformers.pytorch_utils import Conv1D
 
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.lengths import row_lengths
@@ -17,6 +19,7 @@ from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import ImageCount
 from resonance.data.rows import load_rows
+from resonance.errors import ConfigError
 
 
 def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: ModelArguments) -> torch.nn.Module:
@@ -25,6 +28,8 @@ def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: Mod
     if spec.lower() == "none":
         return model
     names = model_cls.default_lora_target if spec == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
+    if spec != "auto":
+        _check_lora_targets(model, model_cls, names)
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
@@ -33,6 +38,33 @@ def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: Mod
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+# The layer kinds PEFT's LoRA wraps (peft.tuners.lora.model dispatches on these).
+_LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+
+
+def _check_lora_targets(model: torch.nn.Module, model_cls: type[VLModel], names: list[str]) -> None:
+    """Every ``--lora_target_modules`` name must be a layer LoRA can wrap under the language model; else one
+    :class:`ConfigError` naming each unknown name with did-you-mean (or the names there are)."""
+    prefix = model_cls.language_model_path + "."
+    layers = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            # as VLModel.lora_target_modules matches: below the language model, at least one level down
+            if name.startswith(prefix) and "." in name[len(prefix) :] and isinstance(module, _LORA_LAYERS)
+        }
+    )
+    unknown = [name for name in dict.fromkeys(names) if name not in layers]
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, layers, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"the layers there are {', '.join(layers)}"
+        problems.append(f"{name!r} is no Linear, Embedding or Conv layer under {model_cls.language_model_path}; {hint}")
+    raise ConfigError("--lora_target_modules: " + "; ".join(problems) + " (or give auto, or none for full training)")
 
 
 def load_data_and_model(

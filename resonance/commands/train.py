@@ -11,7 +11,8 @@ from pathlib import Path
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.base.registry import load_core_mapper
-from resonance.errors import ResonanceError
+from resonance.commands import flags
+from resonance.errors import ConfigError, ResonanceError
 from resonance.patches.compile_layers import compile_blocks
 from resonance.patches.video_processor import install_video_processor_optional
 
@@ -19,13 +20,14 @@ logger = logging.getLogger("resonance")
 
 
 def parse(algorithm: str, argv: list[str]):
-    """Parse command-line flags into (ModelArguments, DataArguments, the algorithm's config)."""
-    import torch
-    from transformers import HfArgumentParser
+    """Parse command-line flags into (ModelArguments, DataArguments, the algorithm's config).
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, ALGORITHMS[algorithm].config_class()))
-    parser.prog = f"resonance train {algorithm}"
-    defaults = {"remove_unused_columns": False, "report_to": "none"}
+    Every unknown flag (with did-you-mean) and every invalid value is one :class:`ConfigError` (exit 2), raised
+    before anything loads: :mod:`resonance.commands.flags` holds the valid values.
+    """
+    import torch
+
+    defaults: dict[str, object] = {"remove_unused_columns": False, "report_to": "none"}
     if not torch.cuda.is_available():
         defaults["bf16"] = False  # TRL's configs default to bf16, which a CPU run refuses
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -34,20 +36,31 @@ def parse(algorithm: str, argv: list[str]):
             # process sees LOCAL_RANK, finds no GPU, falls back to DistributedType.NO and trains alone on the
             # whole dataset: N independent copies of a one-process run, all writing the same --output_dir.
             defaults["use_cpu"] = True
-    argv = [*argv]
-    for key, value in defaults.items():
-        if f"--{key}" not in argv:
-            argv += [f"--{key}", str(value)]
-    model_args, data_args, config = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.compile_layers and not ALGORITHMS[algorithm].compile_layers:
+    config_class = ALGORITHMS[algorithm].config_class()
+    parser = flags.train_parser(algorithm, (ModelArguments, DataArguments, config_class), defaults)
+    namespace, problems = flags.read_flags(
+        parser, argv, flags.train_ranges(algorithm), flags.other_algorithms(algorithm)
+    )
+    values = vars(namespace)
+    if values.get("compile_layers") and not ALGORITHMS[algorithm].compile_layers:
         # Generation guards each layer on its own KV-cache entry, so every layer would compile separately.
         supported = [a.name for a in ALGORITHMS.values() if a.compile_layers]
         listed = ", ".join(supported[:-1]) + " and " + supported[-1]
-        parser.error(
+        problems.append(
             f"--compile_layers: {listed} only, not {algorithm} (generation would compile every layer separately)"
         )
-    given = {arg.split("=", 1)[0] for arg in argv}
-    if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "--pad_to_multiple_of" not in given:
+    problems += flags.train_problems(algorithm, values)
+    flags.raise_problems(problems, parser.prog)
+    try:
+        model_args, data_args, config, _ = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except ResonanceError:
+        raise
+    except ValueError as exc:  # what the configs' own __post_init__ refuse (TRL's combinations of flags)
+        raise ConfigError(f"{parser.prog}: {exc}") from None
+    given = flags.given_flags(parser, argv)
+    if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "pad_to_multiple_of" not in given:
         # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
         # lengths of both kinds would compile every layer twice, the second time deep into training.
         config.pad_to_multiple_of = 8

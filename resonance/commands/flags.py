@@ -1,0 +1,428 @@
+"""The flags of ``resonance train X`` and ``resonance generate``: read by the libraries' own parsers (argparse through
+transformers' ``HfArgumentParser``; ``GenerationConfig``'s fields), then checked against one table of valid values
+(:data:`TRAIN_RANGES`, :data:`GENERATION_RANGES`) and a few checks across flags. Every unknown flag (with
+did-you-mean) and every invalid value is reported in one :class:`~resonance.errors.ConfigError` (exit 2), before any
+data or model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resonance.errors import MAX_LISTED_ERRORS, ConfigError
+
+# -- valid values -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one flag: ``ok(value)`` says whether a value is one, ``expect`` says which are."""
+
+    ok: Callable[[Any], bool]
+    expect: str
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(low: int) -> Range:
+    return Range(lambda v: _number(v) and v >= low, f"a whole number >= {low}")
+
+
+def _between(low: float, high: float, shown: str) -> Range:
+    """``shown`` is the interval in math notation; a closed end is written ``[``/``]``, an open one ``(``/``)``."""
+    closed_low, closed_high = shown.startswith("["), shown.endswith("]")
+    return Range(
+        lambda v: _number(v) and (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high),
+        f"a number in {shown}",
+    )
+
+
+AT_LEAST_0 = _at_least(0)
+AT_LEAST_1 = _at_least(1)
+POSITIVE = Range(lambda v: _number(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = Range(lambda v: _number(v) and v >= 0, "a finite number >= 0")
+FINITE = Range(_number, "a finite number")
+PROBABILITY = _between(0, 1, "[0, 1)")  # dropout-like: 1 would drop everything
+FRACTION = _between(0, 1, "[0, 1]")
+STEPS = Range(lambda v: _number(v) and (v == -1 or v >= 1), "a whole number >= 1, or -1 to train --num_train_epochs")
+
+# Flag -> its valid values, for every algorithm that has the flag (None, an optional flag left out, is always valid).
+TRAIN_RANGES: dict[str, Range] = {
+    # transformers.TrainingArguments
+    "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "eval_accumulation_steps": AT_LEAST_1,
+    "learning_rate": POSITIVE,
+    "max_steps": STEPS,
+    "num_train_epochs": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": PROBABILITY,
+    "adam_beta2": PROBABILITY,
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": Range(NON_NEGATIVE.ok, "a finite number >= 0 (0 turns clipping off)"),
+    "warmup_steps": NON_NEGATIVE,
+    "label_smoothing_factor": PROBABILITY,
+    "neftune_noise_alpha": POSITIVE,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "dataloader_num_workers": AT_LEAST_0,
+    # resonance.algorithms.arguments.ModelArguments
+    "lora_r": AT_LEAST_1,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": PROBABILITY,
+    # TRL's configs and ours: lengths and sampling
+    "max_length": AT_LEAST_1,
+    "max_completion_length": AT_LEAST_1,
+    "response_length": AT_LEAST_1,
+    "num_generations": Range(lambda v: _number(v) and v >= 2, "a whole number >= 2 (GRPO compares answers in a group)"),
+    "num_iterations": AT_LEAST_1,
+    "num_ppo_epochs": AT_LEAST_1,
+    "num_mini_batches": AT_LEAST_1,
+    "temperature": POSITIVE,
+    "top_p": _between(0, 1, "(0, 1]"),
+    "top_k": Range(AT_LEAST_0.ok, "a whole number >= 0 (0 turns top-k off)"),
+    "repetition_penalty": POSITIVE,
+    # losses
+    "label_smoothing": _between(0, 0.5, "[0, 0.5)"),
+    "epsilon": POSITIVE,
+    "kl_coef": NON_NEGATIVE,
+    "gamma": FRACTION,
+    "lam": FRACTION,
+    "cliprange": POSITIVE,
+    "cliprange_value": POSITIVE,
+    "vf_coef": NON_NEGATIVE,
+    "missing_eos_penalty": FINITE,
+}
+
+# Where one name means different things: DPO's beta scales the whole loss; GRPO's weighs a KL term it may leave out.
+ALGORITHM_RANGES: dict[str, dict[str, Range]] = {
+    "dpo": {"beta": POSITIVE},
+    "grpo": {"beta": Range(NON_NEGATIVE.ok, "a finite number >= 0 (0 leaves the KL term out)")},
+}
+
+# resonance generate: transformers.GenerationConfig fields.
+GENERATION_RANGES: dict[str, Range] = {
+    "max_new_tokens": AT_LEAST_1,
+    "min_new_tokens": AT_LEAST_0,
+    "max_length": AT_LEAST_1,
+    "num_beams": AT_LEAST_1,
+    "top_p": _between(0, 1, "(0, 1]"),
+    "top_k": AT_LEAST_0,
+    "min_p": FRACTION,
+    "typical_p": _between(0, 1, "(0, 1]"),
+    "repetition_penalty": POSITIVE,
+    "length_penalty": FINITE,
+    "num_return_sequences": Range(lambda v: v == 1, "1 (generate writes one answer per row)"),
+}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def range_problems(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> list[str]:
+    """``--flag value: must be ...`` for every value in ``values`` outside its range."""
+    return [
+        f"--{name} {_shown(values[name])}: must be {rule.expect}"
+        for name, rule in ranges.items()
+        if name in values and values[name] is not None and not rule.ok(values[name])
+    ]
+
+
+# -- checks across flags (train) ------------------------------------------------------------------------------
+
+
+def _steps_problems(values: Mapping[str, Any]) -> list[str]:
+    if values.get("max_steps") == -1 and _number(values.get("num_train_epochs")) and values["num_train_epochs"] <= 0:
+        return [
+            f"--num_train_epochs {values['num_train_epochs']}: must be > 0 when --max_steps is -1 (the default), "
+            "or the run trains nothing; give --num_train_epochs N or --max_steps N"
+        ]
+    return []
+
+
+def _precision_problems(values: Mapping[str, Any]) -> list[str]:
+    """bf16/fp16 on hardware that has them, by transformers' own tests (as ``TrainingArguments`` checks bf16)."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    problems = []
+    on_cpu = bool(values.get("use_cpu"))
+    if (values.get("bf16") or values.get("bf16_full_eval")) and not on_cpu:
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            problems.append(
+                "--bf16 true: this machine has no GPU that supports bf16; leave --bf16 out (float32), or add "
+                "--use_cpu true to train in bf16 on the CPU"
+            )
+    if (values.get("fp16") or values.get("fp16_full_eval")) and (on_cpu or not torch.accelerator.is_available()):
+        problems.append("--fp16 true: fp16 mixed precision needs a GPU and this run has none; leave --fp16 out")
+    return problems
+
+
+def _resume_problems(values: Mapping[str, Any]) -> list[str]:
+    """A checkpoint folder that is not there (``true``, the latest checkpoint of --output_dir, is resolved later)."""
+    resume = values.get("resume_from_checkpoint")
+    if resume is None or str(resume).lower() in ("true", "false") or Path(resume).is_dir():
+        return []
+    return [
+        f"--resume_from_checkpoint {resume}: no such folder; give a checkpoint folder (OUTPUT_DIR/checkpoint-N) "
+        "or true for the latest one in --output_dir"
+    ]
+
+
+TRAIN_CHECKS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
+    _steps_problems,
+    _precision_problems,
+    _resume_problems,
+)
+
+
+# -- reading argv ---------------------------------------------------------------------------------------------
+
+
+def _name(flag: str) -> str:
+    """``--report-to=x`` -> ``report_to``: the spellings argparse accepts for one dataclass field."""
+    return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+
+def _is_value(token: str) -> bool:
+    """A token that is a value, not a flag: anything not starting with ``-``, and negative numbers (as argparse)."""
+    if not token.startswith("-"):
+        return True
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean --learning_rate?"``, or an empty string when no known flag is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean --{close[0]}?" if close else ""
+
+
+def unknown_problems(
+    tokens: Sequence[str], known: Iterable[str], where: str, elsewhere: Callable[[str], str] | None = None
+) -> list[str]:
+    """One line per unknown flag in ``tokens`` (what the parser did not take), with did-you-mean over ``known``
+    or, where none is close, ``elsewhere(name)`` (say, the other commands that take it).
+
+    A value right after an unknown flag is taken as its value; any other stray value is reported on its own.
+    """
+    known = sorted(set(known))
+    problems = []
+    after_flag = False
+    for token in tokens:
+        if _is_value(token):
+            if not after_flag:
+                problems.append(f"unexpected argument {token!r}; flags are written --name value")
+            after_flag = False
+            continue
+        name = _name(token)
+        hint = did_you_mean(name, known) or (elsewhere and elsewhere(name)) or f" (see {where} --help)"
+        problems.append(f"unknown option --{name}: not a flag of {where}{hint}")
+        after_flag = "=" not in token
+    return problems
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """One :class:`ConfigError` listing ``problems`` (the first :data:`MAX_LISTED_ERRORS`), when there are any."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    lines = problems[:MAX_LISTED_ERRORS]
+    if len(problems) > MAX_LISTED_ERRORS:
+        lines.append(f"... and {len(problems) - MAX_LISTED_ERRORS} more")
+    raise ConfigError(f"{len(problems)} problems with the flags of {what}:\n  " + "\n  ".join(lines))
+
+
+def _drop(argv: list[str], option_strings: set[str]) -> list[str]:
+    """``argv`` without the flags spelled by ``option_strings`` and the values that follow them."""
+    kept: list[str] = []
+    dropping = False
+    for token in argv:
+        if dropping and _is_value(token):
+            continue
+        dropping = False
+        if not _is_value(token) and token.split("=", 1)[0] in option_strings:
+            dropping = "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
+_REQUIRED = object()  # the default of a required flag: read_flags reports it when it is still there
+
+
+def read_flags(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    ranges: Mapping[str, Range] | None = None,
+    elsewhere: Callable[[str], str] | None = None,
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv`` with ``parser`` (``exit_on_error=False``) and return the namespace and every problem: values
+    argparse cannot convert (it stops at the first, so each bad flag is set aside and the rest parsed again; the
+    message adds the flag's range from ``ranges``), required flags left out, and unknown flags with did-you-mean
+    (and ``elsewhere(name)``, a note on where the flag does belong)."""
+    problems: list[str] = []
+    argv = list(argv)
+    while True:
+        try:
+            namespace, unknown = parser.parse_known_args(argv)
+            break
+        except argparse.ArgumentError as exc:
+            spellings = set((exc.argument_name or "").split("/"))
+            rest = _drop(argv, spellings)
+            flag = min(spellings, key=lambda s: ("-" in s[2:], len(s)))
+            rule = (ranges or {}).get(_name(flag))
+            problems.append(f"{flag}: {exc.message}" + (f"; must be {rule.expect}" if rule else ""))
+            if rest == argv:  # nothing set aside: report what we have rather than loop
+                raise_problems(problems, parser.prog)
+            argv = rest
+    for action in parser._actions:
+        if getattr(namespace, action.dest, None) is _REQUIRED:
+            problems.append(f"--{action.dest} is required: {action.help}")
+    known = {_name(s) for action in parser._actions for s in action.option_strings} - {"help", "h"}
+    problems += unknown_problems(unknown, known, parser.prog, elsewhere)
+    return namespace, problems
+
+
+def train_parser(algorithm: str, dataclass_types: Sequence[type], defaults: Mapping[str, Any]) -> Any:
+    """transformers' ``HfArgumentParser`` over ``dataclass_types`` that raises instead of exiting, takes no flag
+    abbreviations (``--learn`` is an unknown flag, not ``--learning_rate``), reads no ``.args`` file, and reports
+    missing required flags with the rest (see :func:`read_flags`). ``defaults`` replace the dataclasses' defaults
+    (argparse ``set_defaults``: any spelling the user gives wins)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        dataclass_types, prog=f"resonance train {algorithm}", allow_abbrev=False, exit_on_error=False
+    )
+    for action in parser._actions:
+        if action.required:  # reported by read_flags with every other problem, not by argparse on its own
+            action.required = False
+            action.default = _REQUIRED
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The fields ``argv`` sets, whatever the spelling (``--x_y v``, ``--x-y v``, ``--x_y=v``, ``--no_x``)."""
+    options = {s: action.dest for action in parser._actions for s in action.option_strings}
+    return {options[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in options}
+
+
+def other_algorithms(algorithm: str) -> Callable[[str], str]:
+    """``hint(name)``: which other ``resonance train`` algorithms take the flag ``name`` (their configs are
+    imported only when a flag is unknown)."""
+    from dataclasses import fields
+
+    from resonance.algorithms import ALGORITHMS
+
+    def hint(name: str) -> str:
+        owners = [
+            other.name
+            for other in ALGORITHMS.values()
+            if other.name != algorithm and name in {f.name for f in fields(other.config_class())}
+        ]
+        return f"; it is a flag of resonance train {' and '.join(owners)}" if owners else ""
+
+    return hint
+
+
+def train_ranges(algorithm: str) -> dict[str, Range]:
+    """The valid values of ``resonance train ALGORITHM``'s flags."""
+    return {**TRAIN_RANGES, **ALGORITHM_RANGES.get(algorithm, {})}
+
+
+def train_problems(algorithm: str, values: Mapping[str, Any]) -> list[str]:
+    """Every value of a ``resonance train ALGORITHM`` run outside its range, and every impossible combination."""
+    problems = range_problems(values, train_ranges(algorithm))
+    for check in TRAIN_CHECKS:
+        problems += check(values)
+    return problems
+
+
+# -- resonance generate ---------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """``true``/``false`` (any case), JSON numbers, lists and null; anything else is a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def generation_fields() -> list[str]:
+    """The settings ``resonance generate`` takes: ``transformers.GenerationConfig``'s public fields."""
+    from transformers import GenerationConfig
+
+    return sorted(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
+
+
+def parse_generation_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``["--max_new_tokens", "64", "--do-sample=true", ...]`` -> ``{"max_new_tokens": 64, "do_sample": True}``.
+
+    Every key must be a ``transformers.GenerationConfig`` field; every unknown key, missing value and value out
+    of range is reported in one :class:`ConfigError`, with did-you-mean.
+    """
+    fields = generation_fields()
+    overrides: dict[str, Any] = {}
+    unknown: list[str] = []
+    problems: list[str] = []
+    tokens = list(args)
+    while tokens:
+        token = tokens.pop(0)
+        if _is_value(token) or token == "--":
+            unknown.append(token)
+            continue
+        name, has_value, value = token.partition("=")
+        name = _name(name)
+        if not has_value and tokens and _is_value(tokens[0]):
+            value, has_value = tokens.pop(0), "="
+        if name not in fields:
+            unknown.append(f"--{name}")
+        elif not has_value:
+            problems.append(f"--{name} needs a value")
+        else:
+            overrides[name] = _parse_value(value)
+    where = "resonance generate (transformers.GenerationConfig fields)"
+    problems = unknown_problems(unknown, fields, where) + problems + generation_problems(overrides)
+    raise_problems(problems, "resonance generate")
+    return overrides
+
+
+def generation_problems(settings: Mapping[str, Any]) -> list[str]:
+    """Generation settings out of range, sampling at a temperature <= 0, and what ``GenerationConfig.validate``
+    refuses."""
+    from transformers import GenerationConfig
+
+    problems = range_problems(settings, GENERATION_RANGES)
+    temperature = settings.get("temperature")
+    if temperature is not None and not (_number(temperature) and temperature > 0) and settings.get("do_sample"):
+        problems.append(
+            f"--temperature {temperature}: sampling needs a finite temperature > 0; for the most likely answer use "
+            "greedy decoding (--do_sample false)"
+        )
+    if problems:
+        return problems
+    try:
+        GenerationConfig(**settings).validate()
+    except (ValueError, TypeError) as exc:
+        problems.append(f"generation settings: {exc}")
+    return problems
