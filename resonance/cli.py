@@ -240,7 +240,8 @@ def generate(
     from resonance.commands.generate import main
 
     options = {"batch_size": batch_size, "overwrite": overwrite, "skip_invalid_rows": skip_invalid_rows, "seed": seed}
-    raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), **options))
+    own = [param.name for param in ctx.command.params if param.name]  # --overwrit: did you mean --overwrite?
+    raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), own, **options))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import torch
 
 from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
+from resonance.errors import RowError
 from resonance.patches.video_processor import install_video_processor_optional
 
 logger = logging.getLogger("resonance")
@@ -84,6 +85,7 @@ def generate_from(
     """Generate from a prompt batch of :class:`~resonance.base.collator.VLPromptCollator` (its ``inputs`` are moved
     to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call."""
     inputs = to_model_device(batch["inputs"], model)
+    generation_kwargs = cap_new_tokens(model, batch, generation_kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -100,6 +102,49 @@ def generate_from(
     tokenizer = vl_processor.tokenizer
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
     return Generation(prompts=batch["prompts"], texts=texts, token_ids=token_ids, sequences=sequences, inputs=inputs)
+
+
+def position_limit(model: Any) -> int | None:
+    """The text model's ``max_position_embeddings`` (a PEFT model's too), or None where its config has none."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+_capped: set[tuple[int, int]] = set()  # (asked, limit) pairs already warned about: one warning, not one per batch
+
+
+def cap_new_tokens(model: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generation_kwargs`` with ``max_new_tokens`` capped so the prompts (left-padded: the longest sets the
+    length) and the answer fit the model's positions, with a warning naming both numbers. A prompt that fills
+    every position is a :class:`RowError` naming its row."""
+    asked = generation_kwargs.get("max_new_tokens")
+    limit = position_limit(model)
+    inputs = batch["inputs"]
+    length = inputs["input_ids"].shape[1]
+    if asked is None or limit is None or length + asked <= limit:
+        return generation_kwargs
+    if length >= limit:
+        rows = batch.get("rows") or [{}]
+        mask = inputs.get("attention_mask")
+        longest = int(mask.sum(dim=1).argmax()) if mask is not None and len(rows) > 1 else 0
+        source = rows[longest].get("source", "a prompt")
+        raise RowError(
+            f"{source}: the prompt takes {length} tokens, all {limit} positions of the model "
+            "(max_position_embeddings) and no room for an answer; shorten it"
+        )
+    if (asked, limit) not in _capped:
+        _capped.add((asked, limit))
+        logger.warning(
+            "max_new_tokens=%d does not fit the model's %d positions (max_position_embeddings) after a prompt of %d "
+            "tokens: capped to %d",
+            asked,
+            limit,
+            length,
+            limit - length,
+        )
+    return {**generation_kwargs, "max_new_tokens": limit - length}
 
 
 def generation_kwargs(vl_model: Any, model: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

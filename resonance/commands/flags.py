@@ -375,11 +375,12 @@ def generation_fields() -> list[str]:
     return sorted(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
 
 
-def parse_generation_overrides(args: Sequence[str]) -> dict[str, Any]:
+def parse_generation_overrides(args: Sequence[str], command_flags: Iterable[str] = ()) -> dict[str, Any]:
     """``["--max_new_tokens", "64", "--do-sample=true", ...]`` -> ``{"max_new_tokens": 64, "do_sample": True}``.
 
     Every key must be a ``transformers.GenerationConfig`` field; every unknown key, missing value and value out
-    of range is reported in one :class:`ConfigError`, with did-you-mean.
+    of range is reported in one :class:`ConfigError`, with did-you-mean over those fields and ``command_flags``
+    (the command's own options: ``--overwrit`` is a misspelt ``--overwrite``, not a generation setting).
     """
     fields = generation_fields()
     overrides: dict[str, Any] = {}
@@ -402,7 +403,7 @@ def parse_generation_overrides(args: Sequence[str]) -> dict[str, Any]:
         else:
             overrides[name] = _parse_value(value)
     where = "resonance generate (transformers.GenerationConfig fields)"
-    problems = unknown_problems(unknown, fields, where) + problems + generation_problems(overrides)
+    problems = unknown_problems(unknown, [*fields, *command_flags], where) + problems + generation_problems(overrides)
     raise_problems(problems, "resonance generate")
     return overrides
 

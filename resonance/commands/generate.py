@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from resonance.base.registry import load_core_mapper
+from resonance.commands.flags import generation_problems, parse_generation_overrides, raise_problems
 from resonance.data.images import ImageCount
 from resonance.data.rows import read_rows
 from resonance.errors import EXIT_OK, ConfigError, OutputExistsError, ResonanceError
@@ -21,51 +24,18 @@ from resonance.generation import generate_batch, generation_kwargs, load_for_gen
 logger = logging.getLogger("resonance")
 
 
-def _parse_value(text: str) -> Any:
-    """``true``/``false`` (any case), JSON numbers, lists and null; anything else is a string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_generation_overrides(args: Sequence[str]) -> dict[str, Any]:
-    """``["--max_new_tokens", "64", "--do_sample=true", ...]`` -> ``{"max_new_tokens": 64, "do_sample": True}``.
-
-    Every key must be a ``transformers.GenerationConfig`` field; a misspelling is an error with a suggestion.
-    """
-    from transformers import GenerationConfig
-
-    fields = sorted(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
-    overrides: dict[str, Any] = {}
-    args = list(args)
-    while args:
-        flag = args.pop(0)
-        if not flag.startswith("--") or flag == "--":
-            raise ConfigError(f"unexpected argument {flag!r}; generation settings are written --name value")
-        name, has_value, value = flag[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in fields:
-            match = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean --{match[0]}?" if match else " (see transformers.GenerationConfig)"
-            raise ConfigError(f"unknown option --{name}: not a generation setting{hint}")
-        if not has_value:
-            if not args or args[0].startswith("--"):
-                raise ConfigError(f"--{name} needs a value")
-            value = args.pop(0)
-        overrides[name] = _parse_value(value)
-    return overrides
-
-
 class _AtomicOutput:
     """A temporary file next to ``path``, renamed onto it by :meth:`commit`; removed otherwise (errors, Ctrl-C)."""
 
     def __init__(self, path: Path, overwrite: bool):
         self.path = path
         self.overwrite = overwrite
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:  # the one sure test of a writable folder (permissions, ACLs, read-only mounts, root)
+            raise ConfigError(
+                f"--output {path}: cannot write in {path.parent} ({exc.strerror}); choose a folder you can write to"
+            ) from None
         self.temp = Path(name)
         self.file = os.fdopen(handle, "w", encoding="utf-8")
 
@@ -93,6 +63,24 @@ class _AtomicOutput:
         self.temp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's time limit) ends the process through ``SystemExit(143)``, so ``finally`` and
+    ``except`` blocks run (the temporary output is removed) instead of the process vanishing mid-write."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(
     model_name_or_path: str,
     data_path: str,
@@ -111,7 +99,6 @@ def run(
     anything is written; the output appears only once every row is done.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     output = Path(output)
     if batch_size < 1:
@@ -122,7 +109,40 @@ def run(
         raise ConfigError(f"{output} exists and is not a file")
     if not output.parent.is_dir():
         raise ConfigError(f"{output.parent}: no such folder for the output")
+    console = console or Console(stderr=True, soft_wrap=True, highlight=False)
+    # The temporary output first: an unwritable folder fails here, before anything loads; from here on, whatever
+    # ends the run (an error, Ctrl-C, SIGTERM) removes it.
+    target = _AtomicOutput(output, overwrite)
+    try:
+        with _terminate_as_exit():
+            loaded = _generate(
+                model_name_or_path, data_path, target, batch_size, skip_invalid_rows, seed, overrides, console
+            )
+            target.commit()
+    except BaseException:
+        target.discard()
+        raise
+    skipped = f"; {loaded.skipped} invalid rows skipped" if loaded.skipped else ""
+    console.print(f"wrote {len(loaded.rows)} answers to {output}{skipped}", markup=False, highlight=False)
+    return len(loaded.rows)
+
+
+def _generate(
+    model_name_or_path: str,
+    data_path: str,
+    target: _AtomicOutput,
+    batch_size: int,
+    skip_invalid_rows: bool,
+    seed: int | None,
+    overrides: dict[str, Any] | None,
+    console: Any,
+) -> Any:
+    """Check, load, generate every row into ``target``; return the loaded rows (``read_rows``'s result)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     mapper = load_core_mapper(model_name_or_path)  # an unsupported checkpoint fails before the data is read
+    # The family's defaults with the overrides: sampling at temperature 0 fails now, not after the model loads.
+    raise_problems(generation_problems({**mapper.model.default_generation_kwargs, **(overrides or {})}), "generate")
     processor_cls = mapper.processor
     # Data before the model: a bad row should fail in a second, naming its FILE:LINE.
     loaded = read_rows(
@@ -143,35 +163,20 @@ def run(
         from transformers import set_seed
 
         set_seed(seed)
-
-    console = console or Console(stderr=True, soft_wrap=True, highlight=False)
-    target = _AtomicOutput(output, overwrite)
-    try:
-        columns = (
-            TextColumn("generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("generate", total=len(rows))
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                result = generate_batch(model, processor, vl_model, batch, kwargs)
-                for row, prompt, text in zip(batch, result.prompts, result.texts, strict=True):
-                    record: dict[str, Any] = {"source": row["source"]}
-                    if row.get("id") is not None:
-                        record["id"] = json.loads(row["id"])
-                    record.update(prompt=prompt, answer=text)
-                    target.write(record)
-                progress.advance(task, len(batch))
-        target.commit()
-    except BaseException:
-        target.discard()
-        raise
-    skipped = f"; {loaded.skipped} invalid rows skipped" if loaded.skipped else ""
-    console.print(f"wrote {len(rows)} answers to {output}{skipped}", markup=False, highlight=False)
-    return len(rows)
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("generate", total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            result = generate_batch(model, processor, vl_model, batch, kwargs)
+            for row, prompt, text in zip(batch, result.prompts, result.texts, strict=True):
+                record: dict[str, Any] = {"source": row["source"]}
+                if row.get("id") is not None:
+                    record["id"] = json.loads(row["id"])
+                record.update(prompt=prompt, answer=text)
+                target.write(record)
+            progress.advance(task, len(batch))
+    return loaded
 
 
 def main(
@@ -179,13 +184,15 @@ def main(
     data_path: str,
     output: str,
     extra_args: Sequence[str],
+    command_flags: Sequence[str] = (),
     **options: Any,
 ) -> int:
-    """The ``resonance generate`` command: :func:`run` with errors printed as ``error: ...``; the exit code."""
+    """The ``resonance generate`` command: :func:`run` with errors printed as ``error: ...``; the exit code.
+    ``extra_args`` are the generation flags; ``command_flags`` the command's own, for did-you-mean."""
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = parse_generation_overrides(extra_args)
+        overrides = parse_generation_overrides(extra_args, command_flags)
         run(model_name_or_path, data_path, output, overrides=overrides, **options)
     except ResonanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
