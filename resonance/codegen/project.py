@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resonance.codegen.adapter import adapter_classes
-from resonance.codegen.loader import load_spec
+from resonance.codegen.loader import collisions, load_spec
 from resonance.codegen.overrides import resolve_hooks
 from resonance.codegen.render import edited_by_hand, environment, is_generated, render
 from resonance.codegen.schema import ModelSpec
@@ -50,18 +50,7 @@ def load_specs(paths: list[Path], project: Path) -> list[tuple[Path, ModelSpec]]
             loaded.append((path, load_spec(path, display=relative(path, project))))
         except SpecError as exc:
             problems.extend(exc.problems)
-    names: dict[str, Path] = {}
-    for path, spec in loaded:
-        if spec.name in names:
-            problems.append(
-                SpecProblem(
-                    relative(path, project),
-                    *spec.position("name", "<value>"),
-                    "name",
-                    f"{spec.name!r} also in {names[spec.name]}",
-                )
-            )
-        names[spec.name] = path
+    problems.extend(collisions([(relative(path, project), spec) for path, spec in loaded]))
     if problems:
         raise SpecError(problems)
     return loaded

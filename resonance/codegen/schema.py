@@ -13,30 +13,38 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, model_validator
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DUNDER = re.compile(r"__\w*__")
+
+# Adapter names that would collide with generated/'s own files (generated/registry.py, generated/__init__.py).
+RESERVED_NAMES = frozenset({"registry"})
 
 
 def _identifier(value: str) -> str:
-    if not _IDENT.match(value) or keyword.iskeyword(value):
+    if not _IDENT.fullmatch(value) or keyword.iskeyword(value):
         raise ValueError(f"{value!r} is not a Python identifier (letters, digits and _, not starting with a digit)")
+    if _DUNDER.fullmatch(value):
+        raise ValueError(f"{value!r} is a dunder name (__x__), one of Python's own; name the real class or attribute")
     return value
 
 
 def _dotted(value: str) -> str:
     parts = value.split(".")
     for part in parts:
-        if not _IDENT.match(part) or keyword.iskeyword(part):
+        if not _IDENT.fullmatch(part) or keyword.iskeyword(part):
             raise ValueError(
                 f"{value!r} is not a dotted path of identifiers (like 'model.language_model'); bad segment {part!r}"
             )
+        if _DUNDER.fullmatch(part):
+            raise ValueError(f"{value!r}: segment {part!r} is a dunder name (__x__), one of Python's own")
     return value
 
 
-_VERSION_RANGE = re.compile(r"^[0-9A-Za-z.*]*\s*(?:[<>=!~]=?\s*[0-9A-Za-z.*]+\s*,?\s*)+$")
+_VERSION_RANGE = re.compile(r"[0-9A-Za-z.*]* *(?:[<>=!~]=? *[0-9A-Za-z.*]+ *,? *)+")
 
 
 def _version_range(value: str) -> str:
-    if not _VERSION_RANGE.match(value):
+    if not _VERSION_RANGE.fullmatch(value):
         raise ValueError(f"{value!r} is not a version range like '>=5.20,<6'")
     return value
 
@@ -45,6 +53,10 @@ def _adapter_name(value: str) -> str:
     _identifier(value)
     if value != value.lower():
         raise ValueError(f"{value!r}: adapter names are lower case (like 'llava', 'qwen2_vl')")
+    if value.startswith("_"):
+        raise ValueError(f"{value!r}: adapter names start with a letter (a leading _ is Python's private or special)")
+    if value in RESERVED_NAMES:
+        raise ValueError(f"{value!r} is reserved: generated/{value}.py is the compiler's own file; choose another name")
     return value
 
 
@@ -52,10 +64,13 @@ Identifier = Annotated[str, AfterValidator(_identifier)]
 DottedPath = Annotated[str, AfterValidator(_dotted)]
 AdapterName = Annotated[str, AfterValidator(_adapter_name)]
 NonEmpty = Annotated[str, Field(min_length=1)]
+Kwargs = dict[Identifier, JsonValue]  # keyword arguments: JSON data, finite floats (see _Strict)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors; floats are finite everywhere (no spec field means anything by .inf or .nan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Modules(_Strict):
@@ -131,7 +146,7 @@ class Image(_Strict):
             "images are then errors that name the row."
         ),
     )
-    processor_kwargs: dict[str, Any] = Field(
+    processor_kwargs: Kwargs = Field(
         default_factory=dict, description="Extra keyword arguments for the processor call (e.g. max_pixels)."
     )
     batched_attention: bool = Field(
@@ -224,7 +239,6 @@ def _processor_kwarg(value: str) -> str:
     return value
 
 
-Kwargs = dict[Identifier, JsonValue]
 ProcessorKwargs = dict[Annotated[str, AfterValidator(_processor_kwarg)], JsonValue]
 ConfigTokenIds = Annotated[
     dict[DottedPath, NonEmpty],
@@ -383,7 +397,7 @@ class ModelSpec(_Strict):
     image: Image
     chat_template: ChatTemplate = ChatTemplate()
     padding_side: Padding = Padding()
-    generation: dict[str, Any] = Field(
+    generation: Kwargs = Field(
         default_factory=lambda: {"max_new_tokens": 1024, "do_sample": False},
         description="Default generation kwargs.",
     )

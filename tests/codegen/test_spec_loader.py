@@ -95,7 +95,7 @@ def test_all_problems_reported_at_once(project: Path) -> None:
 
 def test_yaml_syntax_and_duplicate_keys(project: Path) -> None:
     path = _break(project, "flash_attention: true", "flash_attention: true\nflash_attention: false")
-    with pytest.raises(SpecError, match=r"llava.yaml:\d+:1: <spec>: invalid YAML: duplicate key 'flash_attention'"):
+    with pytest.raises(SpecError, match=r"llava.yaml:\d+:1: flash_attention: duplicate key 'flash_attention'"):
         load_spec(path)
     path.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="invalid YAML"):
