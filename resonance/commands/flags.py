@@ -103,6 +103,9 @@ TRAIN_RANGES: dict[str, Range] = {
     "cliprange_value": POSITIVE,
     "vf_coef": NON_NEGATIVE,
     "missing_eos_penalty": FINITE,
+    # reward functions and images (checked again where they are used, for callers that skip the flags)
+    "reward_timeout": Range(NON_NEGATIVE.ok, "a number of seconds >= 0 (0: no limit)"),
+    "max_image_pixels": Range(AT_LEAST_0.ok, "a whole number of pixels >= 0 (0: no limit)"),
 }
 
 # Where one name means different things: DPO's beta scales the whole loss; GRPO's weighs a KL term it may leave out.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,12 @@ import torch
 from helpers import train_argv
 from typer.testing import CliRunner
 
-from resonance.algorithms.arguments import ModelArguments
+from resonance.algorithms import ALGORITHMS
+from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.setup import apply_lora
 from resonance.base.registry import load_core_mapper
 from resonance.cli import app
+from resonance.commands.flags import range_problems, train_problems, train_ranges
 from resonance.commands.train import parse
 from resonance.errors import EXIT_INPUT, ConfigError
 
@@ -176,6 +179,25 @@ def test_edge_values_that_make_sense_are_taken(algorithm: str, flags: dict, tmp_
     for name, value in flags.items():
         if hasattr(config, name):
             assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_table_takes_every_default(algorithm: str) -> None:
+    """No range refuses a default: a run with no flags but the paths is never refused by the table."""
+    classes = (ModelArguments, DataArguments, ALGORITHMS[algorithm].config_class())
+    defaults = {f.name: f.default for cls in classes for f in fields(cls) if f.default is not MISSING}
+    assert range_problems(defaults, train_ranges(algorithm)) == []
+
+
+def test_flags_defined_elsewhere_are_checked_with_the_rest() -> None:
+    """--reward_timeout (GRPO, PPO) and --max_image_pixels are checked where they are used; the table reports them
+    with every other problem of the run."""
+    problems = train_problems("grpo", {"reward_timeout": float("nan"), "max_image_pixels": -1, "learning_rate": 0})
+    assert problems == [
+        "--learning_rate 0: must be a finite number > 0",
+        "--reward_timeout nan: must be a number of seconds >= 0 (0: no limit)",
+        "--max_image_pixels -1: must be a whole number of pixels >= 0 (0: no limit)",
+    ]
 
 
 def test_zero_epochs_without_max_steps_is_refused(tmp_path: Path) -> None:
