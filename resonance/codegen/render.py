@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import keyword
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,34 @@ def templates_dir() -> Path:
 LINE_LENGTH = 110  # generated code is `ruff format --line-length 110` clean (tests/codegen)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _string(value: str) -> str:
-    """A double-quoted Python string literal (JSON escapes are valid Python escapes)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A double-quoted Python string literal (JSON escapes are valid Python escapes). JSON leaves a lone surrogate
+    as it is, which no UTF-8 file can hold: it is written as its ``\\udXXX`` escape."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
+def _number(value: int | float) -> str:
+    """A Python literal for any int or float: ``repr`` where it is one, ``float("inf")``/``float("nan")`` for the
+    non-finite floats (``repr`` gives a bare ``inf``, a NameError), hex beyond Python's decimal digit limit."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f'float("{value!r}")'  # "inf", "-inf" or "nan": float() reads each back
+    try:
+        return repr(value)
+    except ValueError:  # an int with more digits than sys.get_int_max_str_digits(); hex has no such limit
+        return hex(value)
 
 
 def _flat(value: Any) -> str | None:
     """``value`` as one line of Python, or None where it cannot be one (a string spanning lines)."""
     if isinstance(value, str):
         return _string(value) if len(value.splitlines(keepends=True)) <= 1 else None
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool):
         return repr(value)
+    if isinstance(value, int | float):
+        return _number(value)
     if isinstance(value, Name):
         return _identifier(value.name)
     if isinstance(value, Call):
