@@ -344,8 +344,10 @@ def _position(text: str, index: int) -> tuple[int, int]:
 
 
 def _yaml_message(exc: yaml.MarkedYAMLError, text: str, open_marks: list[yaml.Mark]) -> tuple[tuple[int, int], str]:
-    """Where a YAML error is and what it says: at the construct being read when the parser gave up (PyYAML's
-    ``context_mark``, else the innermost ``[`` or ``{`` still open), naming where it gave up (``problem_mark``)."""
+    """Where a YAML error is and what it says. PyYAML gives where the parser gave up (``problem_mark``) and where
+    the construct it was reading began (``context_mark``); both are named. The place is where the construct began
+    when it is one that must be closed (``[``, ``{``, a quote: an unclosed one runs on, and the parser gives up far
+    below, often at the end of the file), or the innermost ``[``/``{`` still open; else where the parser gave up."""
     problem, began, gave_up = exc.problem or str(exc), exc.context_mark, exc.problem_mark
     if gave_up is None:
         return (1, 1), f"invalid YAML: {problem}"
@@ -355,7 +357,14 @@ def _yaml_message(exc: yaml.MarkedYAMLError, text: str, open_marks: list[yaml.Ma
         problem += "; indent with spaces"
     there = f"at line {gave_up.line + 1}, column {gave_up.column + 1}"
     if began is not None and (began.line, began.column) != (gave_up.line, gave_up.column):
-        return (began.line + 1, began.column + 1), f"invalid YAML: {exc.context} that starts here, {problem} {there}"
+        if text[began.index : began.index + 1] in ("[", "{", '"', "'"):
+            return (
+                began.line + 1,
+                began.column + 1,
+            ), f"invalid YAML: {exc.context} that starts here, {problem} {there}"
+        starts = "that starts " if (exc.context or "").startswith("while ") else ""
+        where = f"at line {began.line + 1}, column {began.column + 1}"
+        return (gave_up.line + 1, gave_up.column + 1), f"invalid YAML: {problem} ({exc.context} {starts}{where})"
     opener = open_marks[-1] if open_marks else None  # a flow collection holds no block one: the last is innermost
     if opener is not None and text[opener.index : opener.index + 1] in ("[", "{"):
         bracket = text[opener.index]

@@ -240,11 +240,21 @@ def test_unclosed_bracket_is_placed_at_the_bracket(project: Path) -> None:
                 "token; indent with spaces",
             ),
         ),
+        (
+            "name: llava\nimage:\n  placeholder: x\n token: y\n",
+            (
+                4,
+                2,
+                "invalid YAML: expected <block end>, but found '<block mapping start>' (while parsing a block mapping "
+                "that starts at line 1, column 1)",
+            ),
+        ),
     ],
-    ids=["bracket", "brace", "quote", "tab"],
+    ids=["bracket", "brace", "quote", "tab", "indent"],
 )
-def test_unclosed_at_the_end_of_the_file_points_where_it_opened(project: Path, text: str, expected) -> None:
-    """Before, these pointed at the end of the file, where the parser gave up; now at what was left open."""
+def test_yaml_syntax_errors_point_at_what_was_left_open(project: Path, text: str, expected) -> None:
+    """An unclosed bracket or quote pointed at the end of the file, where the parser gave up; now at where it
+    opened. A block (indentation) error stays where the parser gave up, naming where the block began."""
     path = project / "specs" / "llava.yaml"
     path.write_text(text)
     assert _problems(path) == [(expected[0], expected[1], "", expected[2])]
