@@ -24,6 +24,13 @@ from resonance.generation import generate_batch, generation_kwargs, load_for_gen
 logger = logging.getLogger("resonance")
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class _AtomicOutput:
     """A temporary file next to ``path``, renamed onto it by :meth:`commit`; removed otherwise (errors, Ctrl-C)."""
 
@@ -36,6 +43,7 @@ class _AtomicOutput:
             raise ConfigError(
                 f"--output {path}: cannot write in {path.parent} ({exc.strerror}); choose a folder you can write to"
             ) from None
+        os.fchmod(handle, _file_mode())  # mkstemp makes it 0600; the answers are an ordinary file
         self.temp = Path(name)
         self.file = os.fdopen(handle, "w", encoding="utf-8")
 

@@ -5,6 +5,8 @@ temporary file left by a failure or a SIGTERM."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -121,6 +123,18 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(
     assert code == EXIT_INPUT
     err = capsys.readouterr().err
     assert f"error: --output {output}: cannot write in {tmp_path} (Permission denied)" in err
+
+
+def test_output_gets_the_mode_of_an_ordinary_file(tmp_path: Path) -> None:
+    """The temporary file (mkstemp: 0600) becomes the output: it gets what open() would give, 0666 less umask."""
+    umask = os.umask(0o022)
+    try:
+        target = gen._AtomicOutput(tmp_path / "answers.jsonl", overwrite=False)
+        target.write({"answer": "x"})
+        target.commit()
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "answers.jsonl").stat().st_mode) == 0o644
 
 
 def test_sigterm_midway_removes_the_temporary_file(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
