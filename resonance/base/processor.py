@@ -16,8 +16,11 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
-from resonance.base.checks import image_output_problems, raise_problems, token_problems
+from resonance.base.chat_template import ChatTemplate
+from resonance.base.checks import image_output_problems, raise_problems, spec_file, token_problems
+from resonance.base.registry import check_processor_files
 from resonance.data.images import ImageCount
+from resonance.errors import ChatTemplateError, CheckpointError
 from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
@@ -42,6 +45,17 @@ def text_as_string(message: Message) -> Message:
     return {**message, "content": "".join(part["text"] or "" for part in content)}
 
 
+def _load_hf_processor(folder: Path, kwargs: dict[str, Any]) -> ProcessorMixin:
+    """The family's HF processor from a checkpoint folder; missing or broken files are a CheckpointError naming
+    the file, found before transformers reads them (and from transformers' own error otherwise)."""
+    check_processor_files(folder)
+    try:
+        with video_processor_optional():
+            return AutoProcessor.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: cannot load the processor: {exc}") from exc
+
+
 class VLProcessor:
     """Wraps the family's HF processor; subclasses (generated from specs) set the class attributes."""
 
@@ -63,20 +77,20 @@ class VLProcessor:
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
-            with video_processor_optional():
-                processor = AutoProcessor.from_pretrained(str(processor), **kwargs)
+            processor = _load_hf_processor(Path(processor), kwargs)
         self.hf = processor
         if self.inline_chat_template is not None:
             self.hf.chat_template = self.inline_chat_template
         if not self.hf.chat_template:
-            raise ValueError(
-                f"{type(self).__name__}: the checkpoint has no chat template; set chat_template.source: inline "
-                "and chat_template.template in the spec"
+            raise ChatTemplateError(
+                f"{self._checkpoint_folder() or type(self).__name__}: the checkpoint has no chat template; set "
+                f"chat_template.source: inline and chat_template.template in {spec_file(type(self))}"
             )
         raise_problems(type(self), token_problems(self))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self._image_outputs_checked = False
         self.train()
+        self._check_chat_template()
 
     # -- the seed's properties ---------------------------------------------------------------------
 
@@ -135,9 +149,47 @@ class VLProcessor:
     # -- chat rendering and label spans ------------------------------------------------------------
 
     def render_conversation(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """The conversation as the family's chat template renders it (byte for byte what the HF processor's
+        ``apply_chat_template`` returns), within a time and size budget (:mod:`resonance.base.chat_template`)."""
         if self.text_messages_as_string:
             messages = [text_as_string(message) for message in messages]
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.chat_template_source().render(
+            messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
+        )
+
+    def chat_template_source(self) -> ChatTemplate:
+        """The chat template in use and where it came from: the spec's inline template, or the checkpoint's file."""
+        template = self.hf.chat_template
+        if isinstance(template, dict):  # several named templates: transformers renders the "default" one
+            template = template.get("default") or ""
+        if self.inline_chat_template is not None:
+            return ChatTemplate(template, f"{spec_file(type(self))}: chat_template.template")
+        folder = self._checkpoint_folder()
+        files = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+        found = next((folder / name for name in files if folder and (folder / name).is_file()), None)
+        return ChatTemplate(template, str(found or folder or f"the chat template of {self.hf_processor_class}"))
+
+    def _checkpoint_folder(self) -> Path | None:
+        name = getattr(self.tokenizer, "name_or_path", None)
+        return Path(name) if name and Path(name).is_dir() else None
+
+    def _check_chat_template(self) -> None:
+        """Render a sample conversation once, so that a broken template fails here, before any model loads: it must
+        compile, render within budget, and show the user's words (a template that renders nothing, or ignores the
+        messages, would train on text without the conversation)."""
+        template = self.chat_template_source()
+        template.compile()
+        question = "Which colour is the square?"
+        parts = [{"type": "image", "text": None}, {"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": parts}]
+        text = self.render_conversation(conversation, add_generation_prompt=True)
+        if not text.strip():
+            raise ChatTemplateError(f"{template.origin}: the chat template renders nothing for a user message")
+        if question not in text:
+            raise ChatTemplateError(
+                f"{template.origin}: the chat template does not render the messages' text (a user message "
+                f"{question!r} rendered as {text[:200]!r}); it must loop over messages"
+            )
 
     def assistant_char_spans(self, messages: list[Message], first_supervised: int) -> list[tuple[int, int]]:
         """Character spans of the assistant turns at index >= ``first_supervised`` in the rendering.
