@@ -14,7 +14,8 @@ import transformers
 from torch import nn
 
 from resonance.base.checks import module_problems, raise_problems
-from resonance.base.registry import lora_base_checkpoint
+from resonance.base.registry import check_weights, lora_base_checkpoint, read_json_object
+from resonance.errors import CheckpointError
 from resonance.patches.vision_attention import install_batched_vision_attention
 
 logger = logging.getLogger("resonance")
@@ -37,6 +38,22 @@ def get_submodule(model: nn.Module, path: str, field: str) -> nn.Module:
         return unwrap(model).get_submodule(path)
     except AttributeError as exc:
         raise AttributeError(f"spec field {field}: {type(unwrap(model)).__name__} has no submodule {path!r}") from exc
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """``model_class.from_pretrained(folder)``; a folder whose config or weights are broken is a CheckpointError
+    naming the file, found before transformers reads it (and from transformers' own error otherwise)."""
+    from safetensors import SafetensorError
+
+    read_json_object(folder / "config.json")
+    check_weights(folder)
+    try:
+        return model_class.from_pretrained(str(folder), **kwargs)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: cannot load the model: {exc}") from exc
 
 
 class VLModel:
@@ -85,11 +102,12 @@ class VLModel:
         if base_path is not None:
             from peft import PeftModel
 
-            base = model_class.from_pretrained(str(base_path), **kwargs)
+            check_weights(path, ADAPTER_WEIGHTS)
+            base = _load(model_class, base_path, kwargs)
             cls.check_model(base)
             cls.batch_vision_attention(base)
             return PeftModel.from_pretrained(base, str(path))
-        model = model_class.from_pretrained(str(path), **kwargs)
+        model = _load(model_class, path, kwargs)
         cls.check_model(model)
         cls.batch_vision_attention(model)
         return model

@@ -34,6 +34,24 @@ class ModelCoreMapper:
     grpo_trainer: Any
 
 
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict, or a CheckpointError naming the file and what is wrong with it."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{file}: not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot be read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); save the checkpoint again "
+            "with save_pretrained or restore the file"
+        ) from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(value).__name__}, not an object of settings")
+    return value
+
+
 def lora_base_checkpoint(path: str | Path) -> Path | None:
     """For a LoRA output folder (``adapter_config.json``), the base checkpoint it was trained on; else None.
 
@@ -43,8 +61,8 @@ def lora_base_checkpoint(path: str | Path) -> Path | None:
     adapter = Path(path) / "adapter_config.json"
     if not adapter.is_file():
         return None
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if not base:
+    base = read_json_object(adapter).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
         raise CheckpointError(f"{adapter}: names no base_model_name_or_path, so its base model cannot be found")
     return Path(base)
 
@@ -64,10 +82,74 @@ def checkpoint_architecture(path: str | Path) -> str:
     config_file = (base or path) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found; --model_name_or_path must be a checkpoint folder")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if not architectures:
-        raise UnsupportedModelError(f"{config_file}: has no 'architectures' entry to choose an adapter by")
+    architectures = read_json_object(config_file).get("architectures")
+    if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)):
+        raise CheckpointError(
+            f"{config_file}: 'architectures' must list the model class, like [\"LlavaForConditionalGeneration\"] "
+            f"(got {architectures!r}); it chooses the adapter"
+        )
     return architectures[0]
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            return None
+    except (SafetensorError, OSError) as exc:
+        return f"{file}: not a complete safetensors file ({exc}); copy or save the weights again"
+
+
+def check_weights(path: str | Path, weights: tuple[str, ...] = WEIGHTS) -> None:
+    """A CheckpointError unless ``path`` holds complete weights: ``model.safetensors`` (its header and data all
+    there), or an index whose every shard is present and complete, or PyTorch weights."""
+    folder = Path(path)
+    present = [name for name in weights if (folder / name).is_file()]
+    if not present:
+        raise CheckpointError(
+            f"{folder}: no weights; expected {' or '.join(weights[:2])} (as save_pretrained writes them)"
+        )
+    name = present[0]
+    if name.endswith(".index.json"):
+        weight_map = read_json_object(folder / name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{folder / name}: has no 'weight_map' naming the shards")
+        shards = sorted({str(shard) for shard in weight_map.values()})
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder / name}: names shards that are missing: {', '.join(missing)}")
+        files = [folder / shard for shard in shards if shard.endswith(".safetensors")]
+    else:
+        files = [folder / name] if name.endswith(".safetensors") else []
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def check_processor_files(path: str | Path) -> None:
+    """A CheckpointError unless ``path`` holds a tokenizer and a processor configuration, every JSON file valid."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not found; the processor is loaded from the checkpoint folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder}: no tokenizer files; expected tokenizer.json (as processor.save_pretrained writes it)"
+        )
+    if not any((folder / name).is_file() for name in PROCESSOR_CONFIGS):
+        raise CheckpointError(
+            f"{folder}: no processor configuration; expected processor_config.json or preprocessor_config.json "
+            "(as processor.save_pretrained writes them)"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", *PROCESSOR_CONFIGS, "special_tokens_map.json"):
+        if (folder / name).is_file():
+            read_json_object(folder / name)
 
 
 def load_core_mapper(path: str | Path) -> ModelCoreMapper:
