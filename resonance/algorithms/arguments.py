@@ -40,3 +40,10 @@ class DataArguments:
     skip_long_rows: bool = field(
         default=False, metadata={"help": "Skip (and count) rows longer than --max_length instead of failing."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir (the checkpoint-* folders of an earlier run there are "
+            "removed); without it a non-empty --output_dir is refused unless --resume_from_checkpoint is given."
+        },
+    )

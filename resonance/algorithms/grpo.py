@@ -23,6 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
@@ -79,7 +80,7 @@ def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
     return 1 if any(item.name == "batch_num_images" for item in vl_processor.image_inputs) else None
 
 
-class VLGRPOTrainer(GRPOTrainer):
+class VLGRPOTrainer(WholeCheckpoints, GRPOTrainer):
     """TRL's GRPOTrainer on Resonance prompt rows (see the module docstring)."""
 
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):

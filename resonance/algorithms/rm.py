@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
@@ -57,7 +58,7 @@ class VLRewardConfig(TrainingArguments):
     )
 
 
-class VLRewardTrainer(ImageEncodingMixin, Trainer):
+class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
     """transformers' Trainer with the Bradley-Terry loss; images encoded once for chosen and rejected.
 
     Logs ``accuracy``, ``reward_gap`` (mean chosen - rejected), ``chosen_reward`` and ``rejected_reward``,

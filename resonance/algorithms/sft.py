@@ -8,6 +8,7 @@ from trl import SFTConfig, SFTTrainer
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
@@ -16,7 +17,7 @@ from resonance.base.registry import ModelCoreMapper
 from resonance.patches.fused_head import fused_head_backbone
 
 
-class VLSFTTrainer(ImageEncodingMixin, SFTTrainer):
+class VLSFTTrainer(WholeCheckpoints, ImageEncodingMixin, SFTTrainer):
     """SFT on TRL's SFTTrainer with our collator (labels on assistant turns only)."""
 
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):

@@ -10,6 +10,13 @@ from pathlib import Path
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.guards import (
+    NonFiniteGuard,
+    check_steps_left,
+    prepare_output_dir,
+    resolve_resume,
+    save_result,
+)
 from resonance.base.registry import load_core_mapper
 from resonance.commands import flags
 from resonance.errors import ConfigError, ResonanceError
@@ -79,11 +86,28 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     set_seed(config.seed)
     mapper = load_core_mapper(model_args.model_name_or_path)
     trainer, processor = ALGORITHMS[algorithm].builder()(mapper, model_args, data_args, config)
+    if hasattr(trainer, "add_callback"):  # transformers/TRL trainers; PPO's own loop runs the same checks
+        trainer.add_callback(NonFiniteGuard())
     if model_args.compile_layers:
         models = (trainer.model, getattr(trainer, "ref_model", None))  # DPO's separate reference: full training
         count = sum(compile_blocks(m) for m in models if m is not None)
         logger.info("compiled %d layers in place (torch.compile, one compile per layer kind)", count)
     return trainer, processor
+
+
+def prepare_run(config, data_args: DataArguments) -> Path | None:
+    """Before anything loads: the checkpoint ``--resume_from_checkpoint`` names (``true``: the last complete one in
+    --output_dir), then --output_dir checked writable and, unless resuming or --overwrite_output_dir, empty."""
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    prepare_output_dir(
+        config.output_dir,
+        overwrite=data_args.overwrite_output_dir,
+        resume=None if resume is None else str(resume),
+        remove_old=config.should_save,
+    )
+    if resume is not None:
+        check_steps_left(resume, config.max_steps)
+    return resume
 
 
 def _log_processes(config) -> None:
@@ -105,14 +129,17 @@ def main(algorithm: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         model_args, data_args, config = parse(algorithm, argv)
+        resume = prepare_run(config, data_args)
         trainer, _ = build_trainer(algorithm, model_args, data_args, config)
         _log_processes(config)
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        # The adapter or weights (for rm: plus the reward head), and the processor (processing_class); where that
+        # fails, kept next to --output_dir. PPO's rescue is its save without the wait for the other processes.
+        rescue = getattr(trainer, "save_outputs", trainer.save_model)
+        save_result(Path(config.output_dir), trainer.save_model, rescue)
     except ResonanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    # The adapter or weights (for rm: plus the reward head), and the processor (processing_class).
-    trainer.save_model(config.output_dir)
     skipped = getattr(trainer.data_collator, "skipped_rows", 0)  # GRPO: TRL's collator, no length policy
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)

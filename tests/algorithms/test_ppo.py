@@ -242,7 +242,7 @@ def test_resume_mid_run_matches_uninterrupted(tmp_path: Path, tiny_checkpoint: C
     assert {"adapter_model.safetensors", VALUE_HEAD, VALUE_CONFIG, "ppo_state.pt", "trainer_state.json"} <= {
         p.name for p in checkpoint.iterdir()
     }
-    assert not list((tmp_path / "b").glob(".checkpoint-*"))  # no temporary folder left behind
+    assert not (tmp_path / "b" / ".partial").exists()  # no temporary folder left behind
     resumed, _ = build_trainer(
         "ppo",
         *parse(
@@ -255,7 +255,7 @@ def test_resume_mid_run_matches_uninterrupted(tmp_path: Path, tiny_checkpoint: C
     assert [e["reward"] for e in resumed.log_history] == [e["reward"] for e in straight.log_history]
     for (name, a), (_, b) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    with pytest.raises(FileNotFoundError, match="not a PPO checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resumed.train(resume_from_checkpoint=str(tmp_path))
 
 

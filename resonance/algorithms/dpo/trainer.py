@@ -13,6 +13,7 @@ from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
+from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
@@ -21,7 +22,7 @@ from resonance.base.registry import ModelCoreMapper
 from resonance.patches.fused_head import fused_head_backbone
 
 
-class VLDPOTrainer(ImageEncodingMixin, DPOTrainer):
+class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
     """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step.
 
     Each pair runs as one row over its shared prompt where the family allows it (see

@@ -1,12 +1,13 @@
 """PPO checkpoints: the output folder and ``checkpoint-N`` (policy, value head, processor, optimizer, scheduler and
 random states), written to a temporary folder and renamed, and resuming from one to the same weights an
-uninterrupted run reaches."""
+uninterrupted run reaches. Nothing is unpickled with arbitrary globals: the states load with ``weights_only=True``
+and the allow-list transformers' Trainer uses for its own ``rng_state.pth`` (numpy's random state)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -14,13 +15,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.trainer_utils import rotate_checkpoints
 
+from resonance.algorithms.guards import (
+    STAGING,
+    TRAINER_STATE,
+    discard_staged,
+    publish_checkpoint,
+    resolve_resume,
+    save_failed,
+)
 from resonance.algorithms.ppo.rewards import REWARD_ADAPTER
+from resonance.errors import CheckpointError
 
 logger = logging.getLogger("resonance")
 
 CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states
-TRAINER_STATE = "trainer_state.json"
 
 
 class PPOCheckpointing:
@@ -32,8 +42,13 @@ class PPOCheckpointing:
         ``resonance generate`` and ``VLModelWithValueHead.from_pretrained`` load."""
         output_dir = Path(output_dir or self.args.output_dir)
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
+        if self.accelerator.is_main_process:
+            self.save_outputs(output_dir)
+
+    def save_outputs(self, output_dir: str | Path) -> None:
+        """:meth:`save_model` from this process alone (no wait for the others): where a failed save keeps the
+        weights."""
+        output_dir = Path(output_dir)
         self._save_policy(output_dir)
         (output_dir / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
 
@@ -55,72 +70,63 @@ class PPOCheckpointing:
 
     def save_checkpoint(self) -> Path:
         """``output_dir/checkpoint-<step>``: the policy as :meth:`save_model` writes it, plus optimizer,
-        scheduler and RNG states. Written to a temporary folder and renamed, so a crash leaves no half
-        checkpoint; the oldest beyond ``save_total_limit`` are removed."""
+        scheduler and RNG states. Written under ``output_dir/.partial`` and renamed, so a crash leaves no half
+        checkpoint; the oldest beyond ``save_total_limit`` are removed. A checkpoint that cannot be written stops
+        the run with a :class:`~resonance.errors.TrainingError` after keeping the weights elsewhere."""
         output_dir = Path(self.args.output_dir)
         final = output_dir / f"checkpoint-{self.global_step}"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            temporary = output_dir / f".checkpoint-{self.global_step}.tmp"
+            temporary = output_dir / STAGING / final.name
             shutil.rmtree(temporary, ignore_errors=True)
-            self._save_policy(temporary)
-            rng = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            }
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(), "rng": rng},
-                temporary / CHECKPOINT_STATE,
-            )
-            (temporary / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
-            torch.save(self.args, temporary / "training_args.bin")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            self._rotate_checkpoints(output_dir)
+            try:
+                self._write_checkpoint(temporary)
+            except OSError as exc:
+                discard_staged(temporary)
+                what = f"step {self.global_step}: checkpoint {final}"
+                raise save_failed(what, output_dir, exc, self.save_outputs) from None
+            publish_checkpoint(temporary, final)
+            rotate_checkpoints(str(output_dir), self.args.save_total_limit)  # transformers' rotation, by step
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
         return final
 
-    def _rotate_checkpoints(self, output_dir: Path) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        checkpoints = sorted(
-            (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
+    def _write_checkpoint(self, folder: Path) -> None:
+        self._save_policy(folder)
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(), "rng": rng},
+            folder / CHECKPOINT_STATE,
         )
-        for old in checkpoints[:-limit]:
-            shutil.rmtree(old)
+        torch.save(self.args, folder / "training_args.bin")  # as transformers' Trainer writes it; never loaded
+        (folder / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")  # last: marks it complete
 
-    def _checkpoint_path(self, resume: str | bool) -> Path:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if resume is True or str(resume).lower() in ("true", "last"):
-            last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
-            if last is None:
-                raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint-* folder in {self.args.output_dir}")
-            return Path(last)
-        path = Path(resume)
-        if not (path / CHECKPOINT_STATE).is_file():
-            raise FileNotFoundError(f"{path / CHECKPOINT_STATE}: not found; not a PPO checkpoint saved by Resonance")
+    def _checkpoint_path(self, resume: str | bool | None) -> Path | None:
+        """The checkpoint to resume from (``True``: the last complete one in ``output_dir``), or None."""
+        path = resolve_resume(resume, self.args.output_dir)
+        if path is not None and not (path / CHECKPOINT_STATE).is_file():
+            raise CheckpointError(f"{path / CHECKPOINT_STATE}: not found; not a PPO checkpoint saved by Resonance")
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        state = _load_state(path / CHECKPOINT_STATE)  # first: a file that does not load safely changes nothing
         policy = self.policy
         if policy.is_lora:
             adapter = load_file(str(path / "adapter_model.safetensors"))
             result = set_peft_model_state_dict(policy.model, adapter, adapter_name=policy.model.active_adapter)
             if result.unexpected_keys:
-                raise ValueError(f"{path}: adapter weights that the policy lacks: {result.unexpected_keys[:5]}")
+                raise CheckpointError(f"{path}: adapter weights that the policy lacks: {result.unexpected_keys[:5]}")
         else:
             policy.load_backbone(path)
         policy.load_head(path)
-        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
@@ -135,3 +141,22 @@ class PPOCheckpointing:
         for name in self.counters:
             self.counters[name] = trainer_state.get(name, 0)
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def _load_state(file: Path) -> dict[str, Any]:
+    """``ppo_state.pt`` loaded with ``weights_only=True``: tensors, numbers, strings and containers, plus numpy's
+    random state (transformers' own allow-list for ``rng_state.pth``); anything else is refused unrun."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{file}: does not load safely as a PPO checkpoint state ({reason}); only tensors, numbers and numpy "
+            "random states are read from a checkpoint. Resume from a checkpoint Resonance saved"
+        ) from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= state.keys():
+        raise CheckpointError(f"{file}: not a PPO checkpoint state (expected optimizer, scheduler and rng entries)")
+    return state

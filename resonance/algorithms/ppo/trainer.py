@@ -16,6 +16,7 @@ from torch import nn
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.guards import check_finite
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
@@ -454,8 +455,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         (or ``True``: the last one in ``output_dir``)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if resume_from_checkpoint:
-            self._load_checkpoint(self._checkpoint_path(resume_from_checkpoint))
+        checkpoint = self._checkpoint_path(resume_from_checkpoint)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
         disable = self.args.disable_tqdm or not self.accelerator.is_local_main_process
         columns = (TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=disable, transient=False) as progress:
@@ -463,6 +465,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             while self.global_step < self.total_steps:
                 metrics = self.step()
                 self.global_step += 1
+                losses = {name: metrics[name] for name in ("policy_loss", "value_loss") if name in metrics}
+                check_finite(self.global_step, self.policy.named_parameters(), losses)  # before it can be saved
                 progress.update(task, completed=self.global_step)
                 logging_steps = max(1, int(self.args.logging_steps))
                 if self.global_step % logging_steps == 0 or self.global_step == self.total_steps:
@@ -488,7 +492,7 @@ def build(
 ) -> tuple[Any, VLProcessor]:
     """``resonance train ppo``: prompt rows, the policy with a value head, rewards from functions and/or a reward
     model, the reference as the adapter disabled (LoRA) or a frozen copy (full training)."""
-    reward_funcs = load_reward_funcs(config.reward_funcs) if config.reward_funcs else None
+    reward_funcs = load_reward_funcs(config.reward_funcs, config.reward_timeout) if config.reward_funcs else None
     if config.reward_model_path and not Path(config.reward_model_path).is_dir():
         raise CheckpointError(f"--reward_model_path {config.reward_model_path}: no such folder")
     train_rows, eval_rows, dtype, model, processor = load_data_and_model(
