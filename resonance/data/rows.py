@@ -44,9 +44,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-from PIL import Image
 
-from resonance.data.images import ANY_IMAGE_COUNT, ImageCount
+from resonance.data.images import (
+    ANY_IMAGE_COUNT,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageCount,
+    check_pixel_budget,
+    image_problem,
+)
 from resonance.errors import DataError
 
 logger = logging.getLogger("resonance.data")
@@ -171,6 +176,7 @@ def load_rows(
     skip_invalid: bool = False,
     check_images: bool = True,
     image_count: ImageCount = ANY_IMAGE_COUNT,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> datasets.Dataset:
     """Load, validate and canonicalise a data file into a ``datasets.Dataset``.
 
@@ -178,7 +184,8 @@ def load_rows(
     are dropped with one warning each (logger ``resonance.data.rows``) and a summary, and the returned dataset's
     ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use
     :func:`read_rows` for the count and problems as data). A file without valid rows is always an error.
-    ``check_images`` opens every image with PIL and ``verify()``s it; ``False`` skips all file checks.
+    ``check_images`` opens every image with PIL and ``verify()``s it, and refuses one over ``max_image_pixels``
+    (``--max_image_pixels``, read from the header, nothing decoded; 0: no limit); ``False`` skips all file checks.
     ``image_count``: the images a conversation may have, as the model family takes them
     (spec image.required and image.multi_image); a row outside them is invalid.
     """
@@ -189,6 +196,7 @@ def load_rows(
         skip_invalid=skip_invalid,
         check_images=check_images,
         image_count=image_count,
+        max_image_pixels=max_image_pixels,
     ).to_dataset()
 
 
@@ -200,10 +208,12 @@ def read_rows(
     skip_invalid: bool = False,
     check_images: bool = True,
     image_count: ImageCount = ANY_IMAGE_COUNT,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LoadedRows:
     """Like :func:`load_rows`, but return the canonical rows as a list with the skip count and problems."""
     _check_kind(kind)
     _check_placeholder(image_placeholder)
+    check_pixel_budget(max_image_pixels)
     display = os.fspath(path)
     file = Path(path)
     if not file.exists():
@@ -216,7 +226,7 @@ def read_rows(
         expected = "expected .jsonl (one JSON object per line) or .json (a JSON list of objects)"
         raise DataError([(display, f"unsupported file type ({found}); {expected}")])
     raw_rows = _read_jsonl(file) if suffix == ".jsonl" else _read_json_list(file, display)
-    converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images)
+    converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images, max_image_pixels)
     converter.image_count = image_count
 
     rows: list[dict[str, Any]] = []
@@ -242,7 +252,7 @@ def read_rows(
             errors,
             header=(
                 f"{display}: {len(errors)} problem(s) in {len(invalid)} of {total} rows"
-                " (fix them, or pass skip_invalid=True to drop those rows)"
+                " (fix them, or pass --skip_invalid_rows to drop those rows)"
             ),
         )
     for source, problems in invalid:
@@ -260,12 +270,15 @@ def convert_row(
     image_placeholder: str = "<image>",
     check_images: bool = True,
     source: str = "<row>",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Canonicalise one raw row, images relative to ``base_dir``; raise :class:`DataError` if invalid."""
     _check_kind(kind)
     _check_placeholder(image_placeholder)
+    check_pixel_budget(max_image_pixels)
     problems: list[str] = []
-    converted = _RowConverter(Path(os.path.abspath(base_dir)), image_placeholder, check_images).convert(
+    base = Path(os.path.abspath(base_dir))
+    converted = _RowConverter(base, image_placeholder, check_images, max_image_pixels).convert(
         row, kind, source, problems
     )
     if problems or converted is None:
@@ -388,10 +401,11 @@ def _skip_space(text: str, pos: int) -> int:
 class _RowConverter:
     """Turns raw rows into canonical rows, appending every problem found to a list of messages."""
 
-    def __init__(self, base_dir: Path, placeholder: str, check_images: bool):
+    def __init__(self, base_dir: Path, placeholder: str, check_images: bool, max_image_pixels: int):
         self.base_dir = base_dir
         self.placeholder = placeholder
         self.check_images = check_images
+        self.max_image_pixels = max_image_pixels
         self.image_count = ANY_IMAGE_COUNT  # images a conversation may have
         self._image_problems: dict[str, str | None] = {}
 
@@ -413,6 +427,9 @@ class _RowConverter:
             columns = self._preference_messages(obj, problems)
         if columns is None or images is None or len(problems) > before:
             return None
+        fields = ("conversations", "messages") if kind == "sft" else ("prompt", "conversations", "messages")
+        given = next(name for name in fields if name in obj)  # the field the conversation (or prompt) came from
+        self._check_turn_order(given, next(iter(columns.values())), problems)
         count_problem = self.image_count.problem(len(images))
         if count_problem is not None:
             problems.append(count_problem)
@@ -493,13 +510,14 @@ class _RowConverter:
             paths.append(path)
             problem = self._image_problem(path) if self.check_images else None
             if problem:
-                hint = "" if os.path.isabs(given) else f" (relative to the data file's folder {base})"
+                missing = not os.path.isabs(given) and not os.path.isfile(path)
+                hint = f" (relative to the data file's folder {base})" if missing else ""
                 problems.append(f"{where}: {problem}{hint}")
         return None if len(problems) > before else paths
 
     def _image_problem(self, path: str) -> str | None:
         if path not in self._image_problems:
-            self._image_problems[path] = _open_problem(path)
+            self._image_problems[path] = _open_problem(path, self.max_image_pixels)
         return self._image_problems[path]
 
     # ----------------------------------------------------------------------------------- messages
@@ -510,7 +528,7 @@ class _RowConverter:
             return None
         if "conversations" not in obj and "messages" not in obj:
             found = _keys(obj)
-            hint = "; this looks like a preference row (load it with kind='preference')" if "chosen" in obj else ""
+            hint = "; this looks like a preference row (for `resonance train dpo` or `rm`)" if "chosen" in obj else ""
             problems.append(f"missing field 'conversations' or 'messages' (found {found}); {_SFT_FORMATS}{hint}")
             return None
         name = "conversations" if "conversations" in obj else "messages"
@@ -528,7 +546,7 @@ class _RowConverter:
         if missing:
             fields = ", ".join(repr(name) for name in missing)
             sft = "messages" in obj or "conversations" in obj
-            hint = "; this looks like an SFT row (load it with kind='sft')" if sft else ""
+            hint = "; this looks like an SFT row (for `resonance train sft`)" if sft else ""
             problems.append(f"missing field(s) {fields} (found {_keys(obj)}); {_PREFERENCE_FORMAT}{hint}")
             return None
         columns: dict[str, list[Message]] = {}
@@ -652,6 +670,20 @@ class _RowConverter:
                 )
         return None if len(problems) > before else parts
 
+    @staticmethod
+    def _check_turn_order(name: str, messages: list[Message], problems: list[str]) -> None:
+        """The first assistant turn must answer a user turn: no chat template renders an answer to nothing."""
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                return
+            if message["role"] == "assistant":
+                assistant, user = ("'gpt'", "'human'") if name == "conversations" else ("'assistant'", "'user'")
+                problems.append(
+                    f"{name}[{i}]: {assistant} turn before any {user} turn; a conversation starts with the user's"
+                    " turn (after an optional 'system' turn)"
+                )
+                return
+
     def _check_image_roles(self, name: str, messages: list[Message], problems: list[str]) -> None:
         for i, message in enumerate(messages):
             if message["role"] != "user" and any(p["type"] == "image" for p in message["content"]):
@@ -680,18 +712,13 @@ class _RowConverter:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _open_problem(path: str) -> str | None:
-    """Why ``path`` is not a readable image (PIL ``verify()``, no pixel decoding), or ``None``."""
+def _open_problem(path: str, max_pixels: int) -> str | None:
+    """Why ``path`` is not a readable image within the pixel budget (no pixel decoding), or ``None``."""
     if not os.path.exists(path):
         return f"image file not found: {path}"
     if not os.path.isfile(path):
         return f"not a file: {path}"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        return f"cannot be opened as an image: {path} ({type(exc).__name__}: {exc})"
-    return None
+    return image_problem(path, max_pixels)
 
 
 def _is_empty(parts: list[Part]) -> bool:

@@ -427,10 +427,10 @@ def test_row_errors_name_file_and_line(data_dir: Path, kind: str, row: Any, expe
 
 def test_wrong_kind_is_named(data_dir: Path) -> None:
     path = write_jsonl(data_dir / "d.jsonl", [llava()])
-    with pytest.raises(DataError, match=r"this looks like an SFT row \(load it with kind='sft'\)"):
+    with pytest.raises(DataError, match=r"this looks like an SFT row \(for `resonance train sft`\)"):
         load_rows(path, "preference")
     write_jsonl(path, [{"prompt": "Hi", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match=r"this looks like a preference row \(load it with kind='preference'\)"):
+    with pytest.raises(DataError, match=r"this looks like a preference row \(for `resonance train dpo` or `rm`\)"):
         load_rows(path, "sft")
 
 
@@ -448,7 +448,7 @@ def test_all_problems_of_a_file_in_one_error(data_dir: Path) -> None:
         load_rows(path, "sft")
     assert [source for source, _ in excinfo.value.errors] == [f"{path}:3", f"{path}:4", f"{path}:6"]
     assert str(excinfo.value).splitlines()[0] == (
-        f"{path}: 3 problem(s) in 3 of 5 rows (fix them, or pass skip_invalid=True to drop those rows)"
+        f"{path}: 3 problem(s) in 3 of 5 rows (fix them, or pass --skip_invalid_rows to drop those rows)"
     )
     assert isinstance(excinfo.value, ValueError)
     copy = pickle.loads(pickle.dumps(excinfo.value))
