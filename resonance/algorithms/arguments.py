@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
 
 @dataclass
 class ModelArguments:
@@ -39,6 +41,13 @@ class DataArguments:
     )
     skip_long_rows: bool = field(
         default=False, metadata={"help": "Skip (and count) rows longer than --max_length instead of failing."}
+    )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Refuse (or with --skip_invalid_rows skip) a row with an image of more pixels (width x height), "
+            "read from the file's header before anything is decoded; 0: no limit."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,

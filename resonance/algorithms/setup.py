@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 from resonance.algorithms.arguments import DataArguments, ModelArguments
-from resonance.algorithms.lengths import row_lengths
+from resonance.algorithms.lengths import fit_rows, row_lengths
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -87,6 +87,7 @@ def load_data_and_model(
         "image_placeholder": mapper.processor.image_placeholder,
         "skip_invalid": data_args.skip_invalid_rows,
         "image_count": ImageCount.for_family(mapper.processor, most_images),
+        "max_image_pixels": data_args.max_image_pixels,
     }
     train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
     eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
@@ -126,13 +127,14 @@ def build_offline_trainer(
     copy of the model as its reference (under LoRA the reference is the adapter disabled)."""
     train_rows, eval_rows, dtype, model, processor = load_data_and_model(mapper, model_args, data_args, config, kind)
     model_cls = mapper.model
-    train_rows, eval_rows = (with_lengths(rows, processor, config) for rows in (train_rows, eval_rows))
     collator = collator_cls(
         processor,
         max_length=config.max_length,
         skip_long_rows=data_args.skip_long_rows,
         pad_to_multiple_of=getattr(config, "pad_to_multiple_of", None),
     )
+    train_rows, eval_rows = (fit_rows(rows, collator, data_args.skip_invalid_rows) for rows in (train_rows, eval_rows))
+    train_rows, eval_rows = (with_lengths(rows, processor, config) for rows in (train_rows, eval_rows))
     trained = apply_lora(model, model_cls, model_args)
     kwargs = {}
     if full_training_reference:

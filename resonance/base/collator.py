@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from resonance.base.processor import IGNORE_INDEX, VLProcessor
 from resonance.data.images import load_row_images
@@ -67,6 +68,26 @@ class _VLCollatorBase:
             batch[key] = torch.cat([value, value.new_full(shape, fills.get(key, 0))], dim=1)
         return batch
 
+    def lengths(self, features: list[dict[str, Any]]) -> list[int]:
+        """The tokens each row holds once collated (image tokens included, padding excluded): the measure
+        ``max_length`` is compared with, here and up front (:func:`resonance.algorithms.lengths.fit_rows`)."""
+        return self._collate(features)[1]
+
+    def _collate(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[int]]:
+        """The processor's batch for ``features`` and each row's length in tokens (see :meth:`lengths`)."""
+        raise NotImplementedError
+
+    def _collate_fitting(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[dict[str, Any]]]:
+        """The batch of the rows within ``max_length``, and those rows. Rows are measured before the first step, so
+        an over-long row here came some other way: an error naming it or, with ``skip_long_rows``, dropped and
+        counted."""
+        batch, lengths = self._collate(features)
+        over = self._too_long(lengths, [f["source"] for f in features])
+        if over:
+            features = [f for i, f in enumerate(features) if i not in over]
+            batch, _ = self._collate(features)
+        return batch, features
+
     def _too_long(self, lengths: list[int], sources: list[str]) -> list[int]:
         """Indices of rows over max_length: an error, or (with skip_long_rows) logged and counted."""
         if self.max_length is None:
@@ -74,33 +95,37 @@ class _VLCollatorBase:
         over = [i for i, n in enumerate(lengths) if n > self.max_length]
         for i in over:
             message = (
-                f"{sources[i]}: {lengths[i]} tokens (image tokens included) exceed max_length={self.max_length}; "
-                "raise --max_length or pass --skip_long_rows True"
+                f"{sources[i]}: {too_long(lengths[i], self.max_length)}; raise --max_length, or pass "
+                "--skip_long_rows to drop such rows"
             )
             if not self.skip_long_rows:
                 raise RowError(message)
             self.skipped_rows += 1
             logger.warning("skipped (%d so far): %s", self.skipped_rows, message)
         if over and len(over) == len(lengths):
-            raise RowError(f"every row of a batch exceeds max_length={self.max_length}: {', '.join(sources)}")
+            raise RowError(f"every row of a batch is longer than --max_length {self.max_length}: {', '.join(sources)}")
         return over
+
+
+def too_long(length: int, max_length: int) -> str:
+    """``N tokens > --max_length M``: how every over-long row is reported."""
+    return f"{length} tokens > --max_length {max_length} (image tokens included)"
 
 
 class VLSFTDataCollatorWithPadding(_VLCollatorBase):
     """Rows ``{"messages", "images", "source"}`` -> input_ids, attention_mask, labels and image inputs."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        for _ in range(2):  # a second pass only after dropping over-long rows
-            sources = [f["source"] for f in features]
-            images = [self.load_images(f["images"], f["source"]) for f in features]
-            batch = self.processor.process_batch_conv([f["messages"] for f in features], images)
-            over = self._too_long(batch["attention_mask"].sum(dim=1).tolist(), sources)
-            if not over:
-                break
-            features = [f for i, f in enumerate(features) if i not in over]
+        batch, features = self._collate_fitting(features)
         if not (batch["labels"] != IGNORE_INDEX).any():
+            sources = [f["source"] for f in features]
             raise RowError(f"no supervised tokens in batch {sources}: do the rows have assistant turns?")
         return self.pad(dict(batch))
+
+    def _collate(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[int]]:
+        images = [self.load_images(f["images"], f["source"]) for f in features]
+        batch = self.processor.process_batch_conv([f["messages"] for f in features], images)
+        return batch, batch["attention_mask"].sum(dim=1).tolist()
 
 
 class VLDPODataCollatorWithPadding(_VLCollatorBase):
@@ -108,7 +133,7 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
 
     ``completion_mask`` marks the chosen/rejected answer tokens. The image inputs are those of the
     prompts once (not repeated for rejected): the trainer encodes them once and reuses the result
-    for chosen, rejected and the reference pass.
+    for chosen, rejected and the reference pass. A pair's length is its longer row's.
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,20 +146,8 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
     def pair_batch(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The padded chosen-then-rejected batch and the rows it holds (over-long ones dropped with
         ``skip_long_rows``); shared with the reward collator."""
-        for _ in range(2):
-            sources = [f["source"] for f in features]
-            images = [self.load_images(f["images"], f["source"]) for f in features]
-            chosen = [f["prompt"] + f["chosen"] for f in features]
-            rejected = [f["prompt"] + f["rejected"] for f in features]
-            first = [len(f["prompt"]) for f in features] * 2
-            batch = self.processor.process_batch_conv(chosen + rejected, images + images, first)
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
-            half = len(features)
-            pair_lengths = [max(lengths[i], lengths[i + half]) for i in range(half)]
-            over = self._too_long(pair_lengths, sources)
-            if not over:
-                break
-            features = [f for i, f in enumerate(features) if i not in over]
+        batch, features = self._collate_fitting(features)
+        sources = [f["source"] for f in features]
         batch = self.pad(dict(batch))
         completion_mask = (batch.pop("labels") != IGNORE_INDEX).long()
         for i in range(completion_mask.shape[0]):
@@ -144,6 +157,16 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         output.update(self.processor.first_half_images(batch))
         output["completion_mask"] = completion_mask
         return output, features
+
+    def _collate(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[int]]:
+        images = [self.load_images(f["images"], f["source"]) for f in features]
+        chosen = [f["prompt"] + f["chosen"] for f in features]
+        rejected = [f["prompt"] + f["rejected"] for f in features]
+        first = [len(f["prompt"]) for f in features] * 2
+        batch = self.processor.process_batch_conv(chosen + rejected, images + images, first)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        half = len(features)
+        return batch, [max(lengths[i], lengths[i + half]) for i in range(half)]
 
 
 class VLPromptCollator(_VLCollatorBase):
