@@ -79,20 +79,25 @@ def masked_whiten(
     ``reduce`` (several processes): sums a tensor over all processes; ``mean`` and ``var`` are then those of
     every process's unmasked values together (the same two-pass formulas), so each process whitens its share
     of one global batch.
+
+    The statistics and the whitening are computed in float64 and returned in ``values``' dtype: in float32 the
+    rounding of the mean of large rewards (1e12 over 64k tokens: about 1e4) would swamp the unit-variance values
+    that ``shift_mean=False`` adds it back to, and their squares overflow from about 1e19.
     """
     mask = _bool(mask, values)
+    wide = values.double()
     if reduce is None:
-        mean, var = masked_mean(values, mask), masked_var(values, mask)
+        mean, var = masked_mean(wide, mask), masked_var(wide, mask)
     else:
-        sums = reduce(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)]))
+        sums = reduce(torch.stack([masked_sum(wide, mask), mask.sum().to(wide.dtype)]))
         count = sums[1]
         mean = sums[0] / count.clamp(min=1)
-        var = reduce(masked_sum((values - mean) ** 2, mask)) / count.clamp(min=1)
+        var = reduce(masked_sum((wide - mean) ** 2, mask)) / count.clamp(min=1)
         var = var * count / (count - 1) if count > 1 else var
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+    whitened = (wide - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return _masked(whitened, mask)
+    return _masked(whitened.to(values.dtype), mask)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
