@@ -7,7 +7,8 @@ disabled under LoRA). Resonance adds:
 * prompt rows (``resonance.data.rows`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
   lazily per batch with the row's ``FILE:LINE`` in any error;
 * reward functions named on the command line (``--reward_funcs pkg.module:function``, :mod:`resonance.reward_funcs`),
-  each call checked, so a bad value is an error naming the row, never a silent zero in TRL's ``nansum``;
+  each call checked, so a bad value is an error naming the row, never a silent zero in TRL's ``nansum``, and a
+  function that hangs (``--reward_timeout``) or calls ``sys.exit`` fails the run instead of stalling or ending it;
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
   completion tokens attend to later completion tokens).
@@ -30,7 +31,16 @@ from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
-from resonance.reward_funcs import checked_reward, conversational_message, load_reward_funcs, reward_funcs_field
+from resonance.reward_funcs import (
+    DEFAULT_REWARD_TIMEOUT,
+    check_reward_timeout,
+    checked_reward,
+    conversational_message,
+    ensure_checked,
+    load_reward_funcs,
+    reward_funcs_field,
+    reward_timeout_field,
+)
 
 __all__ = ["RewardFunctionError", "VLGRPOConfig", "VLGRPOTrainer", "checked_reward", "load_reward_funcs"]
 
@@ -43,9 +53,14 @@ TRL_IMAGE_INPUTS = {"pixel_values", "image_grid_thw", "pixel_attention_mask", "i
 
 @dataclass
 class VLGRPOConfig(GRPOConfig):
-    """TRL's GRPOConfig plus the reward functions, named on the command line."""
+    """TRL's GRPOConfig plus the reward functions, named on the command line, and their time limit."""
 
     reward_funcs: str | None = reward_funcs_field()
+    reward_timeout: float = reward_timeout_field()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_reward_timeout(self.reward_timeout)
 
 
 # ----------------------------------------------------------------------------------------------- family
@@ -95,6 +110,11 @@ class VLGRPOTrainer(WholeCheckpoints, GRPOTrainer):
         kwargs.setdefault("processing_class", vl_processor.hf)
         # A completion holding an image placeholder token cannot be scored (more image tokens than features).
         config = kwargs.get("args")
+        # Reward functions passed as Python functions (not through --reward_funcs) get the same checks.
+        funcs = kwargs.get("reward_funcs")
+        if funcs is not None:
+            timeout = getattr(config, "reward_timeout", DEFAULT_REWARD_TIMEOUT)
+            kwargs["reward_funcs"] = ensure_checked(funcs if isinstance(funcs, list) else [funcs], timeout)
         if config is not None:
             suppress = sorted(
                 {*(config.generation_kwargs or {}).get("suppress_tokens", []), *vl_processor.placeholder_token_ids()}
@@ -137,7 +157,7 @@ def build(
     reason = unsupported_reason(mapper.model, mapper.processor)
     if reason is not None:  # before data and model load
         raise UnsupportedModelError(f"GRPO: {reason}")
-    reward_funcs = load_reward_funcs(config.reward_funcs)
+    reward_funcs = load_reward_funcs(config.reward_funcs, config.reward_timeout)
     train_rows, eval_rows, _, model, processor = load_data_and_model(
         mapper, model_args, data_args, config, ALGORITHMS["grpo"].data, max_images_for_grpo(mapper.processor)
     )

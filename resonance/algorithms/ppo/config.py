@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from resonance.errors import ConfigError
-from resonance.reward_funcs import reward_funcs_field
+from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
 
 
 @dataclass
@@ -15,6 +15,7 @@ class VLPPOConfig(TrainingArguments):
     """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
 
     reward_funcs: str | None = reward_funcs_field(" Give this, --reward_model_path, or both.")
+    reward_timeout: float = reward_timeout_field()
     reward_model_path: str | None = field(
         default=None,
         metadata={"help": "A reward model folder written by `resonance train rm` (full or LoRA)."},
@@ -51,6 +52,7 @@ class VLPPOConfig(TrainingArguments):
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        check_reward_timeout(self.reward_timeout)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         if not (self.reward_funcs or self.reward_model_path):

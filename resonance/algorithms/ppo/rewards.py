@@ -16,7 +16,7 @@ from resonance.base.registry import load_core_mapper, lora_base_checkpoint, proc
 from resonance.base.reward import VLRewardModel
 from resonance.errors import ConfigError
 from resonance.generation import to_model_device
-from resonance.reward_funcs import conversational_message
+from resonance.reward_funcs import DEFAULT_REWARD_TIMEOUT, conversational_message, ensure_checked
 
 logger = logging.getLogger("resonance")
 
@@ -30,10 +30,11 @@ def _assistant(text: str) -> dict[str, Any]:
 
 class FunctionRewards:
     """The sum of checked reward functions (:func:`resonance.reward_funcs.load_reward_funcs`), called as GRPO calls
-    them: conversational prompts and completions, the completion ids, the row's images and its other columns."""
+    them: conversational prompts and completions, the completion ids, the row's images and its other columns.
+    Functions not checked yet are wrapped here, with ``timeout`` seconds per call."""
 
-    def __init__(self, funcs: Sequence[Callable[..., list[float]]]):
-        self.funcs = list(funcs)
+    def __init__(self, funcs: Sequence[Callable[..., list[float]]], timeout: float = DEFAULT_REWARD_TIMEOUT):
+        self.funcs = ensure_checked(funcs, timeout)
 
     def __call__(self, rows: list[dict[str, Any]], texts: list[str], token_ids: list[list[int]], images: list[Any]):
 
