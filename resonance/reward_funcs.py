@@ -176,7 +176,7 @@ class _CallGuard:
             if self.seconds:
                 _warn_timeout_off("reward functions are called outside the main thread")
             return self
-        if signal.getsignal(signal.SIGINT) is not None:  # None: a handler not set from Python; left alone
+        if callable(signal.getsignal(signal.SIGINT)):  # ignored (SIG_IGN) or fatal (SIG_DFL): nothing to tell apart
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         if self.seconds and _DEADLINE_SIGNAL is None:
             _warn_timeout_off("this platform cannot signal a thread")
@@ -210,11 +210,7 @@ class _CallGuard:
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True
-        previous = self._previous[signal.SIGINT]
-        if callable(previous):
-            previous(signum, frame)  # Python's default handler raises KeyboardInterrupt
-        elif previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
+        self._previous[signal.SIGINT](signum, frame)  # Python's default handler raises KeyboardInterrupt
 
 
 def _as_float(value: Any) -> float | None:

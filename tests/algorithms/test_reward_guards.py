@@ -189,6 +189,22 @@ def test_ctrl_c_still_interrupts(swallow: bool) -> None:
         _call(interrupted, timeout=30)
 
 
+def test_ignored_sigint_stays_ignored() -> None:
+    """Where SIGINT is ignored (a background job), one arriving during the call interrupts nothing."""
+
+    def signalled(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the signal arrives, and is ignored
+        return [4.0] * len(prompts)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _call(signalled, timeout=30) == [4.0, 4.0]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------------------------- values
 
 
