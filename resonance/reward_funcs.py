@@ -156,10 +156,10 @@ class _CallGuard:
     that SIGINT arrived.
 
     Python runs signal handlers in the main thread only, which is where TRL's ``_calculate_rewards`` and PPO's
-    scoring call reward functions. Elsewhere the call runs unguarded (a warning says so) and a
-    ``KeyboardInterrupt`` is taken for a Ctrl-C. A function stuck in C code that never releases the GIL or
-    checks for signals cannot be stopped in-process (only a subprocess could, at the cost of pickling every
-    argument and losing the function's state between calls).
+    scoring call reward functions. Elsewhere the call runs without a deadline (a warning says so); a
+    ``KeyboardInterrupt`` there is the function's own, as Ctrl-C reaches the main thread only. A function stuck
+    in C code that never releases the GIL or checks for signals cannot be stopped in-process (only a subprocess
+    could, at the cost of pickling every argument and losing the function's state between calls).
     """
 
     def __init__(self, seconds: float):
