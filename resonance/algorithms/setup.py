@@ -67,22 +67,16 @@ def _check_lora_targets(model: torch.nn.Module, model_cls: type[VLModel], names:
     raise ConfigError("--lora_target_modules: " + "; ".join(problems) + " (or give auto, or none for full training)")
 
 
-def load_data_and_model(
+def load_data_and_processor(
     mapper: ModelCoreMapper,
     model_args: ModelArguments,
     data_args: DataArguments,
-    config: TrainingArguments,
     kind: str,
     most_images: int | None = None,
-) -> tuple[Any, Any, torch.dtype, torch.nn.Module, VLProcessor]:
-    """Data (train, eval), then the model (vision tower frozen as asked) and the processor.
-
-    Data first: a bad row, or one the family cannot take (its :class:`ImageCount`, narrowed to ``most_images``
-    where the algorithm takes fewer), fails in a second, naming its FILE:LINE, not after the model has loaded.
-    """
-    import torch
-
-    model_cls = mapper.model
+) -> tuple[Any, Any, VLProcessor]:
+    """Data (train, eval), then the processor: a bad row, or one the family cannot take (its :class:`ImageCount`,
+    narrowed to ``most_images`` where the algorithm takes fewer), fails in a second, naming its FILE:LINE; a broken
+    chat template or processor fails next; both before the model loads."""
     data_kwargs = {
         "image_placeholder": mapper.processor.image_placeholder,
         "skip_invalid": data_args.skip_invalid_rows,
@@ -91,11 +85,32 @@ def load_data_and_model(
     }
     train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
     eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
+    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=mapper.model.trust_remote_code)
+    return train_rows, eval_rows, processor
+
+
+def load_model(
+    mapper: ModelCoreMapper, model_args: ModelArguments, config: TrainingArguments
+) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model in the run's precision, its vision tower frozen as asked."""
     dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
-    model = model_cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    model = mapper.model.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     if model_args.freeze_vision_tower:
-        model_cls.freeze_vision_tower(model)
-    processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=model_cls.trust_remote_code)
+        mapper.model.freeze_vision_tower(model)
+    return model, dtype
+
+
+def load_data_and_model(
+    mapper: ModelCoreMapper,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config: TrainingArguments,
+    kind: str,
+    most_images: int | None = None,
+) -> tuple[Any, Any, torch.dtype, torch.nn.Module, VLProcessor]:
+    """:func:`load_data_and_processor`, then :func:`load_model`."""
+    train_rows, eval_rows, processor = load_data_and_processor(mapper, model_args, data_args, kind, most_images)
+    model, dtype = load_model(mapper, model_args, config)
     return train_rows, eval_rows, dtype, model, processor
 
 
@@ -125,7 +140,7 @@ def build_offline_trainer(
     """The trainer of an offline algorithm: rows of ``kind``, the family's collator and trainer classes, LoRA;
     ``wrap`` puts a head on the (LoRA-wrapped) model; ``full_training_reference`` gives full training a frozen
     copy of the model as its reference (under LoRA the reference is the adapter disabled)."""
-    train_rows, eval_rows, dtype, model, processor = load_data_and_model(mapper, model_args, data_args, config, kind)
+    train_rows, eval_rows, processor = load_data_and_processor(mapper, model_args, data_args, kind)
     model_cls = mapper.model
     collator = collator_cls(
         processor,
@@ -135,6 +150,7 @@ def build_offline_trainer(
     )
     train_rows, eval_rows = (fit_rows(rows, collator, data_args.skip_invalid_rows) for rows in (train_rows, eval_rows))
     train_rows, eval_rows = (with_lengths(rows, processor, config) for rows in (train_rows, eval_rows))
+    model, dtype = load_model(mapper, model_args, config)  # every row fits: only now the model
     trained = apply_lora(model, model_cls, model_args)
     kwargs = {}
     if full_training_reference:

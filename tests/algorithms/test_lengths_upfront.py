@@ -12,6 +12,7 @@ import pytest
 from helpers import load_adapter, train_argv, write_jsonl
 from PIL import Image
 
+from resonance.algorithms import setup
 from resonance.algorithms.lengths import fit_rows
 from resonance.cli import main
 from resonance.commands.train import build_trainer, parse
@@ -47,10 +48,15 @@ def _data(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 @pytest.mark.parametrize("algorithm", DATA)
-def test_every_long_row_is_named_before_the_model_trains(
-    algorithm: str, tmp_path: Path, tiny_checkpoint, capsys: pytest.CaptureFixture[str]
+def test_every_long_row_is_named_before_the_model_loads(
+    algorithm: str, tmp_path: Path, tiny_checkpoint, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     """Before: the run died when the first long row's batch came up, naming that row only, weights unsaved."""
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model loaded before the rows were measured")
+
+    monkeypatch.setattr(setup, "load_model", no_model)
     data = _data(tmp_path, DATA[algorithm])
     argv = train_argv(algorithm, tiny_checkpoint("llava"), data, tmp_path / "out", max_length=MAX_LENGTH)
     assert main(["train", algorithm, *argv]) == 2
