@@ -14,7 +14,7 @@ resonance tiny "$family" "$out/base" --overwrite
 resonance train sft \
   --model_name_or_path "$out/base" \
   --data_path examples/data/sft.jsonl \
-  --output_dir "$out/sft" \
+  --output_dir "$out/sft" --overwrite_output_dir true \
   --lora_target_modules auto --freeze_vision_tower True \
   --per_device_train_batch_size 4 --learning_rate 5e-3 --num_train_epochs 2 \
   --logging_steps 2 --save_strategy no --report_to none --skip_invalid_rows True
@@ -22,7 +22,7 @@ resonance train sft \
 resonance train dpo \
   --model_name_or_path "$out/base" \
   --data_path examples/data/dpo.jsonl \
-  --output_dir "$out/dpo" \
+  --output_dir "$out/dpo" --overwrite_output_dir true \
   --lora_target_modules auto --freeze_vision_tower True \
   --per_device_train_batch_size 4 --learning_rate 5e-3 --num_train_epochs 2 --beta 0.1 \
   --logging_steps 2 --save_strategy no --report_to none --skip_invalid_rows True
