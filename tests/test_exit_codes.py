@@ -41,3 +41,23 @@ def test_ctrl_c_exits_130(monkeypatch):
 @pytest.mark.parametrize(("argv", "code"), [(["--help"], EXIT_OK), (["no-such-command"], EXIT_INPUT)])
 def test_usage_errors_are_bad_input(argv, code):
     assert cli.main(argv) == code
+
+
+def test_an_error_that_stops_training_starts_its_own_line_after_the_progress_bar(monkeypatch, capsys):
+    """Before: TRL's bar was left open, so `error: ...` was written after its carriage return, on the bar's line."""
+    import sys
+
+    from tqdm import tqdm
+
+    from resonance.commands import train
+
+    def stops_in_a_step(algorithm, argv):
+        bar = tqdm(total=3, file=sys.stderr)
+        bar.update(1)
+        raise ConfigError("reward function m:f (--reward_funcs) called sys.exit(0)")
+
+    monkeypatch.setattr(train, "parse", stops_in_a_step)
+    assert train.main("grpo", []) == EXIT_INPUT
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "error: reward function m:f (--reward_funcs) called sys.exit(0)"
+    assert "1/3" in lines[-2] and not list(getattr(tqdm, "_instances", ()))

@@ -124,6 +124,15 @@ def _log_processes(config) -> None:
         logger.info("%d process(es), %s", config.world_size, kind)
 
 
+def _close_progress_bars() -> None:
+    """End the trainer's open progress bar (tqdm) with its line, so an error that stops training starts a line of
+    its own instead of being written after the bar's carriage return."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's own registry of open bars
+        bar.close()
+
+
 def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -138,6 +147,7 @@ def main(algorithm: str, argv: list[str]) -> int:
         rescue = getattr(trainer, "save_outputs", trainer.save_model)
         save_result(Path(config.output_dir), trainer.save_model, rescue)
     except ResonanceError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     skipped = getattr(trainer.data_collator, "skipped_rows", 0)  # GRPO: TRL's collator, no length policy
