@@ -13,6 +13,7 @@ which would stop the header read before the row and the size could be named, and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,14 +62,19 @@ def check_pixel_budget(max_pixels: int) -> None:
         raise ConfigError(f"--max_image_pixels must be a whole number of pixels >= 0 (0: no limit), got {max_pixels!r}")
 
 
+_PIL_LIMIT = threading.RLock()  # held while PIL's process-wide limit is switched off
+
+
 @contextmanager
 def _budget_is_ours() -> Iterator[None]:
-    """PIL's decompression-bomb check off while an image is opened: the budget is checked here, by row."""
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    """PIL's decompression-bomb check off while an image is opened: the budget is checked here, by row. PIL's
+    limit is one global; the lock keeps two threads from restoring each other's value (which could leave it off)."""
+    with _PIL_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def image_size(path: str) -> tuple[int, int]:

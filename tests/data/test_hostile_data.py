@@ -202,3 +202,45 @@ def test_over_budget_image_through_the_command_line(tmp_path: Path, red: Path, t
     err = capsys.readouterr().err
     assert f"{data}:2: image: image {tmp_path / 'big.png'} is 300 x 200 = 60000 pixels" in err
     assert "Traceback" not in err
+
+
+def test_threads_opening_images_leave_pils_own_limit_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """PIL's limit is one global that opening switches off. Without the lock, thread B saves A's 'off' while A is
+    opening, A restores the real limit, then B restores 'off': every later open in the process is unguarded. The
+    opens are made to interleave exactly that way (with the lock, B waits and A's wait for B times out)."""
+    import threading
+
+    from PIL import Image
+
+    from resonance.data import images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    real_open = Image.open
+    a_opening, b_opening, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def interleaved_open(path, *args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_opening.set()
+            b_opening.wait(timeout=1)
+        else:
+            b_opening.set()
+            a_done.wait(timeout=5)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", interleaved_open)
+    before = Image.MAX_IMAGE_PIXELS
+
+    def a() -> None:
+        assert images.image_problem(str(tmp_path / "small.png")) is None
+        a_done.set()
+
+    def b() -> None:
+        assert images.image_problem(str(tmp_path / "small.png")) is None
+
+    threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+    threads[0].start()
+    assert a_opening.wait(timeout=5)  # A is inside the switch before B starts
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert before is not None and Image.MAX_IMAGE_PIXELS == before
