@@ -258,7 +258,7 @@ def checked_reward(func: Any, name: str, timeout: float = DEFAULT_REWARD_TIMEOUT
             raise KeyboardInterrupt
         if guard.timed_out:  # the function caught _Deadline and returned late
             raise _timeout_error(what, timeout, rows)
-        return _checked_values(values, what, sources)
+        return checked_values(values, what, sources)
 
     reward.reward_name = name
     return reward
@@ -271,7 +271,7 @@ def _timeout_error(what: str, timeout: float, rows: str) -> RewardFunctionError:
     )
 
 
-def _checked_values(values: Any, what: str, sources: list[str]) -> list[float]:
+def checked_values(values: Any, what: str, sources: list[str]) -> list[float]:
     """One finite float per completion, each within :data:`MAX_ABS_REWARD`, or a :class:`RewardFunctionError`."""
     if isinstance(values, torch.Tensor):
         values = values.flatten().tolist()

@@ -358,6 +358,18 @@ def test_no_reward_or_bad_settings(tmp_path: Path, tiny_checkpoint, capsys) -> N
     assert "--reward_model_path" in capsys.readouterr().err
 
 
+def test_a_lora_folder_that_is_not_a_reward_model(tmp_path: Path, tiny_checkpoint, capsys) -> None:
+    """Before: a plain FileNotFoundError traceback (exit 3) for a LoRA folder on the policy's base without a head."""
+    ckpt = tiny_checkpoint("llava")
+    folder = _reward_model_folder(ckpt, tmp_path / "rm", lora=True)
+    mapper = load_core_mapper(ckpt)
+    (folder / mapper.reward_model.config_file).unlink()
+    argv = _argv(ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", None, reward_model_path=str(folder))
+    assert main("ppo", argv) == 2
+    err = capsys.readouterr().err
+    assert f"--reward_model_path {folder}: no {mapper.reward_model.config_file}" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 

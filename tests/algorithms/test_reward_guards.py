@@ -304,3 +304,38 @@ def test_whitening_holds_rewards_at_the_bound(shift_mean: bool) -> None:
     rewards[::2] = -MAX_ABS_REWARD
     whitened = masked_whiten(rewards, torch.ones_like(rewards, dtype=torch.bool), shift_mean=shift_mean)
     torch.testing.assert_close(whitened, rewards / MAX_ABS_REWARD, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ reward models (PPO)
+
+
+class _ScoringModel(torch.nn.Module):
+    """A reward model whose scores are given: only what ModelRewards calls (``.model`` for the device, forward)."""
+
+    def __init__(self, scores: list[float]):
+        super().__init__()
+        self.model = torch.nn.Linear(1, 1)
+        self.scores = torch.tensor(scores, dtype=torch.float16)
+
+    def forward(self, **batch: Any) -> torch.Tensor:
+        return self.scores
+
+
+@pytest.mark.parametrize(("scores", "expected"), [([1.0, float("nan")], "nan"), ([1.0, 65504.0 * 2], "inf")])
+def test_reward_model_scores_pass_the_checks_reward_functions_pass(scores: list[float], expected: str) -> None:
+    """Before: a reward model's NaN or overflowed half-precision score went straight into PPO's advantages."""
+    from resonance.algorithms.ppo.rewards import ModelRewards
+
+    rewards = ModelRewards(_ScoringModel(scores), collator=lambda features: {}, name="out/rm")
+    rows = [{"prompt": [], "source": "prompts.jsonl:1"}, {"prompt": [], "source": "prompts.jsonl:2"}]
+    with pytest.raises(RewardFunctionError, match=f"reward model out/rm \\(--reward_model_path\\) returned {expected}"):
+        rewards(rows, ["a", "b"], [[1], [2]], [[], []])
+
+
+def test_reward_model_scores_that_pass_are_returned_as_float32() -> None:
+    from resonance.algorithms.ppo.rewards import ModelRewards
+
+    rewards = ModelRewards(_ScoringModel([0.5, -2.0]), collator=lambda features: {}, name="out/rm")
+    rows = [{"prompt": [], "source": "p:1"}, {"prompt": [], "source": "p:2"}]
+    scores = rewards(rows, ["a", "b"], [[1], [2]], [[], []])
+    assert scores.dtype == torch.float32 and scores.tolist() == [0.5, -2.0]

@@ -14,9 +14,9 @@ from torch import nn
 
 from resonance.base.registry import load_core_mapper, lora_base_checkpoint, processor_checkpoint
 from resonance.base.reward import VLRewardModel
-from resonance.errors import ConfigError
+from resonance.errors import CheckpointError, ConfigError
 from resonance.generation import to_model_device
-from resonance.reward_funcs import DEFAULT_REWARD_TIMEOUT, conversational_message, ensure_checked
+from resonance.reward_funcs import DEFAULT_REWARD_TIMEOUT, checked_values, conversational_message, ensure_checked
 
 logger = logging.getLogger("resonance")
 
@@ -55,12 +55,14 @@ class FunctionRewards:
 class ModelRewards:
     """A reward model's score of each prompt + response, rendered as a training conversation by the reward
     model's own family (its SFT collator, right padding). ``adapter`` names the PEFT adapter to activate for
-    the call when the reward model shares the policy's backbone."""
+    the call when the reward model shares the policy's backbone. Its scores pass the checks function rewards pass
+    (finite, within the bound), with ``name`` (its folder) in the message."""
 
-    def __init__(self, reward_model: VLRewardModel, collator: Any, adapter: str | None = None):
+    def __init__(self, reward_model: VLRewardModel, collator: Any, adapter: str | None = None, name: str = "?"):
         self.reward_model = reward_model
         self.collator = collator
         self.adapter = adapter
+        self.name = name
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -84,7 +86,8 @@ class ModelRewards:
         batch = to_model_device(dict(self.collator(features)), self.reward_model.model)
         with torch.no_grad(), self._active():
             scores = self.reward_model(**batch)
-        return scores.float().cpu()
+        what = f"reward model {self.name} (--reward_model_path)"
+        return torch.tensor(checked_values(scores.float().cpu(), what, [row["source"] for row in rows]))
 
 
 def load_reward_model(
@@ -104,7 +107,10 @@ def load_reward_model(
     if shared:
         description_file = path / mapper.reward_model.config_file
         if not description_file.is_file():
-            raise FileNotFoundError(f"{description_file}: not found; not a reward model saved by Resonance")
+            raise CheckpointError(
+                f"--reward_model_path {path}: no {description_file.name}; not a reward model saved by "
+                "`resonance train rm`"
+            )
         policy.load_adapter(str(path), adapter_name=REWARD_ADAPTER, is_trainable=False)
         policy.set_adapter(policy.active_adapter)  # loading does not switch; keep the policy's adapter trainable
         reward_model = mapper.reward_model(policy)
@@ -117,4 +123,4 @@ def load_reward_model(
     processor = mapper.processor(processor_checkpoint(path), trust_remote_code=mapper.model.trust_remote_code)
     processor.train()
     collator = mapper.sft_collator(processor, max_length=None)
-    return ModelRewards(reward_model, collator, adapter=REWARD_ADAPTER if shared else None)
+    return ModelRewards(reward_model, collator, adapter=REWARD_ADAPTER if shared else None, name=str(path))
