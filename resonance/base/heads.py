@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from resonance.base.model import VLModel, unwrap
-from resonance.base.registry import load_core_mapper
+from resonance.base.registry import load_core_mapper, read_json_object
+from resonance.errors import CheckpointError
 
 
 class ScalarHeadModel(nn.Module):
@@ -124,15 +125,15 @@ class ScalarHeadModel(nn.Module):
         path = Path(path)
         config_file = path / cls.config_file
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: not found; not a {cls.what} saved by Resonance")
-        description = json.loads(config_file.read_text())
+            raise CheckpointError(f"{config_file}: not found; not a {cls.what} saved by Resonance")
+        description = read_json_object(config_file)
         if description.get("format") != cls.file_format:
-            raise ValueError(f"{config_file}: format {description.get('format')!r}, expected {cls.file_format!r}")
+            raise CheckpointError(f"{config_file}: format {description.get('format')!r}, expected {cls.file_format!r}")
         mapper = load_core_mapper(path)
         vl_model = cls.vl_model or mapper.model
-        if vl_model.hf_model_class != description["hf_model_class"]:
-            raise ValueError(
-                f"{config_file}: a {description['hf_model_class']} {cls.what}, not {vl_model.hf_model_class}"
+        if vl_model.hf_model_class != description.get("hf_model_class"):
+            raise CheckpointError(
+                f"{config_file}: a {description.get('hf_model_class')} {cls.what}, not {vl_model.hf_model_class}"
             )
         model_cls = cls if cls.vl_model is not None else (getattr(mapper, cls.mapper_slot) or cls)
         model = model_cls(vl_model.from_pretrained(path, **kwargs), vl_model=vl_model)

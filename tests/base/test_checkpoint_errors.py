@@ -110,3 +110,23 @@ def test_a_broken_checkpoint_is_one_line_and_exit_2(tiny_checkpoint, tmp_path: P
     assert code == EXIT_INPUT
     assert "Traceback" not in err
     assert f"{folder}/model.safetensors: not a complete safetensors file" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "format 'other', expected"),
+    ],
+)
+def test_a_head_folder_with_a_broken_description_is_a_checkpoint_error(
+    text: str, expected: str, tmp_path: Path, tiny_checkpoint
+) -> None:
+    """Before: json.JSONDecodeError, or a plain ValueError: a traceback (exit 3) for a bad reward/value folder."""
+    from resonance.base.value import VLModelWithValueHead
+
+    folder = tmp_path / "value"
+    shutil.copytree(tiny_checkpoint("llava"), folder)
+    (folder / VLModelWithValueHead.config_file).write_text(text)
+    with pytest.raises(CheckpointError, match=expected):
+        VLModelWithValueHead.from_pretrained(folder)
