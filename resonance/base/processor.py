@@ -158,16 +158,23 @@ class VLProcessor:
         )
 
     def chat_template_source(self) -> ChatTemplate:
-        """The chat template in use and where it came from: the spec's inline template, or the checkpoint's file."""
+        """The chat template in use and where it came from: the spec's inline template, or the checkpoint's file.
+        Worked out once per template (every row renders through it; finding the origin reads the folder)."""
         template = self.hf.chat_template
         if isinstance(template, dict):  # several named templates: transformers renders the "default" one
             template = template.get("default") or ""
+        cached = getattr(self, "_chat_template", None)
+        if cached is not None and cached.source == template:
+            return cached
         if self.inline_chat_template is not None:
-            return ChatTemplate(template, f"{spec_file(type(self))}: chat_template.template")
-        folder = self._checkpoint_folder()
-        files = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
-        found = next((folder / name for name in files if folder and (folder / name).is_file()), None)
-        return ChatTemplate(template, str(found or folder or f"the chat template of {self.hf_processor_class}"))
+            origin = f"{spec_file(type(self))}: chat_template.template"
+        else:
+            folder = self._checkpoint_folder()
+            files = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+            found = next((folder / name for name in files if folder and (folder / name).is_file()), None)
+            origin = str(found or folder or f"the chat template of {self.hf_processor_class}")
+        self._chat_template = ChatTemplate(template, origin)
+        return self._chat_template
 
     def _checkpoint_folder(self) -> Path | None:
         name = getattr(self.tokenizer, "name_or_path", None)

@@ -128,3 +128,16 @@ def test_an_inline_template_is_named_by_its_spec(tiny_checkpoint, monkeypatch: p
     assert processor_class(path).render_conversation(CONVERSATION, add_generation_prompt=False) == (
         "user: What colour?\nassistant: Red.\n"
     )
+
+
+def test_the_template_in_use_is_worked_out_once_and_follows_a_new_template(tiny_checkpoint) -> None:
+    """Every row renders through it: its origin (a look at the checkpoint folder) is found once, not per render,
+    and a template assigned later (an API user's ``processor.hf.chat_template = ...``) is the one rendered."""
+    path = tiny_checkpoint("llava")
+    mapper = load_core_mapper(path)
+    processor = mapper.processor(path)
+    first = processor.chat_template_source()
+    assert processor.chat_template_source() is first and first.origin.startswith(str(path))
+    processor.hf.chat_template = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+    assert processor.render_conversation([user("hi")], add_generation_prompt=False) == "[user]"
+    assert processor.chat_template_source() is not first
