@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.lengths import fit_rows, row_lengths
+from resonance.base.checks import lora_layer_names
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -47,15 +48,7 @@ _LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.C
 def _check_lora_targets(model: torch.nn.Module, model_cls: type[VLModel], names: list[str]) -> None:
     """Every ``--lora_target_modules`` name must be a layer LoRA can wrap under the language model; else one
     :class:`ConfigError` naming each unknown name with did-you-mean (or the names there are)."""
-    prefix = model_cls.language_model_path + "."
-    layers = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            # as VLModel.lora_target_modules matches: below the language model, at least one level down
-            if name.startswith(prefix) and "." in name[len(prefix) :] and isinstance(module, _LORA_LAYERS)
-        }
-    )
+    layers = sorted(lora_layer_names(model, model_cls.language_model_path, _LORA_LAYERS))
     unknown = [name for name in dict.fromkeys(names) if name not in layers]
     if not unknown:
         return

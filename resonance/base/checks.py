@@ -34,6 +34,17 @@ def _near(path: str, names: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def lora_layer_names(model: nn.Module, language_model_path: str, kinds: tuple[type, ...]) -> set[str]:
+    """Leaf names of the layers of ``kinds`` at least one level below the language model: the names a LoRA target
+    can give (:meth:`~resonance.base.model.VLModel.lora_target_modules` anchors them there)."""
+    prefix = language_model_path + "."
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and "." in name[len(prefix) :] and isinstance(module, kinds)
+    }
+
+
 def module_problems(vl_model: Any, model: nn.Module) -> list[FieldProblem]:
     """Module paths that do not exist and LoRA targets that match no linear layer of the language model, for
     the transformers model (unwrapped from PEFT and distributed wrappers)."""
@@ -54,12 +65,7 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[FieldProblem]:
             problems.append(FieldProblem(field, f"{type(base).__name__} has no submodule {path!r}{_near(path, names)}"))
     if any(p.field == "modules.language_model" for p in problems):
         return problems
-    prefix = vl_model.language_model_path + "."
-    leaves = {
-        name.rsplit(".", 1)[-1]
-        for name, module in base.named_modules()
-        if name.startswith(prefix) and isinstance(module, nn.Linear)
-    }
+    leaves = lora_layer_names(base, vl_model.language_model_path, (nn.Linear,))
     for index, target in enumerate(vl_model.default_lora_target):
         if target not in leaves:
             problems.append(
