@@ -255,20 +255,21 @@ def non_finite_weights(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> 
     return [name for (name, _), ok in zip(trained, finite, strict=True) if not ok]
 
 
+_STOPPED = (
+    "training stopped, this step was not saved. Lower --learning_rate (or check the data and rewards), then start "
+    "again or resume from a checkpoint saved before it"
+)
+
+
 def check_finite(step: int, named_parameters: Iterable[tuple[str, torch.Tensor]], values: dict[str, float]) -> None:
     """Raise :class:`TrainingError` when a logged loss value or a trainable weight is not finite after ``step``."""
     for name, value in values.items():
         if isinstance(value, int | float) and not math.isfinite(value):
-            raise TrainingError(
-                f"step {step}: {name} is {value}; training stopped, this step was not saved. Lower --learning_rate "
-                "(or check the data and rewards), then start again or resume from a checkpoint saved before it"
-            )
+            raise TrainingError(f"step {step}: {name} is {value}; {_STOPPED}")
     bad = non_finite_weights(named_parameters)
     if bad:
         raise TrainingError(
-            f"step {step}: {len(bad)} trainable weight tensor(s) hold NaN or infinity (first: {bad[0]}); training "
-            "stopped, this step was not saved. Lower --learning_rate (or check the data and rewards), then start "
-            "again or resume from a checkpoint saved before it"
+            f"step {step}: {len(bad)} trainable weight tensor(s) hold NaN or infinity (first: {bad[0]}); {_STOPPED}"
         )
 
 
