@@ -18,6 +18,8 @@ trl_preference           preference, prompt           ``prompt`` / ``chosen`` / 
 trl_prompt_completion    sft, prompt                  ``prompt`` + ``completion``; only the completion is trained
                                                       (TRL prompt-completion, ``completion_only_loss``)
 trl_prompt               prompt                       ``prompt`` alone (TRL prompt-only: GRPO, PPO, generate)
+swift_sharegpt           sft, prompt                  ``conversation`` rounds ``{"human": str, "assistant": str}``,
+                                                      optional ``system`` (ms-swift sharegpt)
 swift_query              sft, preference, prompt      ``query`` / ``response`` (+ ``rejected_response``), optional
                                                       ``history`` ``[[query, response], ...]`` and ``system``
                                                       (ms-swift query-response)
@@ -38,6 +40,8 @@ kind asked for. Where formats share keys the order decides, on purpose:
   run on such a file is told it holds preference rows rather than that its conversation has no answer.
 - ``prompt`` + ``chosen`` / ``rejected`` is ``trl_preference``; ``chosen`` / ``rejected`` without ``prompt`` is
   ``trl_implicit_preference`` (last, after ``alpaca``, whose preference rows have ``chosen`` / ``rejected`` too).
+- ``prompt`` + ``completion`` + ``label`` is TRL's unpaired preference (KTO), which no format takes: training its
+  completions as SFT answers would learn the ones labelled bad.
 
 Every preference format feeds prompt files (``resonance generate``, GRPO, PPO) too: it is converted as for DPO and
 the loader ignores the answers. A key set to ``None`` counts as absent (a column another row of the file has).
@@ -128,17 +132,36 @@ def _sharegpt(row: Row, kind: str, problems: list[str]) -> Row | None:
 def _sharegpt_preference(row: Row, kind: str, problems: list[str]) -> Row | None:
     before = len(problems)
     prompt = _sharegpt_turns(row["conversations"], "conversations", problems)
-    system = _text(row, "system", problems) if row.get("system") is not None else None
+    system = _system(row, problems)
     answers = {name: _sharegpt_answer(row[name], name, problems) for name in ("chosen", "rejected")}
     if prompt is not None and prompt[-1]["role"] != "user":
         last = _article(row["conversations"][-1]["from"])
         problems.append(f"conversations: must end with the human turn that chosen and rejected answer, got {last} turn")
-    if len(problems) > before or prompt is None:
+    if len(problems) > before or prompt is None or system is None:
         return None
-    if system is not None:
-        prompt = [{"role": "system", "content": system}, *prompt]
-    native = {"prompt": prompt, "chosen": answers["chosen"], "rejected": answers["rejected"]}
+    native = {"prompt": system + prompt, "chosen": answers["chosen"], "rejected": answers["rejected"]}
     return _replace(row, ("conversations", "system", "chosen", "rejected"), native, problems)
+
+
+def _swift_sharegpt(row: Row, kind: str, problems: list[str]) -> Row | None:
+    """ms-swift's sharegpt: ``conversation`` rounds ``{"human": query, "assistant": response}`` and ``system``."""
+    rounds = row["conversation"]
+    system = _system(row, problems)
+    if not isinstance(rounds, list) or not rounds:
+        got = "an empty list" if rounds == [] else _json_type(rounds)
+        problems.append(f'conversation: must be a list of {{"human": str, "assistant": str}} rounds, got {got}')
+        return None
+    messages: list[Row] = []
+    for i, turn in enumerate(rounds):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(key), str) for key in ("human", "assistant")):
+            sharegpt = isinstance(turn, dict) and "from" in turn
+            hint = '; {"from", "value"} turns go in "conversations" (sharegpt)' if sharegpt else ""
+            problems.append(f'conversation[{i}]: must be an object {{"human": str, "assistant": str}}{hint}')
+            return None
+        messages += _round(turn["human"], turn["assistant"])
+    if system is None:
+        return None
+    return _replace(row, ("conversation", "system"), {"messages": system + messages}, problems)
 
 
 def _swift_preference(row: Row, kind: str, problems: list[str]) -> Row | None:
@@ -223,13 +246,11 @@ def _query_answers(
     """The shared part of the query-style formats: ``system`` + ``history`` pairs + the query as the prompt, then
     ``answers`` = (SFT answer, chosen, rejected) field names."""
     before = len(problems)
-    prompt = _history(row, problems)
-    system = _text(row, "system", problems) if row.get("system") is not None else None
-    if query is None or prompt is None or len(problems) > before:
+    history = _history(row, problems)
+    system = _system(row, problems)
+    if query is None or history is None or system is None or len(problems) > before:
         return None
-    if system is not None:
-        prompt.insert(0, {"role": "system", "content": system})
-    prompt.append({"role": "user", "content": query})
+    prompt = [*system, *history, {"role": "user", "content": query}]
     consumed = ("system", "history", *query_fields)
     if kind == "prompt":
         return _replace(row, consumed, {"prompt": prompt}, problems)
@@ -297,6 +318,7 @@ FORMATS: tuple[DataFormat, ...] = (
         " (TRL prompt-completion)",
         frozenset({"sft", "prompt"}),
         (("prompt",), ("completion",)),
+        excluded=("label",),  # TRL's unpaired preference (KTO): a completion labelled bad must not be trained
         convert=_trl_prompt_completion,
     ),
     DataFormat(
@@ -304,7 +326,14 @@ FORMATS: tuple[DataFormat, ...] = (
         '{"prompt": str | [messages ending with a user turn]} (TRL prompt-only)',
         frozenset({"prompt"}),
         (("prompt",),),
-        excluded=("chosen", "rejected"),  # a preference row without one of its answers: told what it misses
+        excluded=("chosen", "rejected", "completion"),  # a preference or KTO row missing a field: told which
+    ),
+    DataFormat(
+        "swift_sharegpt",
+        '{"conversation": [{"human": str, "assistant": str}, ...], "system"?: str} (ms-swift sharegpt)',
+        frozenset({"sft", "prompt"}),
+        (("conversation",),),
+        convert=_swift_sharegpt,
     ),
     DataFormat(
         "swift_query",
@@ -369,12 +398,20 @@ def format_hint(keys: Collection[str], kind: str) -> str:
     ]
     candidates = [f for f in FORMATS if kind in f.kinds]
     closest = sorted(candidates, key=lambda f: -len(f.keys & set(keys)))[:3]
-    shapes = "; ".join(f"{f.name} (missing {' and '.join(f._missing(keys))}): {f.summary}" for f in closest)
+    shapes = "; ".join(f"{f.name} ({_misfit(f, keys)}): {f.summary}" for f in closest)
     typo_text = " ".join(typos) + " " if typos else ""
-    return f"{typo_text}no {kind} format has these fields (found {found}); the closest: {shapes}"
+    return f"{typo_text}no {kind} format takes these fields (found {found}); the closest: {shapes}"
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _misfit(data_format: DataFormat, keys: Collection[str]) -> str:
+    """What keeps a row with ``keys`` from ``data_format``: the keys it misses, or those of another format."""
+    missing = data_format._missing(keys)
+    if missing:
+        return f"missing {' and '.join(missing)}"
+    return f"but with {' and '.join(repr(key) for key in data_format.excluded if key in keys)}, not in this format"
 
 
 def _present(row: Row) -> set[str]:
@@ -405,6 +442,18 @@ def _text(row: Row, name: str, problems: list[str], hint: str = "") -> str | Non
     return None
 
 
+def _system(row: Row, problems: list[str]) -> list[Row] | None:
+    """The optional ``system`` column as a leading system message (``[]`` when absent), ``None`` when not text."""
+    if row.get("system") is None:
+        return []
+    text = _text(row, "system", problems)
+    return None if text is None else [{"role": "system", "content": text}]
+
+
+def _round(query: str, response: str) -> list[Row]:
+    return [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+
+
 def _history(row: Row, problems: list[str]) -> list[Row] | None:
     """``history`` ``[[query, response], ...]`` as user and assistant messages (none when absent)."""
     history = row.get("history")
@@ -418,7 +467,7 @@ def _history(row: Row, problems: list[str]) -> list[Row] | None:
         if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
             problems.append(f"history[{i}]: must be a [query, response] pair of strings, got {pair!r}")
             return None
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages += _round(*pair)
     return messages
 
 

@@ -81,6 +81,13 @@ def test_every_format_file_gives_the_same_canonical_rows(tmp_path: Path, images:
     ] == expected
 
 
+def test_prompt_completion_file_supervises_only_the_completion(tmp_path: Path, images: list[str]):
+    path = FIXTURES["trl_prompt_completion"].write(tmp_path, images)
+    row = read_file(path)[1]  # the multi-turn row: its first answer is in the prompt
+    converted = convert_row(native("trl_prompt_completion", row, "sft"), "sft", base_dir=tmp_path)
+    assert [m.get("train") for m in converted["messages"]] == [None, False, None, None]
+
+
 def test_fixtures_cover_every_format():
     assert {fixture.format for fixture in FIXTURES.values()} == {f.name for f in FORMATS}
 
@@ -112,6 +119,9 @@ DETECTED = [
     (["chosen", "rejected", "images"], "preference", "trl_implicit_preference"),
     (["chosen", "rejected"], "prompt", "trl_implicit_preference"),
     (["chosen", "rejected"], "sft", None),
+    (["conversation", "system", "images"], "sft", "swift_sharegpt"),
+    (["conversation"], "prompt", "swift_sharegpt"),
+    (["prompt", "completion", "label"], "sft", None),  # TRL unpaired preference (KTO): not trained as SFT
     (["query", "response", "history", "system"], "sft", "swift_query"),
     (["query", "response", "rejected_response"], "preference", "swift_query"),
     (["query"], "prompt", "swift_query"),
@@ -260,6 +270,23 @@ def test_trl_prompt_completion_trains_only_the_completion():
     assert native("trl_prompt_completion", row, "prompt") is row  # the completion is not used for prompts
 
 
+def test_swift_sharegpt_rounds_become_messages():
+    row = {
+        "system": "Be brief.",
+        "conversation": [{"human": "<image>Q1", "assistant": "A1"}, {"human": "Q2", "assistant": "A2"}],
+    }
+    assert native("swift_sharegpt", {**row, "images": ["a.png"]}, "sft") == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"},
+        ],
+        "images": ["a.png"],
+    }
+
+
 def test_swift_query_history_and_system():
     row = {
         "system": "Be brief.",
@@ -394,6 +421,14 @@ BAD_ROWS = [
     ),
     ("trl_prompt_completion", "sft", {"prompt": 1, "completion": "A"}, "prompt: must be a list of messages"),
     ("trl_prompt_completion", "sft", {"prompt": "Q", "completion": [USER]}, "completion[0].role: must be 'assistant'"),
+    ("swift_sharegpt", "sft", {"conversation": {"human": "Q"}}, "conversation: must be a list of {"),
+    (
+        "swift_sharegpt",
+        "sft",
+        {"conversation": [{"from": "human", "value": "Q"}]},
+        'conversation[0]: must be an object {"human": str, "assistant": str}; {"from", "value"} turns go in "conv',
+    ),
+    ("swift_sharegpt", "sft", {"conversation": [{"human": "Q", "assistant": "A"}], "system": 1}, "system: must be"),
     ("swift_query", "sft", {"query": "Q"}, "missing field 'response'"),
     ("swift_query", "sft", {"query": ["Q"], "response": "A"}, "query: must be a string, got a list"),
     ("swift_query", "sft", {"query": "Q", "response": "A", "history": "[['q', 'a']]"}, "history: must be a list"),
@@ -467,15 +502,19 @@ def test_hint_names_the_format_a_row_has_and_its_command():
     hint = format_hint(["prompt", "chosen", "rejected", "images"], "sft")
     assert hint.startswith("this looks like a trl_preference row (found 'prompt', 'chosen', 'rejected', 'images')")
     assert "for `resonance train dpo` or `rm`;" in hint and "generate" not in hint
-    assert "sft rows are written as sharegpt, messages, trl_prompt_completion, swift_query, alpaca" in hint
+    assert (
+        "sft rows are written as sharegpt, messages, trl_prompt_completion, swift_sharegpt, swift_query, alpaca" in hint
+    )
     assert "looks like a messages row" in format_hint(["messages"], "preference")
     assert "looks like a sharegpt_preference row" in format_hint(["conversations", "chosen", "rejected"], "sft")
     assert "for `resonance generate` or `resonance train grpo` / `ppo`" in format_hint(["prompt"], "sft")
 
 
 def test_hint_without_a_format_suggests_spellings_and_the_closest_formats():
-    hint = format_hint(["conversation", "images"], "sft")
-    assert hint.startswith("'conversation': did you mean 'conversations'? no sft format has these fields")
+    hint = format_hint(["mesages", "images"], "sft")
+    assert hint.startswith("'mesages': did you mean 'messages'? no sft format takes these fields")
     assert "the closest: sharegpt (missing 'conversations'): {" in hint
+    unpaired = format_hint(["prompt", "completion", "label"], "sft")
+    assert "the closest: trl_prompt_completion (but with 'label', not in this format): {" in unpaired
     preference = format_hint(["prompt", "chosen", "images"], "preference")  # no 'rejected'
     assert "the closest: trl_preference (missing 'rejected'): {" in preference

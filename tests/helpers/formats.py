@@ -156,6 +156,16 @@ def write_messages(folder: Path, images: Sequence[str]) -> Path:
     return _write(folder / "messages.jsonl", rows)
 
 
+def write_swift_sharegpt(folder: Path, images: Sequence[str]) -> Path:
+    """ms-swift sharegpt SFT: ``conversation`` rounds ``{"human", "assistant"}`` and ``system``."""
+    rows = []
+    for messages, indexes in SFT_CONVERSATIONS:
+        columns, turns = _split_system(messages)
+        rounds = [{"human": _text(q), "assistant": _text(a)} for q, a in zip(turns[::2], turns[1::2], strict=True)]
+        rows.append({**columns, "conversation": rounds, **_images(folder, images, indexes)})
+    return _write(folder / "swift_sharegpt.jsonl", rows)
+
+
 def write_swift_preference(folder: Path, images: Sequence[str]) -> Path:
     """ms-swift DPO: ``messages`` ending with the chosen answer, and ``rejected_response``."""
     rows = [
@@ -267,6 +277,7 @@ FIXTURES: dict[str, FormatFixture] = {
     "alpaca": FormatFixture(write_alpaca, "alpaca", "sft"),
     "alpaca_preference": FormatFixture(write_alpaca_preference, "alpaca", "preference"),
     "messages": FormatFixture(write_messages, "messages", "sft"),
+    "swift_sharegpt": FormatFixture(write_swift_sharegpt, "swift_sharegpt", "sft"),
     "swift_preference": FormatFixture(write_swift_preference, "swift_preference", "preference"),
     "swift_rejected_messages": FormatFixture(write_swift_rejected_messages, "swift_preference", "preference"),
     "swift_query": FormatFixture(write_swift_query, "swift_query", "sft"),
