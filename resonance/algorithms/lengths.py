@@ -65,9 +65,12 @@ class _Lengths:
         self.per_size: dict[tuple[int, int], int] = {}
 
     def render(self, row: Any) -> list[str]:
-        """The row's conversations as the collator renders them (a preference row: chosen, then rejected); raises
-        what the chat template raises for a conversation it cannot render."""
+        """The row's conversations as the collator renders them (a preference row: chosen, then rejected; a prompt
+        row: with the generation prompt, as generation is given it); raises what the chat template raises for a
+        conversation it cannot render."""
         processor = self.processor
+        if "messages" not in row and "chosen" not in row:  # a prompt row
+            return [processor.render_conversation(row["prompt"], add_generation_prompt=True)]
         if "messages" in row:
             conversations = [(row["messages"], 0)]
         else:
@@ -92,8 +95,8 @@ class _Lengths:
 
 
 def row_lengths(rows: Any, processor: VLProcessor) -> list[int]:
-    """The tokens each row of a dataset (SFT ``messages`` or preference ``prompt``/``chosen``/``rejected``
-    rows, with their ``images``) will hold once collated, padding excluded."""
+    """The tokens each row of a dataset (SFT ``messages``, preference ``prompt``/``chosen``/``rejected`` or prompt
+    ``prompt`` rows, with their ``images``) will hold once collated, padding excluded."""
     lengths = _Lengths(processor)
     return [lengths.estimate(row, lengths.render(row)) for row in rows]
 
