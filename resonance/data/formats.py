@@ -380,27 +380,27 @@ def detect_format(keys: Collection[str], kind: str) -> DataFormat | None:
 
 
 def format_hint(keys: Collection[str], kind: str) -> str:
-    """Why no format takes a row with these keys for ``kind``, for the error message: the format it has, when that
-    feeds other commands, or a misspelled key and the closest formats of ``kind``."""
-    found = ", ".join(repr(key) for key in keys) or "no fields"
+    """Why no format takes a row with these keys for ``kind``, for the error message (which already lists the
+    row's fields): the format the row has, when that one is for other commands; else misspelled keys and the
+    closest formats of ``kind`` with what keeps the row from them."""
+    names = ", ".join(f.name for f in FORMATS if kind in f.kinds)
     other = next((f for f in FORMATS if f.claims(keys)), None)
     if other is not None:
         uses = other.kinds - {"prompt"} or other.kinds  # preference rows make prompts too, but are for DPO / RM
-        return (
-            f"this looks like a {other.name} row (found {found}), for {_commands(uses)};"
-            f" {kind} rows are written as {', '.join(f.name for f in FORMATS if kind in f.kinds)}"
-        )
+        return f"this looks like a {other.name} row, for {_commands(uses)}; {kind} rows are written as {names}"
     known = sorted({key for f in FORMATS for key in f.keys})
     typos = [
-        f"{key!r}: did you mean {close[0]!r}?"
+        f"{key!r}: did you mean {close[0]!r}? "
         for key in keys
         if key not in known and (close := difflib.get_close_matches(key, known, n=1, cutoff=0.8))
     ]
-    candidates = [f for f in FORMATS if kind in f.kinds]
-    closest = sorted(candidates, key=lambda f: -len(f.keys & set(keys)))[:3]
+    scored = [(len(f.keys & set(keys)), f) for f in FORMATS if kind in f.kinds]
+    best = max(score for score, _ in scored)
+    if best == 0:
+        return f"{''.join(typos)}no {kind} format has any of these fields; the {kind} formats are {names}"
+    closest = [f for score, f in scored if score == best][:2]
     shapes = "; ".join(f"{f.name} ({_misfit(f, keys)}): {f.summary}" for f in closest)
-    typo_text = " ".join(typos) + " " if typos else ""
-    return f"{typo_text}no {kind} format takes these fields (found {found}); the closest: {shapes}"
+    return f"{''.join(typos)}the closest {kind} format: {shapes}"
 
 
 # -------------------------------------------------------------------------------------------- helpers

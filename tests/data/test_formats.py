@@ -500,21 +500,21 @@ def test_format_named():
 
 def test_hint_names_the_format_a_row_has_and_its_command():
     hint = format_hint(["prompt", "chosen", "rejected", "images"], "sft")
-    assert hint.startswith("this looks like a trl_preference row (found 'prompt', 'chosen', 'rejected', 'images')")
-    assert "for `resonance train dpo` or `rm`;" in hint and "generate" not in hint
-    assert (
-        "sft rows are written as sharegpt, messages, trl_prompt_completion, swift_sharegpt, swift_query, alpaca" in hint
+    assert hint == (
+        "this looks like a trl_preference row, for `resonance train dpo` or `rm`;"
+        " sft rows are written as sharegpt, messages, trl_prompt_completion, swift_sharegpt, swift_query, alpaca"
     )
-    assert "looks like a messages row" in format_hint(["messages"], "preference")
+    assert "looks like a messages row, for `resonance train sft`;" in format_hint(["messages"], "preference")
     assert "looks like a sharegpt_preference row" in format_hint(["conversations", "chosen", "rejected"], "sft")
     assert "for `resonance generate` or `resonance train grpo` / `ppo`" in format_hint(["prompt"], "sft")
 
 
 def test_hint_without_a_format_suggests_spellings_and_the_closest_formats():
-    hint = format_hint(["mesages", "images"], "sft")
-    assert hint.startswith("'mesages': did you mean 'messages'? no sft format takes these fields")
-    assert "the closest: sharegpt (missing 'conversations'): {" in hint
-    unpaired = format_hint(["prompt", "completion", "label"], "sft")
-    assert "the closest: trl_prompt_completion (but with 'label', not in this format): {" in unpaired
+    assert format_hint(["mesages", "images"], "sft") == (
+        "'mesages': did you mean 'messages'? no sft format has any of these fields;"
+        " the sft formats are sharegpt, messages, trl_prompt_completion, swift_sharegpt, swift_query, alpaca"
+    )
     preference = format_hint(["prompt", "chosen", "images"], "preference")  # no 'rejected'
-    assert "the closest: trl_preference (missing 'rejected'): {" in preference
+    assert preference.startswith("the closest preference format: trl_preference (missing 'rejected'): {")
+    unpaired = format_hint(["prompt", "completion", "label"], "sft")
+    assert unpaired.startswith("the closest sft format: trl_prompt_completion (but with 'label', not in this format)")
