@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 from helpers.formats import FIXTURES, PREFERENCE_PAIRS, SFT_CONVERSATIONS
 from helpers.images import make_image, save_png
@@ -79,6 +80,28 @@ def test_every_format_file_gives_the_same_canonical_rows(tmp_path: Path, images:
     assert [
         {key: without_train(row[key]) for key in columns} | {"images": row["images"]} for row in canonical
     ] == expected
+
+
+def without_none(value: Any) -> Any:
+    """``value`` less the dict keys that hold ``None`` (what ``datasets`` fills in for another row's field)."""
+    if isinstance(value, dict):
+        return {key: without_none(item) for key, item in value.items() if item is not None}
+    return [without_none(item) for item in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURES))
+def test_rows_read_through_datasets_convert_like_the_json(tmp_path: Path, images: list[str], fixture: str):
+    """Through ``datasets`` every row has every column of the file, ``None`` where another row has the field."""
+    spec = FIXTURES[fixture]
+    path = spec.write(tmp_path, images)
+    table = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    assert any(value is None for row in table for value in row.values())  # the case this test is about
+    for row, plain in zip(table, read_file(path), strict=True):
+        data_format = detect_format([key for key, value in row.items() if value is not None], spec.kind)
+        assert data_format is not None and data_format.name == spec.format
+        problems: list[str] = []
+        from_table = data_format.to_native(row, spec.kind, problems)
+        assert problems == [] and without_none(from_table) == without_none(native(spec.format, plain, spec.kind))
 
 
 def test_prompt_completion_file_supervises_only_the_completion(tmp_path: Path, images: list[str]):
