@@ -124,7 +124,8 @@ class VLSFTDataCollatorWithPadding(_VLCollatorBase):
 
     def _collate(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[int]]:
         images = [self.load_images(f["images"], f["source"]) for f in features]
-        batch = self.processor.process_batch_conv([f["messages"] for f in features], images)
+        sources = [f["source"] for f in features]
+        batch = self.processor.process_batch_conv([f["messages"] for f in features], images, sources=sources)
         return batch, batch["attention_mask"].sum(dim=1).tolist()
 
 
@@ -163,7 +164,8 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         chosen = [f["prompt"] + f["chosen"] for f in features]
         rejected = [f["prompt"] + f["rejected"] for f in features]
         first = [len(f["prompt"]) for f in features] * 2
-        batch = self.processor.process_batch_conv(chosen + rejected, images + images, first)
+        sources = [f"{f['source']}: {half}" for half in ("chosen", "rejected") for f in features]
+        batch = self.processor.process_batch_conv(chosen + rejected, images + images, first, sources)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         half = len(features)
         return batch, [max(lengths[i], lengths[i + half]) for i in range(half)]

@@ -20,7 +20,7 @@ from resonance.base.chat_template import ChatTemplate
 from resonance.base.checks import image_output_problems, raise_problems, spec_file, token_problems
 from resonance.base.registry import check_processor_files
 from resonance.data.images import ImageCount
-from resonance.errors import ChatTemplateError, CheckpointError
+from resonance.errors import ChatTemplateError, CheckpointError, RowError
 from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
@@ -35,6 +35,27 @@ class ImageInput:
     name: str
     layout: str  # per_image | per_row | per_patch | per_tile
     from_prompt: bool = False  # spec source: prompt (computed from each row's prompt, see process_batch_conv)
+
+
+def supervised_turns(messages: list[Message], first_supervised: int = 0) -> list[int]:
+    """Indices of the assistant turns to learn: at index >= ``first_supervised`` and not marked ``train: False``.
+
+    A canonical message's ``train`` is None (the default: an assistant turn is learned) or False (the turn is
+    context, like a user turn: ms-swift's ``"loss": false``, a prompt-completion row's prompt turns).
+    """
+    return [
+        index
+        for index, message in enumerate(messages)
+        if index >= first_supervised and message["role"] == "assistant" and message.get("train") is not False
+    ]
+
+
+def _for_template(message: Message, as_string: bool) -> Message:
+    """The message as the chat template gets it: without the loader's ``train`` flag (a template that renders a
+    message's keys must render the same text with or without it), text as one string where the spec says so."""
+    if "train" in message:
+        message = {key: value for key, value in message.items() if key != "train"}
+    return text_as_string(message) if as_string else message
 
 
 def text_as_string(message: Message) -> Message:
@@ -150,9 +171,9 @@ class VLProcessor:
 
     def render_conversation(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """The conversation as the family's chat template renders it (byte for byte what the HF processor's
-        ``apply_chat_template`` returns), within a time and size budget (:mod:`resonance.base.chat_template`)."""
-        if self.text_messages_as_string:
-            messages = [text_as_string(message) for message in messages]
+        ``apply_chat_template`` returns), within a time and size budget (:mod:`resonance.base.chat_template`).
+        Messages' ``train`` flags are not passed to the template."""
+        messages = [_for_template(message, self.text_messages_as_string) for message in messages]
         return self.chat_template_source().render(
             messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
         )
@@ -199,7 +220,8 @@ class VLProcessor:
             )
 
     def assistant_char_spans(self, messages: list[Message], first_supervised: int) -> list[tuple[int, int]]:
-        """Character spans of the assistant turns at index >= ``first_supervised`` in the rendering.
+        """Character spans of the turns to learn (:func:`supervised_turns`: assistant turns at index >=
+        ``first_supervised`` not marked ``train: False``) in the rendering; an override must keep that rule.
 
         A turn's span runs from the end of the prefix rendered with the generation prompt to the end
         of the prefix rendered with that turn (content and end-of-turn marker), less trailing white
@@ -207,9 +229,7 @@ class VLProcessor:
         """
         full = self.render_conversation(messages, add_generation_prompt=False)
         spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant" or index < first_supervised:
-                continue
+        for index in supervised_turns(messages, first_supervised):
             before = self.render_conversation(messages[:index], add_generation_prompt=True)
             through = self.render_conversation(messages[: index + 1], add_generation_prompt=False)
             if not (through.startswith(before) and full.startswith(through)):
@@ -267,16 +287,21 @@ class VLProcessor:
         conversations: list[list[Message]],
         images: list[list[Any]],
         first_supervised: list[int] | None = None,
+        sources: list[str] | None = None,
     ) -> BatchFeature:
-        """Tokenize a batch of conversations; ``labels`` supervise assistant turns only.
+        """Tokenize a batch of conversations; ``labels`` supervise the turns to learn only: assistant turns at
+        index >= the row's ``first_supervised`` entry not marked ``train: False`` (:func:`supervised_turns`).
 
         The processor expands each image placeholder into the model's image tokens. To place the
         labels, the same rendering is tokenized once more without expansion (offsets mark the
         assistant spans) and aligned to the expanded ids: the two differ only inside image
         expansions, which are never supervised.
+
+        Rows the family cannot take (:meth:`row_problem`) are one :class:`~resonance.errors.RowError` naming each
+        by its ``sources`` entry (the collators pass each row's FILE:LINE), or as ``row N`` without.
         """
         first_supervised = first_supervised or [0] * len(conversations)
-        self._check_image_counts(images)
+        self._check_rows(conversations, images, first_supervised, sources)
         if self.answer_as_suffix:
             return self._with_prefix_lm(self._process_with_suffix(conversations, images, first_supervised))
         texts = [self.render_conversation(conv, add_generation_prompt=False) for conv in conversations]
@@ -300,44 +325,84 @@ class VLProcessor:
         self._from_prompts(batch, conversations, images, first_supervised)
         return self._with_prefix_lm(batch)
 
-    def _check_image_counts(self, images: list[list[Any]]) -> None:
-        """Refuse rows the family cannot take (:class:`~resonance.data.images.ImageCount`), before the processor
-        silently misplaces their images (InstructBLIP's puts query tokens in every row of a batch with images)."""
-        count = ImageCount.for_family(self)
-        for row, row_images in enumerate(images):
-            problem = count.problem(len(row_images))
-            if problem is not None:
-                raise ValueError(f"row {row}: {problem}")
+    def row_problem(self, messages: list[Message], image_count: int, first_supervised: int = 0) -> str | None:
+        """Why this family cannot take a row, or None: images it cannot take (:class:`~resonance.data.images.
+        ImageCount`; the processor would silently misplace them: InstructBLIP's puts query tokens in every row of
+        a batch with images), or nothing to learn (every assistant turn to learn marked ``train: False``; for
+        chat_template.answer: suffix, see :meth:`split_answer`)."""
+        problem = ImageCount.for_family(self).problem(image_count)
+        if problem is not None:
+            return problem
+        if self.answer_as_suffix:
+            try:
+                self.split_answer(messages, first_supervised)
+            except ValueError as exc:
+                return str(exc)
+            return None
+        answers = [i for i, m in enumerate(messages) if i >= first_supervised and m["role"] == "assistant"]
+        if answers and not supervised_turns(messages, first_supervised):
+            since = f" from index {first_supervised} on" if first_supervised else ""
+            return (
+                f"every assistant message{since} is marked train: false (indices {', '.join(map(str, answers))}, "
+                "counting from 0), so the row has nothing to learn; let at least one train, or drop the row"
+            )
+        return None
+
+    def _check_rows(
+        self,
+        conversations: list[list[Message]],
+        images: list[list[Any]],
+        first_supervised: list[int],
+        sources: list[str] | None,
+    ) -> None:
+        """Every row's :meth:`row_problem` at once, as one RowError (a DPO batch's halves name a row twice)."""
+        names = sources or [f"row {row}" for row in range(len(conversations))]
+        problems = {
+            f"{name}: {problem}": None
+            for name, messages, row_images, first in zip(names, conversations, images, first_supervised, strict=True)
+            if (problem := self.row_problem(messages, len(row_images), first)) is not None
+        }
+        if problems:
+            raise RowError("\n".join(problems))
 
     def _from_prompts(
         self, batch: BatchFeature, conversations: list[list[Message]], images: list[list[Any]], first: list[int]
     ) -> None:
         """Replace the image inputs of spec ``source: prompt`` with the processor's outputs for each row's prompt.
 
-        A row's prompt is its turns before the first supervised assistant turn, rendered with the generation
-        prompt: what the processor is given at inference. So such inputs (InstructBLIP's Q-Former text, which
-        conditions the image features every position sees) never hold an answer, and are the same for a DPO
-        row's chosen and rejected halves.
+        A row's prompt is its turns before the first turn to learn (:func:`supervised_turns`), rendered with the
+        generation prompt: what the processor is given at inference. So such inputs (InstructBLIP's Q-Former
+        text, which conditions the image features every position sees) never hold an answer, and are the same
+        for a DPO row's chosen and rejected halves.
         """
         names = [item.name for item in self.image_inputs if item.from_prompt]
         if not names or not any(images):
             return
         prompts = []
         for conv, start in zip(conversations, first, strict=True):
-            answer = next((i for i, m in enumerate(conv) if i >= start and m["role"] == "assistant"), len(conv))
+            answer = next(iter(supervised_turns(conv, start)), len(conv))
             prompts.append(self.render_conversation(conv[:answer], add_generation_prompt=True))
         from_prompts = self(text=prompts, images=images)
         for name in names:
             batch[name] = from_prompts[name]
 
     def split_answer(self, messages: list[Message], first_supervised: int) -> tuple[list[Message], str]:
-        """chat_template.answer: suffix: the prompt's turns and the text of the last turn, the assistant's."""
+        """chat_template.answer: suffix: the prompt's turns and the text of the last turn, the assistant's.
+
+        Earlier assistant turns are prompt, whatever their ``train``; the last one must be a turn to learn
+        (:func:`supervised_turns`): a ValueError otherwise."""
         last = len(messages) - 1
         if last < first_supervised or messages[last]["role"] != "assistant":
             roles = [m["role"] for m in messages]
             raise ValueError(
                 f"{type(self).__name__}: the processor takes the answer as a suffix, so a conversation must end "
                 f"with the assistant turn to learn; got roles {roles}"
+            )
+        if last not in supervised_turns(messages, first_supervised):
+            raise ValueError(
+                f"{type(self).__name__}: the processor learns only the last message (the answer, given as a "
+                f"suffix), and it is marked train: false (index {last}, counting from 0), so the row has nothing to "
+                "learn; let it train, or drop the row"
             )
         content = messages[last]["content"]
         if isinstance(content, str):
