@@ -65,6 +65,7 @@ KIND_COMMANDS: dict[str, str] = {
     "preference": "`resonance train dpo` or `rm`",
     "prompt": "`resonance generate` or `resonance train grpo` / `ppo`",
 }
+_SYSTEM_TWICE = "system: the conversation starts with a 'system' turn too; keep one of the two"
 # LLaMA-Factory's and VL-RLHF's sharegpt roles -> chat roles.
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -87,7 +88,7 @@ class DataFormat:
 
     def claims(self, keys: Collection[str]) -> bool:
         """Whether a row with these top-level keys is of this format."""
-        return not self._missing(keys) and not any(key in keys for key in self.excluded)
+        return not self.missing(keys) and not any(key in keys for key in self.excluded)
 
     def to_native(self, row: Row, kind: str, problems: list[str]) -> Row | None:
         """The native row for ``kind``: the converted fields plus every key of ``row`` the conversion did not
@@ -96,7 +97,7 @@ class DataFormat:
         if kind not in self.kinds:
             problems.append(f"{self.name} rows are for {_commands(self.kinds)}, not {kind} rows")
             return None
-        missing = self._missing(_present(row))
+        missing = self.missing(_present(row))
         if missing:
             problems.append(f"missing field {' and '.join(missing)} ({self.name} rows are {self.summary})")
             return None
@@ -107,7 +108,8 @@ class DataFormat:
         """Every top-level key the format names as required."""
         return frozenset(key for group in self.required for key in group)
 
-    def _missing(self, keys: Collection[str]) -> list[str]:
+    def missing(self, keys: Collection[str]) -> list[str]:
+        """The required keys a row with ``keys`` lacks, one ``'a' or 'b'`` text per group of alternatives."""
         return [" or ".join(repr(key) for key in group) for group in self.required if not any(k in keys for k in group)]
 
 
@@ -123,7 +125,7 @@ def _sharegpt(row: Row, kind: str, problems: list[str]) -> Row | None:
     if system is None or not isinstance(conversations, list):  # a wrong conversation: the loader names it
         return None if system is None else row
     if conversations and isinstance(conversations[0], dict) and conversations[0].get("from") == "system":
-        problems.append("system: the conversation starts with a 'system' turn too; keep one of the two")
+        problems.append(_SYSTEM_TWICE)
         return None
     turns = [{"from": "system", "value": system}, *conversations]
     return _replace(row, ("system", "conversations"), {"conversations": turns}, problems)
@@ -137,6 +139,8 @@ def _sharegpt_preference(row: Row, kind: str, problems: list[str]) -> Row | None
     if prompt is not None and prompt[-1]["role"] != "user":
         last = _article(row["conversations"][-1]["from"])
         problems.append(f"conversations: must end with the human turn that chosen and rejected answer, got {last} turn")
+    if prompt is not None and system and prompt[0]["role"] == "system":
+        problems.append(_SYSTEM_TWICE)
     if len(problems) > before or prompt is None or system is None:
         return None
     native = {"prompt": system + prompt, "chosen": answers["chosen"], "rejected": answers["rejected"]}
@@ -256,7 +260,8 @@ def _query_answers(
         return _replace(row, consumed, {"prompt": prompt}, problems)
     answer, chosen, rejected = answers
     if kind == "sft":
-        response = _text(row, answer, problems, hint=f"the answer to train on; {chosen!r} / {rejected!r} are for DPO")
+        for_dpo = f"; {chosen!r} / {rejected!r} are for DPO" if chosen != answer else ""
+        response = _text(row, answer, problems, hint=f"the answer to train on{for_dpo}")
         if response is None:
             return None
         messages = [*prompt, {"role": "assistant", "content": response}]
@@ -408,7 +413,7 @@ def format_hint(keys: Collection[str], kind: str) -> str:
 
 def _misfit(data_format: DataFormat, keys: Collection[str]) -> str:
     """What keeps a row with ``keys`` from ``data_format``: the keys it misses, or those of another format."""
-    missing = data_format._missing(keys)
+    missing = data_format.missing(keys)
     if missing:
         return f"missing {' and '.join(missing)}"
     return f"but with {' and '.join(repr(key) for key in data_format.excluded if key in keys)}, not in this format"
@@ -539,9 +544,12 @@ def _split_shared_prompt(
     ``extract_prompt``; the shared turns must end with a user turn and the rest be assistant turns."""
     texts = [name for value, name in zip((chosen, rejected), names, strict=True) if isinstance(value, str)]
     if texts:
+        other = (
+            "give the prompt in 'prompt'" if names[0] == "chosen" else "give the rejected text in 'rejected_response'"
+        )
         problems.append(
             f"{' and '.join(texts)}: text; an implicit-prompt pair is two conversations (lists of messages) that share"
-            " their prompt turns; for text answers give the prompt in 'prompt'"
+            f" their prompt turns; for text answers {other}"
         )
         return None
     before = len(problems)
