@@ -25,6 +25,7 @@ import io
 import mimetypes
 import os
 import re
+import stat
 import tempfile
 import threading
 import urllib.error
@@ -218,13 +219,10 @@ def _resolve_text(text: str, sources: ImageSources, check_files: bool) -> str:
 def _resolve_path(path: str, given: str, sources: ImageSources, check_files: bool) -> str:
     """``path`` (from ``given``: itself or a file URL) as an absolute path; with ``check_files``, of a file."""
     path = os.path.expanduser(path)
-    where = ""
-    if not os.path.isabs(path):
-        if sources.image_root is not None:
-            root, where = sources.image_root, f"--image_root {sources.image_root}"
-        elif sources.base_dir is not None:
-            root, where = sources.base_dir, f"the data file's folder {sources.base_dir}"
-        else:
+    relative = not os.path.isabs(path)
+    if relative:
+        root = sources.image_root if sources.image_root is not None else sources.base_dir
+        if root is None:
             raise ImageRefError(
                 f"relative path {given!r} with no data file folder to resolve it against; pass --image_root "
                 "(the folder image paths are relative to) or give absolute paths"
@@ -233,9 +231,20 @@ def _resolve_path(path: str, given: str, sources: ImageSources, check_files: boo
     path = os.path.abspath(path)
     if not check_files:
         return path
-    if not os.path.exists(path):
-        raise ImageRefError(f"image file not found: {path}" + (f" (relative to {where})" if where else ""))
-    if not os.path.isfile(path):
+    try:
+        is_file = stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        where = ""
+        if relative:
+            where = (
+                f" (relative to --image_root {sources.image_root})"
+                if sources.image_root is not None
+                else f" (relative to the data file's folder {sources.base_dir})"
+            )
+        raise ImageRefError(f"image file not found: {path}{where}") from None
+    except OSError as exc:  # a folder on the way that may not be read, a name too long, ...
+        raise ImageRefError(f"cannot read {path} (from {given!r}): {exc.strerror or exc}") from None
+    if not is_file:
         raise ImageRefError(f"not a file: {path} (from {given!r}); give the path of an image file")
     return path
 
@@ -340,24 +349,42 @@ def _store_of(sources: ImageSources) -> Path:
     return sources.store if sources.store is not None else default_image_store()
 
 
+# Images this process found or wrote in a store, by (store, sha256): a picture repeated on many rows is checked by
+# PIL once.
+_STORED: dict[tuple[Path, str], str] = {}
+_STORED_LOCK = threading.Lock()
+
+
 def _store_image(data: bytes, given: str, store: Path) -> str:
     """``store``'s file for the image ``data`` (``given`` names it in messages): ``<sha256><suffix>``, the suffix
     of the format PIL detects; written once, atomically, and only when PIL can open and ``verify()`` the bytes."""
+    digest = hashlib.sha256(data).hexdigest()
+    key = (store, digest)
+    with _STORED_LOCK:
+        known = _STORED.get(key)
+    if known is not None:
+        return known
     try:
         with _budget_is_ours(), Image.open(io.BytesIO(data)) as image:
             image_format = image.format or ""
             mimetype = image.get_format_mimetype() or ""
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise ImageRefError(f"{given} is not an image PIL can read ({type(exc).__name__}: {exc})") from None
-    target = store / f"{hashlib.sha256(data).hexdigest()}{_suffix(image_format, mimetype)}"
+    target = store / f"{digest}{_suffix(image_format, mimetype)}"
     if target.is_file():
-        return str(target)
+        return _remember(key, target)
     try:
         with _budget_is_ours(), Image.open(io.BytesIO(data)) as image:
             image.verify()
     except Exception as exc:
         raise ImageRefError(f"{given} is a broken {image_format} image ({type(exc).__name__}: {exc})") from None
     _write_once(target, data)
+    return _remember(key, target)
+
+
+def _remember(key: tuple[Path, str], target: Path) -> str:
+    with _STORED_LOCK:
+        _STORED[key] = str(target)
     return str(target)
 
 

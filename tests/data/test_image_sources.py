@@ -119,6 +119,12 @@ def test_a_folder_is_not_an_image_file(data_dir: Path) -> None:
     assert refused("sub", ImageSources(data_dir)).startswith(f"not a file: {data_dir}/sub (from 'sub')")
 
 
+def test_a_path_the_system_cannot_look_up_is_named(data_dir: Path) -> None:
+    name = "x" * 300 + ".png"
+    message = refused(name, ImageSources(data_dir))
+    assert message == f"cannot read {data_dir}/{name} (from {name!r}): File name too long"
+
+
 def test_a_colon_without_slashes_is_a_path_not_a_url(data_dir: Path) -> None:
     save_png(data_dir, "a:b.png", RED)
     assert resolve_image("a:b.png", ImageSources(data_dir)) == str(data_dir / "a:b.png")
@@ -144,15 +150,27 @@ def test_bytes_are_written_once_named_by_their_sha256_and_format(store: Path) ->
     assert len(stored(store)) == 2
 
 
-def test_the_same_bytes_again_are_never_rewritten(store: Path) -> None:
+def test_the_same_bytes_again_are_never_rewritten(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sources = ImageSources(None, store=store)
     path = resolve_image(image_bytes(RED), sources)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     before = os.stat(path)
     assert resolve_image(image_bytes(RED), sources) == path
+    monkeypatch.setattr(images, "_STORED", {})  # as a new process finds the store
+    assert resolve_image(image_bytes(RED), sources) == path
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, 1_000_000_000)
     assert stored(store) == [Path(path).name]
+
+
+def test_a_picture_repeated_on_many_rows_is_opened_by_pil_once(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[object] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *args, **kwargs: opened.append(fp) or real_open(fp, *args, **kwargs))
+    sources = ImageSources(None, store=store)
+    png = image_bytes(BLUE)
+    paths = {resolve_image({"bytes": png, "path": None}, sources) for _ in range(5)}
+    assert len(paths) == 1 and len(opened) == 2  # the format, then verify() before the one write
 
 
 def test_store_files_are_0644_and_no_temporary_file_is_left(store: Path) -> None:
