@@ -1,7 +1,8 @@
 """``resonance data inspect FILE``: what a data file holds and how each ``--model`` family tokenizes it, before a
 long job: the detected format, row counts, image counts, token-length percentiles per family, unused fields and
 the first problems; with ``--html`` a self-contained page of sampled rows with their supervised tokens
-highlighted. Only processors are loaded, never model weights.
+highlighted. Only processors are loaded, never model weights; without ``--model`` neither torch nor transformers
+is imported.
 
 Exit codes: 0 every row is valid (and every family takes it), 1 some rows are not (the report still prints), 2
 the file, a flag or a checkpoint cannot be used at all.
@@ -20,10 +21,6 @@ from jinja2 import TemplateError
 from rich.console import Console
 from rich.table import Table
 
-from resonance.algorithms.lengths import fit_rows, row_lengths
-from resonance.base.processor import IGNORE_INDEX
-from resonance.base.registry import load_core_mapper
-from resonance.commands.generate import _AtomicOutput
 from resonance.data.images import ImageCount, image_size, load_row_images
 from resonance.data.inspect import (
     ConversationView,
@@ -100,6 +97,8 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 
 
 def _load_family(checkpoint: str) -> _Family:
+    from resonance.base.registry import load_core_mapper  # torch: only with --model
+
     mapper = load_core_mapper(checkpoint)
     processor = mapper.processor(checkpoint)
     return _Family(checkpoint, mapper.processor.__module__.rsplit(".", 1)[-1], processor)
@@ -108,6 +107,8 @@ def _load_family(checkpoint: str) -> _Family:
 def _family_report(family: _Family, rows: list[dict[str, Any]]) -> FamilyReport:
     """The family's token lengths of the rows it takes, and the rows it does not: an image count it cannot take,
     or a conversation its chat template cannot render (named by :func:`fit_rows`, as training names them)."""
+    from resonance.algorithms.lengths import fit_rows, row_lengths
+
     count = ImageCount.for_family(family.processor)
     problems = [(row["source"], p) for row in rows if (p := count.problem(len(row["images"]))) is not None]
     refused = {source for source, _ in problems}
@@ -143,6 +144,8 @@ def _sample_view(row: dict[str, Any], families: list[_Family]) -> SampleView:
 def _conversations(processor: Any, row: dict[str, Any]) -> list[ConversationView]:
     """The row as the family's collator tokenizes it: an SFT conversation, a preference row's prompt + chosen and
     prompt + rejected, or a prompt row's prompt with the generation prompt (nothing supervised)."""
+    from resonance.base.processor import IGNORE_INDEX
+
     try:
         images = load_row_images(processor, row["images"], row["source"])
         if "messages" in row:
@@ -172,6 +175,8 @@ def _conversations(processor: Any, row: dict[str, Any]) -> list[ConversationView
 def _write_page(output: Path, page: str, overwrite: bool) -> None:
     """Write the page atomically: a temporary file renamed onto ``output``, never over a file that appeared
     meanwhile unless ``overwrite``."""
+    from resonance.commands.generate import _AtomicOutput
+
     if not output.parent.is_dir():
         raise ConfigError(f"--html {output}: no such folder {output.parent}")
     target = _AtomicOutput(output, overwrite)

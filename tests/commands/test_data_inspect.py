@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -230,6 +232,17 @@ def test_data_flags_reach_the_loader(tmp_path: Path) -> None:
     assert re.search(rf"  {re.escape(str(data))}:row 0: .*cat\.png", result.output)
     result = _inspect(data, "--image_root", pictures, "--data_format", "sharegpt")
     assert result.exit_code == EXIT_INPUT and "--data_format sharegpt" in result.stderr
+
+
+def test_without_a_model_neither_torch_nor_transformers_loads(tmp_path: Path) -> None:
+    """The report of a file alone is quick: the command imports no model library."""
+    data = _sft_file(tmp_path)
+    code = (
+        "import sys; from resonance.cli import main; code = main(['data', 'inspect', sys.argv[1]]); "
+        "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "0 []", result.stdout + result.stderr
 
 
 # -- exit codes --------------------------------------------------------------------------------------------------
