@@ -140,6 +140,7 @@ def load_row_images(processor: Any, paths: list[str], source: str) -> list[Image
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per http(s) request (connect, and each read)
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # one downloaded image; far above any photo a VLM is trained on
+_USER_AGENT = "resonance (image download; --allow_image_urls)"  # some hosts refuse urllib's own
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a scheme and '//': 'a:b.png' stays a (relative) path
 _MIME_TYPES = mimetypes.MimeTypes()  # Python's own table, not the machine's: the same file names everywhere
 _SHOWN_CHARS = 80  # of a reference quoted in a message (data URIs run to megabytes)
@@ -328,7 +329,8 @@ def _fetch(url: str) -> bytes:
     """The body at ``url``: at most :data:`MAX_DOWNLOAD_BYTES`, each wait at most :data:`DOWNLOAD_TIMEOUT_S`."""
     cap, shown = MAX_DOWNLOAD_BYTES, _shown(url)
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length", "")
             over_cap = length.isdigit() and int(length) > cap  # said up front: nothing is read
             data = b"" if over_cap else response.read(cap + 1)

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import datasets
@@ -335,6 +336,19 @@ def test_a_url_is_downloaded_once_into_the_store_with_the_flag(store: Path) -> N
         assert resolve_image(url, sources) == path
     assert path == str(store / f"{hashlib.sha256(png).hexdigest()}.png")
     assert server.hits == ["/red.png"]
+    assert server.agents == ["resonance (image download; --allow_image_urls)"]
+
+
+def test_a_stalled_server_is_given_up_on_after_the_timeout(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT_S", 0.05)
+    release = threading.Event()
+    with serve_files({"red.png": image_bytes(RED)}, hold=release) as server:
+        url = f"{server.url}/red.png"
+        try:
+            message = refused(url, ImageSources(None, allow_urls=True, store=store))
+        finally:
+            release.set()
+    assert message.startswith(f"cannot download {url!r}: ") and "timed out" in message
 
 
 @pytest.mark.parametrize(

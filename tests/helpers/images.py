@@ -54,22 +54,29 @@ def image_bytes(image: Image.Image, format: str = "PNG") -> bytes:
 
 @dataclass
 class LocalServer:
-    """A running :func:`serve_files` server: its base ``url`` and the paths it was asked for, in order."""
+    """A running :func:`serve_files` server: its base ``url``, the paths it was asked for in order, and the
+    ``User-Agent`` of each request."""
 
     url: str
     hits: list[str] = field(default_factory=list)
+    agents: list[str | None] = field(default_factory=list)
 
 
 @contextmanager
-def serve_files(files: dict[str, bytes], content_length: bool = True) -> Iterator[LocalServer]:
+def serve_files(
+    files: dict[str, bytes], content_length: bool = True, hold: threading.Event | None = None
+) -> Iterator[LocalServer]:
     """An HTTP server on 127.0.0.1 (a free port, in a thread) answering ``GET /NAME`` with ``files[NAME]``, 404
     for any other path. ``content_length=False``: no Content-Length header, the body ends when the connection
-    closes (HTTP/1.0), as a streamed download does."""
+    closes (HTTP/1.0), as a streamed download does. ``hold``: answer only once it is set (a stalled server)."""
     server: LocalServer
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             server.hits.append(self.path)
+            server.agents.append(self.headers.get("User-Agent"))
+            if hold is not None:
+                hold.wait()
             body = files.get(self.path.lstrip("/"))
             if body is None:
                 self.send_error(404)
