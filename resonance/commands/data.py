@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 from jinja2 import TemplateError
 from rich.console import Console
 from rich.table import Table
@@ -87,13 +88,16 @@ def inspect_data(
 
 @contextlib.contextmanager
 def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """``logger``'s warnings off for the block."""
-    level = logger.level
+    """``logger``'s warnings and datasets' progress bars off for the block: the report says what they would."""
+    level, bars = logger.level, not datasets.utils.are_progress_bars_disabled()
     logger.setLevel(logging.ERROR)
+    datasets.utils.disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            datasets.utils.enable_progress_bars()
 
 
 def _load_family(checkpoint: str) -> _Family:

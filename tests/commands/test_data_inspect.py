@@ -222,6 +222,7 @@ def test_data_flags_reach_the_loader(tmp_path: Path) -> None:
 
     result = _inspect(data, "--image_root", pictures)
     assert result.exit_code == EXIT_OK, result.output + result.stderr
+    assert result.stderr == ""  # no progress bar of datasets' split generation: the report is the output
     assert re.search(r"kind\s+preference\n", result.output) and re.search(r"format\s+trl_preference\n", result.output)
     assert re.search(
         rf"images\s+1 \(1 distinct files\); largest 40 x 30: {re.escape(str(pictures / 'cat.png'))}", result.output
