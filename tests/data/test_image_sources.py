@@ -72,9 +72,10 @@ def test_a_path_object_resolves_like_its_text(data_dir: Path) -> None:
     assert resolve_image(Path("sub/blue.png"), ImageSources(data_dir)) == str(data_dir / "sub" / "blue.png")
 
 
-def test_home_is_expanded(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_home_is_expanded_in_paths_and_in_image_root(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(data_dir))
     assert resolve_image("~/red.png", ImageSources(None)) == str(data_dir / "red.png")
+    assert resolve_image("sub/blue.png", ImageSources(None, image_root=Path("~"))) == str(data_dir / "sub/blue.png")
 
 
 def test_file_urls_decode_escapes_and_take_localhost(data_dir: Path) -> None:
