@@ -194,15 +194,23 @@ def test_prompt_lengths_are_the_generation_prompts(tmp_path: Path, tiny_checkpoi
 
 
 def test_rows_a_family_cannot_take(tmp_path: Path, tiny_checkpoint: Any) -> None:
-    paligemma = tiny_checkpoint("paligemma")  # spec image.required: the text-only row cannot be trained on
-    data = _sft_file(tmp_path)
+    # PaliGemma needs an image in every row (spec image.required) and learns only a last assistant turn (its
+    # processor takes the answer as a suffix): the text-only row and a row ending with a question are refused.
+    paligemma = tiny_checkpoint("paligemma")
+    unanswered = {
+        "images": ["box.png"],
+        "conversations": _turns(("human", "<image>Hi?"), ("gpt", "Hi."), ("human", "And?")),
+    }
+    data = _sft_file(tmp_path, unanswered)
     result = _inspect(data, "--model", paligemma, "--max_problems", "5")
 
     assert result.exit_code == EXIT_FAILED, result.output
-    assert re.search(r"rows\s+3 valid, 0 invalid\n", result.output)
+    assert re.search(r"rows\s+4 valid, 0 invalid\n", result.output)
     cells = _length_row(result.output, paligemma)
-    assert cells[1:3] == ["paligemma", "2"] and cells[-1] == "1"
-    assert re.search(rf"  {re.escape(str(data))}:1: {re.escape(str(paligemma))}: 0 image\(s\), but", result.output)
+    assert cells[1:3] == ["paligemma", "2"] and cells[-1] == "2"
+    named = re.escape(str(paligemma))
+    assert re.search(rf"  {re.escape(str(data))}:1: {named}: 0 image\(s\), but", result.output)
+    assert re.search(rf"  {re.escape(str(data))}:4: {named}: .*must end with the assistant turn", result.output)
 
 
 def test_data_flags_reach_the_loader(tmp_path: Path) -> None:
