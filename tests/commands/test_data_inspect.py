@@ -426,3 +426,23 @@ def test_page_says_what_a_family_cannot_take(tmp_path: Path, tiny_checkpoint: An
     page, rows = _read_page(page_path)
     assert rows[0]["conversations"] == []  # the text-only row: an error instead of tokens
     assert re.search(r'class="error">this family cannot take the row: [^<]*0 image\(s\), but', page)
+
+
+def test_page_shows_an_unsupervised_turn_unhighlighted(tmp_path: Path, tiny_checkpoint: Any) -> None:
+    """ms-swift's per-message ``"loss": false``: that answer is prompt on the page, the next one supervised."""
+    qwen = tiny_checkpoint("qwen2_vl")
+    _images(tmp_path)
+    messages = [
+        {"role": "user", "content": "<image>What animal is this?"},
+        {"role": "assistant", "content": "A large dog.", "loss": False},
+        {"role": "user", "content": "Look again."},
+        {"role": "assistant", "content": "A small cat."},
+    ]
+    data = write_jsonl(tmp_path / "swift.jsonl", [{"images": ["cat.png"], "messages": messages}])
+    page_path = tmp_path / "swift.html"
+    assert _inspect(data, "--model", qwen, "--html", page_path).exit_code == EXIT_OK
+
+    _, (row,) = _read_page(page_path)
+    (conversation,) = row["conversations"]
+    assert conversation.supervised.startswith("A small cat.") and "dog" not in conversation.supervised
+    assert "A large dog." in conversation.prompt
