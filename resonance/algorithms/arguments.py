@@ -34,8 +34,39 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "Training data: JSONL or a JSON list (see README, Data)."})
-    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data, same format."})
+    data_path: str = field(
+        metadata={
+            "help": "Training data: a .jsonl, .json, .parquet, .arrow or .csv file, a folder of them, a save_to_disk "
+            "folder, or a dataset name (README, Data)."
+        }
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data, same kinds."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "The rows' format (README, Data; `resonance data formats` lists them): auto (recognised from "
+            "each row's fields), or a name for rows that fit several."
+        },
+    )
+    data_config: str | None = field(default=None, metadata={"help": "The configuration of a dataset name."})
+    data_split: str | None = field(
+        default=None, metadata={"help": "The split of a dataset name or save_to_disk folder (default: train)."}
+    )
+    eval_data_split: str | None = field(
+        default=None, metadata={"help": "The split of --eval_data_path (default: --data_split's)."}
+    )
+    data_revision: str | None = field(default=None, metadata={"help": "The revision of a dataset name."})
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "The folder relative image paths are resolved against (default: the data file's folder)."},
+    )
+    allow_image_urls: bool = field(
+        default=False,
+        metadata={
+            "help": "Download http(s) images (once, into the image store in the datasets cache); without it a row "
+            "with an image URL is refused."
+        },
+    )
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Skip (and count, in the log) invalid rows instead of failing."}
     )

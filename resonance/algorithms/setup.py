@@ -75,11 +75,19 @@ def load_data_and_processor(
         "skip_invalid": data_args.skip_invalid_rows,
         "image_count": ImageCount.for_family(mapper.processor, most_images),
         "max_image_pixels": data_args.max_image_pixels,
+        **source_options(data_args),
     }
     train_rows = load_rows(data_args.data_path, kind, **data_kwargs)
-    eval_rows = load_rows(data_args.eval_data_path, kind, **data_kwargs) if data_args.eval_data_path else None
+    eval_kwargs = {**data_kwargs, "data_split": data_args.eval_data_split or data_args.data_split}
+    eval_rows = load_rows(data_args.eval_data_path, kind, **eval_kwargs) if data_args.eval_data_path else None
     processor = mapper.processor(model_args.model_name_or_path, trust_remote_code=mapper.model.trust_remote_code)
     return train_rows, eval_rows, processor
+
+
+def source_options(data_args: DataArguments) -> dict[str, Any]:
+    """The ``read_rows`` options that say where rows and their images come from, from the data flags."""
+    names = ("data_format", "image_root", "allow_image_urls", "data_config", "data_split", "data_revision")
+    return {name: getattr(data_args, name) for name in names}
 
 
 def load_model(

@@ -100,8 +100,10 @@ def run(
     seed: int | None = None,
     overrides: dict[str, Any] | None = None,
     console: Any = None,
+    data_options: dict[str, Any] | None = None,
 ) -> int:
-    """Generate an answer for every prompt row of ``data_path`` into ``output`` (JSONL, input order).
+    """Generate an answer for every prompt row of ``data_path`` into ``output`` (JSONL, input order);
+    ``data_options`` are :func:`~resonance.data.rows.read_rows`'s options (format, image root, split, ...).
 
     Returns the number of rows written. Raises :class:`ConfigError`, ``DataError`` or ``RowError`` before
     anything is written; the output appears only once every row is done.
@@ -124,7 +126,15 @@ def run(
     try:
         with _terminate_as_exit():
             loaded = _generate(
-                model_name_or_path, data_path, target, batch_size, skip_invalid_rows, seed, overrides, console
+                model_name_or_path,
+                data_path,
+                target,
+                batch_size,
+                skip_invalid_rows,
+                seed,
+                overrides,
+                console,
+                data_options or {},
             )
             target.commit()
     except BaseException:
@@ -144,6 +154,7 @@ def _generate(
     seed: int | None,
     overrides: dict[str, Any] | None,
     console: Any,
+    data_options: dict[str, Any],
 ) -> Any:
     """Check, load, generate every row into ``target``; return the loaded rows (``read_rows``'s result)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -159,6 +170,7 @@ def _generate(
         image_placeholder=processor_cls.image_placeholder,
         skip_invalid=skip_invalid_rows,
         image_count=ImageCount.for_family(processor_cls),
+        **data_options,
     )
     rows = loaded.rows
     vl_model, model, processor = load_for_generation(model_name_or_path)

@@ -1,34 +1,43 @@
-"""Read SFT and preference data files into one canonical, validated ``datasets.Dataset``.
+"""Read data sources into one canonical, validated ``datasets.Dataset`` per file: SFT, preference and prompt rows.
 
-Input files are JSON Lines (``.jsonl``: one object per line, blank lines allowed) or JSON (``.json``:
-a list of objects). Image paths are resolved relative to the data file's folder. Accepted rows:
+Rows come from :mod:`resonance.data.sources` (JSON Lines, JSON lists, parquet, arrow, csv, ``save_to_disk``
+folders, dataset names); each row's format (LLaVA/sharegpt, chat ``messages``, TRL's preference and
+prompt-completion formats, ms-swift's, alpaca, ...) is recognised from its fields and converted to a NATIVE shape
+by :mod:`resonance.data.formats`; this module validates the native shape and canonicalises it:
 
-- SFT, LLaVA style: ``{"image": "a.png" | "images": [...], "conversations": [{"from": "human" | "gpt" |
-  "system", "value": "<image>\\nWhat is it?"}, ...], "id": ...}``
+- SFT, LLaVA/sharegpt style: ``{"image": ref | "images": [...], "conversations": [{"from": "human" | "gpt" |
+  "system" (or "user" | "assistant"), "value": "<image>\\nWhat is it?"}, ...], "id": ...}``
 - SFT, chat style: ``{"images": [...], "messages": [{"role": "system" | "user" | "assistant", "content": str
-  | [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]}``
+  | [parts]}, ...]}``; a part is ``{"type": "text", "text": ...}``, ``{"type": "image"}`` (its image in the row's
+  ``images``), ``{"type": "image", "image" | "path" | "url": ref}`` or ``{"type": "image_url", "image_url":
+  {"url": ref}}`` (the image given in the part). A message may say ``"loss": false`` (ms-swift), ``"training":
+  false`` or ``"weight": 0`` (axolotl): that assistant turn is context, not supervised.
 - preference (DPO, RM): ``{"images": [...], "prompt": str | [messages ending with a user turn],
   "chosen": str | [assistant messages], "rejected": str | [assistant messages]}``, optionally ``"margin"``: a
   number, how far the reward model's chosen reward should exceed the rejected one (reward modelling only)
-- prompt (generation): a preference row's ``"prompt"`` (other fields such as ``chosen`` are ignored), or an SFT
-  row (``"conversations"`` / ``"messages"``) whose trailing assistant turns are dropped; with optional
-  ``"image"`` / ``"images"`` and ``"id"``. What is left must end with a user turn.
+- prompt (generation): a preference row's ``"prompt"``, or an SFT conversation whose trailing assistant turns are
+  dropped; with optional ``"image"`` / ``"images"`` and ``"id"``. What is left must end with a user turn.
+
+An image reference is a path (relative to the data file's folder or ``--image_root``), a ``file://``, ``data:`` or
+(with ``--allow_image_urls``) http(s) URL, image bytes, a ``{"bytes", "path"}`` struct or a PIL image
+(:func:`resonance.data.images.resolve_image`). A video or audio (``video(s)`` / ``audio(s)`` fields, ``<video>``
+/ ``<audio>`` placeholders, video or audio parts) is refused by row, never dropped. A field no canonical row keeps
+is counted and reported once per source.
 
 Canonical rows (what the collators consume), one per input row::
 
-    sft:        {"messages": [Message], "images": [str], "source": "FILE:LINE"}
+    sft:        {"messages": [Message], "images": [str], "source": "FILE:LINE" | "FILE:row N"}
     preference: {"prompt": [Message], "chosen": [Message], "rejected": [Message], "images": [str],
-                 "source": "FILE:LINE", "margin": float (only where the row gives one)}
-    prompt:     {"prompt": [Message], "images": [str], "source": "FILE:LINE", "id": JSON text of the row's "id"
-                 or None}
-    Message = {"role": "system" | "user" | "assistant", "content": [Part]}
+                 "source": ..., "margin": float (only where the row gives one)}
+    prompt:     {"prompt": [Message], "images": [str], "source": ..., "id": JSON text of the row's "id" or None}
+    Message = {"role": "system" | "user" | "assistant", "content": [Part], "train": False (only where given)}
     Part    = {"type": "image", "text": None} | {"type": "text", "text": str}
 
 ``images`` are absolute paths, in the order of the image parts (across prompt, then chosen, then rejected).
 Every text is split at the image placeholder (``"<image>"``, plus one newline right after it); a row whose
 messages hold no image part gets all its images at the start of its first user message (LLaVA convention).
-Image parts appear only in user messages. Every problem is reported as ``FILE:LINE: message``, all rows
-of a file at once, in one :class:`DataError`.
+Image parts appear only in user messages. Every problem is reported as ``SOURCE: message``, all rows of a source
+at once, in one :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -38,21 +47,26 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 
+from resonance.data.formats import DataFormat, detect_format, format_hint, format_named
 from resonance.data.images import (
     ANY_IMAGE_COUNT,
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageCount,
+    ImageRefError,
+    ImageSources,
     check_pixel_budget,
     image_problem,
+    resolve_image,
 )
-from resonance.errors import DataError
+from resonance.data.sources import DatasetChoice, open_rows
+from resonance.errors import ConfigError, DataError
 
 logger = logging.getLogger("resonance.data")
 
@@ -62,19 +76,27 @@ Message = dict[str, Any]
 _Columns = dict[str, list[Message]]
 
 KINDS: tuple[str, ...] = ("sft", "preference", "prompt")
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json")
 
-_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 _CHAT_ROLES = ("system", "user", "assistant")
+_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_INLINE_IMAGE_KEYS = ("image", "path", "url")  # an image part's own image, as HF chat templates name it
+# Modalities no family takes yet: refused by name wherever a row holds them.
+_MEDIA_FIELDS = ("video", "videos", "audio", "audios")
+_MEDIA_PARTS = {"video": "video", "video_url": "video", "audio": "audio", "audio_url": "audio", "input_audio": "audio"}
+# A message's own say on whether it is supervised: ms-swift's "loss", axolotl's "training" and "weight".
+_TURN_LOSS_KEYS = ("loss", "training", "weight")
 # Known top-level fields, in groups of alternatives; a row needs one member of each required group.
 _IMAGE_FIELDS = ("image", "images")
 _SFT_GROUPS: tuple[tuple[str, ...], ...] = (("conversations", "messages"), _IMAGE_FIELDS)
 _PREFERENCE_GROUPS: tuple[tuple[str, ...], ...] = (("prompt",), ("chosen",), ("rejected",), _IMAGE_FIELDS)
-# Prompt rows may come from preference files (their answers are ignored) or SFT files (the answer is dropped).
+# Prompt rows may come from preference files (their answers are unused) or SFT files (the answer is dropped).
 _PROMPT_GROUPS: tuple[tuple[str, ...], ...] = (("prompt", "conversations", "messages"), _IMAGE_FIELDS)
-_PROMPT_IGNORED_FIELDS = ("chosen", "rejected")
 _OPTIONAL_FIELDS = ("id",)
+# The spellings Resonance has always read side by side in one file (its own format before other tools' formats came
+# in): they may share a source; any other format must be the only one of its source.
+_ONE_FORMAT = dict.fromkeys(("sharegpt", "messages", "trl_preference", "trl_prompt"), "resonance")
 _SFT_FORMATS = (
     'SFT rows are LLaVA style {"conversations": [{"from": "human" | "gpt" | "system", "value": str}]} '
     'or chat style {"messages": [{"role": "system" | "user" | "assistant", "content": str | [parts]}]}, '
@@ -90,14 +112,17 @@ _PROMPT_FORMAT = (
 )
 
 
-def features_for(kind: Kind, margin: bool = False) -> datasets.Features:
+def features_for(kind: Kind, margin: bool = False, train: bool = False) -> datasets.Features:
     """The arrow schema of canonical rows of ``kind`` (the same for text-only and image rows); ``margin``: with
-    the preference rows' optional ``margin`` column."""
+    the preference rows' optional ``margin`` column; ``train``: with the messages' optional ``train`` key."""
     _check_kind(kind)
 
     def messages() -> datasets.List:
         part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
-        return datasets.List({"role": datasets.Value("string"), "content": datasets.List(part)})
+        message = {"role": datasets.Value("string"), "content": datasets.List(part)}
+        if train:
+            message["train"] = datasets.Value("bool")
+        return datasets.List(message)
 
     columns: dict[str, Any] = (
         {"messages": messages()}
@@ -142,9 +167,12 @@ def text_to_parts(text: str, image_placeholder: str = "<image>") -> list[Part]:
 
 @dataclass(frozen=True)
 class LoadedRows:
-    """Canonical rows of one file, plus what ``skip_invalid`` dropped.
+    """Canonical rows of one data source, plus what ``skip_invalid`` dropped and what the rows held that no
+    canonical row keeps.
 
-    ``skipped`` is the number of dropped rows, ``problems`` their ``(source, message)`` pairs.
+    ``skipped`` is the number of dropped rows, ``problems`` their ``(source, message)`` pairs; ``format`` the name
+    of the rows' format (:mod:`resonance.data.formats`); ``unused`` each field no canonical row keeps, with the
+    number of rows that have it (``messages[].name`` for a key of messages).
     """
 
     path: str
@@ -152,6 +180,8 @@ class LoadedRows:
     rows: list[dict[str, Any]]
     skipped: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
+    format: str | None = None
+    unused: dict[str, int] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -162,42 +192,23 @@ class LoadedRows:
         """The rows as a ``datasets.Dataset`` with :func:`features_for` schema; ``info.description`` is
         :attr:`summary`. Where some preference rows give a ``margin``, the others get 0."""
         margin = self.kind == "preference" and any("margin" in row for row in self.rows)
-        features = features_for(self.kind, margin=margin)
+        columns = [row[name] for row in self.rows for name in _MESSAGE_COLUMNS if name in row]
+        train = any("train" in message for messages in columns for message in messages)
+        features = features_for(self.kind, margin=margin, train=train)
         info = datasets.DatasetInfo(description=self.summary, features=features)
         rows = [{**row, "margin": row.get("margin", 0.0)} for row in self.rows] if margin else self.rows
         return datasets.Dataset.from_list(rows, info=info)
 
 
-def load_rows(
-    path: str | os.PathLike[str],
-    kind: Kind,
-    *,
-    image_placeholder: str = "<image>",
-    skip_invalid: bool = False,
-    check_images: bool = True,
-    image_count: ImageCount = ANY_IMAGE_COUNT,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> datasets.Dataset:
-    """Load, validate and canonicalise a data file into a ``datasets.Dataset``.
+def load_rows(path: str | os.PathLike[str], kind: Kind, **options: Any) -> datasets.Dataset:
+    """Load, validate and canonicalise a data source into a ``datasets.Dataset``: :func:`read_rows`'s rows.
 
-    Raises :class:`DataError` listing every problem of the file, unless ``skip_invalid``: then invalid rows
-    are dropped with one warning each (logger ``resonance.data.rows``) and a summary, and the returned dataset's
-    ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use
-    :func:`read_rows` for the count and problems as data). A file without valid rows is always an error.
-    ``check_images`` opens every image with PIL and ``verify()``s it, and refuses one over ``max_image_pixels``
-    (``--max_image_pixels``, read from the header, nothing decoded; 0: no limit); ``False`` skips all file checks.
-    ``image_count``: the images a conversation may have, as the model family takes them
-    (spec image.required and image.multi_image); a row outside them is invalid.
+    Raises :class:`DataError` listing every problem of the source, unless ``skip_invalid``: then invalid rows
+    are dropped with one warning each (logger ``resonance.data``) and a summary, and the returned dataset's
+    ``info.description`` reads ``"N <kind> rows from <path>; K invalid rows skipped"`` (use :func:`read_rows` for
+    the count and problems as data). A source without valid rows is always an error.
     """
-    return read_rows(
-        path,
-        kind,
-        image_placeholder=image_placeholder,
-        skip_invalid=skip_invalid,
-        check_images=check_images,
-        image_count=image_count,
-        max_image_pixels=max_image_pixels,
-    ).to_dataset()
+    return read_rows(path, kind, **options).to_dataset()
 
 
 def read_rows(
@@ -209,43 +220,68 @@ def read_rows(
     check_images: bool = True,
     image_count: ImageCount = ANY_IMAGE_COUNT,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    data_format: str = "auto",
+    image_root: str | os.PathLike[str] | None = None,
+    allow_image_urls: bool = False,
+    data_config: str | None = None,
+    data_split: str | None = None,
+    data_revision: str | None = None,
+    allow_no_rows: bool = False,
 ) -> LoadedRows:
-    """Like :func:`load_rows`, but return the canonical rows as a list with the skip count and problems."""
+    """Read, validate and canonicalise the rows of ``path`` (:func:`resonance.data.sources.open_rows`: a file, a
+    folder, a ``save_to_disk`` folder, or a dataset name with ``data_config``/``data_split``/``data_revision``).
+
+    Each row's format is recognised from its fields (:func:`resonance.data.formats.detect_format`), or is
+    ``data_format``; one source holds one format. ``check_images`` opens every image with PIL and ``verify()``s it,
+    and refuses one over ``max_image_pixels`` (``--max_image_pixels``, read from the header, nothing decoded; 0: no
+    limit); ``False`` skips all file checks. Relative image paths resolve against ``image_root``, else the data
+    file's folder; http(s) images are downloaded only with ``allow_image_urls``. ``image_count``: the images a
+    conversation may have, as the model family takes them; a row outside them is invalid. Fields no canonical row
+    keeps are logged once per source with their row counts (:attr:`LoadedRows.unused`). ``allow_no_rows`` (with
+    ``skip_invalid``): a source whose rows are all invalid gives no rows and their problems instead of an error
+    (``resonance data inspect`` reports them).
+    """
     _check_kind(kind)
     _check_placeholder(image_placeholder)
     check_pixel_budget(max_image_pixels)
-    display = os.fspath(path)
-    file = Path(path)
-    if not file.exists():
-        raise DataError([(display, "file not found")])
-    if not file.is_file():
-        raise DataError([(display, "not a file; expected a .jsonl or .json data file")])
-    suffix = file.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        found = repr(suffix) if suffix else "no extension"
-        expected = "expected .jsonl (one JSON object per line) or .json (a JSON list of objects)"
-        raise DataError([(display, f"unsupported file type ({found}); {expected}")])
-    raw_rows = _read_jsonl(file) if suffix == ".jsonl" else _read_json_list(file, display)
-    converter = _RowConverter(Path(os.path.abspath(file)).parent, image_placeholder, check_images, max_image_pixels)
-    converter.image_count = image_count
+    forced = None if data_format == "auto" else format_named(data_format)
+    if forced is not None and kind not in forced.kinds:
+        kinds = ", ".join(sorted(forced.kinds))
+        raise ConfigError(f"--data_format {forced.name}: holds {kinds} rows, not the {kind} rows this command reads")
+    source = open_rows(path, DatasetChoice(data_config, data_split, data_revision))
+    root = Path(os.path.abspath(os.path.expanduser(image_root))) if image_root else None
+    sources = ImageSources(base_dir=source.base_dir, image_root=root, allow_urls=allow_image_urls)
+    converter = _RowConverter(sources, image_placeholder, check_images, max_image_pixels, image_count)
 
     rows: list[dict[str, Any]] = []
     invalid: list[tuple[str, list[str]]] = []
-    for raw in raw_rows:
-        source = f"{display}:{raw.line}"
+    formats: dict[str, list[str]] = {}  # format name -> the sources of its rows
+    for raw in source.rows:
         problems = [raw.error] if raw.error else []
-        row = None if raw.error else converter.convert(raw.value, kind, source, problems)
+        row = None
+        if raw.error is None:
+            row_format, row = converter.read(raw.value, kind, raw.source, problems, forced)
+            if row_format is not None and not problems:
+                formats.setdefault(row_format.name, []).append(raw.source)
         if problems:
-            invalid.append((source, problems))
+            invalid.append((raw.source, problems))
         else:
             assert row is not None
             rows.append(row)
 
-    errors = [(source, message) for source, problems in invalid for message in problems]
+    display = source.display
+    errors = [(where, message) for where, problems in invalid for message in problems]
     total = len(rows) + len(invalid)
     if total == 0:
-        raise DataError([(display, "no rows: the file holds no data")])
-    if not rows:
+        raise DataError([(display, "no rows: it holds no data")])
+    mix = _format_mix(formats)
+    if mix:  # not skippable: which rows are "the" format is for the user to say
+        header = (
+            f"{display}: rows in {len(mix)} formats; one source holds one format (convert the others, or pass "
+            "--data_format NAME to read every row as that format)"
+        )
+        raise DataError(mix + errors, header=header)
+    if not rows and not (allow_no_rows and skip_invalid):
         raise DataError(errors, header=f"{display}: no valid rows ({total} rows, all invalid)")
     if invalid and not skip_invalid:
         raise DataError(
@@ -255,11 +291,27 @@ def read_rows(
                 " (fix them, or pass --skip_invalid_rows to drop those rows)"
             ),
         )
-    for source, problems in invalid:
-        logger.warning("skipping invalid row %s: %s", source, "; ".join(problems))
+    for where, problems in invalid:
+        logger.warning("skipping invalid row %s: %s", where, "; ".join(problems))
     if invalid:
         logger.warning("skipped %d invalid of %d rows in %s", len(invalid), total, display)
-    return LoadedRows(display, kind, rows, skipped=len(invalid), problems=errors)
+    unused = dict(sorted(converter.unused.items()))
+    if unused:
+        fields = ", ".join(f"{name!r} ({count} rows)" for name, count in unused.items())
+        logger.warning("%s: fields not used (no canonical row keeps them): %s", display, fields)
+    name = next(iter(formats), None)
+    return LoadedRows(display, kind, rows, skipped=len(invalid), problems=errors, format=name, unused=unused)
+
+
+def _format_mix(formats: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """One problem per format when the valid rows of one source come in several, at each format's first row
+    (Resonance's own spellings, :data:`_ONE_FORMAT`, count as one)."""
+    if len({_ONE_FORMAT.get(name, name) for name in formats}) < 2:
+        return []
+    return [
+        (sources[0], f"{len(sources)} row(s) in format {name!r} ({format_named(name).summary}), the first here")
+        for name, sources in sorted(formats.items(), key=lambda item: -len(item[1]))
+    ]
 
 
 def convert_row(
@@ -271,153 +323,76 @@ def convert_row(
     check_images: bool = True,
     source: str = "<row>",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    data_format: str = "auto",
 ) -> dict[str, Any]:
     """Canonicalise one raw row, images relative to ``base_dir``; raise :class:`DataError` if invalid."""
     _check_kind(kind)
     _check_placeholder(image_placeholder)
     check_pixel_budget(max_image_pixels)
+    forced = None if data_format == "auto" else format_named(data_format)
     problems: list[str] = []
-    base = Path(os.path.abspath(base_dir))
-    converted = _RowConverter(base, image_placeholder, check_images, max_image_pixels).convert(
-        row, kind, source, problems
-    )
+    sources = ImageSources(base_dir=Path(os.path.abspath(base_dir)))
+    converter = _RowConverter(sources, image_placeholder, check_images, max_image_pixels, ANY_IMAGE_COUNT)
+    _, converted = converter.read(row, kind, source, problems, forced)
     if problems or converted is None:
         raise DataError([(source, message) for message in problems])
     return converted
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class _RawRow:
-    line: int
-    value: Any = None
-    error: str | None = None
-
-
-class _JsonDecoder:
-    """``json`` decoding that records duplicate keys instead of letting the last one win silently."""
-
-    def __init__(self) -> None:
-        self.duplicates: list[str] = []
-        self.decoder = json.JSONDecoder(object_pairs_hook=self._object)
-
-    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in obj:
-                self.duplicates.append(key)
-            obj[key] = value
-        return obj
-
-    def row(self, line: int, value: Any) -> _RawRow:
-        """Wrap a decoded value, turning duplicate keys found while decoding it into a row error."""
-        duplicates, self.duplicates = self.duplicates, []
-        if duplicates:
-            keys = ", ".join(repr(k) for k in dict.fromkeys(duplicates))
-            return _RawRow(line, error=f"duplicate key(s) {keys} in one object; JSON keeps only the last")
-        return _RawRow(line, value)
-
-
-def _read_jsonl(file: Path) -> Iterator[_RawRow]:
-    decoder = _JsonDecoder()
-    for index, raw_line in enumerate(file.read_bytes().split(b"\n")):
-        line = index + 1
-        try:
-            text = raw_line.decode("utf-8-sig" if index == 0 else "utf-8")
-        except UnicodeDecodeError as exc:
-            yield _RawRow(line, error=f"not valid UTF-8 (byte {exc.start + 1} of the line)")
-            continue
-        if not text.strip():
-            continue
-        try:
-            value = decoder.decoder.decode(text)
-        except json.JSONDecodeError as exc:
-            decoder.duplicates = []
-            yield _RawRow(line, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
-            continue
-        yield decoder.row(line, value)
-
-
-def _read_json_list(file: Path, display: str) -> list[_RawRow]:
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError([(f"{display}:{line}", "not valid UTF-8")]) from None
-    decoder = _JsonDecoder()
-    rows: list[_RawRow] = []
-    line, counted = 1, 0
-
-    def line_at(pos: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, pos)
-        counted = pos
-        return line
-
-    def fail(pos: int, message: str) -> DataError:
-        return DataError([(f"{display}:{line_at(pos)}", message)])
-
-    pos = _skip_space(text, 0)
-    if pos == len(text):
-        raise fail(pos, "empty file; expected a JSON list of row objects")
-    if text[pos] != "[":
-        raise fail(pos, "expected a JSON list of row objects ('[' ...); for one object per line use .jsonl")
-    pos = _skip_space(text, pos + 1)
-    if pos < len(text) and text[pos] == "]":
-        pos += 1
-    else:
-        while True:
-            try:
-                value, end = decoder.decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                message = f"invalid JSON: {exc.msg} at column {exc.colno}"
-                raise DataError([(f"{display}:{exc.lineno}", message)]) from None
-            rows.append(decoder.row(line_at(pos), value))
-            pos = _skip_space(text, end)
-            if pos < len(text) and text[pos] == ",":
-                pos = _skip_space(text, pos + 1)
-                continue
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            raise fail(pos, "invalid JSON: expected ',' or ']' after a list item")
-    if _skip_space(text, pos) != len(text):
-        raise fail(_skip_space(text, pos), "invalid JSON: extra data after the list")
-    return rows
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
 
 
 # ------------------------------------------------------------------------------------------ converting
 
 
 class _RowConverter:
-    """Turns raw rows into canonical rows, appending every problem found to a list of messages."""
+    """Turns raw rows into canonical rows, appending every problem found to a list of messages, and counting the
+    fields no canonical row keeps (:attr:`unused`)."""
 
-    def __init__(self, base_dir: Path, placeholder: str, check_images: bool, max_image_pixels: int):
-        self.base_dir = base_dir
+    def __init__(
+        self,
+        sources: ImageSources,
+        placeholder: str,
+        check_images: bool,
+        max_image_pixels: int,
+        image_count: ImageCount,
+    ):
+        self.sources = sources
         self.placeholder = placeholder
         self.check_images = check_images
         self.max_image_pixels = max_image_pixels
-        self.image_count = ANY_IMAGE_COUNT  # images a conversation may have
+        self.image_count = image_count  # images a conversation may have
+        self.unused: Counter[str] = Counter()
         self._image_problems: dict[str, str | None] = {}
+        self._inline: list[tuple[str, Any]] = []  # the current row's images given inside its messages
 
-    def convert(self, obj: Any, kind: Kind, source: str, problems: list[str]) -> dict[str, Any] | None:
-        """The canonical row, or ``None`` when ``problems`` grew."""
+    def read(
+        self, obj: Any, kind: Kind, source: str, problems: list[str], forced: DataFormat | None
+    ) -> tuple[DataFormat | None, dict[str, Any] | None]:
+        """The row's format and canonical row (``None`` when ``problems`` grew)."""
         if not isinstance(obj, dict):
             problems.append(f"a row must be a JSON object, got {_type_name(obj)}")
-            return None
+            return None, None
+        keys = [key for key, value in obj.items() if value is not None]  # a null field is an absent one
+        row_format = forced or detect_format(keys, kind)
+        if row_format is None:  # the native checks name what is missing; the hint names the other formats
+            before = len(problems)
+            self.convert(obj, kind, source, problems)
+            hint = format_hint(keys, kind)
+            if hint and len(problems) > before:
+                problems[before] += f" ({hint})"
+            return None, None
+        native = row_format.to_native(obj, kind, problems)
+        if native is None:
+            return row_format, None
+        return row_format, self.convert(native, kind, source, problems)
+
+    def convert(self, obj: dict[str, Any], kind: Kind, source: str, problems: list[str]) -> dict[str, Any] | None:
+        """The canonical row of a row in a native shape, or ``None`` when ``problems`` grew."""
         before = len(problems)
+        self._inline = []
         groups = {"sft": _SFT_GROUPS, "preference": _PREFERENCE_GROUPS, "prompt": _PROMPT_GROUPS}[kind]
         self._check_fields(obj, groups, problems)
-        images = self._images(obj, problems)
+        self._refuse_other_media(obj, problems)
+        given = self._image_refs(obj, problems)
+        images = self._resolve_images(given, problems) if given is not None else None
         margin = self._margin(obj, problems) if kind == "preference" else None
         if kind == "sft":
             columns = self._sft_messages(obj, problems)
@@ -427,9 +402,18 @@ class _RowConverter:
             columns = self._preference_messages(obj, problems)
         if columns is None or images is None or len(problems) > before:
             return None
+        if self._inline and images:
+            problems.append(
+                f"images given twice: {len(self._inline)} inside the messages and {len(images)} in "
+                "'image' / 'images'; give each image once, in one of the two places"
+            )
+            return None
+        images = self._resolve_images(self._inline, problems) if self._inline else images
+        if images is None:
+            return None
         fields = ("conversations", "messages") if kind == "sft" else ("prompt", "conversations", "messages")
-        given = next(name for name in fields if name in obj)  # the field the conversation (or prompt) came from
-        self._check_turn_order(given, next(iter(columns.values())), problems)
+        name = next(name for name in fields if name in obj)  # the field the conversation (or prompt) came from
+        self._check_turn_order(name, next(iter(columns.values())), problems)
         count_problem = self.image_count.problem(len(images))
         if count_problem is not None:
             problems.append(count_problem)
@@ -443,7 +427,7 @@ class _RowConverter:
         if len(problems) > before:
             return None
         if kind == "prompt":
-            row_id = json.dumps(obj["id"]) if "id" in obj else None
+            row_id = json.dumps(obj["id"], default=str) if "id" in obj else None
             return {**columns, "images": images, "source": source, "id": row_id}
         if margin is not None:
             return {**columns, "images": images, "source": source, "margin": margin}
@@ -465,10 +449,9 @@ class _RowConverter:
     # ------------------------------------------------------------------------------------- fields
 
     def _check_fields(self, obj: dict[str, Any], groups: tuple[tuple[str, ...], ...], problems: list[str]):
-        """Flag unknown fields that are probably a misspelled known field or an unread image path."""
-        known = {name for group in groups for name in group} | set(_OPTIONAL_FIELDS)
-        if groups is _PROMPT_GROUPS:
-            known |= set(_PROMPT_IGNORED_FIELDS)
+        """Flag unknown fields that are probably a misspelled known field or an unread image path; count the other
+        unknown fields as unused."""
+        known = {name for group in groups for name in group} | set(_OPTIONAL_FIELDS) | set(_MEDIA_FIELDS)
         absent = [name for group in groups if not any(name in obj for name in group) for name in group]
         has_images = "image" in obj or "images" in obj
         for key in obj:
@@ -482,8 +465,18 @@ class _RowConverter:
                     f"field {key!r} holds image path(s) but only 'image' / 'images' are read;"
                     " rename it, or the row would train without its image"
                 )
+            else:
+                self.unused[key] += 1
 
-    def _images(self, obj: dict[str, Any], problems: list[str]) -> list[str] | None:
+    def _refuse_other_media(self, obj: dict[str, Any], problems: list[str]) -> None:
+        """A video or audio in the row's own fields is refused by name: no family takes them yet, and a row is
+        never trained without part of what it holds."""
+        for key in _MEDIA_FIELDS:
+            if obj.get(key) not in (None, [], ""):
+                problems.append(_media_problem(key, "video" if key.startswith("video") else "audio"))
+
+    def _image_refs(self, obj: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]] | None:
+        """The row's ``image`` / ``images`` entries as ``(field, reference)`` pairs, not yet resolved."""
         if "image" in obj and "images" in obj:
             problems.append("has both 'image' and 'images'; keep one")
             return None
@@ -491,28 +484,29 @@ class _RowConverter:
         value = obj.get(name)
         if value is None:
             return []
-        if isinstance(value, str):
-            entries = [(name, value)]
-        elif isinstance(value, list):
-            entries = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
-        else:
-            problems.append(f"{name}: must be an image path or a list of paths, got {_type_name(value)}")
-            return None
+        if isinstance(value, list):
+            return [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        if isinstance(value, str | bytes | dict) or _is_pil_image(value):
+            return [(name, value)]
+        expected = "an image (a path, URL or image data) or a list of them"
+        problems.append(f"{name}: must be {expected}, got {_type_name(value)}")
+        return None
+
+    def _resolve_images(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[str] | None:
+        """Each reference as the path of a readable image file within the pixel budget, or ``None`` when
+        ``problems`` grew."""
         paths: list[str] = []
         before = len(problems)
-        for where, item in entries:
-            if not isinstance(item, str) or not item.strip():
-                problems.append(f"{where}: must be a non-empty image path string, got {item!r}")
+        for where, ref in refs:
+            try:
+                path = resolve_image(ref, self.sources, check_files=self.check_images)
+            except ImageRefError as exc:
+                problems.append(f"{where}: {exc}")
                 continue
-            given = os.path.expanduser(item)
-            base = self.base_dir
-            path = os.path.abspath(os.path.join(self.base_dir, given))
             paths.append(path)
             problem = self._image_problem(path) if self.check_images else None
             if problem:
-                missing = not os.path.isabs(given) and not os.path.isfile(path)
-                hint = f" (relative to the data file's folder {base})" if missing else ""
-                problems.append(f"{where}: {problem}{hint}")
+                problems.append(f"{where}: {problem}")
         return None if len(problems) > before else paths
 
     def _image_problem(self, path: str) -> str | None:
@@ -535,9 +529,12 @@ class _RowConverter:
         messages = self._messages(obj[name], name, llava=name == "conversations", problems=problems)
         if messages is None:
             return None
-        if not any(m["role"] == "assistant" for m in messages):
+        answers = [m for m in messages if m["role"] == "assistant"]
+        if not answers:
             turn = "'gpt'" if name == "conversations" else "'assistant'"
             problems.append(f"{name}: no {turn} turn; SFT needs at least one answer to learn from")
+        elif all(m.get("train") is False for m in answers):
+            problems.append(f"{name}: every answer is marked not to be learned (loss false); let one be learned")
         self._check_image_roles(name, messages, problems)
         return {"messages": messages}
 
@@ -577,6 +574,8 @@ class _RowConverter:
                     problems.append(
                         f"{name}[{i}].role: must be 'assistant' ({name} holds only the answer), got {message['role']!r}"
                     )
+                elif message.get("train") is False:
+                    problems.append(f"{name}[{i}]: marked not to be learned (loss false), but {name} is the answer")
             self._check_image_roles(name, messages, problems)
             columns[name] = messages
         return columns if len(columns) == 3 else None
@@ -636,14 +635,22 @@ class _RowConverter:
                 expected = ", ".join(repr(r) for r in roles)
                 problems.append(f"{where}.{role_key}: unknown value {role!r}; expected one of {expected}")
                 continue
+            role = _LLAVA_ROLES[role] if llava else role
+            for key in turn:
+                if key not in (role_key, content_key, *_TURN_LOSS_KEYS):
+                    self.unused[f"{name}[].{key}"] += 1
+            trained = _turn_trained(turn, role, where, problems)
             content = self._content(turn[content_key], f"{where}.{content_key}", problems)
             if content is not None:
-                messages.append({"role": _LLAVA_ROLES[role] if llava else role, "content": content})
+                message: Message = {"role": role, "content": content}
+                if trained is False and role == "assistant":  # other turns are never supervised
+                    message["train"] = False
+                messages.append(message)
         return None if len(problems) > before else messages
 
     def _content(self, content: Any, where: str, problems: list[str]) -> list[Part] | None:
         if isinstance(content, str):
-            return text_to_parts(content, self.placeholder)
+            return self._text_parts(content, where, problems)
         if not isinstance(content, list):
             problems.append(f"{where}: must be a string or a list of parts, got {_type_name(content)}")
             return None
@@ -653,22 +660,52 @@ class _RowConverter:
             at = f"{where}[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                parts.extend(text_to_parts(part["text"], self.placeholder))
+                parts.extend(self._text_parts(part["text"], f"{at}.text", problems))
             elif kind == "text":
                 problems.append(f"{at}.text: must be a string, got {_type_name(part.get('text'))}")
-            elif kind == "image":
-                inline = sorted(k for k in part if k not in ("type", "text"))
-                if inline or part.get("text") is not None:
-                    problems.append(
-                        f"{at}: image parts carry no data here (found {', '.join(inline) or 'text'});"
-                        ' list the files in the row\'s "images" and write {"type": "image"}'
-                    )
-                parts.append(image_part())
+            elif kind in ("image", "image_url"):
+                image = self._image_part(part, at, problems)
+                if image is not None:
+                    parts.append(image)
+            elif kind in _MEDIA_PARTS:
+                problems.append(_media_problem(at, _MEDIA_PARTS[kind]))
             else:
                 problems.append(
-                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}}, got {part!r}'
+                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}} (optionally with '
+                    f'"image", "path" or "url"), or {{"type": "image_url", "image_url": {{"url": ...}}}}; got {part!r}'
                 )
         return None if len(problems) > before else parts
+
+    def _text_parts(self, text: str, where: str, problems: list[str]) -> list[Part]:
+        """Text split at the image placeholder; a video or audio placeholder is refused, never trained as text."""
+        for placeholder, media in (("<video>", "video"), ("<audio>", "audio")):
+            if placeholder in text and placeholder != self.placeholder:
+                problems.append(_media_problem(f"{where} ({placeholder!r})", media))
+        return text_to_parts(text, self.placeholder)
+
+    def _image_part(self, part: dict[str, Any], at: str, problems: list[str]) -> Part | None:
+        """An image part; one that carries its image (``image``, ``path`` or ``url``, or OpenAI's ``image_url``) adds
+        it to the row's inline images, in order."""
+        if part["type"] == "image_url":
+            url = part.get("image_url")
+            ref = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(ref, str):
+                problems.append(f'{at}.image_url: must be {{"url": str}} or a string, got {url!r}')
+                return None
+            self._inline.append((f"{at}.image_url", ref))
+            return image_part()
+        given = [key for key in _INLINE_IMAGE_KEYS if part.get(key) is not None]
+        other = sorted(k for k in part if k not in ("type", *_INLINE_IMAGE_KEYS) and part[k] is not None)
+        if len(given) > 1 or other:
+            found = ", ".join(repr(k) for k in [*given, *other])
+            problems.append(
+                f'{at}: an image part is {{"type": "image"}} (its file in the row\'s "images") or carries one '
+                f"image in 'image', 'path' or 'url'; found {found}"
+            )
+            return None
+        if given:
+            self._inline.append((f"{at}.{given[0]}", part[given[0]]))
+        return image_part()
 
     @staticmethod
     def _check_turn_order(name: str, messages: list[Message], problems: list[str]) -> None:
@@ -752,3 +789,41 @@ def _check_placeholder(image_placeholder: str) -> None:
 
 def _article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def _turn_trained(turn: dict[str, Any], role: str, where: str, problems: list[str]) -> bool | None:
+    """A message's ``loss`` / ``training`` (true or false) or ``weight`` (1 or 0): False when it says the turn is
+    not supervised, None when it says nothing (or true). Only assistant turns are supervised, so true elsewhere is
+    refused rather than ignored."""
+    said: bool | None = None
+    for key in _TURN_LOSS_KEYS:
+        if key not in turn or turn[key] is None:
+            continue
+        value = turn[key]
+        valid = value in (0, 1) and not isinstance(value, float) if key == "weight" else isinstance(value, bool)
+        if not valid:
+            expected = "0 or 1" if key == "weight" else "true or false"
+            problems.append(f"{where}.{key}: must be {expected} (whether this turn is supervised), got {value!r}")
+            continue
+        trained = bool(value)
+        if said is not None and said != trained:
+            problems.append(f"{where}: its {', '.join(k for k in _TURN_LOSS_KEYS if k in turn)} disagree")
+            return None
+        said = trained
+    if said and role != "assistant":
+        problems.append(f"{where}: only assistant turns are supervised; a {role} turn cannot be trained on")
+        return None
+    return False if said is False else None
+
+
+def _media_problem(where: str, media: str) -> str:
+    return (
+        f"{where}: a{'n' if media == 'audio' else ''} {media}; no model family here takes {media} yet, and it is "
+        f"never dropped silently: remove it, or pass --skip_invalid_rows to skip (and count) such rows"
+    )
+
+
+def _is_pil_image(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)

@@ -163,6 +163,8 @@ def _load(display: str, builder: str, **kwargs: Any) -> datasets.Dataset:
     try:
         dataset = datasets.load_dataset(builder, **kwargs)
     except ValueError as exc:
+        if "corresponds to no data" in str(exc):  # a file with a header and no rows, or none at all
+            raise DataError([(display, "no rows: it holds no data")]) from None
         if "Unknown split" in str(exc) or "Bad split" in str(exc):
             message = f"no split {kwargs.get('split')!r} ({exc}); pick one with --data_split"
             raise DataError([(display, message)]) from None

@@ -166,7 +166,7 @@ def test_multi_image_keeps_positions_and_order(data_dir: Path) -> None:
 
 
 def test_text_only_rows_mix_with_image_rows_in_one_schema(data_dir: Path) -> None:
-    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     path = write_jsonl(data_dir / "mix.jsonl", [text_only, llava(), text_only])
     ds = load_rows(path, "sft")
     assert ds.features == features_for("sft")
@@ -175,7 +175,7 @@ def test_text_only_rows_mix_with_image_rows_in_one_schema(data_dir: Path) -> Non
 
 
 def test_image_counts_a_family_cannot_take_are_row_errors(data_dir: Path) -> None:
-    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     two = llava("<image><image>\nWhich is red?")
     del two["image"]
     two["images"] = ["a.png", "b.png"]
@@ -355,7 +355,7 @@ def row_error(data_dir: Path, kind: str, row: Any) -> list[str]:
             llava(image="bad.png"),
             "image: cannot be opened as an image: {d}/bad.png (UnidentifiedImageError",
         ),
-        ("sft", llava(image=["a.png", 3]), "image[1]: must be a non-empty image path string, got 3"),
+        ("sft", llava(image=["a.png", 3]), "image[1]: int 3 is not an image reference; images are a path"),
         (
             "sft",
             llava("<image><image>\nTwo?"),
@@ -382,8 +382,14 @@ def row_error(data_dir: Path, kind: str, row: Any) -> list[str]:
         ),
         (
             "sft",
-            {"messages": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}]},
-            "messages[0].content[0]: image parts carry no data here (found url)",
+            {
+                "images": ["b.png"],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "url": "a.png"}]},
+                    {"role": "assistant", "content": "x"},
+                ],
+            },
+            "images given twice: 1 inside the messages and 1 in 'image' / 'images'",
         ),
         (
             "sft",
@@ -393,7 +399,7 @@ def row_error(data_dir: Path, kind: str, row: Any) -> list[str]:
                     {"role": "assistant", "content": "x"},
                 ]
             },
-            "messages[0].content[0]: a part must be",
+            "messages[0].content[0]: a video; no model family here takes video yet",
         ),
         (
             "sft",
@@ -495,9 +501,10 @@ def test_json_list_file_errors(data_dir: Path) -> None:
     ("name", "content", "message"),
     [
         ("none.jsonl", None, "file not found"),
-        ("data.csv", "a,b\n", "unsupported file type ('.csv'); expected .jsonl"),
-        ("empty.jsonl", "\n\n", "no rows: the file holds no data"),
-        ("empty.json", "[]", "no rows: the file holds no data"),
+        ("data.txt", "a,b\n", "unsupported file type ('.txt'); expected a .jsonl, .json, .parquet"),
+        ("data.csv", "a,b\n", "no rows: it holds no data"),
+        ("empty.jsonl", "\n\n", "no rows: it holds no data"),
+        ("empty.json", "[]", "no rows: it holds no data"),
     ],
 )
 def test_file_errors(tmp_path: Path, name: str, content: str | None, message: str) -> None:
