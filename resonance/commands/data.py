@@ -72,6 +72,8 @@ def inspect_data(
     output = Path(html) if html is not None else None
     if output is not None and output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
+    if output is not None and not output.parent.is_dir():
+        raise ConfigError(f"--html {output}: no such folder {output.parent}")
     families = [_load_family(ckpt) for ckpt in models or []]  # a bad checkpoint fails before the data is read
     placeholder = families[0].processor.image_placeholder if families else "<image>"
     with _quiet(logging.getLogger("resonance.data")):  # the report lists what the loader would log
@@ -181,8 +183,6 @@ def _write_page(output: Path, page: str, overwrite: bool) -> None:
     meanwhile unless ``overwrite``."""
     from resonance.commands.generate import _AtomicOutput
 
-    if not output.parent.is_dir():
-        raise ConfigError(f"--html {output}: no such folder {output.parent}")
     target = _AtomicOutput(output, overwrite)
     try:
         target.file.write(page)

@@ -284,6 +284,8 @@ def test_existing_page_is_kept_without_overwrite(tmp_path: Path) -> None:
     assert result.exit_code == EXIT_OK, result.output
     assert page.read_text(encoding="utf-8").startswith("<!doctype html>")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    result = _inspect(_sft_file(tmp_path), "--html", tmp_path / "nowhere" / "report.html")
+    assert result.exit_code == EXIT_INPUT and "--html" in result.stderr and "no such folder" in result.stderr
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
