@@ -27,7 +27,6 @@ from resonance.data.inspect import (
     ConversationView,
     FamilyReport,
     ImageStats,
-    Inspected,
     SampleView,
     all_problems,
     image_stats,
@@ -38,6 +37,7 @@ from resonance.data.inspect import (
     thumbnail_uri,
     token_segments,
 )
+from resonance.data.rows import LoadedRows
 from resonance.errors import EXIT_FAILED, EXIT_OK, ConfigError, DataError, OutputExistsError, ResonanceError
 
 
@@ -85,7 +85,7 @@ def inspect_data(
         samples = [_sample_view(data.rows[i], families) for i in sample_indices(len(data.rows), sample)]
         _write_page(output, render_page(data, images, reports, samples, max_problems), overwrite)
         console.print(f"wrote {output}", markup=False)
-    return EXIT_FAILED if data.invalid or any(report.problems for report in reports) else EXIT_OK
+    return EXIT_FAILED if data.skipped or any(report.problems for report in reports) else EXIT_OK
 
 
 @contextlib.contextmanager
@@ -193,13 +193,13 @@ def _write_page(output: Path, page: str, overwrite: bool) -> None:
 
 
 def _print_report(
-    console: Console, data: Inspected, images: ImageStats, families: list[FamilyReport], max_problems: int
+    console: Console, data: LoadedRows, images: ImageStats, families: list[FamilyReport], max_problems: int
 ) -> None:
     summary = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     summary.add_row("file", data.path)
     summary.add_row("format", data.format or "(not reported by this loader)")
     summary.add_row("kind", data.kind)
-    summary.add_row("rows", f"{len(data.rows)} valid, {data.invalid} invalid")
+    summary.add_row("rows", f"{len(data.rows)} valid, {data.skipped} invalid")
     buckets = images.rows_with
     summary.add_row("rows with 0 / 1 / 2+ images", f"{buckets['0']} / {buckets['1']} / {buckets['2+']}")
     largest = f"; largest {images.largest[1]} x {images.largest[2]}: {images.largest[0]}" if images.largest else ""

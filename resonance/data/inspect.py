@@ -11,7 +11,6 @@ the data layer imports no model code; ``resonance.commands.data`` runs the famil
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import os
 from collections import Counter
@@ -25,9 +24,9 @@ from PIL import Image
 
 from resonance.data.formats import detect_format
 from resonance.data.images import image_size
-from resonance.data.rows import KINDS, Kind, read_rows
+from resonance.data.rows import KINDS, Kind, LoadedRows, read_rows
 from resonance.data.sources import DatasetChoice, open_rows
-from resonance.errors import ConfigError, DataError, ResonanceError
+from resonance.errors import ConfigError, ResonanceError
 
 KIND_CHOICES: tuple[str, ...] = ("auto", *KINDS)
 THUMBNAIL_PIXELS = 160  # the longer side of a thumbnail on the page
@@ -35,20 +34,6 @@ PERCENTILES = (50, 90, 99)
 
 
 # --------------------------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Inspected:
-    """A data file as the loader reads it: valid canonical ``rows``, the count of ``invalid`` rows and their
-    ``problems`` (``(source, message)``), the detected ``format`` and the fields it did not use (name -> rows)."""
-
-    path: str
-    kind: Kind
-    format: str | None
-    rows: list[dict[str, Any]]
-    invalid: int
-    problems: list[tuple[str, str]]
-    unused: dict[str, int] = field(default_factory=dict)
 
 
 def guess_kind(keys: Collection[str]) -> Kind:
@@ -64,57 +49,32 @@ def read_for_inspection(
     *,
     image_placeholder: str = "<image>",
     **loader_options: Any,
-) -> Inspected:
+) -> LoadedRows:
     """Read ``path`` as the training commands do (``loader_options``: :func:`read_rows`' data options, e.g.
     ``data_format``, ``image_root``, ``data_split``), keeping the invalid rows' problems instead of failing on them.
 
     ``kind`` ``"auto"``: :func:`guess_kind` of the first row. A source that cannot be read at all (missing, an
-    unsupported type, no rows) raises the loader's :class:`DataError`; a file whose rows are all invalid does not.
+    unsupported type, no rows, rows in several formats) raises the loader's :class:`DataError`; a source whose rows
+    are all invalid does not.
     """
     if kind not in KIND_CHOICES:
         raise ConfigError(f"--kind must be one of {', '.join(KIND_CHOICES)}, got {kind!r}")
-    options = _loader_options(loader_options)
-    chosen = guess_kind(_first_row_keys(path, options)) if kind == "auto" else cast(Kind, kind)
-    display = os.fspath(path)
-    try:
-        loaded = read_rows(path, chosen, image_placeholder=image_placeholder, skip_invalid=True, **options)
-    except DataError as exc:
-        if not exc.errors or any(source == display for source, _ in exc.errors):
-            raise  # about the file, not its rows
-        invalid = len({source for source, _ in exc.errors})
-        return Inspected(display, chosen, None, [], invalid, exc.errors)
-    format_name, unused = _format_and_unused(loaded)
-    return Inspected(display, chosen, format_name, loaded.rows, loaded.skipped, loaded.problems, unused)
+    chosen = guess_kind(_first_row_keys(path, loader_options)) if kind == "auto" else cast(Kind, kind)
+    return read_rows(
+        path, chosen, image_placeholder=image_placeholder, skip_invalid=True, allow_no_rows=True, **loader_options
+    )
 
 
 def _first_row_keys(path: str | os.PathLike[str], options: dict[str, Any]) -> list[str]:
-    """The top-level keys of the first readable row ([] when there is none: the loader then says why)."""
+    """The top-level keys that hold a value in the first readable row ([] when there is none: the loader then says
+    why)."""
     choice = DatasetChoice(options.get("data_config"), options.get("data_split"), options.get("data_revision"))
     try:
         rows = open_rows(path, choice).rows
     except ResonanceError:  # read_rows names it
         return []
-    return next((list(row.value) for row in rows if isinstance(row.value, dict)), [])
-
-
-# ------------------------------------------- until rows.py's loader of every format lands; remove this section then
-# (LoadedRows.format and .unused, and read_rows' data_format, image_root, data_split, ... arguments).
-
-
-def _format_and_unused(loaded: Any) -> tuple[str | None, dict[str, int]]:
-    return getattr(loaded, "format", None), dict(getattr(loaded, "unused", {}))
-
-
-def _loader_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` that differ from their defaults; one the loader does not take yet is a ConfigError naming its
-    flag."""
-    given = {name: value for name, value in options.items() if value not in (None, "auto", False)}
-    taken = inspect.signature(read_rows).parameters
-    missing = [name for name in given if name not in taken]
-    if missing:
-        flags = ", ".join(f"--{name}" for name in missing)
-        raise ConfigError(f"{flags}: this version of the data loader does not take it yet")
-    return given
+    first = next((row.value for row in rows if isinstance(row.value, dict)), {})
+    return [key for key, value in first.items() if value is not None]
 
 
 # ---------------------------------------------------------------------------------------------- counts
@@ -175,7 +135,7 @@ class FamilyReport:
     problems: list[tuple[str, str]]
 
 
-def all_problems(data: Inspected, families: Sequence[FamilyReport]) -> list[tuple[str, str]]:
+def all_problems(data: LoadedRows, families: Sequence[FamilyReport]) -> list[tuple[str, str]]:
     """The loader's problems, then each family's, its messages prefixed with the family's ``--model`` label."""
     return [*data.problems, *((source, f"{f.label}: {message}") for f in families for source, message in f.problems)]
 
@@ -300,7 +260,7 @@ mark.sup { background: #c6f6d5; color: #03543f; } mark.sup .t { border-right-col
 <table class="summary">
 <tr><th>format</th><td>{{ data.format or "(not reported by this loader)" }}</td></tr>
 <tr><th>kind</th><td>{{ data.kind }}</td></tr>
-<tr><th>rows</th><td>{{ data.rows | length }} valid, {{ data.invalid }} invalid</td></tr>
+<tr><th>rows</th><td>{{ data.rows | length }} valid, {{ data.skipped }} invalid</td></tr>
 <tr><th>rows with 0 / 1 / 2+ images</th><td>{{ images.rows_with["0"] }} / {{ images.rows_with["1"] }} /
  {{ images.rows_with["2+"] }}</td></tr>
 <tr><th>images</th><td>{{ images.total }} ({{ images.distinct }} distinct files){% if images.largest %};
@@ -341,7 +301,7 @@ mark.sup { background: #c6f6d5; color: #03543f; } mark.sup .t { border-right-col
 
 
 def render_page(
-    data: Inspected,
+    data: LoadedRows,
     images: ImageStats,
     families: Sequence[FamilyReport],
     samples: Sequence[SampleView],

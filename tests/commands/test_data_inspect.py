@@ -260,6 +260,12 @@ def test_without_a_model_neither_torch_nor_transformers_loads(tmp_path: Path) ->
 def test_unreadable_file_is_exit_2(tmp_path: Path) -> None:
     result = _inspect(tmp_path / "nothere.jsonl")
     assert result.exit_code == EXIT_INPUT and "nothere.jsonl" in result.stderr and "not found" in result.stderr
+    mixed = [
+        {"conversations": _turns(("human", "Hi?"), ("gpt", "Hello."))},
+        {"prompt": "Hi?", "completion": "Hello."},  # TRL prompt-completion: another tool's format
+    ]
+    result = _inspect(write_jsonl(tmp_path / "mixed.jsonl", mixed))  # a file-level problem, though rows are named
+    assert result.exit_code == EXIT_INPUT and "rows in 2 formats" in result.stderr and result.output == "\n"
     result = _inspect(_sft_file(tmp_path), "--kind", "dpo")
     assert result.exit_code == EXIT_INPUT and "--kind must be one of auto, sft, preference, prompt" in result.stderr
 

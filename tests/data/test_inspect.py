@@ -15,7 +15,6 @@ from PIL import Image
 from resonance.data.inspect import (
     ConversationView,
     FamilyReport,
-    Inspected,
     SampleView,
     Segment,
     guess_kind,
@@ -27,6 +26,7 @@ from resonance.data.inspect import (
     thumbnail_uri,
     token_segments,
 )
+from resonance.data.rows import LoadedRows
 from resonance.errors import ConfigError, DataError
 
 
@@ -50,7 +50,7 @@ def test_guess_kind(keys: list[str], kind: str) -> None:
 def test_rows_all_invalid_are_reported_not_raised(tmp_path: Path) -> None:
     rows = [{"conversations": [{"from": "robot", "value": "Hi"}]}, {"conversations": []}]
     data = read_for_inspection(write_jsonl(tmp_path / "bad.jsonl", rows))
-    assert (data.kind, data.rows, data.invalid) == ("sft", [], 2)
+    assert (data.kind, data.rows, data.skipped) == ("sft", [], 2)
     assert [source for source, _ in data.problems] == [f"{tmp_path / 'bad.jsonl'}:{line}" for line in (1, 2)]
 
 
@@ -121,12 +121,12 @@ def test_thumbnail_is_a_small_data_uri(tmp_path: Path, suffix: str) -> None:
 def test_page_escapes_everything_from_the_data(tmp_path: Path) -> None:
     hostile = '<script>alert("x")</script>'
     image = save_png(tmp_path, "a.png", make_image(40, 30))
-    data = Inspected(
+    data = LoadedRows(
         path=f"data{hostile}.jsonl",
         kind="sft",
         format="sharegpt",
         rows=[{"images": [image], "source": "s:1"}],
-        invalid=1,
+        skipped=1,
         problems=[(f"data{hostile}.jsonl:2", f"unknown value {hostile!r}")],
         unused={hostile: 3},
     )
