@@ -6,6 +6,7 @@ the training commands import them lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -18,7 +19,9 @@ from rich.table import Table
 
 from resonance import codegen
 from resonance.algorithms import ALGORITHMS, Algorithm
+from resonance.algorithms.arguments import DataArguments
 from resonance.codegen.schema import ModelSpec
+from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from resonance.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ResonanceError, SpecError
 
 app = typer.Typer(
@@ -28,6 +31,8 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train a model: " + ", ".join(ALGORITHMS) + ".", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+data_app = typer.Typer(help="Look at a data file before training on it: inspect.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -220,6 +225,30 @@ for _algorithm in ALGORITHMS.values():
     _train_command(_algorithm)
 
 
+def _data_help(name: str) -> str:
+    """A data flag's help, as ``resonance train`` gives it (DataArguments is where the data flags are defined)."""
+    return next(f.metadata["help"] for f in dataclasses.fields(DataArguments) if f.name == name)
+
+
+# The data flags of the commands that read data outside `resonance train`, defined as train defines them.
+DataFormatFlag = Annotated[str, typer.Option("--data_format", help=_data_help("data_format"))]
+ImageRootFlag = Annotated[str | None, typer.Option("--image_root", help=_data_help("image_root"))]
+AllowImageUrlsFlag = Annotated[bool, typer.Option("--allow_image_urls", help=_data_help("allow_image_urls"))]
+MaxImagePixelsFlag = Annotated[int, typer.Option("--max_image_pixels", help=_data_help("max_image_pixels"))]
+DataConfigFlag = Annotated[str | None, typer.Option("--data_config", help=_data_help("data_config"))]
+DataSplitFlag = Annotated[str | None, typer.Option("--data_split", help=_data_help("data_split"))]
+DataRevisionFlag = Annotated[str | None, typer.Option("--data_revision", help=_data_help("data_revision"))]
+DATA_FLAGS = (
+    "data_format",
+    "image_root",
+    "allow_image_urls",
+    "max_image_pixels",
+    "data_config",
+    "data_split",
+    "data_revision",
+)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def generate(
     ctx: typer.Context,
@@ -234,14 +263,61 @@ def generate(
         bool, typer.Option("--skip_invalid_rows", help="Skip (and count) invalid rows instead of failing.")
     ] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed, for sampling.")] = None,
+    data_format: DataFormatFlag = "auto",
+    image_root: ImageRootFlag = None,
+    allow_image_urls: AllowImageUrlsFlag = False,
+    max_image_pixels: MaxImagePixelsFlag = DEFAULT_MAX_IMAGE_PIXELS,
+    data_config: DataConfigFlag = None,
+    data_split: DataSplitFlag = None,
+    data_revision: DataRevisionFlag = None,
 ) -> None:
     """Generate an answer for every prompt row. Further --name value flags (--max_new_tokens 64, --do_sample
     true, --temperature 0.7, ...: any transformers GenerationConfig field) override the family's defaults."""
     from resonance.commands.generate import main
 
-    options = {"batch_size": batch_size, "overwrite": overwrite, "skip_invalid_rows": skip_invalid_rows, "seed": seed}
+    data_options = {name: ctx.params[name] for name in DATA_FLAGS}  # the data flags above, as read_rows takes them
+    options = {
+        "batch_size": batch_size,
+        "overwrite": overwrite,
+        "skip_invalid_rows": skip_invalid_rows,
+        "seed": seed,
+        "data_options": data_options,
+    }
     own = [param.name for param in ctx.command.params if param.name]  # --overwrit: did you mean --overwrite?
     raise typer.Exit(main(model_name_or_path, data_path, str(output), list(ctx.args), own, **options))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    ctx: typer.Context,
+    path: Annotated[str, typer.Argument(metavar="DATA", help="The data, as --data_path takes it.")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="auto (from the first row's fields), sft, preference or prompt.")
+    ] = "auto",
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="A checkpoint folder: token lengths and the page per its family (repeatable)."),
+    ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page of sampled rows.")] = None,
+    sample: Annotated[int, typer.Option("--sample", help="Rows shown on the --html page.")] = 8,
+    max_problems: Annotated[int, typer.Option("--max_problems", help="Problems listed (the rest are counted).")] = 20,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --html file.")] = False,
+    data_format: DataFormatFlag = "auto",
+    image_root: ImageRootFlag = None,
+    allow_image_urls: AllowImageUrlsFlag = False,
+    max_image_pixels: MaxImagePixelsFlag = DEFAULT_MAX_IMAGE_PIXELS,
+    data_config: DataConfigFlag = None,
+    data_split: DataSplitFlag = None,
+    data_revision: DataRevisionFlag = None,
+) -> None:
+    """Print what a data source holds (format, rows, images, token lengths per --model, unused fields, the first
+    problems) before a long job; exit 0 when every row is valid, 1 when some are not, 2 when it cannot be read.
+    Loads processors only, never model weights."""
+    from resonance.commands.data import main as inspect_main
+
+    data_options = {name: ctx.params[name] for name in DATA_FLAGS}  # the data flags above, as read_rows takes them
+    options = {"kind": kind, "models": model, "html": html, "sample": sample, "max_problems": max_problems}
+    raise typer.Exit(inspect_main(path, overwrite=overwrite, data_options=data_options, **options))
 
 
 def main(argv: list[str] | None = None) -> int:
