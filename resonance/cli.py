@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from resonance import codegen
 from resonance.algorithms import ALGORITHMS, Algorithm
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train a model: " + ", ".join(ALGORITHMS) + ".", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-data_app = typer.Typer(help="Look at a data file before training on it: inspect.", no_args_is_help=True)
+data_app = typer.Typer(help="Data before training: inspect a source, list the formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True, highlight=False)
@@ -318,6 +319,18 @@ def data_inspect(
     data_options = {name: ctx.params[name] for name in DATA_FLAGS}  # the data flags above, as read_rows takes them
     options = {"kind": kind, "models": model, "html": html, "sample": sample, "max_problems": max_problems}
     raise typer.Exit(inspect_main(path, overwrite=overwrite, data_options=data_options, **options))
+
+
+@data_app.command("formats")
+def data_formats() -> None:
+    """List the data formats rows are recognised in (--data_format NAME), the kinds of rows each feeds and its
+    shape."""
+    from resonance.data.formats import FORMATS
+
+    table = Table("name", "rows for", "shape")
+    for data_format in FORMATS:
+        table.add_row(data_format.name, ", ".join(sorted(data_format.kinds)), Text(data_format.summary))
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import datasets
 from jinja2 import TemplateError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from resonance.data.images import ImageCount, image_size, load_row_images
 from resonance.data.inspect import (
@@ -196,24 +197,27 @@ def _print_report(
     console: Console, data: LoadedRows, images: ImageStats, families: list[FamilyReport], max_problems: int
 ) -> None:
     summary = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
-    summary.add_row("file", data.path)
-    summary.add_row("format", data.format or "(not reported by this loader)")
-    summary.add_row("kind", data.kind)
-    summary.add_row("rows", f"{len(data.rows)} valid, {data.skipped} invalid")
     buckets = images.rows_with
-    summary.add_row("rows with 0 / 1 / 2+ images", f"{buckets['0']} / {buckets['1']} / {buckets['2+']}")
     largest = f"; largest {images.largest[1]} x {images.largest[2]}: {images.largest[0]}" if images.largest else ""
-    summary.add_row("images", f"{images.total} ({images.distinct} distinct files){largest}")
     unused = ", ".join(f"{name} ({count} rows)" for name, count in data.unused.items())
-    summary.add_row("unused fields", unused or "none")
+    for name, value in [
+        ("file", data.path),
+        ("format", data.format or "(none: no valid row)"),
+        ("kind", data.kind),
+        ("rows", f"{len(data.rows)} valid, {data.skipped} invalid"),
+        ("rows with 0 / 1 / 2+ images", f"{buckets['0']} / {buckets['1']} / {buckets['2+']}"),
+        ("images", f"{images.total} ({images.distinct} distinct files){largest}"),
+        ("unused fields", unused or "none"),
+    ]:
+        summary.add_row(name, Text(value))  # Text: paths and field names are not rich markup
     console.print(summary)
     if families:
         lengths = Table("model", "family", "rows", "p50", "p90", "p99", "max", "rows it cannot take")
         lengths.title = "token lengths (image tokens included)"
         for family in families:
             stats = family.lengths
-            numbers = [stats.rows, stats.p50, stats.p90, stats.p99, stats.max] if stats else ["0", "-", "-", "-", "-"]
-            lengths.add_row(family.label, family.family, *map(str, numbers), str(len(family.problems)))
+            numbers = [stats.rows, stats.p50, stats.p90, stats.p99, stats.max] if stats else [0, "-", "-", "-", "-"]
+            lengths.add_row(Text(family.label), family.family, *map(str, numbers), str(len(family.problems)))
         console.print(lengths)
     problems = all_problems(data, families)
     if not problems:

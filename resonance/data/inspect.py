@@ -258,7 +258,7 @@ mark.sup { background: #c6f6d5; color: #03543f; } mark.sup .t { border-right-col
 </style></head><body>
 <h1>resonance data inspect: <span class="source">{{ data.path }}</span></h1>
 <table class="summary">
-<tr><th>format</th><td>{{ data.format or "(not reported by this loader)" }}</td></tr>
+<tr><th>format</th><td>{{ data.format or "(none: no valid row)" }}</td></tr>
 <tr><th>kind</th><td>{{ data.kind }}</td></tr>
 <tr><th>rows</th><td>{{ data.rows | length }} valid, {{ data.skipped }} invalid</td></tr>
 <tr><th>rows with 0 / 1 / 2+ images</th><td>{{ images.rows_with["0"] }} / {{ images.rows_with["1"] }} /

@@ -454,3 +454,26 @@ def test_page_shows_an_unsupervised_turn_unhighlighted(tmp_path: Path, tiny_chec
     (conversation,) = row["conversations"]
     assert conversation.supervised.startswith("A small cat.") and "dog" not in conversation.supervised
     assert "A large dog." in conversation.prompt
+
+
+def test_data_formats_lists_every_format() -> None:
+    from resonance.data.formats import FORMATS
+
+    result = CliRunner().invoke(app, ["data", "formats"], env={"COLUMNS": "400"})
+    assert result.exit_code == EXIT_OK, result.output
+    lines = result.stdout.splitlines()
+    for data_format in FORMATS:
+        (line,) = [line for line in lines if line.startswith(f"│ {data_format.name} ")]
+        assert ", ".join(sorted(data_format.kinds)) in line and data_format.summary[:60] in line
+
+
+def test_report_prints_the_data_verbatim(tmp_path: Path) -> None:
+    """Field names and paths are printed as they are, never read as rich markup."""
+    folder = tmp_path / "[bold]data"
+    folder.mkdir()
+    row = {"conversations": _turns(("human", "Hi?"), ("gpt", "Hello.")), "[red]note[/red]": 1}
+    data = write_jsonl(folder / "sft.jsonl", [row])
+    result = _inspect(data)
+    assert result.exit_code == EXIT_OK, result.output
+    assert f"file                         {data}\n" in result.output
+    assert re.search(r"unused fields\s+\[red\]note\[/red\] \(1 rows\)\n", result.output)
