@@ -14,8 +14,9 @@ same rows as parquet (images as path strings). Each measurement runs in a FRESH 
 
 Each subprocess reports the wall and CPU time of the load call (CPU time, all threads, is the steadier figure on
 a shared machine), its peak RSS (``ru_maxrss``) and its peak RSS after the imports (the import-only baseline, in
-the same process); ``load_mb`` is the difference. A load that fails is recorded with its error. Each measurement
-runs ``--repeat`` times; the run of median load time is reported. Prints a table with ratios against
+the same process); ``load_mb`` is the difference. A load that fails is recorded with its error. With ``--repeat
+N`` the measurements run N times in turns (one run of each, then the next turn), so a change in a shared
+machine's load falls on all of them; the run of median CPU time is kept. Prints a table with ratios against
 ``baseline_jsonl`` and writes everything as JSON.
 
     git worktree add /tmp/resonance-f75d00e f75d00e      # the baseline, outside the repository
@@ -142,6 +143,8 @@ def measure(name: str, data: str, baseline: str | None) -> dict[str, Any]:
             return rows.load_rows(data, "sft")
 
         module = rows.__file__
+        if loader == "baseline" and not Path(module).resolve().is_relative_to(Path(str(baseline)).resolve()):
+            raise SystemExit(f"--baseline {baseline}: holds no resonance package; this imported {module}")
     imported_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu_start = cpu_seconds()
     start = time.perf_counter()
@@ -175,14 +178,14 @@ def run_measurement(name: str, data: Path, baseline: str | None, scratch: Path) 
     return {**json.loads(lines[-1]), "process_s": wall}
 
 
-def repeated(times: int, name: str, data: Path, baseline: str | None, scratch: Path) -> dict[str, Any]:
-    """:func:`run_measurement` up to ``times`` times (once if it fails): the run of median load time, with every
-    run's load time as ``load_s_each`` (the machine may be shared)."""
-    runs = [run_measurement(name, data, baseline, scratch)]
-    while "rows" in runs[0] and len(runs) < times:
-        runs.append(run_measurement(name, data, baseline, scratch))
-    runs.sort(key=lambda run: run.get("load_s", 0.0))
-    return {**runs[len(runs) // 2], "load_s_each": [run.get("load_s") for run in runs]}
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one measurement's runs, the one of median CPU time, with every run's figures as ``load_s_each``,
+    ``cpu_s_each`` and ``load_mb_each``; a measurement that failed: its first run."""
+    done = sorted((run for run in runs if "rows" in run), key=lambda run: run["cpu_s"])
+    if not done:
+        return runs[0]
+    each = {f"{key}_each": [run[key] for run in runs if "rows" in run] for key in ("load_s", "cpu_s", "load_mb")}
+    return {**done[len(done) // 2], **each}
 
 
 def git_state(folder: Path) -> str:
@@ -222,7 +225,7 @@ def main() -> None:
     parser.add_argument("--folder", help="Write the data here (kept); default: a temporary folder.")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=1, help="Runs of each measurement; the median is reported.")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs of each measurement, in turns; median kept.")
     parser.add_argument("--only", default="", help="Comma-separated measurements to run (default: all).")
     parser.add_argument("--measure", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)  # the child's mode
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -268,12 +271,17 @@ def main() -> None:
             f"wrote {args.rows} rows in {report['write_s']:.1f} s:",
             {k: f"{v:.1f} MB" for k, v in report["file_mb"].items()},
         )
-        for name in names:
-            log(name, "...")
-            result = repeated(args.repeat, name, files[MEASUREMENTS[name][1]], args.baseline, Path(temporary))
-            report["results"][name] = result
-            log(name, {key: round(value, 2) if isinstance(value, float) else value for key, value in result.items()})
-            Path(args.out).write_text(json.dumps(report, indent=1))
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for turn in range(args.repeat):  # in turns: a change in the machine's load falls on every measurement
+            for name in names:
+                if runs[name] and "rows" not in runs[name][0]:
+                    continue  # a load that failed fails again
+                log(name, f"run {turn + 1} of {args.repeat} ...")
+                run = run_measurement(name, files[MEASUREMENTS[name][1]], args.baseline, Path(temporary))
+                runs[name].append(run)
+                log(name, {key: round(value, 2) if isinstance(value, float) else value for key, value in run.items()})
+                report["results"][name] = median_run(runs[name])
+                Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report["results"]))
     Path(args.out).write_text(json.dumps(report, indent=1))
     log("wrote", args.out)
