@@ -1,8 +1,8 @@
 """Every dataset format end to end through the command line on tiny LLaVA: each fixture of ``helpers.formats``
-trains one step (SFT files with ``train sft``; preference files with ``train dpo``, format detected, and ``train rm``,
-format named with ``--data_format``), prompt files feed ``resonance generate``, parquet and ``save_to_disk``
-copies of a fixture train as the JSON does; a video row is refused by row (exit 2) or skipped and counted; an
-ms-swift ``"loss": false`` turn trains and leaves no labels.
+trains one step (SFT files with ``train sft``; preference files with ``train dpo``, format detected, and ``train
+rm``, format named with ``--data_format``) with no field reported unused, prompt files feed ``resonance
+generate``, parquet and ``save_to_disk`` copies of a fixture train as the JSON does; a video row is refused by row
+(exit 2) or skipped and counted; an ms-swift ``"loss": false`` turn trains and leaves no labels.
 
 Each run is ``resonance.cli.main([...])`` in this process, as a user's command line would be, on the three rows every
 fixture holds (a two-image turn after a system message, a multi-turn conversation, a text-only row) in one batch.
@@ -28,6 +28,9 @@ from resonance.errors import EXIT_INPUT, EXIT_OK
 FAMILY = "llava"
 # One step over all three rows of a fixture: every row shape reaches the collator and the model.
 QUICK = {"per_device_train_batch_size": 3}
+# What the loader logs (logger resonance.data) about fields it did not use and rows it skipped.
+UNUSED = "fields not used"
+SKIPPED = "skipp"
 
 
 def _images(folder: Path) -> list[str]:
@@ -60,8 +63,20 @@ def test_each_format_trains(
         code = _train(algorithm, tiny_checkpoint(FAMILY), data, tmp_path, **named)
     assert code == EXIT_OK
     assert _trained(tmp_path)
-    assert "not used" not in caplog.text  # every field of a documented row is read
-    assert "skipp" not in caplog.text
+    assert UNUSED not in caplog.text  # every field of a documented row is read
+    assert SKIPPED not in caplog.text
+
+
+def test_a_field_no_format_reads_is_reported(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other side of the check above: the same fixture with an extra field trains and names it, once."""
+    data = FIXTURES["sharegpt"].write(tmp_path, _images(tmp_path))
+    data.write_text(json.dumps([{**row, "meta": i} for i, row in enumerate(json.loads(data.read_text()))]))
+    with caplog.at_level(logging.WARNING, logger="resonance.data"):
+        assert _train("sft", tiny_checkpoint(FAMILY), data, tmp_path) == EXIT_OK
+    assert caplog.text.count(UNUSED) == 1
+    assert "'meta' (3 rows)" in caplog.text
 
 
 PROMPT_FILES = ["trl_prompt", "sharegpt_preference", "messages"]  # a prompt-only file; answers dropped or unused
@@ -139,7 +154,7 @@ def test_video_row_is_skipped_and_counted(
     assert code == EXIT_OK
     assert _trained(tmp_path)
     assert f"{data}:3" in caplog.text and "video" in caplog.text
-    assert f"skipped 1 invalid of 3 rows in {data}" in caplog.text
+    assert f"{SKIPPED}ed 1 invalid of 3 rows in {data}" in caplog.text
 
 
 def test_swift_loss_false_turn_trains_and_has_no_labels(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
