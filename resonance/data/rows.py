@@ -362,6 +362,7 @@ class _RowConverter:
         self.unused: Counter[str] = Counter()
         self._image_problems: dict[str, str | None] = {}
         self._inline: list[tuple[str, Any]] = []  # the current row's images given inside its messages
+        self._detected: dict[tuple[frozenset[str], str], DataFormat | None] = {}
 
     def read(
         self, obj: Any, kind: Kind, source: str, problems: list[str], forced: DataFormat | None
@@ -370,8 +371,13 @@ class _RowConverter:
         if not isinstance(obj, dict):
             problems.append(f"a row must be a JSON object, got {_type_name(obj)}")
             return None, None
-        keys = [key for key, value in obj.items() if value is not None]  # a null field is an absent one
-        row_format = forced or detect_format(keys, kind)
+        keys = frozenset(key for key, value in obj.items() if value is not None)  # a null field is an absent one
+        if forced is not None:
+            row_format = forced
+        elif (keys, kind) in self._detected:  # rows of one source share their keys: detect once per key set
+            row_format = self._detected[keys, kind]
+        else:
+            row_format = self._detected[keys, kind] = detect_format(keys, kind)
         if row_format is None:  # the native checks name what is missing; the hint names the other formats
             before = len(problems)
             self.convert(obj, kind, source, problems)

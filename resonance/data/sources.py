@@ -11,9 +11,10 @@ revision=...)`` for a dataset name.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,12 @@ class RawRow:
 
 @dataclass(frozen=True)
 class RowSource:
-    """The raw rows of one data source; ``base_dir`` is the folder relative image paths resolve against (None for
-    a dataset name, which has no folder of its own)."""
+    """The raw rows of one data source, read as they are iterated (once); ``base_dir`` is the folder relative image
+    paths resolve against (None for a dataset name, which has no folder of its own)."""
 
     display: str
     base_dir: Path | None
-    rows: list[RawRow]
+    rows: Iterable[RawRow]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _open_file(file: Path, display: str) -> RowSource:
     suffix = file.suffix.lower()
     base = Path(os.path.abspath(file)).parent
     if suffix == ".jsonl":
-        return RowSource(display, base, list(_read_jsonl(file, display)))
+        return RowSource(display, base, _read_jsonl(file, display))
     if suffix == ".json":
         return RowSource(display, base, _read_json_list(file, display))
     if suffix in BUILDER_SUFFIXES:
@@ -114,8 +115,8 @@ def _open_folder(folder: Path, display: str, choice: DatasetChoice) -> RowSource
     line_files = [p for p in data_files if p.suffix.lower() in LINE_SUFFIXES]
     if line_files and len(line_files) == len(data_files):
         _refuse(choice, display)
-        rows = [row for p in line_files for row in _open_file(p, os.path.join(display, p.relative_to(folder))).rows]
-        return RowSource(display, base, rows)
+        sources = (_open_file(p, os.path.join(display, p.relative_to(folder))) for p in line_files)
+        return RowSource(display, base, itertools.chain.from_iterable(source.rows for source in sources))
     if not any(p.suffix.lower() in BUILDER_SUFFIXES for p in files):
         raise DataError([(display, f"a folder with no data files; expected {SUPPORTED}")])
     _refuse(choice, display, split=False)
@@ -212,22 +213,23 @@ def _undecoded(feature: Any) -> Any:
     return feature
 
 
-def _dataset_rows(dataset: datasets.Dataset, display: str) -> list[RawRow]:
+def _dataset_rows(dataset: datasets.Dataset, display: str) -> Iterator[RawRow]:
     """A dataset's rows as plain values, named ``DISPLAY:row N`` (N as in ``dataset[N]``) plus the ``id`` column's
     value where there is one. Arrow stores a missing struct key as null, so null keys of objects are dropped: a
-    row reads as it was written."""
+    row reads as it was written. Read in arrow batches, nothing decoded (twice as fast as row by row)."""
     features = datasets.Features({name: _undecoded(f) for name, f in dataset.features.items()})
     if features != dataset.features:
         dataset = dataset.cast(features)
     has_id = "id" in dataset.column_names
-    rows = []
-    for index, value in enumerate(dataset):
-        value = _without_nulls(value)
-        where = f"{display}:row {index}"
-        if has_id and value.get("id") is not None:
-            where += f" (id {json.dumps(value['id'], default=str)})"
-        rows.append(RawRow(where, value))
-    return rows
+    index = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=1000):
+        for value in batch.to_pylist():
+            value = _without_nulls(value)
+            where = f"{display}:row {index}"
+            if has_id and value.get("id") is not None:
+                where += f" (id {json.dumps(value['id'], default=str)})"
+            index += 1
+            yield RawRow(where, value)
 
 
 def _without_nulls(value: Any) -> Any:

@@ -11,7 +11,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from resonance.data.sources import DatasetChoice, open_rows
+from resonance.data.sources import DatasetChoice, RawRow, open_rows
 from resonance.errors import ConfigError, DataError
 
 ROWS: list[dict[str, Any]] = [
@@ -21,6 +21,10 @@ ROWS: list[dict[str, Any]] = [
         "messages": [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Ann.", "loss": False}],
     },
 ]
+
+
+def list_rows(path: Path, choice: DatasetChoice | None = None) -> list[RawRow]:
+    return list(open_rows(path, choice or DatasetChoice()).rows)
 
 
 def png_bytes(colour: str = "red") -> bytes:
@@ -33,9 +37,10 @@ def test_a_parquet_file_reads_every_row_by_index_with_its_id(tmp_path: Path) -> 
     path = tmp_path / "rows.parquet"
     datasets.Dataset.from_list(ROWS).to_parquet(str(path))
     source = open_rows(path)
-    assert [row.source for row in source.rows] == [f"{path}:row 0 (id 7)", f"{path}:row 1 (id 8)"]
+    rows = list(source.rows)
+    assert [row.source for row in rows] == [f"{path}:row 0 (id 7)", f"{path}:row 1 (id 8)"]
     # Arrow gives every message every key; the ones a row did not write (null) are dropped, so rows read as written.
-    assert [row.value for row in source.rows] == ROWS
+    assert [row.value for row in rows] == ROWS
     assert source.base_dir == tmp_path
 
 
@@ -49,19 +54,19 @@ def test_arrow_and_csv_files(tmp_path: Path, suffix: str) -> None:
     else:
         dataset.save_to_disk(str(tmp_path / "disk"))
         path = next((tmp_path / "disk").glob("*.arrow"))
-    source = open_rows(path)
-    assert [row.value for row in source.rows] == flat
-    assert source.rows[1].source == f"{path}:row 1"
+    rows = list(open_rows(path).rows)
+    assert [row.value for row in rows] == flat
+    assert rows[1].source == f"{path}:row 1"
 
 
 def test_a_save_to_disk_folder_and_its_splits(tmp_path: Path) -> None:
     dataset = datasets.Dataset.from_list(ROWS)
     dataset.save_to_disk(str(tmp_path / "one"))
-    assert [row.value for row in open_rows(tmp_path / "one").rows] == ROWS
+    assert [row.value for row in list_rows(tmp_path / "one")] == ROWS
     datasets.DatasetDict({"train": dataset, "test": dataset.select([1])}).save_to_disk(str(tmp_path / "dict"))
-    assert len(open_rows(tmp_path / "dict").rows) == 2  # train by default
-    test = open_rows(tmp_path / "dict", DatasetChoice(split="test"))
-    assert [row.source for row in test.rows] == [f"{tmp_path / 'dict'}:row 0 (id 8)"]
+    assert len(list_rows(tmp_path / "dict")) == 2  # train by default
+    test = list_rows(tmp_path / "dict", DatasetChoice(split="test"))
+    assert [row.source for row in test] == [f"{tmp_path / 'dict'}:row 0 (id 8)"]
     with pytest.raises(
         DataError, match=r"no split 'validation'; its splits are 'train', 'test': pick one with --data_split"
     ):
@@ -76,7 +81,7 @@ def test_images_in_a_dataset_stay_undecoded_structs(tmp_path: Path) -> None:
         {"images": [[{"bytes": png_bytes(), "path": None}]], "text": ["hi"]}, features=features
     )
     dataset.save_to_disk(str(tmp_path / "disk"))
-    [row] = open_rows(tmp_path / "disk").rows
+    [row] = list_rows(tmp_path / "disk")
     assert row.value["images"] == [{"bytes": png_bytes()}]  # bytes as stored, the null path dropped
 
 
@@ -85,8 +90,7 @@ def test_a_folder_of_jsonl_files_keeps_line_numbers(tmp_path: Path) -> None:
     (tmp_path / "data" / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
     (tmp_path / "data" / "b.json").write_text(json.dumps([ROWS[1]], indent=1))
     (tmp_path / "data" / ".hidden.jsonl").write_text("not json\n")
-    source = open_rows(tmp_path / "data")
-    sources = [row.source for row in source.rows]
+    sources = [row.source for row in list_rows(tmp_path / "data")]
     assert sources == [
         f"{tmp_path / 'data' / 'a.jsonl'}:1",
         f"{tmp_path / 'data' / 'a.jsonl'}:3",
@@ -98,8 +102,8 @@ def test_a_folder_of_parquet_split_files(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "data" / "train.parquet"))
     datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(tmp_path / "data" / "test.parquet"))
-    assert len(open_rows(tmp_path / "data").rows) == 2
-    assert len(open_rows(tmp_path / "data", DatasetChoice(split="test")).rows) == 1
+    assert len(list_rows(tmp_path / "data")) == 2
+    assert len(list_rows(tmp_path / "data", DatasetChoice(split="test"))) == 1
     with pytest.raises(DataError, match="no split 'dev'.*--data_split"):
         open_rows(tmp_path / "data", DatasetChoice(split="dev"))
 
