@@ -92,6 +92,17 @@ def test_prompt_files_feed_generate(name: str, tmp_path: Path, tiny_checkpoint: 
     assert len(answers) == 3
 
 
+@pytest.mark.parametrize(("algorithm", "name"), [("grpo", "swift_query"), ("ppo", "alpaca_preference")])
+def test_other_tools_prompt_files_feed_online_training(
+    algorithm: str, name: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """GRPO and PPO read prompts through the same loader: an ms-swift and an alpaca file train one step."""
+    data = FIXTURES[name].write(tmp_path, _images(tmp_path))
+    flags = {"reward_funcs": "helpers.rewards:constant_reward", "per_device_train_batch_size": 2}
+    assert _train(algorithm, tiny_checkpoint(FAMILY), data, tmp_path, **flags) == EXIT_OK
+    assert _trained(tmp_path)
+
+
 def _as_dataset(data: Path) -> datasets.Dataset:
     """A JSON list fixture as a ``datasets.Dataset`` (a text-only row's missing ``images`` becomes null)."""
     return datasets.Dataset.from_list(json.loads(data.read_text()))
