@@ -256,7 +256,9 @@ def generate(
     model_name_or_path: Annotated[
         str, typer.Option("--model_name_or_path", help="Checkpoint folder, or a LoRA output folder of `train`.")
     ],
-    data_path: Annotated[str, typer.Option("--data_path", help="Prompt rows: JSONL or JSON (README, Generation).")],
+    data_path: Annotated[
+        str, typer.Option("--data_path", help="Prompt rows, from any source `train` reads (README, Data).")
+    ],
     output: Annotated[Path, typer.Option("--output", help="Answers file to write (JSONL, one object per row).")],
     batch_size: Annotated[int, typer.Option("--batch_size", help="Prompts per generate() call.")] = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,

@@ -306,3 +306,26 @@ def test_a_preference_answer_marked_not_to_be_learned_is_refused(folder: Path) -
     assert problems_of(excinfo) == [
         f"{folder / 'd.jsonl'}:1: chosen[0]: marked not to be learned (loss false), but chosen is the answer"
     ]
+
+
+def test_train_and_eval_read_their_own_splits(folder: Path, tmp_path: Path, tiny_checkpoint: Any) -> None:
+    """--data_split picks the training split of a dataset, --eval_data_split the evaluation one (default: the same)."""
+    from resonance.algorithms.arguments import DataArguments, ModelArguments
+    from resonance.algorithms.setup import load_data_and_processor
+    from resonance.base.registry import load_core_mapper
+
+    row = chat(("user", "<image>Colour?"), ("assistant", "Red."), images=[str(folder / "a.png")])
+    splits = {"train": [row] * 3, "validation": [row] * 2, "test": [row]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    ckpt = tiny_checkpoint("llava")
+    model_args = ModelArguments(model_name_or_path=str(ckpt))
+    for flags, expected in [
+        ({}, (3, 3)),
+        ({"data_split": "validation"}, (2, 2)),
+        ({"eval_data_split": "test"}, (3, 1)),
+    ]:
+        data_args = DataArguments(data_path=str(tmp_path / "ds"), eval_data_path=str(tmp_path / "ds"), **flags)
+        train, evaluation, _ = load_data_and_processor(load_core_mapper(ckpt), model_args, data_args, "sft")
+        assert (len(train), len(evaluation)) == expected, flags
