@@ -517,7 +517,7 @@ class _RowConverter:
 
     def _image_problem(self, path: str) -> str | None:
         if path not in self._image_problems:
-            self._image_problems[path] = _open_problem(path, self.max_image_pixels)
+            self._image_problems[path] = image_problem(path, self.max_image_pixels)  # resolve_image found the file
         return self._image_problems[path]
 
     # ----------------------------------------------------------------------------------- messages
@@ -753,15 +753,6 @@ class _RowConverter:
 
 
 # -------------------------------------------------------------------------------------------- helpers
-
-
-def _open_problem(path: str, max_pixels: int) -> str | None:
-    """Why ``path`` is not a readable image within the pixel budget (no pixel decoding), or ``None``."""
-    if not os.path.exists(path):
-        return f"image file not found: {path}"
-    if not os.path.isfile(path):
-        return f"not a file: {path}"
-    return image_problem(path, max_pixels)
 
 
 def _is_empty(parts: list[Part]) -> bool:
