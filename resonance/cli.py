@@ -7,7 +7,6 @@ the training commands import them lazily.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.text import Text
 from resonance import codegen
 from resonance.algorithms import ALGORITHMS, Algorithm
 from resonance.algorithms.arguments import DataArguments
-from resonance.codegen.schema import ModelSpec
+from resonance.codegen.schema_file import WRITE_COMMAND, schema_drift, schema_json, write_schema
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from resonance.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ResonanceError, SpecError
 
@@ -68,7 +67,10 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     except SpecError as exc:
         raise _spec_failure(exc) from exc
     drift = codegen.compare(plan)
+    schema_current = _schema_file_current(project)
     if drift.clean:
+        if not schema_current:
+            raise typer.Exit(EXIT_FAILED)
         err.print(f"generated/ is up to date with {len(plan.files) - 2} spec(s).", markup=False)
         return
     fix = (
@@ -120,10 +122,30 @@ def check_cmd(project: Project = Path(".")) -> None:
     _run_check(project, None)
 
 
+def _schema_file_current(project: Path) -> bool:
+    """Whether the project's specs/resonance-spec.schema.json is current (or absent and unnamed); if not, print
+    what is wrong and the fix."""
+    problem = schema_drift(project)
+    if problem:
+        err.print(problem, markup=False)
+        err.print(f"To fix, run: {WRITE_COMMAND}", markup=False)
+    return problem is None
+
+
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of a spec file (for editor completion)."""
-    out.print(json.dumps(ModelSpec.model_json_schema(), indent=2, sort_keys=True), markup=False)
+def schema(
+    write: Annotated[
+        bool,
+        typer.Option("--write", help="Write specs/resonance-spec.schema.json (what spec headers name) instead."),
+    ] = False,
+    project: Project = Path("."),
+) -> None:
+    """Print the JSON Schema of a spec file (for editor completion), or write it into the project's specs/."""
+    if write:
+        path = write_schema(project)
+        err.print(f"wrote {codegen.relative(path, project)}", markup=False)
+        return
+    typer.echo(schema_json(), nl=False)
 
 
 @app.command()

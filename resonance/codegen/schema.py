@@ -95,7 +95,7 @@ ImageLayout = Literal["per_image", "per_row", "per_patch", "per_tile"]
 class ImageInput(_Strict):
     """One processor output forwarded to the model's forward."""
 
-    name: Identifier
+    name: Identifier = Field(description="The processor output's key, e.g. pixel_values or image_grid_thw.")
     layout: ImageLayout = Field(
         description=(
             "How the tensor's first axis is laid out: per_image (one entry per image), per_row (one entry "
@@ -210,8 +210,12 @@ class ChatTemplate(_Strict):
 
 
 class Padding(_Strict):
-    train: Literal["left", "right"] = "right"
-    infer: Literal["left", "right"] = "left"
+    """Which side the tokenizer pads batches on."""
+
+    train: Literal["left", "right"] = Field("right", description="Padding side of training batches.")
+    infer: Literal["left", "right"] = Field(
+        "left", description="Padding side of generation batches (left, so every prompt ends where generation starts)."
+    )
 
 
 class Overrides(_Strict):
@@ -377,10 +381,21 @@ class Tiny(_Strict):
     )
 
 
+# The JSON Schema's identity and dialect (pydantic writes draft 2020-12), stated in the schema itself so that
+# editors and validators need not guess; the file that ships it: resonance/codegen/schema_file.py.
+SCHEMA_ID = "urn:resonance:model-spec"
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
 class ModelSpec(_Strict):
     """One model family: everything the compiler needs to write its adapter module."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        protected_namespaces=(),
+        json_schema_extra={"$id": SCHEMA_ID, "$schema": SCHEMA_DIALECT},
+    )
 
     name: AdapterName = Field(description="The adapter's name: a lower-case Python identifier.")
     architectures: list[Identifier] = Field(
@@ -391,12 +406,16 @@ class ModelSpec(_Strict):
     transformers: Annotated[str, AfterValidator(_version_range)] = Field(
         description="The transformers version range this spec was verified with."
     )
-    trust_remote_code: bool = False
-    modules: Modules
-    lora: Lora
-    image: Image
-    chat_template: ChatTemplate = ChatTemplate()
-    padding_side: Padding = Padding()
+    trust_remote_code: bool = Field(
+        False, description="Whether loading runs the checkpoint's own Python code (transformers' trust_remote_code)."
+    )
+    modules: Modules = Field(description="Where the language model, vision tower and projector sit in the model.")
+    lora: Lora = Field(description="The default LoRA targets (--lora_target_modules auto).")
+    image: Image = Field(description="How images appear in prompts and which processor outputs reach forward().")
+    chat_template: ChatTemplate = Field(
+        ChatTemplate(), description="Which chat template renders conversations, and how answers are supervised."
+    )
+    padding_side: Padding = Field(Padding(), description="The padding side for training and for generation.")
     generation: Kwargs = Field(
         default_factory=lambda: {"max_new_tokens": 1024, "do_sample": False},
         description="Default generation kwargs.",
@@ -423,7 +442,9 @@ class ModelSpec(_Strict):
             "(bidirectional image or prefix blocks, sliding windows), which a custom mask would replace."
         ),
     )
-    overrides: Overrides | None = None
+    overrides: Overrides | None = Field(
+        None, description="Hand-written hook functions, in an importable module, for what the other fields cannot say."
+    )
     tiny: Tiny = Field(description="How to build a tiny random-weight checkpoint offline (resonance tiny).")
 
     @model_validator(mode="after")
