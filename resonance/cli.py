@@ -20,7 +20,7 @@ from rich.text import Text
 from resonance import codegen
 from resonance.algorithms import ALGORITHMS, Algorithm
 from resonance.algorithms.arguments import DataArguments
-from resonance.codegen.schema_file import WRITE_COMMAND, schema_drift, schema_json, write_schema
+from resonance.codegen.schema_file import WRITE_COMMAND, schema_diff, schema_drift, schema_json, write_schema
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from resonance.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ResonanceError, SpecError
 
@@ -67,7 +67,7 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     except SpecError as exc:
         raise _spec_failure(exc) from exc
     drift = codegen.compare(plan)
-    schema_current = _schema_file_current(project)
+    schema_current = _schema_file_current(project, show_diff)
     if drift.clean:
         if not schema_current:
             raise typer.Exit(EXIT_FAILED)
@@ -122,11 +122,13 @@ def check_cmd(project: Project = Path(".")) -> None:
     _run_check(project, None)
 
 
-def _schema_file_current(project: Path) -> bool:
+def _schema_file_current(project: Path, show_diff: bool = True) -> bool:
     """Whether the project's specs/resonance-spec.schema.json is current (or absent and unnamed); if not, print
-    what is wrong and the fix."""
+    the diff, what is wrong and the fix."""
     problem = schema_drift(project)
     if problem:
+        if show_diff:
+            out.print(schema_diff(project), markup=False, end="")
         err.print(problem, markup=False)
         err.print(f"To fix, run: {WRITE_COMMAND}", markup=False)
     return problem is None

@@ -9,6 +9,7 @@ derived from :class:`~resonance.codegen.schema.ModelSpec`, so it is drift-checke
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -51,6 +52,18 @@ def schema_drift(project: Path) -> str | None:
     if not naming:
         return None
     return f"{SCHEMA_PATH}: missing; the yaml-language-server header of {', '.join(naming)} names it"
+
+
+def schema_diff(project: Path) -> str:
+    """The unified diff from the project's schema file to :func:`schema_json` ('' when it is current or absent)."""
+    path = project_root(project) / SCHEMA_PATH
+    if not path.is_file():
+        return ""
+    current, wanted = path.read_text(encoding="utf-8"), schema_json()
+    lines = difflib.unified_diff(
+        current.splitlines(keepends=True), wanted.splitlines(keepends=True), f"a/{SCHEMA_PATH}", f"b/{SCHEMA_PATH}"
+    )
+    return "".join(lines)
 
 
 def write_schema(project: Path) -> Path:

@@ -62,30 +62,41 @@ def test_every_spec_points_its_editor_at_the_shipped_file(spec: Path) -> None:
     assert (spec.parent / target).resolve() == SHIPPED.resolve() and SHIPPED.is_file()
 
 
-def _check(project: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def _check(project: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``resonance check`` on ``project``: the exit code, stdout (the diff) and stderr."""
     capsys.readouterr()
     code = main(["check", "--project", str(project)])
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(
-    ("damage", "says"),
+    ("damage", "says", "diff"),
     [
-        (lambda path: path.write_text(SHIPPED.read_text().replace('"description"', '"title"', 1)), "out of date"),
-        (Path.unlink, "missing; the yaml-language-server header of specs/gemma3.yaml, specs/idefics2.yaml"),
+        (
+            lambda path: path.write_text(SHIPPED.read_text().replace('"description"', '"title"', 1)),
+            "out of date",
+            f"--- a/{SCHEMA_PATH}\n+++ b/{SCHEMA_PATH}\n",
+        ),
+        (Path.unlink, "missing; the yaml-language-server header of specs/gemma3.yaml, specs/idefics2.yaml", ""),
     ],
     ids=["stale", "missing"],
 )
 def test_check_fails_on_the_schema_file_and_names_the_fix(
-    project: Path, capsys: pytest.CaptureFixture[str], damage: Any, says: str
+    project: Path, capsys: pytest.CaptureFixture[str], damage: Any, says: str, diff: str
 ) -> None:
     damage(project / SCHEMA_PATH)
-    code, err = _check(project, capsys)
+    code, out, err = _check(project, capsys)
     assert code == EXIT_FAILED
     assert f"{SCHEMA_PATH}: {says}" in err and f"To fix, run: {WRITE_COMMAND}" in err
+    assert (
+        out.startswith(diff)
+        and ('-      "title"' in out) == bool(diff)
+        and ('+      "description"' in out) == bool(diff)
+    )
     assert main(["schema", "--write", "--project", str(project)]) == 0
     assert (project / SCHEMA_PATH).read_text(encoding="utf-8") == schema_json()
-    assert _check(project, capsys)[0] == 0
+    assert _check(project, capsys)[:2] == (0, "")
 
 
 def test_a_project_that_neither_ships_nor_names_the_file_passes(
@@ -94,7 +105,7 @@ def test_a_project_that_neither_ships_nor_names_the_file_passes(
     (project / SCHEMA_PATH).unlink()
     for spec in (project / "specs").glob("*.yaml"):
         spec.write_text(spec.read_text(encoding="utf-8").replace(YAML_HEADER + "\n", ""), encoding="utf-8")
-    assert _check(project, capsys) == (0, "generated/ is up to date with 14 spec(s).\n")
+    assert _check(project, capsys) == (0, "", "generated/ is up to date with 14 spec(s).\n")
 
 
 def test_write_needs_a_specs_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
