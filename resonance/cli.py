@@ -37,7 +37,15 @@ app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-Project = Annotated[Path, typer.Option("--project", help="Project folder holding specs/ and generated/.")]
+Project = Annotated[
+    Path | None,
+    typer.Option(
+        "--project",
+        help="Project folder holding specs/ and generated/ [default: the current folder when it holds specs/, else "
+        "the nearest folder above it holding both; with none, the specs packaged with resonance]",
+        show_default=False,
+    ),
+]
 
 
 def _spec_failure(exc: SpecError) -> typer.Exit:
@@ -76,6 +84,8 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     fix = (
         "resonance scaffold --prune" if drift.stale else "resonance scaffold " + " ".join(str(s) for s in (specs or []))
     )
+    if codegen.find_project(Path.cwd()) != project:  # the fix must work from where the user stands
+        fix = f"{fix.strip()} --project {project}"
     if drift.hand_edited:
         fix += " --force  (after moving the hand edits into an override module)"
     _report_drift(drift, fix.strip(), show_diff)
@@ -89,9 +99,10 @@ def scaffold(
     diff: Annotated[bool, typer.Option("--diff", help="Print the diff that scaffolding would apply.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite generated files edited by hand.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Delete generated files whose spec is gone.")] = False,
-    project: Project = Path("."),
+    project: Project = None,
 ) -> None:
     """Compile specs into generated/<name>/__init__.py and the registry."""
+    project = codegen.require_project(project)
     if check:
         _run_check(project, specs or None)
         return
@@ -117,9 +128,9 @@ def scaffold(
 
 
 @app.command("check")
-def check_cmd(project: Project = Path(".")) -> None:
-    """Exit 1 when generated/ differs from what specs/ compile to; exit 2 on an invalid spec."""
-    _run_check(project, None)
+def check_cmd(project: Project = None) -> None:
+    """Exit 1 when generated/ differs from what specs/ compile to; exit 2 on an invalid spec or with no project."""
+    _run_check(codegen.require_project(project), None)
 
 
 def _schema_file_current(project: Path, show_diff: bool = True) -> bool:
@@ -151,13 +162,17 @@ def schema(
 
 
 @app.command()
-def models(project: Project = Path(".")) -> None:
-    """List the model families of the project."""
+def models(project: Project = None) -> None:
+    """List the model families in use (the project's specs, else the packaged ones) and where they come from."""
+    source = codegen.spec_source(project)
     try:
-        loaded = codegen.load_specs(codegen.project_specs(project), project)
+        loaded = codegen.load_specs(codegen.project_specs(source.root), source.root)
     except SpecError as exc:
         raise _spec_failure(exc) from exc
-    table = Table("name", "architectures", "flash-attn", "multi-image", "transformers")
+    if not loaded:
+        raise ResonanceError(f"no specs in {source.describe()}: add {codegen.SPECS_DIR}/NAME.yaml files")
+    caption = f"{len(loaded)} spec(s) from {source.describe()}"
+    table = Table("name", "architectures", "flash-attn", "multi-image", "transformers", caption=caption)
     for _, spec in loaded:
         table.add_row(
             spec.name,
@@ -171,20 +186,16 @@ def models(project: Project = Path(".")) -> None:
 
 @app.command()
 def tiny(
-    name: Annotated[str, typer.Argument(help="Adapter name, e.g. llava.")],
+    name: Annotated[str, typer.Argument(help="Adapter name (e.g. llava) from the specs in use, or a spec file.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to save the tiny model and processor into.")],
     seed: int = 0,
     overwrite: bool = False,
-    project: Project = Path("."),
+    project: Project = None,
 ) -> None:
     """Build a family's tiny random-weight model and processor offline, for smoke tests."""
     from resonance.tiny import build_tiny, tiny_from_spec
 
-    spec_path = project / codegen.SPECS_DIR / f"{name}.yaml"
-    if not spec_path.is_file():
-        known = ", ".join(p.stem for p in codegen.project_specs(project))
-        err.print(f"error: no spec {spec_path} (known: {known})", markup=False)
-        raise typer.Exit(EXIT_INPUT)
+    spec_path, project = codegen.named_spec(name, project)
     try:
         ((_, spec),) = codegen.load_specs([spec_path], project)
     except SpecError as exc:
@@ -194,20 +205,26 @@ def tiny(
     except FileExistsError as exc:
         err.print(f"error: {exc} (pass --overwrite to replace it)", markup=False)
         raise typer.Exit(EXIT_FAILED) from exc
-    err.print(f"saved tiny {name} model and processor to {path}", markup=False)
+    err.print(f"saved tiny {spec.name} model and processor to {path}", markup=False)
 
 
 @app.command()
 def verify(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The spec to check, e.g. specs/llava.yaml.")],
+    spec_arg: Annotated[
+        str, typer.Argument(metavar="SPEC", help="The spec to check: an adapter name (llava) or a file (specs/x.yaml).")
+    ],
     checkpoint: Annotated[
         Path | None, typer.Option(help="Check against this checkpoint folder instead of the spec's tiny model.")
     ] = None,
-    project: Project = Path("."),
+    project: Project = None,
 ) -> None:
     """Build the spec's tiny model and check every spec field against it (exit 1 naming the bad fields)."""
+    from resonance.base.registry import checkpoint_folder
     from resonance.commands.verify import verify as run_verify
 
+    spec_path, project = codegen.named_spec(spec_arg, project)
+    if checkpoint is not None:
+        checkpoint_folder(checkpoint, named_by="--checkpoint")  # a Hub id or a typo fails before anything loads
     try:
         spec, checks = run_verify(spec_path, project, checkpoint)
     except SpecError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,26 @@ def lora_base_checkpoint(path: str | Path) -> Path | None:
     return Path(base)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hugging Face Hub spells it
+
+
+def checkpoint_folder(path: str | Path, named_by: str = "") -> Path:
+    """``path`` when it is a folder; else a CheckpointError saying so, and for a Hub id (``owner/name``) how to get
+    the checkpoint: Resonance reads checkpoints from folders only, so it never downloads one behind a run's back.
+    ``named_by`` says where the path came from (a file and field) when it did not come from the command line."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    where = f"{named_by} {path}" if named_by else str(path)
+    if HUB_ID.fullmatch(str(path)):
+        raise CheckpointError(
+            f"{where}: no such folder; it looks like a Hugging Face Hub id, and checkpoints are read from folders: "
+            f"download it where the Hub is reachable (`hf download {path} --local-dir {folder.name}`), then pass "
+            "that folder"
+        )
+    raise CheckpointError(f"{where}: no such folder; give a checkpoint folder (as save_pretrained writes it)")
+
+
 def processor_checkpoint(path: str | Path) -> Path:
     """Where a checkpoint's processor is: the folder itself, or for a LoRA folder saved without one, its base."""
     path = Path(path)
@@ -77,8 +98,10 @@ def processor_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_architecture(path: str | Path) -> str:
     """``architectures[0]`` of a checkpoint, following a LoRA output folder to its base model."""
-    path = Path(path)
+    path = checkpoint_folder(path)
     base = None if (path / "config.json").is_file() else lora_base_checkpoint(path)
+    if base is not None:
+        checkpoint_folder(base, named_by=f"{path / 'adapter_config.json'}: base_model_name_or_path")
     config_file = (base or path) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found; --model_name_or_path must be a checkpoint folder")

@@ -2,7 +2,8 @@
 
 ``schema`` (the pydantic spec), ``loader`` (YAML with source positions), ``hooks`` (the override catalogue),
 ``overrides`` (checks of hand-written hook modules), ``render`` (templates, literals, banners) and ``project``
-(the plan of generated files, the drift check, atomic writes). The names below are the compile-time API.
+(which specs are in use: a project's or the packaged ones; the plan of generated files, the drift check, atomic
+writes). The names below are the compile-time API.
 """
 
 from resonance.codegen.loader import load_spec
@@ -11,12 +12,18 @@ from resonance.codegen.project import (
     SPECS_DIR,
     Drift,
     Plan,
+    SpecSource,
     apply,
     compare,
+    find_project,
     load_specs,
+    named_spec,
+    packaged_root,
     plan,
     project_specs,
     relative,
+    require_project,
+    spec_source,
 )
 from resonance.codegen.schema import ModelSpec
 
@@ -26,11 +33,17 @@ __all__ = [
     "Drift",
     "ModelSpec",
     "Plan",
+    "SpecSource",
     "apply",
     "compare",
+    "find_project",
     "load_spec",
     "load_specs",
+    "named_spec",
+    "packaged_root",
     "plan",
     "project_specs",
     "relative",
+    "require_project",
+    "spec_source",
 ]

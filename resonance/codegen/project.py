@@ -11,7 +11,7 @@ from pathlib import Path
 from resonance.codegen.adapter import adapter_classes
 from resonance.codegen.loader import collisions, load_spec
 from resonance.codegen.overrides import resolve_hooks
-from resonance.codegen.render import edited_by_hand, environment, is_generated, render
+from resonance.codegen.render import edited_by_hand, environment, is_generated, render, templates_dir
 from resonance.codegen.schema import ModelSpec
 from resonance.errors import ConfigError, SpecError, SpecProblem
 
@@ -19,6 +19,7 @@ OUTPUT_DIR = "generated"
 
 
 SPECS_DIR = "specs"
+SPEC_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass
@@ -69,6 +70,102 @@ def project_root(project: Path) -> Path:
             "and generated/"
         )
     return resolved
+
+
+def packaged_root() -> Path:
+    """The folder whose specs/ ships with resonance: ``resonance/_data`` in a wheel (setup.py copies specs/ and
+    templates/ there), the checkout itself in a source or editable install; the templates' parent either way."""
+    return templates_dir().parent
+
+
+def find_project(start: Path) -> Path | None:
+    """The project that commands run in from ``start``: ``start`` itself when it holds specs/ (a project before its
+    first scaffold too), else the nearest folder above it holding both specs/ and generated/ (as git finds .git);
+    None when there is none."""
+    start = start.resolve()
+    if (start / SPECS_DIR).is_dir():
+        return start
+    return next((d for d in start.parents if (d / SPECS_DIR).is_dir() and (d / OUTPUT_DIR).is_dir()), None)
+
+
+def _explicit_project(project: Path) -> Path:
+    root = project_root(project)
+    if not (root / SPECS_DIR).is_dir():
+        what = "no such folder" if not root.exists() else f"has no {SPECS_DIR}/ folder"
+        raise ConfigError(f"--project {project}: {what}; name the folder that holds {SPECS_DIR}/ (and {OUTPUT_DIR}/)")
+    return root
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """The specs in use: a project's own specs/ (``--project``, or found from the current folder) or, with no
+    project, the specs packaged with resonance."""
+
+    root: Path  # the folder holding specs/: a project, or packaged_root()
+    packaged: bool
+
+    @property
+    def folder(self) -> Path:
+        return self.root / SPECS_DIR
+
+    def describe(self) -> str:
+        """Where the specs come from, in words."""
+        if self.packaged:
+            return f"the specs packaged with resonance ({self.folder})"
+        return f"the project {self.root} ({SPECS_DIR}/)"
+
+    def spec_path(self, name: str) -> Path:
+        """The spec file of adapter ``name``; a ConfigError listing the known names when there is none."""
+        path = self.folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+        known = ", ".join(p.stem for p in project_specs(self.root)) or "none"
+        hint = (
+            ""
+            if self.packaged
+            else f"; the packaged specs are used outside a project, or with --project {packaged_root()}"
+        )
+        raise ConfigError(f"no spec {name!r} in {self.describe()} (known: {known}){hint}")
+
+
+def spec_source(project: Path | None) -> SpecSource:
+    """The specs in use: ``--project`` when given (it must hold specs/), else the project found from the current
+    folder, else the packaged ones."""
+    root = _explicit_project(project) if project is not None else find_project(Path.cwd())
+    if root is None:
+        return SpecSource(packaged_root().resolve(), packaged=True)
+    return SpecSource(root, packaged=root == packaged_root().resolve())
+
+
+def require_project(project: Path | None) -> Path:
+    """The project whose generated/ ``scaffold`` and ``check`` work on: ``--project`` or the one found from the
+    current folder; a ConfigError when there is none (the packaged specs were compiled when resonance was built)."""
+    if project is not None:
+        return _explicit_project(project)
+    start = Path.cwd().resolve()
+    root = find_project(start)
+    if root is None:
+        raise ConfigError(
+            f"no Resonance project in {start} or the folders above it: a project holds {SPECS_DIR}/*.yaml and the "
+            f"{OUTPUT_DIR}/ code compiled from them. Run this in the project's folder, or pass --project DIR; to "
+            f"start one, create {SPECS_DIR}/NAME.yaml (e.g. a copy of {packaged_root() / SPECS_DIR / 'llava.yaml'}) "
+            "and run `resonance scaffold`"
+        )
+    return root
+
+
+def named_spec(spec: str, project: Path | None) -> tuple[Path, Path]:
+    """A spec named on the command line, as an adapter name (``llava``: from the specs in use) or as a file
+    (``specs/llava.yaml``), with the project it compiles in: ``--project``, else the folder above the file's specs/
+    folder, else the project found from the current folder."""
+    path = Path(spec)
+    if path.suffix not in SPEC_SUFFIXES and len(path.parts) == 1:
+        source = spec_source(project)
+        return source.spec_path(spec), source.root
+    if project is not None:
+        return path, _explicit_project(project)
+    parent = path.resolve().parent
+    return path, parent.parent if parent.name == SPECS_DIR else require_project(None)
 
 
 def plan(project: Path, named: list[Path] | None = None) -> Plan:

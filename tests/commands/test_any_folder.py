@@ -1,0 +1,171 @@
+"""Every command works from any folder: the packaged specs by default, a project's own specs/ when there is one,
+``--project DIR`` to say which; a Hub id where a checkpoint folder belongs says how to get the checkpoint.
+
+Each test runs the installed ``resonance`` console script, as a user does, from a folder of ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers.cli import generate_argv, run_resonance, train_argv
+from helpers.repo import REPO
+from helpers.rows import write_data
+
+from resonance import codegen
+from resonance.base.registry import checkpoint_architecture
+from resonance.errors import EXIT_FAILED, EXIT_INPUT, CheckpointError
+
+PACKAGED = sorted(path.stem for path in (REPO / "specs").glob("*.yaml"))
+HUB_ID = "llava-hf/llava-1.5-7b-hf"
+
+
+def _own_project(root: Path) -> Path:
+    """A project whose only spec is ``mini``: the packaged llava spec under another name (without the editor header
+    that names a schema file this project does not have)."""
+    (root / "specs").mkdir(parents=True)
+    lines = (REPO / "specs" / "llava.yaml").read_text().splitlines(keepends=True)
+    text = "".join(line for line in lines if "yaml-language-server" not in line)
+    text = text.replace("\nname: llava\n", "\nname: mini\n")
+    assert "\nname: mini\n" in text
+    (root / "specs" / "mini.yaml").write_text(text)
+    return root
+
+
+def _empty(tmp_path: Path) -> Path:
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    return folder
+
+
+def test_models_from_an_empty_folder_lists_the_packaged_specs_and_says_where_they_come_from(tmp_path: Path) -> None:
+    result = run_resonance("models", cwd=_empty(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in PACKAGED:
+        assert f" {name} " in result.stdout
+    assert f"{len(PACKAGED)} spec(s) from the specs packaged with resonance ({REPO / 'specs'})" in result.stdout
+
+
+def test_tiny_from_an_empty_folder_builds_a_packaged_family(tmp_path: Path) -> None:
+    result = run_resonance("tiny", "llava", "tiny-llava", cwd=_empty(tmp_path))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "elsewhere" / "tiny-llava" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+def test_verify_by_name_from_an_empty_folder_checks_the_packaged_spec(tmp_path: Path) -> None:
+    result = run_resonance("verify", "llava", cwd=_empty(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "specs/llava.yaml: every check passed" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["scaffold"], ["scaffold", "--check"]])
+def test_check_and_scaffold_outside_a_project_say_there_is_none_and_write_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    folder = _empty(tmp_path)
+    result = run_resonance(*command, cwd=folder)
+    assert result.returncode == EXIT_INPUT, result.stderr
+    assert result.stderr.startswith(f"error: no Resonance project in {folder} or the folders above it")
+    assert "pass --project DIR" in result.stderr and "Traceback" not in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_a_project_s_own_specs_win_in_its_folder_and_below_it(tmp_path: Path) -> None:
+    project = _own_project(tmp_path / "proj")
+    models = run_resonance("models", cwd=project)
+    assert models.returncode == 0, models.stderr
+    assert " mini " in models.stdout and " llava " not in models.stdout
+    assert f"1 spec(s) from the project {project} (specs/)" in models.stdout
+
+    tiny = run_resonance("tiny", "llava", "out", cwd=project)
+    assert tiny.returncode == EXIT_INPUT
+    assert f"no spec 'llava' in the project {project} (specs/) (known: mini)" in tiny.stderr
+    assert f"--project {REPO}" in tiny.stderr  # how to reach the packaged ones instead
+
+    assert run_resonance("scaffold", cwd=project).returncode == 0
+    assert (project / "generated" / "mini" / "__init__.py").is_file()
+    below = project / "data" / "images"
+    below.mkdir(parents=True)
+    check = run_resonance("check", cwd=below)  # found upward: the nearest folder with specs/ and generated/
+    assert check.returncode == 0, check.stderr
+    assert "up to date with 1 spec(s)" in check.stderr
+
+
+def test_project_names_the_project_from_anywhere_and_the_fix_names_it_too(tmp_path: Path) -> None:
+    project = _own_project(tmp_path / "proj")
+    elsewhere = _empty(tmp_path)
+    models = run_resonance("models", "--project", str(project), cwd=elsewhere)
+    assert models.returncode == 0, models.stderr
+    assert " mini " in models.stdout and " llava " not in models.stdout
+
+    check = run_resonance("check", "--project", str(project), cwd=elsewhere)
+    assert check.returncode == EXIT_FAILED
+    assert f"To fix, run: resonance scaffold --project {project}" in check.stderr
+    assert run_resonance("scaffold", "--project", str(project), cwd=elsewhere).returncode == 0
+    assert run_resonance("check", "--project", str(project), cwd=elsewhere).returncode == 0
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize(("given", "why"), [("missing", "no such folder"), ("empty", "has no specs/ folder")])
+def test_a_project_without_specs_is_refused_naming_the_flag(tmp_path: Path, given: str, why: str) -> None:
+    target = tmp_path / given
+    if given == "empty":
+        target.mkdir()
+    result = run_resonance("models", "--project", str(target), cwd=_empty(tmp_path))
+    assert result.returncode == EXIT_INPUT
+    assert result.stderr.strip() == (
+        f"error: --project {target}: {why}; name the folder that holds specs/ (and generated/)"
+    )
+
+
+def test_find_project_takes_specs_here_but_above_only_with_generated(tmp_path: Path) -> None:
+    (tmp_path / "specs").mkdir()
+    assert codegen.find_project(tmp_path) == tmp_path.resolve()  # a project before its first scaffold
+    assert codegen.find_project(tmp_path / "sub") is None  # a specs/ folder above is not enough (not ours?)
+    (tmp_path / "generated").mkdir()
+    assert codegen.find_project(tmp_path / "sub" / "deeper") == tmp_path.resolve()
+
+
+def _hub_id_line(checkpoint: str) -> str:
+    return (
+        f"{checkpoint}: no such folder; it looks like a Hugging Face Hub id, and checkpoints are read from folders: "
+        f"download it where the Hub is reachable (`hf download {HUB_ID} --local-dir llava-1.5-7b-hf`), then pass "
+        "that folder"
+    )
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "verify"])
+def test_a_hub_id_as_the_checkpoint_says_in_one_line_how_to_get_it(tmp_path: Path, command: str) -> None:
+    folder = _empty(tmp_path)
+    argv = {
+        "train": ["train", "sft", *train_argv("sft", HUB_ID, write_data(folder, "sft"), folder / "out")],
+        "generate": ["generate", *generate_argv(HUB_ID, write_data(folder, "prompt"), folder / "answers.jsonl")],
+        "verify": ["verify", "llava", "--checkpoint", HUB_ID],
+    }[command]
+    result = run_resonance(*argv, cwd=folder)
+    assert result.returncode == EXIT_INPUT, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    named = "--checkpoint " + HUB_ID if command == "verify" else HUB_ID
+    assert errors == ["error: " + _hub_id_line(named)]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_folder_that_is_no_hub_id_is_just_missing(tmp_path: Path) -> None:
+    folder = _empty(tmp_path)
+    prompts = write_data(folder, "prompt")
+    result = run_resonance("generate", *generate_argv("no/such/ckpt", prompts, folder / "a.jsonl"), cwd=folder)
+    assert result.returncode == EXIT_INPUT
+    assert "error: no/such/ckpt: no such folder; give a checkpoint folder" in result.stderr
+    assert "Hub" not in result.stderr
+
+
+def test_a_lora_folder_whose_base_is_a_hub_id_names_the_field_it_came_from(tmp_path: Path) -> None:
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": HUB_ID}))
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint_architecture(adapter)
+    assert str(raised.value) == _hub_id_line(f"{adapter / 'adapter_config.json'}: base_model_name_or_path {HUB_ID}")
