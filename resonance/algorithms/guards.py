@@ -1,6 +1,7 @@
 """What every algorithm's run shares from start to save: the output folder checked before anything loads, the
 checkpoint to resume from (complete ones only), checkpoints written whole or not at all, training stopped on a
-non-finite loss or weight, and a final save that keeps the weights somewhere when the output folder fails."""
+non-finite loss or weight, and a final save that keeps the weights somewhere when the output folder fails and
+otherwise leaves a folder other tools load (adapters that find their base from anywhere, files others can read)."""
 
 from __future__ import annotations
 
@@ -235,12 +236,94 @@ def save_failed(what: str, output_dir: Path, exc: OSError, save: Callable[[str],
 
 
 def save_result(output_dir: Path, save: Callable[[str], None], rescue: Callable[[str], None]) -> None:
-    """``save(output_dir)``; where that fails (disk full, folder no longer writable), ``rescue`` into a folder
-    next to it (or in the temp dir) and raise a :class:`TrainingError` that says where the weights are."""
+    """``save(output_dir)``, then (in the process that saves) :func:`finish_output`; where the save fails (disk
+    full, folder no longer writable), ``rescue`` into a folder next to it (or in the temp dir) and raise a
+    :class:`TrainingError` that says where the weights are."""
+    from accelerate import PartialState
+
     try:
         save(str(output_dir))
+        if PartialState().is_main_process:
+            finish_output(output_dir)
     except OSError as exc:
         raise save_failed(f"--output_dir {output_dir}", output_dir, exc, rescue) from None
+
+
+# -- an output folder any tool reads -----------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's description of a saved adapter
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def make_readable(folder: Path) -> None:
+    """Give every file under ``folder`` at least the mode a new file gets (:func:`new_file_mode`, 0644 under the
+    usual umask): safetensors writes its files 0600, which other accounts, containers and serving tools that
+    read a shared output folder cannot open."""
+    wanted = new_file_mode()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            mode = file.stat().st_mode & 0o7777
+            if mode | wanted != mode:
+                file.chmod(mode | wanted)
+
+
+def _rewrite_json(file: Path, values: dict[str, Any]) -> None:
+    """Replace ``values`` in a JSON object file (written whole: a temporary file renamed onto it)."""
+    content = {**json.loads(file.read_text(encoding="utf-8")), **values}
+    staged = file.with_name(f".{file.name}.tmp")
+    staged.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staged, file)
+
+
+def absolute_base_paths(folder: Path) -> None:
+    """In every ``adapter_config.json`` under ``folder``, a ``base_model_name_or_path`` that names a local folder
+    (as given on the command line: relative to where training ran) becomes its absolute path, so the adapter
+    loads from any working directory; a Hub id stays as it is."""
+    for config_file in folder.rglob(ADAPTER_CONFIG):
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if isinstance(base, str) and base and not Path(base).is_absolute() and Path(base).is_dir():
+            _rewrite_json(config_file, {"base_model_name_or_path": str(Path(base).resolve())})
+
+
+def auto_loadable_adapter(folder: Path) -> None:
+    """Let ``peft.AutoPeftModel.from_pretrained(folder)`` load the adapter saved at the top of ``folder``.
+
+    PEFT 0.21 has no auto class for image-text-to-text models (``AutoPeftModelForCausalLM`` builds
+    ``AutoModelForCausalLM``, which refuses VLM configs), and transformers 5's own adapter loading asks for
+    PEFT >= 0.22. ``AutoPeftModel`` builds the base model from the config's ``auto_mapping`` (the checkpoint's
+    transformers class) where ``task_type`` is unset; the adapter weights and everything else are unchanged."""
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return
+    import transformers
+
+    from resonance.base.registry import checkpoint_architecture
+
+    architecture = checkpoint_architecture(folder)
+    if not hasattr(transformers, architecture):
+        return
+    mapping = {"base_model_class": architecture, "parent_library": "transformers"}
+    _rewrite_json(config_file, {"task_type": None, "auto_mapping": mapping})
+
+
+def finish_output(folder: Path) -> None:
+    """What a saved output folder needs beyond ``save_pretrained``: adapters that find their base model from any
+    working directory (:func:`absolute_base_paths`) and load through ``peft.AutoPeftModel``
+    (:func:`auto_loadable_adapter`), and files other tools can read (:func:`make_readable`)."""
+    absolute_base_paths(folder)
+    auto_loadable_adapter(folder)
+    make_readable(folder)
 
 
 # -- non-finite training ----------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ run as one row over a single copy of its prompt (:mod:`resonance.algorithms.dpo.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +23,25 @@ from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.patches.fused_head import fused_head_backbone
+
+# TRL's frozen copy of a LoRA model's starting adapter: DPO's reference while training (trl.DPOTrainer.__init__).
+REFERENCE_ADAPTER = "ref"
+
+
+@contextlib.contextmanager
+def saving_only_trained_adapter(model: torch.nn.Module) -> Iterator[None]:
+    """While inside, ``model.save_pretrained`` (a PEFT model holding :data:`REFERENCE_ADAPTER`) writes the trained
+    adapter alone, through PEFT's ``selected_adapters``; other models save as they do."""
+    if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        yield
+        return
+    model.save_pretrained = functools.partial(
+        type(model).save_pretrained, model, selected_adapters=[model.active_adapter]
+    )
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
@@ -69,6 +91,16 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
             self.eval_dataset = self._precompute_ref_logps(
                 self.eval_dataset, "eval", size or self.args.per_device_eval_batch_size
             )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As transformers' ``Trainer.save_model``, but the result holds the trained adapter alone: TRL's frozen
+        reference adapter (``ref/``) is saved in checkpoints, which a resume reloads, and left out of the output,
+        which needs none (the reference is the model the adapter was trained from)."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        with saving_only_trained_adapter(self.accelerator.unwrap_model(self.model)):
+            super().save_model(output_dir, _internal_call)
 
     def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> PairLayout | None:
         """The shared-prompt layout of this batch, or ``None`` to run it as chosen rows then rejected rows."""
