@@ -41,8 +41,8 @@ Project = Annotated[
     Path | None,
     typer.Option(
         "--project",
-        help="Project folder holding specs/ and generated/ [default: the current folder when it holds specs/, else "
-        "the nearest folder above it holding both; with none, the specs packaged with resonance]",
+        help="Project folder holding specs/ and generated/. Default: the current folder when it holds specs/, else "
+        "the nearest folder above it holding both; with none, the specs packaged with resonance.",
         show_default=False,
     ),
 ]
@@ -246,6 +246,20 @@ def verify(
     if failed:
         raise typer.Exit(EXIT_FAILED)
     err.print(f"{rel}: every check passed", markup=False)
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="The --output_dir of a `resonance train` run.")],
+    to: Annotated[Path, typer.Option("--to", metavar="DIR", help="Folder to write (must be new, or --overwrite).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing DIR.")] = False,
+) -> None:
+    """Merge a LoRA output into its base model's weights and write a folder plain transformers loads
+    (AutoModelForImageTextToText, AutoProcessor); reward and value heads are kept beside the merged model; a
+    full-training output is copied as it is."""
+    from resonance.commands.export import main as export_main
+
+    export_main(output, to, overwrite=overwrite)
 
 
 _TRAIN_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

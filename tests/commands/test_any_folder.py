@@ -7,6 +7,7 @@ Each test runs the installed ``resonance`` console script, as a user does, from 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,12 @@ def test_a_lora_folder_whose_base_is_a_hub_id_names_the_field_it_came_from(tmp_p
     with pytest.raises(CheckpointError) as raised:
         checkpoint_architecture(adapter)
     assert str(raised.value) == _hub_id_line(f"{adapter / 'adapter_config.json'}: base_model_name_or_path {HUB_ID}")
+
+
+def test_the_project_flag_s_help_says_what_it_defaults_to(tmp_path: Path) -> None:
+    result = run_resonance("models", "--help", cwd=_empty(tmp_path))
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert (
+        "--project <path> Project folder holding specs/ and generated/. Default: the current folder when it holds "
+        "specs/, else the nearest folder above it holding both; with none, the specs packaged with resonance."
+    ) in text
