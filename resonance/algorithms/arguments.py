@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from resonance.algorithms.quantization import quantization_problems
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from resonance.errors import ConfigError
 
 
 @dataclass
@@ -30,6 +32,38 @@ class ModelArguments:
             "--pad_to_multiple_of says otherwise. sft, dpo and rm only."
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the language model's Linear layers in 4 bits (bitsandbytes; pip install "
+            "'resonance[qlora]'; a CUDA GPU) and train LoRA on top; the vision tower, projector and LM head are not "
+            "quantised."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={"help": "As --load_in_4bit, in 8 bits (bitsandbytes' LLM.int8())."},
+    )
+    bnb_4bit_quant_type: str | None = field(
+        default=None,
+        metadata={"help": "--load_in_4bit's data type: nf4 (the default, QLoRA's) or fp4."},
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "--load_in_4bit's matmul precision: bfloat16, float16 or float32 (default: the run's, from "
+            "--bf16/--fp16)."
+        },
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False,
+        metadata={"help": "--load_in_4bit: quantise the quantisation constants too (about 0.4 bits per weight less)."},
+    )
+
+    def __post_init__(self) -> None:
+        problems = quantization_problems(vars(self))
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass

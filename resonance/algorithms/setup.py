@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.lengths import fit_rows, row_lengths
+from resonance.algorithms.quantization import prepare_for_training, quantization_config
 from resonance.base.checks import lora_layer_names
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
@@ -93,9 +94,16 @@ def source_options(data_args: DataArguments) -> dict[str, Any]:
 def load_model(
     mapper: ModelCoreMapper, model_args: ModelArguments, config: TrainingArguments
 ) -> tuple[torch.nn.Module, torch.dtype]:
-    """The model in the run's precision, its vision tower frozen as asked."""
+    """The model in the run's precision, its vision tower frozen as asked; with ``--load_in_4bit``/``--load_in_8bit``
+    its language model quantised on this process's GPU and prepared for LoRA (:mod:`.quantization`)."""
     dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else torch.float32)
-    model = mapper.model.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    quantization = quantization_config(mapper.model, vars(model_args), dtype)
+    if quantization is not None:
+        # A quantised model is placed as it loads (Trainer and accelerate never move it): one process, one GPU.
+        kwargs.update(quantization_config=quantization, device_map={"": config.local_process_index})
+    model = mapper.model.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model = prepare_for_training(model, config)
     if model_args.freeze_vision_tower:
         mapper.model.freeze_vision_tower(model)
     return model, dtype

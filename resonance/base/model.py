@@ -187,6 +187,17 @@ class VLModel:
         return kwargs
 
     @classmethod
+    def unquantized_modules(cls) -> list[str]:
+        """The modules ``--load_in_4bit``/``--load_in_8bit`` leave unquantised, as transformers'
+        ``BitsAndBytesConfig.llm_int8_skip_modules`` reads them (each a regex matched from a module name's start, or
+        a name suffix): the vision tower, the projector, and the LM head by name, then every other module outside
+        the language model (InstructBLIP's ``language_projection``, say), so only the language model is quantised.
+        ``lm_head`` is a suffix too: families whose language model holds its own head (InstructBLIP) keep it."""
+        kept = [cls.vision_tower_path, cls.projector_path, "lm_head"]
+        outside_language_model = rf"(?!{re.escape(cls.language_model_path)}\.).*"
+        return [re.escape(path) for path in kept if path is not None] + [outside_language_model]
+
+    @classmethod
     def lora_target_modules(cls, names: list[str]) -> str:
         """A PEFT ``target_modules`` regex that matches ``names`` only under the language model.
 
