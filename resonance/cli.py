@@ -102,7 +102,7 @@ def scaffold(
     project: Project = None,
 ) -> None:
     """Compile specs into generated/<name>/__init__.py and the registry."""
-    project = codegen.require_project(project)
+    project = codegen.files_project(specs, project) if specs else codegen.require_project(project)
     if check:
         _run_check(project, specs or None)
         return

@@ -154,18 +154,25 @@ def require_project(project: Path | None) -> Path:
     return root
 
 
+def files_project(files: list[Path], project: Path | None) -> Path:
+    """The project spec files named on the command line compile in: ``--project``, else the folder above their
+    specs/ folder (when they share one), else the project found from the current folder."""
+    if project is not None:
+        return _explicit_project(project)
+    parents = {path.resolve().parent for path in files}
+    if len(parents) == 1 and (folder := parents.pop()).name == SPECS_DIR:
+        return folder.parent
+    return require_project(None)
+
+
 def named_spec(spec: str, project: Path | None) -> tuple[Path, Path]:
     """A spec named on the command line, as an adapter name (``llava``: from the specs in use) or as a file
-    (``specs/llava.yaml``), with the project it compiles in: ``--project``, else the folder above the file's specs/
-    folder, else the project found from the current folder."""
+    (``specs/llava.yaml``), with the project it compiles in (:func:`files_project`)."""
     path = Path(spec)
     if path.suffix not in SPEC_SUFFIXES and len(path.parts) == 1:
         source = spec_source(project)
         return source.spec_path(spec), source.root
-    if project is not None:
-        return path, _explicit_project(project)
-    parent = path.resolve().parent
-    return path, parent.parent if parent.name == SPECS_DIR else require_project(None)
+    return path, files_project([path], project)
 
 
 def plan(project: Path, named: list[Path] | None = None) -> Plan:

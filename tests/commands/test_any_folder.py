@@ -179,3 +179,23 @@ def test_the_project_flag_s_help_says_what_it_defaults_to(tmp_path: Path) -> Non
         "--project <path> Project folder holding specs/ and generated/. Default: the current folder when it holds "
         "specs/, else the nearest folder above it holding both; with none, the specs packaged with resonance."
     ) in text
+
+
+def test_models_in_a_project_with_no_specs_says_so_instead_of_an_empty_table(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "specs").mkdir(parents=True)
+    result = run_resonance("models", cwd=project)
+    assert result.returncode == EXIT_INPUT
+    assert result.stderr.strip() == f"error: no specs in the project {project} (specs/): add specs/NAME.yaml files"
+    assert result.stdout == ""
+
+
+def test_scaffold_of_a_spec_file_uses_the_project_that_holds_it(tmp_path: Path) -> None:
+    project = _own_project(tmp_path / "proj")
+    spec = project / "specs" / "mini.yaml"
+    elsewhere = _empty(tmp_path)
+    scaffold = run_resonance("scaffold", str(spec), cwd=elsewhere)
+    assert scaffold.returncode == 0, scaffold.stderr
+    assert (project / "generated" / "mini" / "__init__.py").is_file()
+    assert list(elsewhere.iterdir()) == []
+    assert run_resonance("check", cwd=project).returncode == 0
