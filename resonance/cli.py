@@ -69,6 +69,11 @@ def _report_drift(drift: codegen.Drift, fix: str, show_diff: bool = True) -> Non
     err.print(f"To fix, run: {fix}", markup=False)
 
 
+def _from_here(command: str, project: Path) -> str:
+    """``command`` as the user can run it from the current folder: with ``--project`` when that is not the project."""
+    return command if codegen.find_project(Path.cwd()) == project else f"{command} --project {project}"
+
+
 def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) -> None:
     try:
         plan = codegen.plan(project, specs)
@@ -84,8 +89,7 @@ def _run_check(project: Path, specs: list[Path] | None, show_diff: bool = True) 
     fix = (
         "resonance scaffold --prune" if drift.stale else "resonance scaffold " + " ".join(str(s) for s in (specs or []))
     )
-    if codegen.find_project(Path.cwd()) != project:  # the fix must work from where the user stands
-        fix = f"{fix.strip()} --project {project}"
+    fix = _from_here(fix.strip(), project)
     if drift.hand_edited:
         fix += " --force  (after moving the hand edits into an override module)"
     _report_drift(drift, fix.strip(), show_diff)
@@ -102,7 +106,7 @@ def scaffold(
     project: Project = None,
 ) -> None:
     """Compile specs into generated/<name>/__init__.py and the registry."""
-    project = codegen.files_project(specs, project) if specs else codegen.require_project(project)
+    project = codegen.require_project(project)
     if check:
         _run_check(project, specs or None)
         return
@@ -141,7 +145,7 @@ def _schema_file_current(project: Path, show_diff: bool = True) -> bool:
         if show_diff:
             out.print(schema_diff(project), markup=False, end="")
         err.print(problem, markup=False)
-        err.print(f"To fix, run: {WRITE_COMMAND}", markup=False)
+        err.print(f"To fix, run: {_from_here(WRITE_COMMAND, project)}", markup=False)
     return problem is None
 
 
@@ -151,10 +155,11 @@ def schema(
         bool,
         typer.Option("--write", help="Write specs/resonance-spec.schema.json (what spec headers name) instead."),
     ] = False,
-    project: Project = Path("."),
+    project: Project = None,
 ) -> None:
     """Print the JSON Schema of a spec file (for editor completion), or write it into the project's specs/."""
     if write:
+        project = codegen.require_project(project)
         path = write_schema(project)
         err.print(f"wrote {codegen.relative(path, project)}", markup=False)
         return

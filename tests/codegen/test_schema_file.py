@@ -17,8 +17,15 @@ from helpers.repo import REPO
 
 from resonance.cli import main
 from resonance.codegen.schema import SCHEMA_DIALECT, SCHEMA_ID, ModelSpec
-from resonance.codegen.schema_file import SCHEMA_FILE, SCHEMA_PATH, WRITE_COMMAND, YAML_HEADER, schema_json
-from resonance.errors import EXIT_FAILED, EXIT_INPUT
+from resonance.codegen.schema_file import (
+    SCHEMA_FILE,
+    SCHEMA_PATH,
+    WRITE_COMMAND,
+    YAML_HEADER,
+    schema_json,
+    write_schema,
+)
+from resonance.errors import EXIT_FAILED, EXIT_INPUT, ConfigError
 
 SHIPPED = REPO / SCHEMA_PATH
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
@@ -88,7 +95,8 @@ def test_check_fails_on_the_schema_file_and_names_the_fix(
     damage(project / SCHEMA_PATH)
     code, out, err = _check(project, capsys)
     assert code == EXIT_FAILED
-    assert f"{SCHEMA_PATH}: {says}" in err and f"To fix, run: {WRITE_COMMAND}" in err
+    assert f"{SCHEMA_PATH}: {says}" in err
+    assert f"To fix, run: {WRITE_COMMAND} --project {project.resolve()}\n" in err  # run from elsewhere: it says where
     assert (
         out.startswith(diff)
         and ('-      "title"' in out) == bool(diff)
@@ -108,9 +116,18 @@ def test_a_project_that_neither_ships_nor_names_the_file_passes(
     assert _check(project, capsys) == (0, "", "generated/ is up to date with 14 spec(s).\n")
 
 
+def test_write_goes_to_the_project_found_from_a_subfolder(project: Path) -> None:
+    (project / SCHEMA_PATH).unlink()
+    written = run_resonance("schema", "--write", cwd=project / "generated")
+    assert (written.returncode, written.stderr) == (0, f"wrote {SCHEMA_PATH}\n")
+    assert (project / SCHEMA_PATH).read_text(encoding="utf-8") == schema_json()
+
+
 def test_write_needs_a_specs_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema", "--write", "--project", str(tmp_path)]) == EXIT_INPUT
-    assert f"has no specs/ folder to write {SCHEMA_FILE} into" in capsys.readouterr().err
+    assert f"--project {tmp_path}: has no specs/ folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"has no specs/ folder to write {SCHEMA_FILE} into"):
+        write_schema(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -140,4 +157,4 @@ def test_pre_commit_hook_entry_is_the_installed_check(project: Path) -> None:
     assert run_resonance(*args, cwd=project).returncode == 0
     (project / SCHEMA_PATH).write_text("{}\n")
     failed = run_resonance(*args, cwd=project)
-    assert failed.returncode == EXIT_FAILED and f"To fix, run: {WRITE_COMMAND}" in failed.stderr
+    assert failed.returncode == EXIT_FAILED and f"To fix, run: {WRITE_COMMAND}\n" in failed.stderr
