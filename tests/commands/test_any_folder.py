@@ -7,7 +7,11 @@ Each test runs the installed ``resonance`` console script, as a user does, from 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +203,36 @@ def test_scaffold_of_a_spec_file_uses_the_project_that_holds_it(tmp_path: Path) 
     assert (project / "generated" / "mini" / "__init__.py").is_file()
     assert list(elsewhere.iterdir()) == []
     assert run_resonance("check", cwd=project).returncode == 0
+
+
+def _pip(*args: str) -> None:
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run([sys.executable, "-m", "pip", *args, "-q"], check=True, env=env, capture_output=True, timeout=300)
+
+
+def test_a_wheel_carries_the_specs_and_commands_outside_a_project_use_them(tmp_path: Path) -> None:
+    """What a pip user has: the built wheel, installed on its own, run from an empty folder."""
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("resonance", "generated", "specs", "templates"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source))
+    _pip("install", "--no-deps", "--target", str(tmp_path / "site"), *map(str, (tmp_path / "wheel").glob("*.whl")))
+    packaged = tmp_path / "site" / "resonance" / "_data" / "specs"
+    assert sorted(path.stem for path in packaged.glob("*.yaml")) == PACKAGED
+
+    elsewhere = _empty(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # ahead of the editable install's finder
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        code = f"import sys; from resonance.cli import main; sys.exit(main({list(args)!r}))"
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    models = run("models")
+    assert models.returncode == 0, models.stderr
+    assert f"{len(PACKAGED)} spec(s) from the specs packaged with resonance ({packaged})" in models.stdout
+    check = run("check")
+    assert check.returncode == EXIT_INPUT and "no Resonance project in" in check.stderr
