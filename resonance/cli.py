@@ -129,6 +129,7 @@ def scaffold(
         err.print("stale generated files (rerun with --prune to delete): " + ", ".join(plan.stale), markup=False)
     if not written:
         err.print("nothing to do: generated/ is up to date.", markup=False)
+    _schema_file_current(project, show_diff=False)  # scaffold writes only generated/: it names the schema's fix
 
 
 @app.command("check")

@@ -4,7 +4,7 @@ Editors read it through the header every spec starts with (:data:`YAML_HEADER`, 
 the same line works in any project whose specs/ holds the file and in the wheel's packaged specs). The file is
 derived from :class:`~resonance.codegen.schema.ModelSpec`, so it is drift-checked like generated code:
 ``resonance check`` reports it stale or missing (:func:`schema_drift`) and ``resonance schema --write``
-(:data:`WRITE_COMMAND`) rewrites it. ``resonance scaffold`` leaves it alone: scaffold writes only inside generated/.
+(:data:`WRITE_COMMAND`) rewrites it. ``resonance scaffold`` only names that fix: it writes only inside generated/.
 """
 
 from __future__ import annotations

@@ -107,6 +107,16 @@ def test_check_fails_on_the_schema_file_and_names_the_fix(
     assert _check(project, capsys)[:2] == (0, "")
 
 
+def test_scaffold_names_the_schema_fix_but_writes_only_generated(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / SCHEMA_PATH).write_text("{}\n")
+    capsys.readouterr()
+    assert main(["scaffold", "--project", str(project)]) == 0
+    assert f"{SCHEMA_PATH}: out of date" in capsys.readouterr().err
+    assert (project / SCHEMA_PATH).read_text() == "{}\n"
+
+
 def test_a_project_that_neither_ships_nor_names_the_file_passes(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
