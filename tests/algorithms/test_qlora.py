@@ -102,6 +102,10 @@ def test_flag_combinations(qlora_machine: None) -> None:
     assert quantization_problems({"bnb_4bit_use_double_quant": True, "bnb_4bit_quant_type": "fp4"}) == [
         "--bnb_4bit_quant_type, --bnb_4bit_use_double_quant: 4-bit settings, they need --load_in_4bit"
     ]
+    assert quantization_problems({"load_in_4bit": True, "compile_layers": True}) == [
+        "--load_in_4bit with --compile_layers: torch.compile fails on bitsandbytes' quantised layers in training; "
+        "leave one of them out"
+    ]
     assert quantization_problems({"load_in_8bit": True, "bnb_4bit_compute_dtype": "bfloat16", "use_cpu": True}) == [
         "--bnb_4bit_compute_dtype: 4-bit settings, they need --load_in_4bit",
         "--load_in_8bit with --use_cpu: bitsandbytes' quantised layers train on a CUDA GPU only",
