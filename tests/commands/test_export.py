@@ -9,6 +9,7 @@ output, an existing DIR without --overwrite and a DIR inside OUT are refused; a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image, run_resonance, save_png, train_argv
+from helpers import FAMILIES, make_image, our_inference_batch, run_resonance, save_png, train_argv
 from helpers.rows import write_data
 from safetensors.torch import load_file
 
 import resonance.commands.export as export_command
 from resonance.algorithms.guards import finish_output
+from resonance.base.registry import load_core_mapper
 from resonance.base.reward import REWARD_CONFIG
 from resonance.base.value import VALUE_CONFIG, VLModelWithValueHead
 from resonance.cli import main
@@ -129,6 +131,39 @@ def test_merged_lora_generates_what_the_unmerged_output_generates_without_resona
     assert plain["tokens"] == ours.sequences[0, ours.inputs["input_ids"].shape[1] :].tolist()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_merges_to_the_same_outputs(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A LoRA output (a non-zero adapter on the spec's default targets) exported and loaded with plain
+    ``AutoModelForImageTextToText`` gives the logits the unmerged PEFT model gives, on prompts with images."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = tiny_checkpoint(family)
+    mapper = load_core_mapper(ckpt)
+    targets = mapper.model.lora_target_modules(mapper.model.default_lora_target)
+    torch.manual_seed(0)
+    model = get_peft_model(
+        mapper.model.from_pretrained(ckpt), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    mapper.processor(ckpt).hf.save_pretrained(str(out))
+    finish_output(out)
+    export_command.export(out, tmp_path / "merged")
+
+    *_, batch = our_inference_batch(ckpt)
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        unmerged = model.eval()(**batch).logits
+        merged = plain(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+    assert not torch.allclose(unmerged, base, atol=1e-4), "the adapter must change the outputs"
+    torch.testing.assert_close(merged, unmerged)
+
+
 # -- heads ----------------------------------------------------------------------------------------------------
 
 
@@ -142,8 +177,7 @@ def test_reward_model_exports_merged_with_its_head(rm_lora: Path, tmp_path: Path
     from resonance.base.reward import VLRewardModel
 
     merged = tmp_path / "rm_merged"
-    done = _export(rm_lora, merged, cwd=tmp_path)
-    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert main(["export", str(rm_lora), "--to", str(merged)]) == EXIT_OK
     description = json.loads((merged / REWARD_CONFIG).read_text())
     assert description["backbone"] == "full"
     assert not (merged / "adapter_config.json").exists()
@@ -158,8 +192,6 @@ def test_reward_model_exports_merged_with_its_head(rm_lora: Path, tmp_path: Path
 def test_value_head_exports_merged_with_its_head(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     """A policy with its value head as PPO saves it (the LoRA adapter, value_head.safetensors, value_config.json)."""
     from peft import LoraConfig, get_peft_model
-
-    from resonance.base.registry import load_core_mapper
 
     ckpt = tiny_checkpoint("llava")
     mapper = load_core_mapper(ckpt)
@@ -184,12 +216,14 @@ def test_value_head_exports_merged_with_its_head(tiny_checkpoint: Callable[[str]
 # -- full training, refusals, atomic writes -------------------------------------------------------------------
 
 
-def test_full_training_output_is_copied_as_it_is(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+def test_full_training_output_is_copied_as_it_is(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = _train(tmp_path, tiny_checkpoint("llava"), "sft", "sft", lora_target_modules="none", learning_rate="1e-3")
     copy = tmp_path / "copy"
-    done = _export(out, copy, cwd=tmp_path)
-    assert done.returncode == EXIT_OK, done.stderr[-3000:]
-    assert "nothing to merge" in done.stderr
+    with caplog.at_level(logging.INFO, logger="resonance"):
+        assert main(["export", str(out), "--to", str(copy)]) == EXIT_OK
+    assert "nothing to merge" in caplog.text
     assert (copy / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     assert not (copy / "training_args.bin").exists()
 
