@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -131,26 +132,37 @@ def test_merged_lora_generates_what_the_unmerged_output_generates_without_resona
     assert plain["tokens"] == ours.sequences[0, ours.inputs["input_ids"].shape[1] :].tolist()
 
 
+def _lora_output(ckpt: Path, out: Path, head: str | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Path]:
+    """An output folder as ``resonance train`` saves it, without training: a non-zero LoRA adapter on the spec's
+    default targets (with the ``core_mapper`` slot ``head``'s head: ``value_model``, ``reward_model``), the
+    processor, the final touches of the save. Returns the unmerged model and the folder."""
+    from peft import LoraConfig, get_peft_model
+
+    mapper = load_core_mapper(ckpt)
+    targets = mapper.model.lora_target_modules(mapper.model.default_lora_target)
+    torch.manual_seed(0)
+    model = get_peft_model(
+        mapper.model.from_pretrained(ckpt, **({} if dtype is None else {"dtype": dtype})),
+        LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+    )
+    if head is not None:
+        model = getattr(mapper, head)(model)
+    model.save_pretrained(out)
+    mapper.processor(ckpt).hf.save_pretrained(str(out))
+    finish_output(out)
+    return model, out
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_merges_to_the_same_outputs(
     family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """A LoRA output (a non-zero adapter on the spec's default targets) exported and loaded with plain
     ``AutoModelForImageTextToText`` gives the logits the unmerged PEFT model gives, on prompts with images."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     ckpt = tiny_checkpoint(family)
-    mapper = load_core_mapper(ckpt)
-    targets = mapper.model.lora_target_modules(mapper.model.default_lora_target)
-    torch.manual_seed(0)
-    model = get_peft_model(
-        mapper.model.from_pretrained(ckpt), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
-    )
-    out = tmp_path / "out"
-    model.save_pretrained(out)
-    mapper.processor(ckpt).hf.save_pretrained(str(out))
-    finish_output(out)
+    model, out = _lora_output(ckpt, tmp_path / "out")
     export_command.export(out, tmp_path / "merged")
 
     *_, batch = our_inference_batch(ckpt)
@@ -191,18 +203,7 @@ def test_reward_model_exports_merged_with_its_head(rm_lora: Path, tmp_path: Path
 
 def test_value_head_exports_merged_with_its_head(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     """A policy with its value head as PPO saves it (the LoRA adapter, value_head.safetensors, value_config.json)."""
-    from peft import LoraConfig, get_peft_model
-
-    ckpt = tiny_checkpoint("llava")
-    mapper = load_core_mapper(ckpt)
-    lora = LoraConfig(
-        r=4, target_modules=mapper.model.lora_target_modules(["q_proj", "v_proj"]), init_lora_weights=False
-    )
-    policy = mapper.value_model(get_peft_model(mapper.model.from_pretrained(ckpt), lora))
-    out = tmp_path / "out_ppo"
-    policy.save_pretrained(out)
-    mapper.processor(ckpt).hf.save_pretrained(str(out))
-    finish_output(out)
+    policy, out = _lora_output(tiny_checkpoint("llava"), tmp_path / "out_ppo", head="value_model")
 
     merged = tmp_path / "ppo_merged"
     assert main(["export", str(out), "--to", str(merged)]) == EXIT_OK
@@ -281,3 +282,16 @@ def test_exported_files_are_readable_by_others(sft_lora: Path, tmp_path: Path) -
     assert merged.stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in merged.iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_merged_weights_keep_the_base_checkpoints_dtype(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    """A bf16 base stays bf16 (the fp32 adapter is merged into it), not an fp32 folder twice the size."""
+    ckpt, bf16 = tiny_checkpoint("llava"), tmp_path / "bf16"
+    mapper = load_core_mapper(ckpt)
+    mapper.model.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(bf16)
+    mapper.processor(ckpt).hf.save_pretrained(str(bf16))
+    model, out = _lora_output(bf16, tmp_path / "out", dtype=torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert main(["export", str(out), "--to", str(tmp_path / "merged")]) == EXIT_OK
+    dtypes = {tensor.dtype for tensor in load_file(tmp_path / "merged" / "model.safetensors").values()}
+    assert dtypes == {torch.bfloat16}
