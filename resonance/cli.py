@@ -106,7 +106,7 @@ def scaffold(
     project: Project = None,
 ) -> None:
     """Compile specs into generated/<name>/__init__.py and the registry."""
-    project = codegen.require_project(project)
+    project = codegen.files_project(specs, project) if specs else codegen.require_project(project)
     if check:
         _run_check(project, specs or None)
         return
@@ -199,9 +199,9 @@ def tiny(
     project: Project = None,
 ) -> None:
     """Build a family's tiny random-weight model and processor offline, for smoke tests."""
+    spec_path, project = codegen.named_spec(name, project)  # an unknown name fails before torch is imported
     from resonance.tiny import build_tiny, tiny_from_spec
 
-    spec_path, project = codegen.named_spec(name, project)
     try:
         ((_, spec),) = codegen.load_specs([spec_path], project)
     except SpecError as exc:

@@ -159,12 +159,10 @@ def test_a_hub_id_as_the_checkpoint_says_in_one_line_how_to_get_it(tmp_path: Pat
 
 
 def test_a_missing_folder_that_is_no_hub_id_is_just_missing(tmp_path: Path) -> None:
-    folder = _empty(tmp_path)
-    prompts = write_data(folder, "prompt")
-    result = run_resonance("generate", *generate_argv("no/such/ckpt", prompts, folder / "a.jsonl"), cwd=folder)
-    assert result.returncode == EXIT_INPUT
-    assert "error: no/such/ckpt: no such folder; give a checkpoint folder" in result.stderr
-    assert "Hub" not in result.stderr
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint_architecture(missing)
+    assert str(raised.value) == f"{missing}: no such folder; give a checkpoint folder (as save_pretrained writes it)"
 
 
 def test_a_lora_folder_whose_base_is_a_hub_id_names_the_field_it_came_from(tmp_path: Path) -> None:
@@ -236,3 +234,13 @@ def test_a_wheel_carries_the_specs_and_commands_outside_a_project_use_them(tmp_p
     assert f"{len(PACKAGED)} spec(s) from the specs packaged with resonance ({packaged})" in models.stdout
     check = run("check")
     assert check.returncode == EXIT_INPUT and "no Resonance project in" in check.stderr
+
+
+def test_tiny_with_an_unknown_name_fails_before_torch_is_imported(tmp_path: Path) -> None:
+    code = (
+        "import sys\nfrom resonance.cli import main\ncode = main(['tiny', 'nope', 'out'])\n"
+        "print(code, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=_empty(tmp_path), capture_output=True, text=True)
+    assert result.stdout.split() == [str(EXIT_INPUT), "False"], result.stderr
+    assert "error: no spec 'nope' in the specs packaged with resonance" in result.stderr
