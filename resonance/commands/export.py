@@ -25,6 +25,7 @@ from resonance.base.registry import (
     ModelCoreMapper,
     check_processor_files,
     check_weights,
+    checkpoint_folder,
     load_core_mapper,
     lora_base_checkpoint,
     processor_checkpoint,
@@ -45,13 +46,8 @@ def check_output_folder(output: Path) -> str:
     if not output.is_dir():
         raise CheckpointError(f"{output}: no such folder; name the --output_dir of a `resonance train` run")
     if (output / ADAPTER_CONFIG).is_file():
-        base = lora_base_checkpoint(output)
-        hub_id = not base.is_absolute() and ".." not in base.parts and len(base.parts) <= 2  # NAME or ORG/NAME
-        if not base.is_dir() and not hub_id:
-            raise CheckpointError(
-                f"{output / ADAPTER_CONFIG}: base_model_name_or_path {str(base)!r} is no folder (a relative path is "
-                "relative to where training ran); set it to the base checkpoint's folder"
-            )
+        base = str(lora_base_checkpoint(output))
+        checkpoint_folder(base, named_by=f"{output / ADAPTER_CONFIG}: base_model_name_or_path")
         kind = "lora"
     elif (output / "config.json").is_file():
         check_weights(output)

@@ -236,6 +236,11 @@ def test_refuses_what_it_cannot_export(sft_lora: Path, tmp_path: Path, capsys: p
     assert "not a Resonance training output" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing"), "--to", str(tmp_path / "b")]) == EXIT_INPUT
     assert "no such folder" in capsys.readouterr().err
+    moved = tmp_path / "moved"  # an adapter whose base path was relative to where training ran
+    moved.mkdir()
+    (moved / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "ckpt"}))
+    assert main(["export", str(moved), "--to", str(tmp_path / "c")]) == EXIT_INPUT
+    assert "adapter_config.json: base_model_name_or_path ckpt: no such folder" in capsys.readouterr().err
     assert main(["export", str(sft_lora), "--to", str(sft_lora / "merged")]) == EXIT_INPUT
     assert "inside the output folder" in capsys.readouterr().err
     existing = tmp_path / "existing"
