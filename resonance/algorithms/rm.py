@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
+from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
@@ -45,9 +46,14 @@ def bradley_terry(
 
 
 @dataclass
-class VLRewardConfig(TrainingArguments):
-    """``TrainingArguments`` plus ``max_length`` (tokens per chosen or rejected row, image tokens included) and
-    ``pad_to_multiple_of`` (as in TRL's configs)."""
+class VLRewardConfig(TrlDefaults):
+    """``TrainingArguments`` with TRL's defaults (as ``trl.RewardConfig``: learning rate 1e-4, logging every 10
+    steps, gradient checkpointing, bf16 unless --fp16) plus ``max_length`` (tokens per chosen or rejected row, image
+    tokens included) and ``pad_to_multiple_of`` (as in TRL's configs)."""
+
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "The initial learning rate for AdamW (as TRL's RewardConfig)."}
+    )
 
     max_length: int | None = field(
         default=1024,

@@ -184,22 +184,80 @@ def _resume_problems(values: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# TRL flags our collators cannot honour, and why: refused by name rather than ending in a TRL traceback.
+UNSUPPORTED_FLAGS: dict[str, str] = {
+    "packing": (
+        "Resonance's collators build padded batches of image rows; packing would need rows flattened into one "
+        "sequence with per-row position ids (3-D rope positions for the Qwen-VL families) and flash-attention's "
+        "varlen kernels; leave --packing out (--train_sampling_strategy group_by_length cuts padding instead)"
+    ),
+    "padding_free": (
+        "Resonance's collators build padded batches of image rows; padding-free batches would need rows flattened "
+        "with per-row position ids (3-D rope positions for the Qwen-VL families) and flash-attention's varlen "
+        "kernels; leave --padding_free out (--train_sampling_strategy group_by_length cuts padding instead)"
+    ),
+}
+
+
+def _unsupported_problems(values: Mapping[str, Any]) -> list[str]:
+    return [f"--{name} true: not supported: {why}" for name, why in UNSUPPORTED_FLAGS.items() if values.get(name)]
+
+
+def _report_to_problems(values: Mapping[str, Any]) -> list[str]:
+    """Trackers that are not installed (transformers' Trainer would stop on them with a traceback; accelerate
+    would drop them with a warning)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    report_to = values.get("report_to") or []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip() not in ("", "none", "all")]
+    installed = f"installed trackers: {', '.join(get_available_reporting_integrations()) or 'none'}"
+    fix = "install it, or leave --report_to out (none)"
+    problems = []
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            hint = (
+                did_you_mean(name, INTEGRATION_TO_CALLBACK, prefix="")
+                or f" (known: {', '.join(INTEGRATION_TO_CALLBACK)})"
+            )
+            problems.append(f"--report_to {name}: not a tracker{hint}")
+        elif name not in get_available_reporting_integrations():
+            problems.append(f"--report_to {name}: the {name} package is not installed ({installed}); {fix}")
+    return problems
+
+
+def _hub_problems(values: Mapping[str, Any]) -> list[str]:
+    """--push_to_hub where huggingface_hub is offline: refused before training, not after it."""
+    from huggingface_hub import constants
+
+    if values.get("push_to_hub") and constants.HF_HUB_OFFLINE:
+        return [
+            "--push_to_hub true: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1); leave --push_to_hub out "
+            "and upload --output_dir later (hf upload REPO OUTPUT_DIR), or unset HF_HUB_OFFLINE"
+        ]
+    return []
+
+
 TRAIN_CHECKS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
     _steps_problems,
     _precision_problems,
     _resume_problems,
+    _unsupported_problems,
+    _report_to_problems,
+    _hub_problems,
 )
 
 
 # -- reading argv ---------------------------------------------------------------------------------------------
 
 
-def _name(flag: str) -> str:
+def flag_name(flag: str) -> str:
     """``--report-to=x`` -> ``report_to``: the spellings argparse accepts for one dataclass field."""
     return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
-def _is_value(token: str) -> bool:
+def is_value(token: str) -> bool:
     """A token that is a value, not a flag: anything not starting with ``-``, and negative numbers (as argparse)."""
     if not token.startswith("-"):
         return True
@@ -210,10 +268,11 @@ def _is_value(token: str) -> bool:
     return True
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """``"; did you mean --learning_rate?"``, or an empty string when no known flag is close."""
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "--") -> str:
+    """``"; did you mean --learning_rate?"`` (``prefix`` before the name), or an empty string when no known flag is
+    close."""
     close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean --{close[0]}?" if close else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def unknown_problems(
@@ -228,12 +287,12 @@ def unknown_problems(
     problems = []
     after_flag = False
     for token in tokens:
-        if _is_value(token):
+        if is_value(token):
             if not after_flag:
                 problems.append(f"unexpected argument {token!r}; flags are written --name value")
             after_flag = False
             continue
-        name = _name(token)
+        name = flag_name(token)
         hint = did_you_mean(name, known) or (elsewhere and elsewhere(name)) or f" (see {where} --help)"
         problems.append(f"unknown option --{name}: not a flag of {where}{hint}")
         after_flag = "=" not in token
@@ -257,10 +316,10 @@ def _drop(argv: list[str], option_strings: set[str]) -> list[str]:
     kept: list[str] = []
     dropping = False
     for token in argv:
-        if dropping and _is_value(token):
+        if dropping and is_value(token):
             continue
         dropping = False
-        if not _is_value(token) and token.split("=", 1)[0] in option_strings:
+        if not is_value(token) and token.split("=", 1)[0] in option_strings:
             dropping = "=" not in token
             continue
         kept.append(token)
@@ -290,7 +349,7 @@ def read_flags(
             spellings = set((exc.argument_name or "").split("/"))
             rest = _drop(argv, spellings)
             flag = min(spellings, key=lambda s: ("-" in s[2:], len(s)))
-            rule = (ranges or {}).get(_name(flag))
+            rule = (ranges or {}).get(flag_name(flag))
             problems.append(f"{flag}: {exc.message}" + (f"; must be {rule.expect}" if rule else ""))
             if rest == argv:  # nothing set aside: report what we have rather than loop
                 raise_problems(problems, parser.prog)
@@ -298,7 +357,7 @@ def read_flags(
     for action in parser._actions:
         if getattr(namespace, action.dest, None) is _REQUIRED:
             problems.append(f"--{action.dest} is required: {action.help}")
-    known = {_name(s) for action in parser._actions for s in action.option_strings} - {"help", "h"}
+    known = {flag_name(s) for action in parser._actions for s in action.option_strings} - {"help", "h"}
     problems += unknown_problems(unknown, known, parser.prog, elsewhere)
     return namespace, problems
 
@@ -309,11 +368,15 @@ def train_parser(algorithm: str, dataclass_types: Sequence[type], defaults: Mapp
     missing required flags with the rest (see :func:`read_flags`). ``defaults`` replace the dataclasses' defaults
     (argparse ``set_defaults``: any spelling the user gives wins)."""
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import string_to_bool
 
     parser = HfArgumentParser(
         dataclass_types, prog=f"resonance train {algorithm}", allow_abbrev=False, exit_on_error=False
     )
     for action in parser._actions:
+        if action.type is string_to_bool and action.nargs is None:
+            # Optional[bool] flags (--bf16, --fp16): a bare --bf16 means true, as every other boolean flag does
+            action.nargs, action.const = "?", True
         if action.required:  # reported by read_flags with every other problem, not by argparse on its own
             action.required = False
             action.default = _REQUIRED
@@ -361,6 +424,12 @@ def train_problems(algorithm: str, values: Mapping[str, Any]) -> list[str]:
 # -- resonance generate ---------------------------------------------------------------------------------------
 
 
+# The words a boolean flag takes, as transformers' HfArgumentParser (string_to_bool) reads them for resonance train.
+BOOLEAN_WORDS = {"true": True, "yes": True, "t": True, "y": True, "1": True} | {
+    "false": False, "no": False, "f": False, "n": False, "0": False
+}  # fmt: skip
+
+
 def _parse_value(text: str) -> Any:
     """``true``/``false`` (any case), JSON numbers, lists and null; anything else is a string."""
     if text.lower() in ("true", "false"):
@@ -385,22 +454,33 @@ def parse_generation_overrides(args: Sequence[str], command_flags: Iterable[str]
     of range is reported in one :class:`ConfigError`, with did-you-mean over those fields and ``command_flags``
     (the command's own options: ``--overwrit`` is a misspelt ``--overwrite``, not a generation setting).
     """
+    from transformers import GenerationConfig
+
     fields = generation_fields()
+    # GenerationConfig leaves its fields None until generate() applies its defaults: the booleans are read there
+    defaults = {**GenerationConfig().to_dict(), **GenerationConfig._get_default_generation_params()}
+    switches = {name for name, value in defaults.items() if isinstance(value, bool)}
     overrides: dict[str, Any] = {}
     unknown: list[str] = []
     problems: list[str] = []
     tokens = list(args)
     while tokens:
         token = tokens.pop(0)
-        if _is_value(token) or token == "--":
+        if is_value(token) or token == "--":
             unknown.append(token)
             continue
         name, has_value, value = token.partition("=")
-        name = _name(name)
-        if not has_value and tokens and _is_value(tokens[0]):
+        name = flag_name(name)
+        if not has_value and tokens and is_value(tokens[0]):
             value, has_value = tokens.pop(0), "="
-        if name not in fields:
+        if name not in fields and name.startswith("no_") and name[3:] in switches and not has_value:
+            overrides[name[3:]] = False  # --no_do_sample, as resonance train's --no_x
+        elif name not in fields:
             unknown.append(f"--{name}")
+        elif name in switches and not has_value:  # resonance train's rule: a bare --x is true
+            overrides[name] = True
+        elif name in switches and value.lower() in BOOLEAN_WORDS:  # --x true|false|yes|no|1|0 (any case)
+            overrides[name] = BOOLEAN_WORDS[value.lower()]
         elif not has_value:
             problems.append(f"--{name} needs a value")
         else:

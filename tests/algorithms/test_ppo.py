@@ -350,7 +350,7 @@ def test_no_reward_or_bad_settings(tmp_path: Path, tiny_checkpoint, capsys) -> N
     assert main("ppo", _argv(ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", None)) == 2
     assert "PPO needs a reward: --reward_funcs" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--kl_estimator must be k1, k2 or k3"):
-        VLPPOConfig(output_dir=str(tmp_path), reward_funcs="x:y", kl_estimator="k4")
+        VLPPOConfig(output_dir=str(tmp_path), reward_funcs="x:y", kl_estimator="k4", bf16=False)
     missing = _argv(
         ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", None, reward_model_path=str(tmp_path / "nope")
     )

@@ -26,7 +26,7 @@ from resonance.algorithms.guards import (
     save_failed,
 )
 from resonance.algorithms.ppo.rewards import REWARD_ADAPTER
-from resonance.errors import CheckpointError
+from resonance.errors import CheckpointError, TrainingError
 
 logger = logging.getLogger("resonance")
 
@@ -44,6 +44,33 @@ class PPOCheckpointing:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.save_outputs(output_dir)
+            if self.args.push_to_hub:  # as transformers' Trainer.save_model does for the other algorithms
+                self.push_to_hub(output_dir)
+
+    def push_to_hub(self, output_dir: Path) -> str:
+        """Upload ``output_dir`` (not its checkpoints) to the Hub repository ``--hub_model_id`` (default: the
+        folder's name), created where missing, as the Trainer does; returns the commit's URL. A failure is a
+        :class:`TrainingError` that says the run is saved."""
+        from huggingface_hub import HfApi
+
+        repo_id = self.args.hub_model_id or output_dir.absolute().name
+        api = HfApi(token=self.args.hub_token)
+        try:
+            repo = api.create_repo(repo_id, private=self.args.hub_private_repo, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=output_dir,
+                commit_message="End of training",
+                revision=self.args.hub_revision,
+                ignore_patterns=["checkpoint-*", f"{STAGING}*"],
+            )
+        except Exception as exc:  # the hub client's errors: offline, HTTP, network, token; none stops the save
+            raise TrainingError(
+                f"--push_to_hub: could not upload {output_dir} to the Hub as {repo_id} ({type(exc).__name__}: "
+                f"{exc}); the run is saved there"
+            ) from None
+        logger.info("pushed %s to %s", output_dir, commit.commit_url)
+        return commit.commit_url
 
     def save_outputs(self, output_dir: str | Path) -> None:
         """:meth:`save_model` from this process alone (no wait for the others): where a failed save keeps the

@@ -4,15 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.errors import ConfigError
 from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
 
 
+def accelerate_trackers() -> list[str]:
+    """The tracker names accelerate knows (``Accelerator(log_with=...)``), installed or not."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return list(LOGGER_TYPE_TO_CLASS)
+
+
 @dataclass
-class VLPPOConfig(TrainingArguments):
-    """``TrainingArguments`` plus PPO's settings (names as in TRL's former PPOConfig where it had them)."""
+class VLPPOConfig(TrlDefaults):
+    """``TrainingArguments`` with TRL's defaults (bf16 unless --fp16, logging every 10 steps; learning rate 1e-6 as
+    TRL's online configs, GRPOConfig and RLOOConfig) plus PPO's settings (names as in TRL's former PPOConfig where
+    it had them). Gradient checkpointing stays off by default, unlike TRL's: rollouts are sampled from the
+    training model, and checkpointing turns generation's KV cache off while it is in train mode."""
+
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "The initial learning rate for AdamW (as TRL's GRPOConfig and RLOOConfig)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (slower rollouts: no KV cache)."}
+    )
 
     reward_funcs: str | None = reward_funcs_field(" Give this, --reward_model_path, or both.")
     reward_timeout: float = reward_timeout_field()
@@ -38,7 +55,6 @@ class VLPPOConfig(TrainingArguments):
         default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +71,12 @@ class VLPPOConfig(TrainingArguments):
         check_reward_timeout(self.reward_timeout)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        unsupported = [name for name in self.report_to if name not in accelerate_trackers()]
+        if unsupported:
+            raise ConfigError(
+                f"--report_to {','.join(unsupported)}: resonance train ppo logs through accelerate's trackers: "
+                + ", ".join(accelerate_trackers())
+            )
         if not (self.reward_funcs or self.reward_model_path):
             raise ConfigError(
                 "PPO needs a reward: --reward_funcs module:function, --reward_model_path FOLDER (from "

@@ -42,6 +42,8 @@ from resonance.reward_funcs import load_reward_funcs
 
 logger = logging.getLogger("resonance")
 
+TRACKER_RUN = "runs"  # the trackers' run name: tensorboard writes OUTPUT_DIR/runs, where the Trainer writes its own
+
 
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
@@ -88,7 +90,11 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         self.args = args
         set_seed(args.seed)
         mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=args.use_cpu)
+        # --report_to through accelerate's trackers; tensorboard's event files go under OUTPUT_DIR/runs, as the
+        # Trainer writes them for the other algorithms
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, cpu=args.use_cpu, log_with=args.report_to or None, project_dir=args.output_dir
+        )
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.data_collator = data_collator or VLPromptCollator(vl_processor)
@@ -460,7 +466,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             self._load_checkpoint(checkpoint)
         disable = self.args.disable_tqdm or not self.accelerator.is_local_main_process
         columns = (TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=disable, transient=False) as progress:
+        self.accelerator.init_trackers(TRACKER_RUN, config=self.args.to_sanitized_dict())
+        with contextlib.closing(self), Progress(*columns, disable=disable, transient=False) as progress:
             task = progress.add_task("ppo", total=self.total_steps, completed=self.global_step)
             while self.global_step < self.total_steps:
                 metrics = self.step()
@@ -477,9 +484,17 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
                 if strategy == "steps" and self.global_step % max(1, int(self.args.save_steps)) == 0:
                     self.save_checkpoint()
 
+    def close(self) -> None:
+        """Finish the --report_to trackers (their files flushed), also when training stops on an error; unlike
+        ``Accelerator.end_training`` this leaves the process group for the final save."""
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
     def log(self, metrics: dict[str, float]) -> None:
         entry = {"step": self.global_step, **{k: round(v, 6) for k, v in metrics.items()}}
         self.log_history.append(entry)
+        self.accelerator.log(metrics, step=self.global_step)
         if self.accelerator.is_main_process:
             text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             logger.info("step %d/%d: %s", self.global_step, self.total_steps, text)
