@@ -18,7 +18,7 @@ from resonance.algorithms.guards import (
     save_result,
 )
 from resonance.base.registry import load_core_mapper
-from resonance.commands import flags
+from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError
 from resonance.patches.compile_layers import compile_blocks
 from resonance.patches.video_processor import install_video_processor_optional
@@ -27,7 +27,8 @@ logger = logging.getLogger("resonance")
 
 
 def parse(algorithm: str, argv: list[str]):
-    """Parse command-line flags into (ModelArguments, DataArguments, the algorithm's config).
+    """Parse command-line flags (and a run config file: ``run.yaml`` first or ``--config run.yaml``, whose values
+    the flags override) into (ModelArguments, DataArguments, the algorithm's config).
 
     Every unknown flag (with did-you-mean) and every invalid value is one :class:`ConfigError` (exit 2), raised
     before anything loads: :mod:`resonance.commands.flags` holds the valid values.
@@ -45,9 +46,17 @@ def parse(algorithm: str, argv: list[str]):
             defaults["use_cpu"] = True
     config_class = ALGORITHMS[algorithm].config_class()
     parser = flags.train_parser(algorithm, (ModelArguments, DataArguments, config_class), defaults)
-    namespace, problems = flags.read_flags(
-        parser, argv, flags.train_ranges(algorithm), flags.other_algorithms(algorithm)
-    )
+    parser.epilog = run_config.CONFIG_HELP
+    config_path, argv, problems = run_config.split_config(argv)
+    file = run_config.RunConfig(Path(config_path or "."))
+    elsewhere = flags.other_algorithms(algorithm)
+    if config_path is not None:  # the file's values as defaults: the command line's flags win
+        file, file_problems = run_config.read_run_config(config_path, parser, elsewhere)
+        problems += file_problems
+        parser.set_defaults(**file.values)
+    namespace, flag_problems = flags.read_flags(parser, argv, flags.train_ranges(algorithm), elsewhere)
+    problems += flag_problems
+    given_here = flags.given_flags(parser, argv)
     values = vars(namespace)
     if values.get("compile_layers") and not ALGORITHMS[algorithm].compile_layers:
         # Generation guards each layer on its own KV-cache entry, so every layer would compile separately.
@@ -56,7 +65,7 @@ def parse(algorithm: str, argv: list[str]):
         problems.append(
             f"--compile_layers: {listed} only, not {algorithm} (generation would compile every layer separately)"
         )
-    problems += flags.train_problems(algorithm, values)
+    problems += file.locate(flags.train_problems(algorithm, values), given_here)
     flags.raise_problems(problems, parser.prog)
     try:
         model_args, data_args, config, _ = parser.parse_args_into_dataclasses(
@@ -66,7 +75,7 @@ def parse(algorithm: str, argv: list[str]):
         raise
     except ValueError as exc:  # what the configs' own __post_init__ refuse (TRL's combinations of flags)
         raise ConfigError(f"{parser.prog}: {exc}") from None
-    given = flags.given_flags(parser, argv)
+    given = given_here | set(file.values)
     if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "pad_to_multiple_of" not in given:
         # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
         # lengths of both kinds would compile every layer twice, the second time deep into training.
