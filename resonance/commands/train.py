@@ -65,7 +65,9 @@ def parse(algorithm: str, argv: list[str]):
         problems.append(
             f"--compile_layers: {listed} only, not {algorithm} (generation would compile every layer separately)"
         )
-    problems += file.locate(flags.train_problems(algorithm, values), given_here)
+    # the config's own list of flags it accepts but does not honour (PPO's loop reads fewer than the Trainer)
+    not_honoured = getattr(config_class, "flag_problems", lambda _: [])(values)
+    problems += file.locate(flags.train_problems(algorithm, values) + not_honoured, given_here)
     flags.raise_problems(problems, parser.prog)
     try:
         model_args, data_args, config, _ = parser.parse_args_into_dataclasses(

@@ -1,7 +1,8 @@
-"""Every flag ``resonance train X`` accepts is honoured or refused by name: packing and padding-free refused with why,
-trackers that are not installed or that PPO's accelerate cannot drive refused, --push_to_hub refused offline and
-honoured by PPO, RM and PPO starting from TRL's defaults, and one boolean rule for train and generate (``--x``,
-``--x true|false|yes|no|1|0`` in any case, ``--x=true``, ``--no_x``)."""
+"""Every flag ``resonance train X`` accepts is honoured or refused by name: packing and padding-free refused with
+why; trackers that are not installed, or that PPO's accelerate cannot drive, refused; --push_to_hub refused offline
+and honoured by PPO; the Trainer flags PPO's own loop does not read refused; RM and PPO starting from TRL's
+defaults; one boolean rule for train and generate (``--x``, ``--x true|false|yes|no|1|0`` in any case,
+``--x=true``, ``--no_x``)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from helpers.rows import write_data
 from test_flags import REWARD, _argv, _refused  # the flags tests' own builders: one run's flags, one refusal
 
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
+from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.commands.flags import parse_generation_overrides
 from resonance.commands.train import build_trainer, parse
-from resonance.errors import TrainingError
+from resonance.errors import ConfigError, TrainingError
 
 
 @pytest.mark.parametrize(("algorithm", "flag"), [("sft", "packing"), ("sft", "padding_free"), ("dpo", "padding_free")])
@@ -149,3 +151,14 @@ def test_generate_takes_the_same_boolean_rule() -> None:
         "do_sample": True, "use_cache": False, "output_scores": True, "return_dict_in_generate": False
     }  # fmt: skip
     assert parse_generation_overrides(["--early_stopping", "never"]) == {"early_stopping": "never"}
+
+
+def test_ppo_refuses_trainer_flags_its_loop_does_not_read(tmp_path: Path) -> None:
+    argv = [*_argv("ppo", tmp_path), "--optim", "adafactor", "--neftune_noise_alpha", "5", "--save_only_model"]
+    message = _refused("ppo", argv)
+    assert message.startswith("3 problems with the flags of resonance train ppo")
+    assert "--optim adafactor: not taken by resonance train ppo: its loop steps torch.optim.AdamW" in message
+    assert "--neftune_noise_alpha 5.0: not taken" in message and "--save_only_model True: not taken" in message
+    assert parse("ppo", [*_argv("ppo", tmp_path), "--optim", "adamw_torch"])[2].learning_rate == 1e-2
+    with pytest.raises(ConfigError, match="--deepspeed ds.json: not taken by resonance train ppo"):
+        VLPPOConfig(output_dir=str(tmp_path), reward_funcs="x:y", use_cpu=True, deepspeed="ds.json")

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.errors import ConfigError
 from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
+
+# TrainingArguments flags PPO's own loop does not read, and what it does instead: given, they are refused by name
+# rather than silently ignored (transformers' Trainer honours them for sft, dpo, rm and grpo).
+NOT_IN_PPO: dict[str, str] = {
+    "optim": "its loop steps torch.optim.AdamW (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay apply)",
+    "optim_args": "its loop steps torch.optim.AdamW",
+    "deepspeed": "it runs on accelerate's DDP (accelerate launch); DeepSpeed is not wired into its loop",
+    "fsdp": "it runs on accelerate's DDP (accelerate launch); FSDP is not wired into its loop",
+    "torch_compile": "its loop does not compile the model",
+    "neftune_noise_alpha": "its loop adds no embedding noise",
+    "label_smoothing_factor": "its losses are PPO's clipped policy and value losses",
+    "load_best_model_at_end": "it saves the last policy (checkpoints keep the earlier ones)",
+    "eval_on_start": "it evaluates on --eval_strategy steps only",
+    "train_sampling_strategy": "its rollouts sample prompts from shuffled passes over the data",
+    "auto_find_batch_size": "its batch is --per_device_train_batch_size",
+    "use_liger_kernel": "its loop runs the model's own layers",
+    "save_only_model": "its checkpoints always hold the optimizer, scheduler and random states, for resuming",
+}
+ACCEPTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # what torch.optim.AdamW is
+
+
+def not_honoured(values: Mapping[str, Any]) -> list[str]:
+    """``--flag value: ...`` for every flag of :data:`NOT_IN_PPO` in ``values`` (a config's fields, before
+    ``TrainingArguments.__post_init__`` normalises them) set away from its default."""
+    problems = []
+    for option in fields(VLPPOConfig):
+        value = values.get(option.name)
+        shown = str(getattr(value, "value", value))
+        if option.name not in NOT_IN_PPO or value in (option.default, None, "", [], False):
+            continue
+        if option.name == "optim" and shown in ACCEPTED_OPTIMIZERS:
+            continue
+        problems.append(f"--{option.name} {shown}: not taken by resonance train ppo: {NOT_IN_PPO[option.name]}")
+    return problems
 
 
 def accelerate_trackers() -> list[str]:
@@ -56,7 +92,15 @@ class VLPPOConfig(TrlDefaults):
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
 
+    @staticmethod
+    def flag_problems(values: Mapping[str, Any]) -> list[str]:
+        """Flags this config accepts but PPO does not honour (``resonance train`` reports them with the rest)."""
+        return not_honoured(values)
+
     def __post_init__(self) -> None:
+        not_read = not_honoured(vars(self))
+        if not_read:  # the config made in code, not through resonance train
+            raise ConfigError("resonance train ppo does not take:\n  " + "\n  ".join(not_read))
         super().__post_init__()
         positive = {
             "response_length": self.response_length,
