@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trl
 from accelerate.tracking import GeneralTracker
-from helpers import train_argv
+from helpers import run_resonance, train_argv
 from helpers.rows import write_data
 from test_flags import REWARD, _argv, _refused  # the flags tests' own builders: one run's flags, one refusal
 
@@ -22,7 +22,7 @@ from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.commands.flags import parse_generation_overrides
 from resonance.commands.train import build_trainer, parse
-from resonance.errors import ConfigError, TrainingError
+from resonance.errors import EXIT_INPUT, ConfigError, TrainingError
 
 
 @pytest.mark.parametrize(("algorithm", "flag"), [("sft", "packing"), ("sft", "padding_free"), ("dpo", "padding_free")])
@@ -162,3 +162,12 @@ def test_ppo_refuses_trainer_flags_its_loop_does_not_read(tmp_path: Path) -> Non
     assert parse("ppo", [*_argv("ppo", tmp_path), "--optim", "adamw_torch"])[2].learning_rate == 1e-2
     with pytest.raises(ConfigError, match="--deepspeed ds.json: not taken by resonance train ppo"):
         VLPPOConfig(output_dir=str(tmp_path), reward_funcs="x:y", use_cpu=True, deepspeed="ds.json")
+
+
+def test_ppo_push_to_hub_offline_is_one_line_from_the_command(tmp_path: Path) -> None:
+    result = run_resonance("train", "ppo", *_argv("ppo", tmp_path), "--push_to_hub", cwd=tmp_path)  # HF_HUB_OFFLINE=1
+    assert result.returncode == EXIT_INPUT
+    assert result.stderr.strip().splitlines() == [
+        "error: --push_to_hub true: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1); leave --push_to_hub out "
+        "and upload --output_dir later (hf upload REPO OUTPUT_DIR), or unset HF_HUB_OFFLINE"
+    ]
