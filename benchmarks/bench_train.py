@@ -522,9 +522,6 @@ def main() -> None:
     import transformers
     import trl
 
-    from resonance.patches.video_processor import install_video_processor_optional
-
-    install_video_processor_optional()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     peak = matmul_peak_tflops() if device == "cuda" else None
     report: dict[str, Any] = {

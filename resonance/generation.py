@@ -18,7 +18,6 @@ import torch
 from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
 from resonance.errors import RowError
-from resonance.patches.video_processor import install_video_processor_optional
 
 logger = logging.getLogger("resonance")
 
@@ -159,7 +158,6 @@ def load_for_generation(checkpoint: str | Path, device: str | None = None) -> tu
 
     bf16 on CUDA when available, fp32 on CPU; the model is in eval mode, the processor in inference mode.
     """
-    install_video_processor_optional()  # Qwen-VL processors load without torchvision (no-op where it exists)
     checkpoint = Path(checkpoint)
     mapper = load_core_mapper(checkpoint)
     vl_model = mapper.model

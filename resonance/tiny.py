@@ -5,7 +5,7 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
 
     config_class: LlavaConfig
     config: {...}                 # kwargs to config_class; nested text_config / vision_config mappings allowed
-    processor: {...}              # extra kwargs to the spec's processor_class (a video_processor is handled here)
+    processor: {...}              # extra kwargs to the spec's processor_class (a video_processor is made here)
     image_processor_class: CLIPImageProcessorPil
     image_processor: {...}        # constructor kwargs
     tokenizer:
@@ -36,12 +36,8 @@ builds the model with seeded random weights and saves both with ``save_pretraine
 cannot know without transformers is checked here: class names, tokens that must be single tokens of the
 trained tokenizer, config paths through the config's mappings, parameter patterns that must match.
 
-Without torchvision, processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) cannot be
-built, saved or loaded by transformers at all. ``build_tiny`` then builds them without one, and loading
-such a folder needs the same allowance::
-
-    with video_processor_optional():
-        processor = AutoProcessor.from_pretrained(out_dir)
+Processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) get their family's default one, the
+class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance).
 """
 
 from __future__ import annotations
@@ -72,7 +68,6 @@ from resonance.codegen.schema import (
     TinyTokenizer,
     WordpieceTokenizer,
 )
-from resonance.patches.video_processor import video_processor_kwargs, video_processor_optional
 
 __all__ = [
     "TinyRecipe",
@@ -262,8 +257,7 @@ def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
     for name in attributes:
         modality = _get_modality_for_attribute(name)
         if modality == "video_processor" and name not in kwargs:
-            # Only reached with torchvision installed (see video_processor_optional): default video
-            # processor of the family, as AutoVideoProcessor maps the config's model type.
+            # The family's default video processor, as AutoVideoProcessor maps the config's model type.
             model_type = _resolve(tiny.config_class).model_type
             video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
             if video_class is None:
@@ -275,7 +269,6 @@ def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
             raise ValueError(f"{processor_class.__name__} needs a {name}: describe it in tiny.extra_tokenizers")
         elif modality not in ("image_processor", "tokenizer", "video_processor"):
             raise ValueError(f"{processor_class.__name__} needs a {name}, which build_tiny does not make")
-    kwargs.update(video_processor_kwargs(processor_class))  # without torchvision: SmolVLM's required one is None
     return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tiny.chat_template, **kwargs
     )
@@ -338,14 +331,13 @@ def build_tiny(tiny: TinyRecipe, out_dir: str | Path, *, seed: int = 0, overwrit
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0o700
-        with video_processor_optional():
-            processor, config = build_processor_and_config(tiny)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = _resolve(tiny.model_class)(config).to(torch.float32).eval()
-            set_parameters(model, tiny.parameters)
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
+        processor, config = build_processor_and_config(tiny)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _resolve(tiny.model_class)(config).to(torch.float32).eval()
+        set_parameters(model, tiny.parameters)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
         if out_dir.is_dir() and not out_dir.is_symlink():
             shutil.rmtree(out_dir)
         elif out_dir.exists():

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 
 from resonance.base.chat_template import ChatTemplate
 from resonance.base.checks import image_output_problems, raise_problems, spec_file, token_problems
 from resonance.base.registry import check_processor_files
 from resonance.data.images import ImageCount
 from resonance.errors import ChatTemplateError, CheckpointError, RowError
-from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
 
@@ -66,13 +65,19 @@ def text_as_string(message: Message) -> Message:
     return {**message, "content": "".join(part["text"] or "" for part in content)}
 
 
-def _load_hf_processor(folder: Path, kwargs: dict[str, Any]) -> ProcessorMixin:
+def _load_hf_processor(folder: Path, kwargs: dict[str, Any], image_backend: str | None = None) -> ProcessorMixin:
     """The family's HF processor from a checkpoint folder; missing or broken files are a CheckpointError naming
-    the file, found before transformers reads them (and from transformers' own error otherwise)."""
+    the file, found before transformers reads them (and from transformers' own error otherwise).
+
+    ``image_backend`` (spec image.processor_backend) replaces the image processor with that backend's. It is not
+    passed to AutoProcessor, which would ask the video processor for it too (video processors are torchvision's).
+    """
     check_processor_files(folder)
     try:
-        with video_processor_optional():
-            return AutoProcessor.from_pretrained(str(folder), **kwargs)
+        processor = AutoProcessor.from_pretrained(str(folder), **kwargs)
+        if image_backend is not None:
+            processor.image_processor = AutoImageProcessor.from_pretrained(str(folder), backend=image_backend, **kwargs)
+        return processor
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{folder}: cannot load the processor: {exc}") from exc
 
@@ -88,6 +93,7 @@ class VLProcessor:
     image_grid_input: ClassVar[str | None] = None
     multi_image: ClassVar[bool] = True
     processor_call_kwargs: ClassVar[dict[str, Any]] = {}
+    image_processor_backend: ClassVar[str | None] = None  # spec image.processor_backend
     train_padding_side: ClassVar[str] = "right"
     infer_padding_side: ClassVar[str] = "left"
     inline_chat_template: ClassVar[str | None] = None
@@ -98,7 +104,7 @@ class VLProcessor:
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
-            processor = _load_hf_processor(Path(processor), kwargs)
+            processor = _load_hf_processor(Path(processor), kwargs, self.image_processor_backend)
         self.hf = processor
         if self.inline_chat_template is not None:
             self.hf.chat_template = self.inline_chat_template
@@ -139,8 +145,7 @@ class VLProcessor:
 
     def save_pretrained(self, output_dir: str | Path) -> None:
         """Save the processor (chat template included) next to the trained weights."""
-        with video_processor_optional():
-            self.hf.save_pretrained(str(output_dir))
+        self.hf.save_pretrained(str(output_dir))
 
     def train(self) -> None:
         """Training mode: the spec's training padding side (right for all current families)."""

@@ -74,6 +74,7 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("multi_image", "image.multi_image"),
         Attribute("images_required", "image.required"),
         Attribute("processor_call_kwargs", "image.processor_kwargs"),
+        Attribute("image_processor_backend", "image.processor_backend"),
         Attribute("train_padding_side", "padding_side.train"),
         Attribute("infer_padding_side", "padding_side.infer"),
         Attribute("inline_chat_template", "chat_template.template"),

@@ -149,6 +149,14 @@ class Image(_Strict):
     processor_kwargs: Kwargs = Field(
         default_factory=dict, description="Extra keyword arguments for the processor call (e.g. max_pixels)."
     )
+    processor_backend: Literal["torchvision", "pil"] | None = Field(
+        None,
+        description=(
+            "The image processor's backend (transformers' AutoImageProcessor backend). Unset: transformers' "
+            "choice, the torchvision (fast) one where torchvision is installed. pil for a family whose torchvision "
+            "image processor gets its batches wrong (Mllama's in transformers 5.24: rows without images)."
+        ),
+    )
     batched_attention: bool = Field(
         False,
         description=(

@@ -121,9 +121,6 @@ def export(output: Path, to: Path, overwrite: bool = False) -> str:
         with staged_folder(to, overwrite) as staged:
             shutil.copytree(output, staged, ignore=shutil.ignore_patterns(*NOT_EXPORTED), dirs_exist_ok=True)
         return f"{output}: full weights, nothing to merge; copied to {to}"
-    from resonance.patches.video_processor import install_video_processor_optional
-
-    install_video_processor_optional()  # Qwen-VL processors load without torchvision (no-op where it exists)
     mapper = load_core_mapper(output)
     processor = mapper.processor(processor_checkpoint(output), trust_remote_code=mapper.model.trust_remote_code)
     model = _merged_model(output, mapper)

@@ -21,7 +21,6 @@ from resonance.base.registry import load_core_mapper
 from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError
 from resonance.patches.compile_layers import compile_blocks
-from resonance.patches.video_processor import install_video_processor_optional
 
 logger = logging.getLogger("resonance")
 
@@ -89,9 +88,6 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     """Load adapter, model, processor and data, and return the family's trainer for ``algorithm``, ready to train."""
     from transformers import set_seed
 
-    # The Trainer saves the processor in every checkpoint; without torchvision, Qwen-VL processors
-    # can only be saved and loaded with this patch active (a no-op where torchvision exists).
-    install_video_processor_optional()
     # Seeded before any weight is made (LoRA matrices, heads): the same flags give the same run, whatever ran
     # before in the process (the trainers seed again, after the model exists).
     set_seed(config.seed)

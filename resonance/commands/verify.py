@@ -22,7 +22,6 @@ from resonance.base.checks import image_output_problems, module_problems
 from resonance.base.model import unwrap
 from resonance.codegen.schema import ModelSpec
 from resonance.errors import FieldProblem, SpecMismatchError
-from resonance.patches.video_processor import video_processor_optional
 from resonance.tiny import build_tiny, tiny_from_spec
 
 
@@ -187,7 +186,7 @@ def verify(spec_path: Path, project: Path, checkpoint: Path | None = None) -> tu
     transformers.utils.logging.disable_progress_bar()
     ((_, spec),) = codegen.load_specs([spec_path], project)
     adapter = compile_adapter(project, spec_path)
-    with video_processor_optional(), tempfile.TemporaryDirectory(prefix=f"resonance-verify-{spec.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"resonance-verify-{spec.name}-") as tmp:
         if checkpoint is None:
             checkpoint = build_tiny(tiny_from_spec(spec), Path(tmp) / "tiny")
         return spec, run_checks(spec, adapter, checkpoint)

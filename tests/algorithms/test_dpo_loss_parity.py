@@ -40,7 +40,7 @@ from helpers import (
     to_trl,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
@@ -99,6 +99,17 @@ class _Float64(TorchDispatchMode):
 def _to_model_dtype(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch with its floating-point tensors (the image inputs) in DTYPE, as the weights."""
     return {k: (v.to(DTYPE) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in batch.items()}
+
+
+def _collate_in_model_dtype(collator: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """The collator as a trainer that runs inside :class:`_Float64` calls it: the batch in DTYPE, made outside the
+    mode, since it is data preparation (torchvision's image processors fill float32 tensors in torch)."""
+
+    def collate(features: Any) -> dict[str, Any]:
+        with _disable_current_modes():
+            return _to_model_dtype(collator(features))
+
+    return collate
 
 
 @dataclass
@@ -435,7 +446,7 @@ def test_precomputed_reference_gives_the_same_loss_without_a_reference_pass(
             trainers[precompute] = mapper.dpo_trainer(
                 model=model,
                 args=config,
-                data_collator=lambda features: _to_model_dtype(collator(features)),
+                data_collator=_collate_in_model_dtype(collator),
                 train_dataset=dataset,
                 processing_class=processor.hf,
                 vl_model=mapper.model,

@@ -42,6 +42,8 @@ def test_batch_equals_hf_processor(family: str, case: str, tiny_checkpoint: Call
             processor.process_batch_conv([m for m, _ in rows], [list(images) for _, images in rows])
         return
 
+    # Like with like: the same image processor class (torchvision's or PIL's) on both sides.
+    assert type(processor.image_processor) is type(hf.image_processor)
     ours = processor.process_batch_conv([m for m, _ in rows], [list(images) for _, images in rows])
     reference = hf_batch(hf, [to_hf(m, images, processor.text_messages_as_string) for m, images in rows])
     # Inputs computed from each row's prompt only (spec source: prompt, InstructBLIP's Q-Former text): the HF

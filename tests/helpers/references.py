@@ -12,13 +12,12 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 
 from helpers.messages import Message
 from helpers.repo import REPO
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper, load_core_mapper
-from resonance.patches.video_processor import video_processor_optional
 
 IGNORE_INDEX = -100
 
@@ -27,27 +26,35 @@ IGNORE_INDEX = -100
 
 
 def load_adapter(ckpt: Path) -> tuple[ModelCoreMapper, VLProcessor]:
-    """The family's adapter and our processor for ``ckpt`` (video processor optional: no torchvision here)."""
+    """The family's adapter and our processor for ``ckpt``."""
     mapper = load_core_mapper(ckpt)
-    with video_processor_optional():
-        processor = mapper.processor(ckpt)
-    return mapper, processor
+    return mapper, mapper.processor(ckpt)
+
+
+def _raw_spec(ckpt: Path) -> dict[str, Any]:
+    """The YAML of the spec that lists the checkpoint's architecture, read as plain data (no Resonance code)."""
+    architecture = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+    for path in sorted((REPO / "specs").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if architecture in spec["architectures"]:
+            return spec
+    raise AssertionError(f"no spec in specs/ lists {architecture}")
 
 
 def load_hf_processor(ckpt: Path) -> ProcessorMixin:
     """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
 
     Where the checkpoints ship no chat template (InstructBLIP), it gets the prompt format its spec documents
-    (chat_template.template of the spec that lists the checkpoint's architecture), read from the YAML.
+    (chat_template.template). Where the spec names an image processor backend (image.processor_backend), the
+    image processor is that backend's, as in ours: both sides then run the same image processor class.
     """
-    with video_processor_optional():
-        processor = AutoProcessor.from_pretrained(ckpt)
+    spec = _raw_spec(ckpt)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    backend = spec["image"].get("processor_backend")
+    if backend is not None:
+        processor.image_processor = AutoImageProcessor.from_pretrained(ckpt, backend=backend)
     if not processor.chat_template:
-        architecture = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
-        for path in sorted((REPO / "specs").glob("*.yaml")):
-            spec = yaml.safe_load(path.read_text())
-            if architecture in spec["architectures"]:
-                processor.chat_template = (spec.get("chat_template") or {}).get("template")
+        processor.chat_template = (spec.get("chat_template") or {}).get("template")
     return processor
 
 

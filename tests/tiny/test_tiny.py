@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from resonance.codegen.project import load_specs
 from resonance.codegen.schema import ModelSpec
-from resonance.patches.video_processor import video_processor_optional
 from resonance.tiny import TinyRecipe, build_tiny, tiny_from_spec
 
 
@@ -56,8 +55,7 @@ def conversation(picture: Image.Image | None = None, answer: str | None = None) 
 
 
 def load(out_dir: Path) -> tuple[Any, Any]:
-    with video_processor_optional():  # Qwen2-VL's processor needs it when torchvision is missing
-        processor = transformers.AutoProcessor.from_pretrained(out_dir)
+    processor = transformers.AutoProcessor.from_pretrained(out_dir)
     model = transformers.AutoModelForImageTextToText.from_pretrained(out_dir)
     return processor, model
 
@@ -183,14 +181,17 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_video_processor_optional_is_scoped(tmp_path: Path) -> None:
-    attributes = transformers.Qwen2VLProcessor.get_attributes()
-    out_dir = build_tiny(spec("qwen2_vl"), tmp_path / "qwen2_vl")
-    assert transformers.Qwen2VLProcessor.get_attributes() == attributes  # restored after the build
-    with video_processor_optional():
-        processor = transformers.AutoProcessor.from_pretrained(out_dir)
-        processor.save_pretrained(tmp_path / "again")  # what a trainer does at checkpoint time
-        again = transformers.AutoProcessor.from_pretrained(tmp_path / "again")
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+def test_video_processor_saved_and_loaded(family: str, tmp_path: Path) -> None:
+    """A processor with a video processor (optional in Qwen2-VL's, required in SmolVLM's) is built with the
+    family's default one, and plain AutoProcessor saves and loads it: what a trainer does at checkpoint time."""
+    out_dir = build_tiny(spec(family), tmp_path / family)
+    processor = transformers.AutoProcessor.from_pretrained(out_dir)
+    mapped = transformers.models.auto.video_processing_auto.VIDEO_PROCESSOR_MAPPING_NAMES
+    model_type = transformers.AutoConfig.from_pretrained(out_dir).model_type
+    assert type(processor.video_processor).__name__ == mapped[model_type]["torchvision"]
+    processor.save_pretrained(tmp_path / "again")
+    again = transformers.AutoProcessor.from_pretrained(tmp_path / "again")
     assert again.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert again.image_processor.to_dict() == processor.image_processor.to_dict()
-    assert transformers.Qwen2VLProcessor.get_attributes() == attributes
+    assert again.video_processor.to_dict() == processor.video_processor.to_dict()
