@@ -14,11 +14,12 @@ ROOT = Path(__file__).parent
 
 
 class BuildWithData(build_py):
-    """Copy specs/*.yaml and templates/*.j2 into resonance/_data/ of the built package."""
+    """Copy specs/*.yaml, the spec schema their headers name, and templates/*.j2 into resonance/_data/ of the built
+    package."""
 
     def run(self) -> None:
         super().run()
-        for folder, pattern in (("specs", "*.yaml"), ("templates", "*.j2")):
+        for folder, pattern in (("specs", "*.yaml"), ("specs", "*.schema.json"), ("templates", "*.j2")):
             target = Path(self.build_lib) / "resonance" / "_data" / folder
             target.mkdir(parents=True, exist_ok=True)
             for source in sorted((ROOT / folder).glob(pattern)):
