@@ -152,7 +152,7 @@ def _swift_sharegpt(row: Row, kind: str, problems: list[str]) -> Row | None:
     rounds = row["conversation"]
     system = _system(row, problems)
     if not isinstance(rounds, list) or not rounds:
-        got = "an empty list" if rounds == [] else _json_type(rounds)
+        got = "an empty list" if rounds == [] else json_type(rounds)
         problems.append(f'conversation: must be a list of {{"human": str, "assistant": str}} rounds, got {got}')
         return None
     messages: list[Row] = []
@@ -441,7 +441,7 @@ def _text(row: Row, name: str, problems: list[str], hint: str = "") -> str | Non
     if value is None:
         problems.append(f"missing field {name!r}" + (f" ({hint})" if hint else ""))
     elif not isinstance(value, str):
-        problems.append(f"{name}: must be a string, got {_json_type(value)}")
+        problems.append(f"{name}: must be a string, got {json_type(value)}")
     else:
         return value
     return None
@@ -465,7 +465,7 @@ def _history(row: Row, problems: list[str]) -> list[Row] | None:
     if history is None:
         return []
     if not isinstance(history, list):
-        problems.append(f"history: must be a list of [query, response] pairs, got {_json_type(history)}")
+        problems.append(f"history: must be a list of [query, response] pairs, got {json_type(history)}")
         return None
     messages: list[Row] = []
     for i, pair in enumerate(history):
@@ -479,7 +479,7 @@ def _history(row: Row, problems: list[str]) -> list[Row] | None:
 def _roles(value: Any, name: str, problems: list[str]) -> list[str] | None:
     """The roles of a non-empty list of messages (objects with a string ``role``), or ``None`` with a problem."""
     if not isinstance(value, list):
-        problems.append(f"{name}: must be a list of messages, got {_json_type(value)}")
+        problems.append(f"{name}: must be a list of messages, got {json_type(value)}")
         return None
     if not value:
         problems.append(f"{name}: empty conversation; it needs at least one message")
@@ -501,7 +501,7 @@ def _conversation(value: Any, name: str, role: str, problems: list[str]) -> list
 def _sharegpt_turns(value: Any, name: str, problems: list[str]) -> list[Row] | None:
     """sharegpt ``{"from", "value"}`` turns as chat messages."""
     if not isinstance(value, list) or not value:
-        got = "an empty list" if value == [] else _json_type(value)
+        got = "an empty list" if value == [] else json_type(value)
         problems.append(f'{name}: must be a list of {{"from": ..., "value": str}} turns, got {got}')
         return None
     messages = []
@@ -532,7 +532,7 @@ def _sharegpt_message(turn: Any, where: str, problems: list[str]) -> Row | None:
         problems.append(f"{where}.from: unknown value {turn['from']!r}; expected one of {expected}")
         return None
     if not isinstance(turn["value"], str):
-        problems.append(f"{where}.value: must be a string, got {_json_type(turn['value'])}")
+        problems.append(f"{where}.value: must be a string, got {json_type(turn['value'])}")
         return None
     return {"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
 
@@ -590,7 +590,8 @@ def _split_shared_prompt(
     return prompt, answers[0], answers[1]
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A JSON value's kind as error messages name it: "an object", "a list", "a string", "a number", ..."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
 

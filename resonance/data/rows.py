@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 import datasets
 
-from resonance.data.formats import DataFormat, detect_format, format_hint, format_named
+from resonance.data.formats import DataFormat, detect_format, format_hint, format_named, json_type
 from resonance.data.images import (
     ANY_IMAGE_COUNT,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -369,7 +369,7 @@ class _RowConverter:
     ) -> tuple[DataFormat | None, dict[str, Any] | None]:
         """The row's format and canonical row (``None`` when ``problems`` grew)."""
         if not isinstance(obj, dict):
-            problems.append(f"a row must be a JSON object, got {_type_name(obj)}")
+            problems.append(f"a row must be a JSON object, got {json_type(obj)}")
             return None, None
         keys = frozenset(key for key, value in obj.items() if value is not None)  # a null field is an absent one
         if forced is not None:
@@ -495,7 +495,7 @@ class _RowConverter:
         if isinstance(value, str | bytes | dict) or _is_pil_image(value):
             return [(name, value)]
         expected = "an image (a path, URL or image data) or a list of them"
-        problems.append(f"{name}: must be {expected}, got {_type_name(value)}")
+        problems.append(f"{name}: must be {expected}, got {json_type(value)}")
         return None
 
     def _resolve_images(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[str] | None:
@@ -617,7 +617,7 @@ class _RowConverter:
         role_key, content_key = ("from", "value") if llava else ("role", "content")
         roles = tuple(_LLAVA_ROLES) if llava else _CHAT_ROLES
         if not isinstance(value, list):
-            problems.append(f"{name}: must be a list of messages, got {_type_name(value)}")
+            problems.append(f"{name}: must be a list of messages, got {json_type(value)}")
             return None
         if not value:
             problems.append(f"{name}: empty conversation; it needs at least one message")
@@ -658,7 +658,7 @@ class _RowConverter:
         if isinstance(content, str):
             return self._text_parts(content, where, problems)
         if not isinstance(content, list):
-            problems.append(f"{where}: must be a string or a list of parts, got {_type_name(content)}")
+            problems.append(f"{where}: must be a string or a list of parts, got {json_type(content)}")
             return None
         parts: list[Part] = []
         before = len(problems)
@@ -668,7 +668,7 @@ class _RowConverter:
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.extend(self._text_parts(part["text"], f"{at}.text", problems))
             elif kind == "text":
-                problems.append(f"{at}.text: must be a string, got {_type_name(part.get('text'))}")
+                problems.append(f"{at}.text: must be a string, got {json_type(part.get('text'))}")
             elif kind in ("image", "image_url"):
                 image = self._image_part(part, at, problems)
                 if image is not None:
@@ -766,12 +766,6 @@ def _looks_like_image_paths(value: Any) -> bool:
 
 def _keys(obj: dict[str, Any]) -> str:
     return ", ".join(repr(k) for k in obj) or "no fields"
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
-    )
 
 
 def _check_kind(kind: str) -> None:
