@@ -259,12 +259,15 @@ def export(
     output: Annotated[Path, typer.Argument(metavar="OUT", help="The --output_dir of a `resonance train` run.")],
     to: Annotated[Path, typer.Option("--to", metavar="DIR", help="Folder to write (must be new, or --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing DIR.")] = False,
+    project: Project = None,
 ) -> None:
     """Merge a LoRA output into its base model's weights and write a folder plain transformers loads
     (AutoModelForImageTextToText, AutoProcessor); reward and value heads are kept beside the merged model; a
     full-training output is copied as it is."""
+    from resonance.base.registry import use_adapters
     from resonance.commands.export import main as export_main
 
+    use_adapters(project)
     export_main(output, to, overwrite=overwrite)
 
 
@@ -334,11 +337,14 @@ def generate(
     data_config: DataConfigFlag = None,
     data_split: DataSplitFlag = None,
     data_revision: DataRevisionFlag = None,
+    project: Project = None,
 ) -> None:
     """Generate an answer for every prompt row. Further --name value flags (--max_new_tokens 64, --do_sample
     true, --temperature 0.7, ...: any transformers GenerationConfig field) override the family's defaults."""
+    from resonance.base.registry import use_adapters
     from resonance.commands.generate import main
 
+    use_adapters(project)  # before the data and the flags' values: generate reads the family's defaults
     data_options = {name: ctx.params[name] for name in DATA_FLAGS}  # the data flags above, as read_rows takes them
     options = {
         "batch_size": batch_size,
@@ -373,11 +379,16 @@ def data_inspect(
     data_config: DataConfigFlag = None,
     data_split: DataSplitFlag = None,
     data_revision: DataRevisionFlag = None,
+    project: Project = None,
 ) -> None:
     """Print what a data source holds (format, rows, images, token lengths per --model, unused fields, the first
     problems) before a long job; exit 0 when every row is valid, 1 when some are not, 2 when it cannot be read.
     Loads processors only, never model weights."""
+    from resonance.base.registry import use_adapters
     from resonance.commands.data import main as inspect_main
+
+    if model:  # the families of --model checkpoints
+        use_adapters(project)
 
     data_options = {name: ctx.params[name] for name in DATA_FLAGS}  # the data flags above, as read_rows takes them
     options = {"kind": kind, "models": model, "html": html, "sample": sample, "max_problems": max_problems}

@@ -12,6 +12,15 @@ from resonance.errors import ConfigError
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Checkpoint folder whose config.json names a supported family."})
+    spec_project: str | None = field(
+        default=None,
+        metadata={
+            "help": "Project folder whose specs/ and generated/ adapters serve the checkpoint (the other commands' "
+            "--project; train's --project is transformers' Trackio project name). Default: the current folder when "
+            "it holds specs/, else the nearest folder above it holding both; with none, the specs packaged with "
+            "resonance."
+        },
+    )
     lora_target_modules: str = field(
         default="auto",
         metadata={

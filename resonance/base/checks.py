@@ -8,18 +8,23 @@ first batch with images) and, all at once, in ``resonance verify SPEC``.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 from torch import nn
 
 from resonance.errors import FieldProblem, SpecMismatchError
-from resonance.generated.registry import SPECS
 
 
 def spec_file(owner: type) -> str:
-    """The spec a generated adapter class came from (``specs/<name>.yaml``), for error messages."""
-    name = owner.__module__.rsplit(".", 1)[-1]
-    return SPECS.get(name, f"the spec of {owner.__qualname__}")
+    """The spec a generated adapter class came from (``specs/<name>.yaml``, from the registry of its package: the
+    packaged adapters' or a project's), for error messages."""
+    package, _, name = owner.__module__.rpartition(".")
+    try:
+        specs = importlib.import_module(f"{package}.registry").SPECS
+    except (ImportError, AttributeError):  # a class made outside generated code
+        specs = {}
+    return specs.get(name, f"the spec of {owner.__qualname__}")
 
 
 def raise_problems(owner: type, problems: list[FieldProblem]) -> None:

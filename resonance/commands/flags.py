@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resonance.algorithms.quantization import quantization_problems
 from resonance.errors import MAX_LISTED_ERRORS, ConfigError
 
 # -- valid values -------------------------------------------------------------------------------------------
@@ -239,13 +240,30 @@ def _hub_problems(values: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _trackio_project_problems(values: Mapping[str, Any]) -> list[str]:
+    """--project is TrainingArguments' Trackio project name: without the Trackio tracker nothing reads it, and a user
+    of the other commands' --project DIR means the Resonance project (--spec_project here)."""
+    from transformers import TrainingArguments
+
+    project = values.get("project")
+    if project in (None, TrainingArguments.project) or "trackio" in str(values.get("report_to") or ""):
+        return []
+    return [
+        f"--project {project}: the Trackio project name (transformers' TrainingArguments), read only with "
+        "--report_to trackio; the Resonance project (the folder holding specs/ and generated/) is --spec_project DIR "
+        "in resonance train"
+    ]
+
+
 TRAIN_CHECKS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
     _steps_problems,
     _precision_problems,
     _resume_problems,
     _unsupported_problems,
     _report_to_problems,
+    _trackio_project_problems,
     _hub_problems,
+    quantization_problems,
 )
 
 

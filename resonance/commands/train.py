@@ -17,7 +17,7 @@ from resonance.algorithms.guards import (
     resolve_resume,
     save_result,
 )
-from resonance.base.registry import load_core_mapper
+from resonance.base.registry import load_core_mapper, use_adapters
 from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError
 from resonance.patches.compile_layers import compile_blocks
@@ -145,6 +145,7 @@ def main(algorithm: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         model_args, data_args, config = parse(algorithm, argv)
+        use_adapters(model_args.spec_project)  # a project's adapters are checked against its specs before anything else
         resume = prepare_run(config, data_args)
         trainer, _ = build_trainer(algorithm, model_args, data_args, config)
         _log_processes(config)

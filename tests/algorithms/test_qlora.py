@@ -50,11 +50,12 @@ def test_load_in_4bit_without_the_extra_exits_2_before_loading(
     output_dir = tmp_path / "out"
     argv = train_argv("sft", tiny_checkpoint("llava"), write_data(tmp_path, "sft"), output_dir, load_in_4bit=True)
     assert main("sft", argv) == EXIT_INPUT
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == [
-        f"error: --load_in_4bit needs bitsandbytes, which is not installed: {INSTALL}; --load_in_4bit needs a CUDA "
-        "GPU (bitsandbytes' quantised layers), and torch sees none here"
-    ]
+    err = capsys.readouterr().err
+    assert (
+        "error: 2 problems with the flags of resonance train sft:\n"
+        f"  --load_in_4bit needs bitsandbytes, which is not installed: {INSTALL}\n"
+        "  --load_in_4bit needs a CUDA GPU (bitsandbytes' quantised layers), and torch sees none here\n"
+    ) in err
     assert not output_dir.exists()
 
 
@@ -69,7 +70,8 @@ def test_every_algorithm_takes_the_flags(bare_machine: None, algorithm: str, tmp
 
 
 def test_every_problem_at_once(bare_machine: None, tmp_path: Path) -> None:
-    """Both widths, full training, a bad 4-bit type and compute dtype, the missing extra: one message."""
+    """Both widths, full training, a bad 4-bit type and compute dtype, --use_cpu, the missing extra, and the run's
+    other bad flags: one message."""
     argv = train_argv(
         "sft",
         tmp_path,
@@ -80,6 +82,8 @@ def test_every_problem_at_once(bare_machine: None, tmp_path: Path) -> None:
         lora_target_modules="none",
         bnb_4bit_quant_type="int3",
         bnb_4bit_compute_dtype="float8",
+        use_cpu=True,
+        per_device_train_batch_size=0,
     )
     with pytest.raises(ConfigError) as error:
         parse("sft", argv)
@@ -89,8 +93,10 @@ def test_every_problem_at_once(bare_machine: None, tmp_path: Path) -> None:
         "--load_in_4bit with --lora_target_modules none: quantised weights cannot be trained",
         "--bnb_4bit_quant_type int3: expected one of nf4, fp4",
         "--bnb_4bit_compute_dtype float8: expected one of bfloat16, float16, float32",
+        "--load_in_4bit with --use_cpu: bitsandbytes' quantised layers train on a CUDA GPU only",
         "needs bitsandbytes",
         "needs a CUDA GPU",
+        "--per_device_train_batch_size 0",
     ):
         assert part in message
 
