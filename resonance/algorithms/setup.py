@@ -4,7 +4,9 @@ offline algorithms (sft, dpo, rm), which differ only in their core_mapper classe
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +20,12 @@ from resonance.algorithms.quantization import prepare_for_training, quantization
 from resonance.base.checks import lora_layer_names
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
-from resonance.base.registry import ModelCoreMapper
+from resonance.base.registry import ModelCoreMapper, lora_base_checkpoint
 from resonance.data.images import ImageCount
 from resonance.data.rows import load_rows
 from resonance.errors import ConfigError
+
+logger = logging.getLogger("resonance")
 
 
 def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: ModelArguments) -> torch.nn.Module:
@@ -102,7 +106,20 @@ def load_model(
     if quantization is not None:
         # A quantised model is placed as it loads (Trainer and accelerate never move it): one process, one GPU.
         kwargs.update(quantization_config=quantization, device_map={"": config.local_process_index})
-    model = mapper.model.from_pretrained(model_args.model_name_or_path, **kwargs)
+    start = Path(model_args.model_name_or_path)
+    if quantization is not None and lora_base_checkpoint(start) is not None:
+        raise ConfigError(
+            f"--model_name_or_path {start} is a LoRA output, which a quantised run cannot start from (its adapter "
+            f"would be merged into quantised weights, losing precision): run `resonance export {start} --to DIR` "
+            "and train from DIR"
+        )
+    model = mapper.model.from_pretrained(start, **kwargs)
+    if lora_base_checkpoint(start) is not None:
+        # A run from another run's LoRA output (DPO after SFT): that adapter merged is where this run starts, and
+        # its reference; the new adapter names the output as its base, so loading it applies both.
+        model = model.merge_and_unload()
+        model.name_or_path = model.config._name_or_path = str(start.resolve())  # what peft records as the base
+        logger.info("%s: a LoRA output; its adapter is merged into its base and this run trains on top", start)
     model = prepare_for_training(model, config)
     if model_args.freeze_vision_tower:
         mapper.model.freeze_vision_tower(model)

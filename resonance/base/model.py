@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 from resonance.base.checks import module_problems, raise_problems
-from resonance.base.registry import check_weights, lora_base_checkpoint, read_json_object
+from resonance.base.registry import base_model_checkpoint, check_weights, lora_base_checkpoint, read_json_object
 from resonance.errors import CheckpointError
 from resonance.patches.vision_attention import install_batched_vision_attention
 
@@ -103,9 +103,13 @@ class VLModel:
             from peft import PeftModel
 
             check_weights(path, ADAPTER_WEIGHTS)
-            base = _load(model_class, base_path, kwargs)
-            cls.check_model(base)
-            cls.batch_vision_attention(base)
+            if lora_base_checkpoint(base_path) is not None:  # trained from another LoRA output: that one, merged
+                base_model_checkpoint(path)  # a chain that goes round in a circle fails here, naming it
+                base = cls.from_pretrained(base_path, **kwargs).merge_and_unload()
+            else:
+                base = _load(model_class, base_path, kwargs)
+                cls.check_model(base)
+                cls.batch_vision_attention(base)
             return PeftModel.from_pretrained(base, str(path))
         model = _load(model_class, path, kwargs)
         cls.check_model(model)

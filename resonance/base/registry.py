@@ -187,21 +187,42 @@ def checkpoint_folder(path: str | Path, named_by: str = "") -> Path:
     raise CheckpointError(f"{where}: no such folder; give a checkpoint folder (as save_pretrained writes it)")
 
 
+MAX_STACKED_ADAPTERS = 16  # LoRA outputs trained one from another (SFT, then DPO on it, ...)
+
+
+def base_model_checkpoint(path: str | Path) -> Path:
+    """The folder holding the base model's config.json and weights: ``path`` itself, or for a LoRA output folder its
+    base, followed through outputs trained from other outputs (each adapter names the previous output as its base)."""
+    path = Path(path)
+    seen = [path.resolve()]
+    while not (path / "config.json").is_file():
+        base = lora_base_checkpoint(path)
+        if base is None:
+            return path
+        checkpoint_folder(base, named_by=f"{path / 'adapter_config.json'}: base_model_name_or_path")
+        if base.resolve() in seen or len(seen) > MAX_STACKED_ADAPTERS:
+            chain = " -> ".join(str(p) for p in [*seen, base.resolve()])
+            raise CheckpointError(f"{path / 'adapter_config.json'}: its base models go round in a circle ({chain})")
+        seen.append(base.resolve())
+        path = base
+    return path
+
+
 def processor_checkpoint(path: str | Path) -> Path:
     """Where a checkpoint's processor is: the folder itself, or for a LoRA folder saved without one, its base."""
     path = Path(path)
-    has_processor = any((path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
-    base = None if has_processor else lora_base_checkpoint(path)
-    return base if base is not None else path
+    for _ in range(MAX_STACKED_ADAPTERS + 1):
+        has_processor = any((path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
+        base = None if has_processor else lora_base_checkpoint(path)
+        if base is None:
+            return path
+        path = base
+    return path
 
 
 def checkpoint_architecture(path: str | Path) -> str:
     """``architectures[0]`` of a checkpoint, following a LoRA output folder to its base model."""
-    path = checkpoint_folder(path)
-    base = None if (path / "config.json").is_file() else lora_base_checkpoint(path)
-    if base is not None:
-        checkpoint_folder(base, named_by=f"{path / 'adapter_config.json'}: base_model_name_or_path")
-    config_file = (base or path) / "config.json"
+    config_file = base_model_checkpoint(checkpoint_folder(path)) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found; --model_name_or_path must be a checkpoint folder")
     architectures = read_json_object(config_file).get("architectures")
