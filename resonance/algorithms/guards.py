@@ -145,7 +145,11 @@ def check_steps_left(checkpoint: Path, max_steps: int) -> None:
 
 
 def publish_checkpoint(staged: Path, final: Path) -> None:
-    """Move a completely written checkpoint from its staging folder to its final name (one rename)."""
+    """Move a completely written checkpoint from its staging folder to its final name (one rename), its adapters
+    naming their base by absolute path and its files readable by others, as the output's are at the end
+    (:func:`finish_output`), so that other tools and accounts can load it while the run goes on."""
+    absolute_base_paths(staged)
+    make_readable(staged)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staged, final)
@@ -167,6 +171,13 @@ class WholeCheckpoints:
     longer writable) stops the run with a :class:`TrainingError` after the weights were kept elsewhere."""
 
     _staging_dir: Path | None = None
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' upload of --output_dir (at the end of ``save_model`` with --push_to_hub), of the folder as
+        the run leaves it (:func:`finish_output`) rather than as ``save_pretrained`` wrote it."""
+        if self.args.should_save:
+            finish_output(Path(self.args.output_dir))
+        return super().push_to_hub(*args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging_dir is not None:

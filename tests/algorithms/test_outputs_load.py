@@ -19,7 +19,7 @@ from helpers import run_resonance, train_argv
 from helpers.rows import write_data
 from safetensors.torch import load_file
 
-from resonance.algorithms.guards import absolute_base_paths, auto_loadable_adapter, make_readable
+from resonance.algorithms.guards import absolute_base_paths, auto_loadable_adapter, make_readable, publish_checkpoint
 
 UMASK = 0o022
 
@@ -131,3 +131,22 @@ def test_make_readable_adds_the_read_bits_a_new_file_gets(tmp_path: Path) -> Non
         os.umask(old)
     assert private.stat().st_mode & 0o777 == 0o644
     assert script.stat().st_mode & 0o777 == 0o744
+
+
+def test_a_checkpoint_is_readable_and_names_its_base_absolutely_as_soon_as_it_is_published(elsewhere: Path) -> None:
+    """Mid-run, not only when the run ends: serving or evaluating ``checkpoint-N`` from another account works."""
+    (elsewhere / "base").mkdir()
+    staged = elsewhere / "out" / ".partial" / "checkpoint-1"
+    config_file = _adapter(staged, "base")
+    (staged / "adapter_model.safetensors").write_bytes(b"x")
+    (staged / "adapter_model.safetensors").chmod(0o600)
+    old = os.umask(UMASK)
+    try:
+        publish_checkpoint(staged, elsewhere / "out" / "checkpoint-1")
+    finally:
+        os.umask(old)
+    final = elsewhere / "out" / "checkpoint-1"
+    assert (final / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+    base = json.loads((final / config_file.name).read_text())["base_model_name_or_path"]
+    assert base == str((elsewhere / "base").resolve())
+    assert not (elsewhere / "out" / ".partial").exists()

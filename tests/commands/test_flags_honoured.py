@@ -6,6 +6,7 @@ defaults; one boolean rule for train and generate (``--x``, ``--x true|false|yes
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from helpers import run_resonance, train_argv
 from helpers.rows import write_data
 from test_flags import REWARD, _argv, _refused  # the flags tests' own builders: one run's flags, one refusal
 
+from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.commands.flags import parse_generation_overrides
@@ -109,6 +111,53 @@ def test_ppo_push_that_fails_says_the_run_is_saved(tmp_path: Path, monkeypatch: 
     args = SimpleNamespace(hub_model_id="me/run", hub_token=None, hub_private_repo=None, hub_revision=None)
     with pytest.raises(TrainingError, match=r"--push_to_hub: could not upload .* as me/run .*the run is saved there"):
         PPOCheckpointing.push_to_hub(SimpleNamespace(args=args), tmp_path)
+
+
+def _unfinished_output(folder: Path) -> Path:
+    """An output as save_pretrained leaves it: the adapter names its base (``base``, in the current folder) by a
+    relative path, the weights are 0600."""
+    Path("base").mkdir(exist_ok=True)
+    Path("base", "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"base_model_name_or_path": "base"}')
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (folder / "adapter_model.safetensors").chmod(0o600)
+    return folder
+
+
+def _pushed_as_finished(output: Path) -> dict[str, Any]:
+    """What the upload would see: the base path and the weights' mode."""
+    config = json.loads((output / "adapter_config.json").read_text())
+    return {"base": config["base_model_name_or_path"], "mode": (output / "adapter_model.safetensors").stat().st_mode}
+
+
+def test_push_to_hub_uploads_the_finished_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub copy is the folder as the run leaves it (absolute base path, readable files), for the Trainer-based
+    algorithms (transformers pushes inside save_model) and for PPO."""
+    monkeypatch.chdir(tmp_path)
+    seen: list[dict[str, Any]] = []
+
+    class Trainer:
+        def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(_pushed_as_finished(Path(self.args.output_dir)))
+
+    class Pushing(WholeCheckpoints, Trainer):
+        args = SimpleNamespace(should_save=True, output_dir=str(_unfinished_output(tmp_path / "trainer")))
+
+    Pushing().push_to_hub(commit_message="End of training")
+
+    output = _unfinished_output(tmp_path / "ppo")
+    ppo = SimpleNamespace(
+        args=SimpleNamespace(push_to_hub=True, output_dir=str(output)),
+        accelerator=SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True),
+        save_outputs=lambda folder: None,
+        push_to_hub=lambda folder: seen.append(_pushed_as_finished(folder)),
+    )
+    PPOCheckpointing.save_model(ppo, output)
+    assert len(seen) == 2
+    for pushed in seen:
+        assert pushed["base"] == str((tmp_path / "base").resolve())
+        assert pushed["mode"] & 0o044 == 0o044
 
 
 def test_rm_and_ppo_start_from_trl_defaults(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from resonance.algorithms.guards import (
     STAGING,
     TRAINER_STATE,
     discard_staged,
+    finish_output,
     publish_checkpoint,
     resolve_resume,
     save_failed,
@@ -45,6 +46,7 @@ class PPOCheckpointing:
         if self.accelerator.is_main_process:
             self.save_outputs(output_dir)
             if self.args.push_to_hub:  # as transformers' Trainer.save_model does for the other algorithms
+                finish_output(output_dir)  # the folder as the run leaves it, not as save_pretrained wrote it
                 self.push_to_hub(output_dir)
 
     def push_to_hub(self, output_dir: Path) -> str:
