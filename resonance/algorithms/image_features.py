@@ -4,10 +4,14 @@ When the tower and projector are frozen (e.g. LoRA on the language model), the i
 vision tower once, under ``no_grad``; the result reaches the model through transformers' ``mm_encoder_outputs``
 argument (or the spec's ``image.features_input``). For DPO the same features serve chosen, rejected and the
 reference pass (TRL runs the tower four times per image and backpropagates through it); SFT, RM and PPO use it too.
+
+Several processes: a process whose batch holds no image still runs the image encoder, on one placeholder image,
+when the others may be running it and would wait for it (:meth:`ImageEncodingMixin._idle_encoder_term`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,11 +59,40 @@ def _reusable_features(encoded: ModelOutput, copies: int) -> ModelOutput:
     return type(encoded)(**kept)
 
 
+def _floating_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every floating-point tensor in an encoder output (a tensor, a ModelOutput or dict, nested lists)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):  # ModelOutput is a dict
+        for item in value.values():
+            yield from _floating_tensors(item)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _floating_tensors(item)
+
+
+def _encode(vl_model: type[VLModel], base: torch.nn.Module, image_kwargs: dict[str, Any]) -> Any:
+    """The images' encoding as the language model reads it: the spec's ``image.features_input`` (the projected
+    tower output), else transformers' ``get_image_features``."""
+    if vl_model.image_features_input is not None:
+        return vl_model.encode_images(base, image_kwargs)
+    return base.get_image_features(**image_kwargs, return_dict=True)
+
+
+def _placeholder_conversation() -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "."}]},
+    ]
+
+
 class ImageEncodingMixin:
     """Turns a batch's image inputs into model inputs, encoding frozen images once."""
 
     vl_model: type[VLModel]
     vl_processor: VLProcessor
+    _placeholder_inputs: dict[str, Any] | None = None
 
     def _bind_adapter(self, vl_model: type[VLModel], vl_processor: VLProcessor) -> None:
         self.vl_model = vl_model
@@ -74,17 +107,71 @@ class ImageEncodingMixin:
         if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
+        with torch.no_grad():
+            encoded = _encode(self.vl_model, base, image_kwargs)
         features_input = self.vl_model.image_features_input
         if features_input is not None:  # spec image.features_input: forward takes the features, not the images
-            with torch.no_grad():
-                features = self.vl_model.encode_images(base, image_kwargs)
             model_inputs = {k: v for k, v in inputs.items() if k not in names}
-            model_inputs[features_input] = _repeat(features, copies)
+            model_inputs[features_input] = _repeat(encoded, copies)
             return model_inputs
-        with torch.no_grad():
-            encoded = base.get_image_features(**image_kwargs, return_dict=True)
         # Other image inputs stay (Qwen's image_grid_thw places the rope positions of image tokens).
         model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"}
         model_inputs["pixel_values"] = None  # explicitly: some forwards take it without a default (InstructBLIP)
         model_inputs["mm_encoder_outputs"] = {"image": _reusable_features(encoded, copies)}
         return model_inputs
+
+    # -- a process without images, among several ------------------------------------------------------------
+
+    def _encoder_runs_everywhere(self, model: torch.nn.Module) -> bool:
+        """Whether every process must run the image encoder every step: with several processes, when its weights
+        train (DDP without ``find_unused_parameters``, the setting under gradient checkpointing, waits forever for
+        their gradients) or are sharded (FSDP and DeepSpeed gather a module's weights from every process as it
+        runs, so a process that skips the encoder leaves the others waiting)."""
+        from accelerate.utils import DistributedType
+
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or accelerator.num_processes < 2:
+            return False
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return sharded or not self.vl_model.image_encoder_frozen(unwrap(model))
+
+    def _placeholder_image_inputs(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """The image inputs of one small placeholder image, as the family's processor makes them (made once)."""
+        if self._placeholder_inputs is None:
+            from PIL import Image
+
+            image = Image.new("RGB", (64, 64), (127, 127, 127))
+            batch = self.vl_processor.process_batch_conv([_placeholder_conversation()], [[image]])
+            self._placeholder_inputs = {k: batch[k] for k in self.vl_processor.image_input_names() if k in batch}
+        return {
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+            for k, v in self._placeholder_inputs.items()
+        }
+
+    def _idle_encoder_term(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """For a batch without images on a process that must still run the image encoder
+        (:meth:`_encoder_runs_everywhere`): the encoder run on a placeholder image, so that every process takes part
+        in its collectives, and, where its weights train, ``0 * (sum of its output)`` to add to the loss, which gives
+        them zero gradients. The loss and every other gradient are unchanged (a product with zero adds exactly 0).
+        None when nothing needs to run."""
+        names = self.vl_processor.image_input_names()
+        if any(inputs.get(name) is not None for name in names) or not self._encoder_runs_everywhere(model):
+            return None
+        base = unwrap(model)
+        parameter = next(p for p in self.vl_model.get_vision_tower(base).parameters())
+        image_kwargs = self._placeholder_image_inputs(parameter.device, parameter.dtype)
+        trains = not self.vl_model.image_encoder_frozen(base) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(trains):
+            encoded = _encode(self.vl_model, base, image_kwargs)
+        if not trains:
+            return None
+        return sum(tensor.sum() for tensor in _floating_tensors(encoded)) * 0.0
+
+
+def add_to_loss(result: Any, term: torch.Tensor | None) -> Any:
+    """``compute_loss``'s result (a loss, or ``(loss, outputs)``) with ``term`` added to the loss."""
+    if term is None:
+        return result
+    if isinstance(result, tuple):
+        return (result[0] + term, *result[1:])
+    return result + term

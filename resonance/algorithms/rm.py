@@ -18,7 +18,7 @@ from trl.trainer.base_config import _BaseConfig as TrlDefaults
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
-from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
@@ -92,8 +92,10 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         return rewards[:half], rewards[half:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        idle = self._idle_encoder_term(self._reward_model(model).model, inputs)
         chosen, rejected = self.rewards(model, inputs)
         loss, metrics = bradley_terry(chosen, rejected, inputs.get("margin"))
+        loss = add_to_loss(loss, idle)
         mode = "train" if model.training else "eval"
         for name, values in metrics.items():
             self._metric_sums[mode][name] += values.float().sum().item()

@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
-from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
@@ -27,8 +27,9 @@ class VLSFTTrainer(WholeCheckpoints, ImageEncodingMixin, SFTTrainer):
         vl_model.batch_vision_attention(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        idle = self._idle_encoder_term(model, inputs)
         inputs = self._image_model_inputs(model, inputs, copies=1)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return add_to_loss(super().compute_loss(model, inputs, return_outputs, num_items_in_batch), idle)
 
 
 def build(

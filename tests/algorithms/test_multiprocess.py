@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) train exactly like one process with the same global batch: SFT and DPO.
+"""Two CPU processes (gloo) train exactly like one process with the same global batch: SFT and DPO, and SFT where
+every step one process's row has an image and the other's has none (which hung before).
 
 Both runs train the tiny LLaVA for one epoch of the example data (16 rows, 4 steps of 4 rows): two processes
 with 2 rows each, and one process with 4. Their logged losses and final LoRA weights must agree to fp32
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,18 +50,30 @@ def _argv(algorithm: str, ckpt: Path, out: Path, per_device: int) -> list[str]:
     )  # fmt: skip
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], timeout: int = 600) -> str:
     # a clean environment: nothing from an outer launcher (ranks, ports) reaches the runs
     outer = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {key: value for key, value in os.environ.items() if key not in outer}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    # a session of its own: a run that hangs is killed with every process it started (torchrun's workers too)
+    with subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **pipes) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(command)}: still running after {timeout} s, killed (a hang):\n{stderr[-4000:]}")
+    output = stdout + stderr
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
     return output
 
 
-def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[dict], dict[str, torch.Tensor], str]:
-    argv = _argv(algorithm, ckpt, out, GLOBAL_BATCH // processes)
+def _train(
+    algorithm: str, ckpt: Path, out: Path, processes: int, argv: list[str] | None = None, timeout: int = 600
+) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+    """Train with ``processes`` processes (``argv``: :func:`_argv`'s by default); the logged losses, the saved
+    weights (the adapter, or the model for full training) and the run's output."""
+    argv = argv or _argv(algorithm, ckpt, out, GLOBAL_BATCH // processes)
     if processes == 1:
         command = [sys.executable, "-m", "resonance", "train", algorithm, *argv]
     else:
@@ -68,39 +82,89 @@ def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[
             "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
             "-m", "resonance", "train", algorithm, *argv,
         ]  # fmt: skip
-    output = _run(command)
+    output = _run(command, timeout)
     state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     logs = [entry for entry in state["log_history"] if "loss" in entry]
-    return logs, load_file(out / "adapter_model.safetensors"), output
+    weights = out / "adapter_model.safetensors"
+    return logs, load_file(weights if weights.is_file() else out / "model.safetensors"), output
+
+
+def _assert_same_training(two: tuple, one: tuple, global_batch: int, rows: int) -> None:
+    """Two processes trained exactly as one with the same global batch: the same steps over the same rows, the same
+    losses and gradient norms, the same final weights (tolerances: the module docstring)."""
+    (two_logs, two_weights, two_output), (one_logs, one_weights, _) = two, one
+    # Two processes really trained together: one gloo group, and the global batch's rows a step (a process that
+    # trained alone with its half would log half the epoch at step 1).
+    assert "2 process(es), DistributedType.MULTI_CPU" in two_output, two_output[-4000:]
+    for logs in (two_logs, one_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+        assert logs[0]["epoch"] == pytest.approx(global_batch / rows)
+
+    # Logged loss: with two processes, the mean of the two processes' losses (SFT: each already divided by
+    # the token count of the whole global batch, average_tokens_across_devices): the one-process loss.
+    for two_entry, one_entry in zip(two_logs, one_logs, strict=True):
+        assert two_entry["loss"] == pytest.approx(one_entry["loss"], rel=1e-5), f"step {one_entry['step']}"
+        assert two_entry["grad_norm"] == pytest.approx(one_entry["grad_norm"], rel=1e-4), f"step {one_entry['step']}"
+
+    assert two_weights.keys() == one_weights.keys() and two_weights
+    for name, one_weight in one_weights.items():
+        error = ((two_weights[name] - one_weight).norm() / one_weight.norm()).item()
+        assert error < 1e-4, f"{name}: the two runs differ by {error:.2e} of its norm"
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo"])
 def test_two_cpu_processes_match_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
     ckpt = tiny_checkpoint("llava")
-    two_logs, two_weights, two_output = _train(algorithm, ckpt, tmp_path / "two", processes=2)
-    one_logs, one_weights, _ = _train(algorithm, ckpt, tmp_path / "one", processes=1)
-
-    # Two processes really trained together: one gloo group, and 4 of the 16 rows a step (a process that
-    # trained alone with its 2 rows a step would log epoch 0.125 at step 1).
-    assert "2 process(es), DistributedType.MULTI_CPU" in two_output, two_output[-4000:]
-    for logs in (two_logs, one_logs):
-        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
-        assert logs[0]["epoch"] == pytest.approx(GLOBAL_BATCH / ROWS)
-
-    # Logged loss: with two processes, the mean of the two processes' losses (SFT: each already divided by
-    # the token count of the whole global batch, average_tokens_across_devices): the one-process loss.
-    for two, one in zip(two_logs, one_logs, strict=True):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
-
-    assert two_weights.keys() == one_weights.keys() and two_weights
-    moved = 0.0
-    for name, one in one_weights.items():
-        error = ((two_weights[name] - one).norm() / one.norm()).item()
-        assert error < 1e-4, f"{name}: the two runs differ by {error:.2e} of its norm"
-        if ".lora_B." in name:  # zero at the start: all of it is what training did
-            moved = max(moved, one.abs().max().item())
+    two = _train(algorithm, ckpt, tmp_path / "two", processes=2)
+    one = _train(algorithm, ckpt, tmp_path / "one", processes=1)
+    _assert_same_training(two, one, GLOBAL_BATCH, ROWS)
+    moved = max(w.abs().max().item() for name, w in one[1].items() if ".lora_B." in name)  # zero at the start
     assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+
+
+def _alternating_rows(folder: Path, count: int) -> Path:
+    """``count`` SFT rows, one with an image then one without, in that order."""
+    rows = []
+    for i in range(count):
+        answer = {"role": "assistant", "content": f"Answer {i}."}
+        if i % 2 == 0:
+            question = {"role": "user", "content": "<image>What is drawn here?"}
+            rows.append({"messages": [question, answer], "images": [str(EXAMPLES / "images" / "red_square.png")]})
+        else:
+            rows.append({"messages": [{"role": "user", "content": f"Say {i}."}, answer]})
+    path = folder / "alternating.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_process_without_images_trains_with_the_others(tiny_checkpoint, tmp_path: Path) -> None:
+    """Full training with the vision tower trained, two processes, and every step one process's row has an image and
+    the other's has none (rows in order, one each). DDP without ``find_unused_parameters`` (the Trainer's choice
+    under gradient checkpointing) needs every trained weight's gradient from every process: without the placeholder
+    image pass the process without an image never gives the tower's, and the run hangs (a timeout fails it). With
+    it, the run is exactly the one-process run over the same rows."""
+    # Qwen2-VL: every weight of its tower reaches the features (LLaVA's post_layernorm does not, since it reads the
+    # second-to-last layer: without find_unused_parameters its full training fails under DDP with or without images)
+    ckpt, rows = tiny_checkpoint("qwen2_vl"), 2 * STEPS
+    data = _alternating_rows(tmp_path, rows)
+
+    def argv(out: Path, per_device: int) -> list[str]:
+        return train_argv(
+            "sft", ckpt, data, out,
+            max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3",
+            lora_target_modules="none", freeze_vision_tower=False, ddp_find_unused_parameters=False,
+            train_sampling_strategy="sequential", save_strategy="steps", save_steps=STEPS,
+            # plain SGD: AdamW turns the rounding noise of gradients that are zero in exact arithmetic (a key
+            # projection's bias) into whole steps of the learning rate; SGD's steps are the gradients themselves
+            optim="sgd",
+        )  # fmt: skip
+
+    two = _train("sft", ckpt, tmp_path / "two", 2, argv(tmp_path / "two", 1), timeout=300)
+    one = _train("sft", ckpt, tmp_path / "one", 1, argv(tmp_path / "one", 2))
+    _assert_same_training(two, one, 2, rows)
+    start = load_file(ckpt / "model.safetensors")
+    moved = max((one[1][n] - start[n]).abs().max().item() for n in one[1] if n.startswith("visual."))
+    assert moved > 1e-6, "the vision tower did not train: the run would not need its gradients"
 
 
 def _whiten_worker(rank: int, init: str, results: dict) -> None:

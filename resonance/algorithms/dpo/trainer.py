@@ -17,7 +17,7 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
 from resonance.algorithms.guards import WholeCheckpoints
-from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
@@ -119,15 +119,17 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         layout = self.pair_layout(model, inputs)
+        self._idle_encoder_term(model, inputs)  # no gradient here: only the other processes' collectives
         inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
         with sharing(layout, model, self.ref_model):
             return super().compute_ref_log_probs(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
         layout = self.pair_layout(model, inputs)
+        idle = self._idle_encoder_term(model, inputs)
         inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
         with sharing(layout, model, self.ref_model):
-            return super()._compute_loss(model, inputs, return_outputs)
+            return add_to_loss(super()._compute_loss(model, inputs, return_outputs), idle)
 
 
 def build(

@@ -17,7 +17,7 @@ from torch import nn
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import check_finite
-from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.algorithms.ppo.math import (
@@ -321,6 +321,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
 
     def _loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask, **r.model_inputs}
+        idle = self._idle_encoder_term(self.policy.model, inputs)
         out = self._score(self.model, inputs, r.response_length, return_logits=True)
         policy_loss, policy_metrics = clipped_policy_loss(
             out.log_probs, r.logprobs, r.advantages, r.mask, self.args.cliprange
@@ -337,7 +338,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             "value_loss": value_loss.detach(),
             "entropy": entropy,
         }
-        return policy_loss + self.args.vf_coef * value_loss, metrics
+        return add_to_loss(policy_loss + self.args.vf_coef * value_loss, idle), metrics
 
     def update(self, rollouts: list[Rollout], generator: torch.Generator) -> dict[str, float]:
         """``num_ppo_epochs`` passes over the rollout's micro-batches in shuffled minibatches of
