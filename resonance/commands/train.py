@@ -162,7 +162,17 @@ def main(algorithm: str, argv: list[str]) -> int:
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)
     logger.info("saved to %s", Path(config.output_dir).resolve())
+    _log_peak_memory()
     return 0
+
+
+def _log_peak_memory() -> None:
+    """The run's peak GPU memory (what torch's allocator held at most), on each process that used a GPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        rank = os.environ.get("RANK", "0")
+        logger.info("peak GPU memory: %.2f GiB (process %s)", torch.cuda.max_memory_allocated() / 2**30, rank)
 
 
 if __name__ == "__main__":

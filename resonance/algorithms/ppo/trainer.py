@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -468,6 +469,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         disable = self.args.disable_tqdm or not self.accelerator.is_local_main_process
         columns = (TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.accelerator.init_trackers(TRACKER_RUN, config=self.args.to_sanitized_dict())
+        started, first_step = time.perf_counter(), self.global_step
         with contextlib.closing(self), Progress(*columns, disable=disable, transient=False) as progress:
             task = progress.add_task("ppo", total=self.total_steps, completed=self.global_step)
             while self.global_step < self.total_steps:
@@ -484,6 +486,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
                 strategy = str(getattr(self.args.save_strategy, "value", self.args.save_strategy))
                 if strategy == "steps" and self.global_step % max(1, int(self.args.save_steps)) == 0:
                     self.save_checkpoint()
+            runtime, steps = time.perf_counter() - started, self.global_step - first_step
+            if self.accelerator.is_main_process:  # as the Trainer reports its loop for the other algorithms
+                logger.info("train_runtime=%.3f s for %d steps", runtime, steps)
 
     def close(self) -> None:
         """Finish the --report_to trackers (their files flushed), also when training stops on an error; unlike
