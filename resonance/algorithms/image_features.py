@@ -6,12 +6,15 @@ argument (or the spec's ``image.features_input``). For DPO the same features ser
 reference pass (TRL runs the tower four times per image and backpropagates through it); SFT, RM and PPO use it too.
 
 Several processes: a process whose batch holds no image still runs the image encoder, on one placeholder image,
-when the others may be running it and would wait for it (:meth:`ImageEncodingMixin._idle_encoder_term`).
+when the others may be running it and would wait for it (:meth:`ImageEncodingMixin._idle_encoder`). Under FSDP the
+images always go through the model's forward (nothing is precomputed outside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,6 +83,15 @@ def _encode(vl_model: type[VLModel], base: torch.nn.Module, image_kwargs: dict[s
     return base.get_image_features(**image_kwargs, return_dict=True)
 
 
+def _fsdp(trainer: Any) -> bool:
+    """Whether the trainer runs under FSDP, which gathers a wrapped module's weights only inside its forward:
+    features computed outside the model's forward would meet the shards of the weights it keeps itself."""
+    from accelerate.utils import DistributedType
+
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
 def _placeholder_conversation() -> list[dict[str, Any]]:
     return [
         {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "?"}]},
@@ -104,7 +116,7 @@ class ImageEncodingMixin:
         if "pixel_values" not in inputs:
             return inputs
         base = unwrap(model)
-        if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)):
+        if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)) or _fsdp(self):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
         with torch.no_grad():
@@ -122,18 +134,23 @@ class ImageEncodingMixin:
 
     # -- a process without images, among several ------------------------------------------------------------
 
-    def _encoder_runs_everywhere(self, model: torch.nn.Module) -> bool:
-        """Whether every process must run the image encoder every step: with several processes, when its weights
-        train (DDP without ``find_unused_parameters``, the setting under gradient checkpointing, waits forever for
-        their gradients) or are sharded (FSDP and DeepSpeed gather a module's weights from every process as it
-        runs, so a process that skips the encoder leaves the others waiting)."""
+    def _encoder_runs_everywhere(self, model: torch.nn.Module, encoder_model: torch.nn.Module) -> bool:
+        """Whether every process must run the image encoder every step (``model``: what the trainer runs, wrapped
+        for several processes; ``encoder_model``: the model holding the encoder). Under FSDP and DeepSpeed, whose
+        processes gather a module's weights from each other as it runs, so that a process skipping the encoder
+        leaves the others waiting; under DDP when the encoder's weights train and DDP does not look for unused
+        weights itself (``find_unused_parameters`` off, the Trainer's choice under gradient checkpointing): it waits
+        for their gradients from every process. With ``find_unused_parameters`` DDP needs no pass, and takes none:
+        it would count the pass's gradients twice."""
         from accelerate.utils import DistributedType
 
         accelerator = getattr(self, "accelerator", None)
         if accelerator is None or accelerator.num_processes < 2:
             return False
-        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        return sharded or not self.vl_model.image_encoder_frozen(unwrap(model))
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return True
+        trains = not self.vl_model.image_encoder_frozen(unwrap(encoder_model))
+        return trains and not getattr(model, "find_unused_parameters", True)
 
     def _placeholder_image_inputs(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """The image inputs of one small placeholder image, as the family's processor makes them (made once)."""
@@ -148,24 +165,52 @@ class ImageEncodingMixin:
             for k, v in self._placeholder_inputs.items()
         }
 
-    def _idle_encoder_term(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """For a batch without images on a process that must still run the image encoder
-        (:meth:`_encoder_runs_everywhere`): the encoder run on a placeholder image, so that every process takes part
-        in its collectives, and, where its weights train, ``0 * (sum of its output)`` to add to the loss, which gives
-        them zero gradients. The loss and every other gradient are unchanged (a product with zero adds exactly 0).
-        None when nothing needs to run."""
+    @contextlib.contextmanager
+    def _idle_encoder(
+        self, model: torch.nn.Module, inputs: dict[str, Any], encoder_model: torch.nn.Module | None = None
+    ) -> Iterator[IdleEncoding]:
+        """Around the forward passes of a batch without images, on a process that must still run the image encoder
+        (:meth:`_encoder_runs_everywhere`): the encoder runs on a placeholder image when the first forward reaches
+        the language model, so inside the model's forward (where FSDP has gathered the weights the model keeps
+        outside its wrapped layers), at the point where a batch with images runs it. Where its weights train, the
+        yielded :class:`IdleEncoding`'s ``term`` is then ``0 * (sum of its output)``, to add to the loss: zero
+        gradients for them, and the loss and every other gradient unchanged (a product with zero adds exactly 0)."""
+        idle = IdleEncoding()
+        encoder_model = unwrap(model) if encoder_model is None else unwrap(encoder_model)
         names = self.vl_processor.image_input_names()
-        if any(inputs.get(name) is not None for name in names) or not self._encoder_runs_everywhere(model):
-            return None
-        base = unwrap(model)
-        parameter = next(p for p in self.vl_model.get_vision_tower(base).parameters())
-        image_kwargs = self._placeholder_image_inputs(parameter.device, parameter.dtype)
-        trains = not self.vl_model.image_encoder_frozen(base) and torch.is_grad_enabled()
-        with torch.set_grad_enabled(trains):
-            encoded = _encode(self.vl_model, base, image_kwargs)
-        if not trains:
-            return None
-        return sum(tensor.sum() for tensor in _floating_tensors(encoded)) * 0.0
+        if any(inputs.get(name) is not None for name in names) or not self._encoder_runs_everywhere(
+            model, encoder_model
+        ):
+            yield idle
+            return
+
+        def encode_placeholder(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            if idle.ran:
+                return
+            idle.ran = True
+            parameter = next(self.vl_model.get_vision_tower(encoder_model).parameters())
+            image_kwargs = self._placeholder_image_inputs(parameter.device, parameter.dtype)
+            trains = not self.vl_model.image_encoder_frozen(encoder_model) and torch.is_grad_enabled()
+            with torch.set_grad_enabled(trains):
+                encoded = _encode(self.vl_model, encoder_model, image_kwargs)
+            if trains:
+                idle.term = sum(tensor.sum() for tensor in _floating_tensors(encoded)) * 0.0
+
+        language_model = encoder_model.get_submodule(self.vl_model.language_model_path)
+        handle = language_model.register_forward_pre_hook(encode_placeholder, with_kwargs=True)
+        try:
+            yield idle
+        finally:
+            handle.remove()
+
+
+@dataclass
+class IdleEncoding:
+    """What :meth:`ImageEncodingMixin._idle_encoder` did: whether the placeholder pass ran, and the term to add to
+    the loss (None: nothing to add)."""
+
+    ran: bool = False
+    term: torch.Tensor | None = None
 
 
 def add_to_loss(result: Any, term: torch.Tensor | None) -> Any:

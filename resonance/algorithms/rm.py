@@ -92,10 +92,10 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         return rewards[:half], rewards[half:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        idle = self._idle_encoder_term(self._reward_model(model).model, inputs)
-        chosen, rejected = self.rewards(model, inputs)
+        with self._idle_encoder(model, inputs, self._reward_model(model).model) as idle:
+            chosen, rejected = self.rewards(model, inputs)
         loss, metrics = bradley_terry(chosen, rejected, inputs.get("margin"))
-        loss = add_to_loss(loss, idle)
+        loss = add_to_loss(loss, idle.term)
         mode = "train" if model.training else "eval"
         for name, values in metrics.items():
             self._metric_sums[mode][name] += values.float().sum().item()
@@ -126,7 +126,13 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
-        self._reward_model(self.model).save_pretrained(output_dir)
+        reward_model = self._reward_model(self.model)
+        if state_dict is None or not self.is_fsdp_enabled:
+            reward_model.save_pretrained(output_dir)
+        elif self.args.should_save:  # FSDP: the whole state dict Trainer.save_model gathered on this process
+            reward_model.save_pretrained(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, Path(output_dir) / "training_args.bin")

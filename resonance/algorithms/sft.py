@@ -27,9 +27,10 @@ class VLSFTTrainer(WholeCheckpoints, ImageEncodingMixin, SFTTrainer):
         vl_model.batch_vision_attention(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        idle = self._idle_encoder_term(model, inputs)
-        inputs = self._image_model_inputs(model, inputs, copies=1)
-        return add_to_loss(super().compute_loss(model, inputs, return_outputs, num_items_in_batch), idle)
+        with self._idle_encoder(model, inputs) as idle:
+            inputs = self._image_model_inputs(model, inputs, copies=1)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return add_to_loss(result, idle.term)
 
 
 def build(

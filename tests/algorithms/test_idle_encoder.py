@@ -1,5 +1,5 @@
 """A process whose batch has no image still runs the image encoder when other processes may be running it: on one
-placeholder image, its output times zero added to the loss (``ImageEncodingMixin._idle_encoder_term``).
+placeholder image, its output times zero added to the loss (``ImageEncodingMixin._idle_encoder``).
 
 Without it, DDP without ``find_unused_parameters`` (what the Trainer picks under gradient checkpointing) waits
 forever for the encoder's gradients on the process that had no image, and FSDP / DeepSpeed ZeRO-3 wait for its
@@ -34,7 +34,7 @@ TAKE_TEXT_ONLY = [family for family in FAMILIES if not read_spec(family).get("im
 
 
 def _loss_and_gradients(trainer, batch, monkeypatch: pytest.MonkeyPatch, idle: bool):
-    monkeypatch.setattr(ImageEncodingMixin, "_encoder_runs_everywhere", lambda self, model: idle)
+    monkeypatch.setattr(ImageEncodingMixin, "_encoder_runs_everywhere", lambda self, model, encoder_model: idle)
     model = trainer.model
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, dict(batch))

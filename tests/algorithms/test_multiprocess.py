@@ -137,12 +137,14 @@ def _alternating_rows(folder: Path, count: int) -> Path:
     return path
 
 
-def test_a_process_without_images_trains_with_the_others(tiny_checkpoint, tmp_path: Path) -> None:
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_a_process_without_images_trains_with_the_others(find_unused: bool, tiny_checkpoint, tmp_path: Path) -> None:
     """Full training with the vision tower trained, two processes, and every step one process's row has an image and
     the other's has none (rows in order, one each). DDP without ``find_unused_parameters`` (the Trainer's choice
     under gradient checkpointing) needs every trained weight's gradient from every process: without the placeholder
-    image pass the process without an image never gives the tower's, and the run hangs (a timeout fails it). With
-    it, the run is exactly the one-process run over the same rows."""
+    image pass the process without an image never gives the tower's, and the run hangs (a timeout fails it). DDP
+    with it (the Trainer's choice otherwise) finds the unused weights itself and must get no pass (it would count
+    the pass's gradients twice, and stop). Either way the run is exactly the one-process run over the same rows."""
     # Qwen2-VL: every weight of its tower reaches the features (LLaVA's post_layernorm does not, since it reads the
     # second-to-last layer: without find_unused_parameters its full training fails under DDP with or without images)
     ckpt, rows = tiny_checkpoint("qwen2_vl"), 2 * STEPS
@@ -152,7 +154,7 @@ def test_a_process_without_images_trains_with_the_others(tiny_checkpoint, tmp_pa
         return train_argv(
             "sft", ckpt, data, out,
             max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3",
-            lora_target_modules="none", freeze_vision_tower=False, ddp_find_unused_parameters=False,
+            lora_target_modules="none", freeze_vision_tower=False, ddp_find_unused_parameters=find_unused,
             train_sampling_strategy="sequential", save_strategy="steps", save_steps=STEPS,
             # plain SGD: AdamW turns the rounding noise of gradients that are zero in exact arithmetic (a key
             # projection's bias) into whole steps of the learning rate; SGD's steps are the gradients themselves

@@ -119,17 +119,18 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         layout = self.pair_layout(model, inputs)
-        self._idle_encoder_term(model, inputs)  # no gradient here: only the other processes' collectives
-        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
-        with sharing(layout, model, self.ref_model):
-            return super().compute_ref_log_probs(model, inputs)
+        with self._idle_encoder(model, inputs):  # no gradient here: only the other processes' collectives
+            inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+            with sharing(layout, model, self.ref_model):
+                return super().compute_ref_log_probs(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
         layout = self.pair_layout(model, inputs)
-        idle = self._idle_encoder_term(model, inputs)
-        inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
-        with sharing(layout, model, self.ref_model):
-            return add_to_loss(super()._compute_loss(model, inputs, return_outputs), idle)
+        with self._idle_encoder(model, inputs) as idle:
+            inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
+            with sharing(layout, model, self.ref_model):
+                result = super()._compute_loss(model, inputs, return_outputs)
+        return add_to_loss(result, idle.term)
 
 
 def build(

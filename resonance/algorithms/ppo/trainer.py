@@ -322,8 +322,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
 
     def _loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask, **r.model_inputs}
-        idle = self._idle_encoder_term(self.policy.model, inputs)
-        out = self._score(self.model, inputs, r.response_length, return_logits=True)
+        with self._idle_encoder(self.model, inputs, self.policy.model) as idle:
+            out = self._score(self.model, inputs, r.response_length, return_logits=True)
         policy_loss, policy_metrics = clipped_policy_loss(
             out.log_probs, r.logprobs, r.advantages, r.mask, self.args.cliprange
         )
@@ -339,7 +339,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             "value_loss": value_loss.detach(),
             "entropy": entropy,
         }
-        return add_to_loss(policy_loss + self.args.vf_coef * value_loss, idle), metrics
+        return add_to_loss(policy_loss + self.args.vf_coef * value_loss, idle.term), metrics
 
     def update(self, rollouts: list[Rollout], generator: torch.Generator) -> dict[str, float]:
         """``num_ppo_epochs`` passes over the rollout's micro-batches in shuffled minibatches of
