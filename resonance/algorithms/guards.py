@@ -345,8 +345,16 @@ def non_finite_weights(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> 
     trained = [(name, p) for name, p in named_parameters if p.requires_grad]
     if not trained:
         return []
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in trained]).cpu().tolist()
+    finite = torch.stack([_whole(torch.isfinite(p.detach()).all()) for _, p in trained]).cpu().tolist()
     return [name for (name, _), ok in zip(trained, finite, strict=True) if not ok]
+
+
+def _whole(flag: torch.Tensor) -> torch.Tensor:
+    """A flag computed on a sharded parameter (FSDP2's DTensor), over all its shards: every process calls this,
+    as every process runs the guard."""
+    from torch.distributed.tensor import DTensor
+
+    return flag.full_tensor() if isinstance(flag, DTensor) else flag
 
 
 _STOPPED = (

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -94,14 +95,25 @@ class ScalarHeadModel(nn.Module):
             "head": self.head_file,
         }
 
-    def save_pretrained(self, output_dir: str | Path, **save_kwargs: Any) -> None:
+    def save_pretrained(
+        self, output_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **save_kwargs: Any
+    ) -> None:
         """The backbone (full weights, or the LoRA adapter), the head file and the JSON description.
 
-        ``save_kwargs`` go to the backbone's ``save_pretrained`` (e.g. PEFT's ``selected_adapters``)."""
+        ``state_dict``: this model's whole state (``model.`` and head keys), where the live weights are shards
+        (FSDP: what the Trainer gathered); ``save_kwargs`` go to the backbone's ``save_pretrained`` (e.g. PEFT's
+        ``selected_adapters``)."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(output_dir), **save_kwargs)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        if state_dict is None:
+            self.model.save_pretrained(str(output_dir), **save_kwargs)
+            head = self.head.state_dict()
+        else:
+            backbone = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(str(output_dir), state_dict=backbone, **save_kwargs)
+            prefix = self.head_attribute + "."
+            head = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(state, output_dir / self.head_file)
         (output_dir / self.config_file).write_text(json.dumps(self.description(), indent=2) + "\n")
 

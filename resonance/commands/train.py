@@ -21,6 +21,7 @@ from resonance.base.registry import load_core_mapper, use_adapters
 from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError
 from resonance.patches.compile_layers import compile_blocks
+from resonance.patches.fsdp_cpu import keep_fsdp_on_cpu
 
 logger = logging.getLogger("resonance")
 
@@ -144,6 +145,7 @@ def main(algorithm: str, argv: list[str]) -> int:
     """Train, then save weights (or adapter) and the processor into --output_dir."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        keep_fsdp_on_cpu()  # before any Accelerator: accelerate drops FSDP on CPU processes (MULTI_CPU)
         model_args, data_args, config = parse(algorithm, argv)
         use_adapters(model_args.spec_project)  # a project's adapters are checked against its specs before anything else
         resume = prepare_run(config, data_args)
