@@ -1,0 +1,102 @@
+"""Two CPU processes under FSDP 2 (gloo) train exactly like one process with the same global batch: SFT, DPO, RM;
+their output, gathered to a full state dict on rank 0, loads in one process.
+
+As ``test_multiprocess`` (whose runner and batch sizes this reuses): the tiny LLaVA, 4 steps of 4 rows from the
+example data (16 rows), two processes with 2 rows each against one process with 4. The two processes are
+launched with the shipped ``configs/accelerate/fsdp_cpu_2proc.yaml``: accelerate makes CPU processes MULTI_CPU
+and drops the FSDP plugin there, which ``resonance train`` restores (``resonance.patches.fsdp_cpu``), so they
+shard every wrapped layer's weights over gloo with torch's ``fully_shard``; the test checks the log says FSDP.
+
+The layers to wrap are named on the command line (``--fsdp_transformer_layer_cls_to_wrap``): the config's
+TRANSFORMER_BASED_WRAP takes the model's ``_no_split_modules``, which for LLaVA (as for every CLIP-tower
+family) names ``CLIPTextEmbeddings``, a class the vision tower does not hold, and accelerate refuses it.
+
+Tolerances: ``test_multiprocess``'s, for the same reason (the same sums in another order: gloo's reduce-scatter of
+the half-batch gradients instead of its all-reduce): losses 1e-5 relative, grad norms 1e-4, each LoRA tensor 1e-4
+of its norm (measured: 6e-8 for SFT and 3e-8 for DPO). RM's reward head has a bias that the pairwise loss
+``-log sigmoid(r_chosen - r_rejected)`` cancels: its gradient is rounding alone, which AdamW divides by its own
+size into steps of up to the learning rate (one run's bias ends at 1.5e-3, the other's at 0). That bias is left
+out of the comparison, and RM's weights, whose rewards it shifts by rounding, get 1e-3 of their norm (measured:
+1.1e-4). A real difference is far above both: a process training alone on 2 rows a step moves some tensor by 0.5
+to 0.9 of its norm after 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EXAMPLES, REPO, train_argv
+from safetensors.torch import load_file
+from test_multiprocess import GLOBAL_BATCH, ROWS, STEPS, _run
+
+CONFIG = REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
+LAYERS = "LlamaDecoderLayer,CLIPEncoderLayer"  # the tiny LLaVA's decoder and vision tower layers
+DATA = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rm": "dpo.jsonl"}  # RM trains on the preference pairs
+WEIGHT_TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "rm": 1e-3}
+CANCELLED = {"reward_head.safetensors": {"bias"}}  # gradients of rounding alone (see above)
+
+
+def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[dict], str]:
+    argv = train_argv(
+        algorithm, ckpt, EXAMPLES / DATA[algorithm], out,
+        max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes, learning_rate="1e-3",
+        lora_dropout=0, save_strategy="steps", save_steps=STEPS,
+    )  # fmt: skip
+    launch = [
+        "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--fsdp_transformer_layer_cls_to_wrap",
+        LAYERS, "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
+    ]  # fmt: skip
+    output = _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "loss" in entry], output
+
+
+def _weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every safetensors file of an output folder (the adapter; RM: the reward head too), by file name."""
+    return {path.name: load_file(path) for path in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
+def test_fsdp_on_two_cpu_processes_matches_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+    from resonance.generation import load_for_generation
+
+    ckpt = tiny_checkpoint("llava")
+    two_logs, two_output = _train(algorithm, ckpt, tmp_path / "two", processes=2)
+    one_logs, _ = _train(algorithm, ckpt, tmp_path / "one", processes=1)
+
+    # Two processes really trained sharded and together: FSDP (its checkpoints are the Trainer's FSDP ones), and 4
+    # of the 16 rows a step.
+    assert "2 process(es), DistributedType.FSDP" in two_output, two_output[-4000:]
+    assert (tmp_path / "two" / f"checkpoint-{STEPS}" / "pytorch_model_fsdp.bin").is_file()
+    for logs in (two_logs, one_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+        assert logs[0]["epoch"] == pytest.approx(GLOBAL_BATCH / ROWS)
+    for two, one in zip(two_logs, one_logs, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
+
+    # The output, saved from the full state dict gathered on rank 0, holds the trained weights.
+    two_files, one_files = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert two_files.keys() == one_files.keys() and "adapter_model.safetensors" in one_files
+    moved = 0.0
+    for file, one_weights in one_files.items():
+        assert two_files[file].keys() == one_weights.keys() and one_weights
+        for name, one in one_weights.items():
+            if name in CANCELLED.get(file, ()):
+                continue
+            error = ((two_files[file][name] - one).norm() / one.norm()).item()
+            assert error < WEIGHT_TOLERANCE[algorithm], f"{file} {name}: the runs differ by {error:.2e} of its norm"
+            if ".lora_B." in name:  # zero at the start: all of it is what training did
+                moved = max(moved, one.abs().max().item())
+    assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+
+    # ... and loads in one process, the trained adapter in place.
+    _, model, _ = load_for_generation(tmp_path / "two", device="cpu")
+    saved = two_files["adapter_model.safetensors"]
+    name = max((n for n in saved if ".lora_B." in n), key=lambda n: saved[n].abs().max().item())
+    loaded = dict(model.named_parameters())[name.replace(".weight", ".default.weight")]
+    torch.testing.assert_close(loaded.detach(), saved[name], rtol=0, atol=0)
