@@ -6,8 +6,8 @@ argument (or the spec's ``image.features_input``). For DPO the same features ser
 reference pass (TRL runs the tower four times per image and backpropagates through it); SFT, RM and PPO use it too.
 
 Several processes: a process whose batch holds no image still runs the image encoder, on one placeholder image,
-when the others may be running it and would wait for it (:meth:`ImageEncodingMixin._idle_encoder`). Under FSDP the
-images always go through the model's forward (nothing is precomputed outside it).
+when the others may be running it and would wait for it (:meth:`ImageEncodingMixin._idle_encoder`). With sharded
+weights (FSDP, ZeRO-3) the images always go through the model's forward (nothing is precomputed outside it).
 """
 
 from __future__ import annotations
@@ -83,13 +83,19 @@ def _encode(vl_model: type[VLModel], base: torch.nn.Module, image_kwargs: dict[s
     return base.get_image_features(**image_kwargs, return_dict=True)
 
 
-def _fsdp(trainer: Any) -> bool:
-    """Whether the trainer runs under FSDP, which gathers a wrapped module's weights only inside its forward:
-    features computed outside the model's forward would meet the shards of the weights it keeps itself."""
+def _sharded(trainer: Any) -> bool:
+    """Whether the trainer's weights are sharded across processes (FSDP, DeepSpeed ZeRO-3), which gather a module's
+    weights as it runs, in the order the model's forward runs them: features computed outside that forward would
+    meet the shards of the weights FSDP gathers only for the whole model, and gather in another order than a
+    process whose batch has no image (:meth:`ImageEncodingMixin._idle_encoder`)."""
     from accelerate.utils import DistributedType
 
     accelerator = getattr(trainer, "accelerator", None)
-    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+    if accelerator is None or accelerator.num_processes < 2:
+        return False
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _placeholder_conversation() -> list[dict[str, Any]]:
@@ -116,7 +122,8 @@ class ImageEncodingMixin:
         if "pixel_values" not in inputs:
             return inputs
         base = unwrap(model)
-        if not (self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)) or _fsdp(self):
+        encoded_once = self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
+        if not encoded_once or _sharded(self):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
         with torch.no_grad():
@@ -172,9 +179,11 @@ class ImageEncodingMixin:
         """Around the forward passes of a batch without images, on a process that must still run the image encoder
         (:meth:`_encoder_runs_everywhere`): the encoder runs on a placeholder image when the first forward reaches
         the language model, so inside the model's forward (where FSDP has gathered the weights the model keeps
-        outside its wrapped layers), at the point where a batch with images runs it. Where its weights train, the
-        yielded :class:`IdleEncoding`'s ``term`` is then ``0 * (sum of its output)``, to add to the loss: zero
-        gradients for them, and the loss and every other gradient unchanged (a product with zero adds exactly 0)."""
+        outside its wrapped layers), at the point where a batch with images runs it. Where its output is in the
+        autograd graph, the yielded :class:`IdleEncoding`'s ``term`` is then ``0 * (sum of its output)``, to add to
+        the loss, so the backward pass runs through the encoder as it does for a batch with images: zero gradients
+        for its trained weights, and the loss and every other gradient unchanged (a product with zero adds exactly
+        0)."""
         idle = IdleEncoding()
         encoder_model = unwrap(model) if encoder_model is None else unwrap(encoder_model)
         names = self.vl_processor.image_input_names()
@@ -190,11 +199,12 @@ class ImageEncodingMixin:
             idle.ran = True
             parameter = next(self.vl_model.get_vision_tower(encoder_model).parameters())
             image_kwargs = self._placeholder_image_inputs(parameter.device, parameter.dtype)
-            trains = not self.vl_model.image_encoder_frozen(encoder_model) and torch.is_grad_enabled()
-            with torch.set_grad_enabled(trains):
-                encoded = _encode(self.vl_model, encoder_model, image_kwargs)
-            if trains:
-                idle.term = sum(tensor.sum() for tensor in _floating_tensors(encoded)) * 0.0
+            # In the forward's own grad mode, as a batch with images runs the encoder, and into the loss wherever it
+            # is in the autograd graph (trained weights, or inputs made to require gradients for gradient
+            # checkpointing): FSDP gathers a layer's weights again in the backward pass that reaches it.
+            encoded = list(_floating_tensors(_encode(self.vl_model, encoder_model, image_kwargs)))
+            if any(t.requires_grad for t in encoded):
+                idle.term = sum(t.sum() for t in encoded if t.requires_grad) * 0.0
 
         language_model = encoder_model.get_submodule(self.vl_model.language_model_path)
         handle = language_model.register_forward_pre_hook(encode_placeholder, with_kwargs=True)

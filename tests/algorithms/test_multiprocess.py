@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) train exactly like one process with the same global batch: SFT and DPO, and SFT where
-every step one process's row has an image and the other's has none (which hung before).
+every step one process's row has an image and the other's has none (which hung before), under DDP and FSDP 2.
 
 Both runs train the tiny LLaVA for one epoch of the example data (16 rows, 4 steps of 4 rows): two processes
 with 2 rows each, and one process with 4. Their logged losses and final LoRA weights must agree to fp32
@@ -69,16 +69,23 @@ def _run(command: list[str], timeout: int = 600) -> str:
 
 
 def _train(
-    algorithm: str, ckpt: Path, out: Path, processes: int, argv: list[str] | None = None, timeout: int = 600
+    algorithm: str,
+    ckpt: Path,
+    out: Path,
+    processes: int,
+    argv: list[str] | None = None,
+    timeout: int = 600,
+    launch: tuple[str, ...] = ("--config_file", str(CONFIG)),
 ) -> tuple[list[dict], dict[str, torch.Tensor], str]:
-    """Train with ``processes`` processes (``argv``: :func:`_argv`'s by default); the logged losses, the saved
-    weights (the adapter, or the model for full training) and the run's output."""
+    """Train with ``processes`` processes (``argv``: :func:`_argv`'s by default; ``launch``: the flags of
+    ``accelerate launch`` for several); the logged losses, the saved weights (the adapter, or the model for full
+    training) and the run's output."""
     argv = argv or _argv(algorithm, ckpt, out, GLOBAL_BATCH // processes)
     if processes == 1:
         command = [sys.executable, "-m", "resonance", "train", algorithm, *argv]
     else:
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+            sys.executable, "-m", "accelerate.commands.launch", *launch,
             "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
             "-m", "resonance", "train", algorithm, *argv,
         ]  # fmt: skip
@@ -89,13 +96,14 @@ def _train(
     return logs, load_file(weights if weights.is_file() else out / "model.safetensors"), output
 
 
-def _assert_same_training(two: tuple, one: tuple, global_batch: int, rows: int) -> None:
+def _assert_same_training(two: tuple, one: tuple, global_batch: int, rows: int, kind: str = "MULTI_CPU") -> None:
     """Two processes trained exactly as one with the same global batch: the same steps over the same rows, the same
-    losses and gradient norms, the same final weights (tolerances: the module docstring)."""
+    losses and gradient norms, the same final weights (tolerances: the module docstring). ``kind``: the
+    accelerate DistributedType the two processes must have run as."""
     (two_logs, two_weights, two_output), (one_logs, one_weights, _) = two, one
     # Two processes really trained together: one gloo group, and the global batch's rows a step (a process that
     # trained alone with its half would log half the epoch at step 1).
-    assert "2 process(es), DistributedType.MULTI_CPU" in two_output, two_output[-4000:]
+    assert f"2 process(es), DistributedType.{kind}" in two_output, two_output[-4000:]
     for logs in (two_logs, one_logs):
         assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
         assert logs[0]["epoch"] == pytest.approx(global_batch / rows)
@@ -137,14 +145,30 @@ def _alternating_rows(folder: Path, count: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("find_unused", [False, True])
-def test_a_process_without_images_trains_with_the_others(find_unused: bool, tiny_checkpoint, tmp_path: Path) -> None:
-    """Full training with the vision tower trained, two processes, and every step one process's row has an image and
-    the other's has none (rows in order, one each). DDP without ``find_unused_parameters`` (the Trainer's choice
-    under gradient checkpointing) needs every trained weight's gradient from every process: without the placeholder
-    image pass the process without an image never gives the tower's, and the run hangs (a timeout fails it). DDP
-    with it (the Trainer's choice otherwise) finds the unused weights itself and must get no pass (it would count
-    the pass's gradients twice, and stop). Either way the run is exactly the one-process run over the same rows."""
+# How the mixed-modality test trains: DDP with and without find_unused_parameters, full training of the tower (its
+# weights' gradients are what DDP waits for); FSDP 2 with LoRA and the tower frozen (its sharded weights are what
+# FSDP gathers, in the forward and in the backward pass).
+FULL = {"lora_target_modules": "none", "freeze_vision_tower": False}
+MIXED = {
+    "ddp": {**FULL, "ddp_find_unused_parameters": False},
+    "ddp, find_unused": {**FULL, "ddp_find_unused_parameters": True},
+    "fsdp": {},
+}
+FSDP_LAUNCH = (
+    "--config_file", str(REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"),
+    "--fsdp_transformer_layer_cls_to_wrap", "Qwen2VLDecoderLayer,Qwen2VLVisionBlock",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", list(MIXED))
+def test_a_process_without_images_trains_with_the_others(setting: str, tiny_checkpoint, tmp_path: Path) -> None:
+    """Two processes, and every step one process's row has an image and the other's has none (rows in order, one
+    each). DDP without ``find_unused_parameters`` (the Trainer's choice under gradient checkpointing) needs every
+    trained weight's gradient from every process; FSDP gathers the tower's weights from every process, as it runs
+    and again in the backward pass: without the placeholder image pass the process without an image never takes
+    part, and the run hangs (a timeout fails it). DDP with ``find_unused_parameters`` (the Trainer's choice
+    otherwise) finds the unused weights itself and must get no pass (it would count the pass's gradients twice, and
+    stop). Each way the run is exactly the one-process run over the same rows."""
     # Qwen2-VL: every weight of its tower reaches the features (LLaVA's post_layernorm does not, since it reads the
     # second-to-last layer: without find_unused_parameters its full training fails under DDP with or without images)
     ckpt, rows = tiny_checkpoint("qwen2_vl"), 2 * STEPS
@@ -153,20 +177,24 @@ def test_a_process_without_images_trains_with_the_others(find_unused: bool, tiny
     def argv(out: Path, per_device: int) -> list[str]:
         return train_argv(
             "sft", ckpt, data, out,
-            max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3",
-            lora_target_modules="none", freeze_vision_tower=False, ddp_find_unused_parameters=find_unused,
+            max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3", lora_dropout=0,
             train_sampling_strategy="sequential", save_strategy="steps", save_steps=STEPS,
             # plain SGD: AdamW turns the rounding noise of gradients that are zero in exact arithmetic (a key
             # projection's bias) into whole steps of the learning rate; SGD's steps are the gradients themselves
-            optim="sgd",
+            optim="sgd", **MIXED[setting],
         )  # fmt: skip
 
-    two = _train("sft", ckpt, tmp_path / "two", 2, argv(tmp_path / "two", 1), timeout=300)
+    fsdp = setting == "fsdp"
+    launch = FSDP_LAUNCH if fsdp else ("--config_file", str(CONFIG))
+    two = _train("sft", ckpt, tmp_path / "two", 2, argv(tmp_path / "two", 1), timeout=300, launch=launch)
     one = _train("sft", ckpt, tmp_path / "one", 1, argv(tmp_path / "one", 2))
-    _assert_same_training(two, one, 2, rows)
-    start = load_file(ckpt / "model.safetensors")
-    moved = max((one[1][n] - start[n]).abs().max().item() for n in one[1] if n.startswith("visual."))
-    assert moved > 1e-6, "the vision tower did not train: the run would not need its gradients"
+    _assert_same_training(two, one, 2, rows, "FSDP" if fsdp else "MULTI_CPU")
+    if fsdp:  # LoRA: its B matrices start at zero
+        moved = max(w.abs().max().item() for n, w in one[1].items() if ".lora_B." in n)
+    else:
+        start = load_file(ckpt / "model.safetensors")
+        moved = max((one[1][n] - start[n]).abs().max().item() for n in one[1] if n.startswith("visual."))
+    assert moved > 1e-6, "training did not move the weights compared: the comparison would prove nothing"
 
 
 def _whiten_worker(rank: int, init: str, results: dict) -> None:
