@@ -128,7 +128,8 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         output_dir = output_dir or self.args.output_dir
         reward_model = self._reward_model(self.model)
         if state_dict is None or not self.is_fsdp_enabled:
-            reward_model.save_pretrained(output_dir)
+            if self.args.should_save:  # one process writes (Trainer calls _save on every process)
+                reward_model.save_pretrained(output_dir)
         elif self.args.should_save:  # FSDP: the whole state dict Trainer.save_model gathered on this process
             reward_model.save_pretrained(output_dir, state_dict=state_dict)
         if not self.args.should_save:

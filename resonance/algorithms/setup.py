@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 from transformers.pytorch_utils import Conv1D
 
 from resonance.algorithms.arguments import DataArguments, ModelArguments
@@ -123,6 +123,10 @@ def load_model(
     model = prepare_for_training(model, config)
     if model_args.freeze_vision_tower:
         mapper.model.freeze_vision_tower(model)
+    # Seeded again now that the model is loaded: the weights made next (LoRA matrices, heads) must not depend on
+    # how the base was built (under DeepSpeed ZeRO-3 from_pretrained initialises every weight before loading it,
+    # drawing from the random stream; a plain load draws nothing).
+    set_seed(config.seed)
     return model, dtype
 
 

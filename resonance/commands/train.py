@@ -43,7 +43,13 @@ def parse(algorithm: str, argv: list[str]):
             # accelerate only joins them into one gloo group (MULTI_CPU) when asked for the CPU. Without it each
             # process sees LOCAL_RANK, finds no GPU, falls back to DistributedType.NO and trains alone on the
             # whole dataset: N independent copies of a one-process run, all writing the same --output_dir.
-            defaults["use_cpu"] = True
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+                # ... except under DeepSpeed, which accelerate drops for a CPU state (state.py: `... and not cpu`):
+                # PPO's own Accelerator(cpu=True) would train without it on weights ZeRO-3 already partitioned.
+                # Not asked for the CPU, the processes still find no GPU; gloo is the group they join.
+                defaults["ddp_backend"] = "gloo"
+            else:
+                defaults["use_cpu"] = True
     config_class = ALGORITHMS[algorithm].config_class()
     parser = flags.train_parser(algorithm, (ModelArguments, DataArguments, config_class), defaults)
     parser.epilog = run_config.CONFIG_HELP

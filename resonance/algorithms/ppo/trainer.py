@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 from resonance.algorithms import ALGORITHMS
@@ -148,6 +149,10 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         )
         # The scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once per
         # process in a multi-process run.
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # no dataloader goes through prepare: DeepSpeed reads these from its config
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
+            deepspeed.deepspeed_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: DeepSpeed does not clip
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.lr_scheduler = scheduler
         self.policy: VLModelWithValueHead = self.accelerator.unwrap_model(self.model)
@@ -356,6 +361,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
                 for index, rollout in enumerate(minibatch):
                     last = index == len(minibatch) - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(self.model)
+                    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                        # DeepSpeed steps inside backward when the gradients sync: only the minibatch's last
+                        accelerator.sync_gradients = last
                     with sync:
                         loss, metrics = self._loss(rollout)
                         accelerator.backward(loss / len(minibatch))
