@@ -37,6 +37,7 @@ REPO = HERE.parent
 CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
 ALGORITHMS = ("sft", "dpo", "ppo")
 PEAK = re.compile(r"peak GPU memory: ([0-9.]+) GiB")
+ERROR = re.compile(r"^error: |^[A-Za-z_.]*(Error|Exception): ")
 RUNTIME = re.compile(r"'train_runtime': '?([0-9.]+)|train_runtime=([0-9.]+)")  # the Trainer's, PPO's
 
 
@@ -115,7 +116,9 @@ def run_one(config: str, processes: int, algorithm: str, ckpt: Path, data: Path,
         "wall_s": round(wall, 1),
     }
     if done.returncode != 0:
-        result["error"] = [line for line in output.splitlines() if line.strip()][-12:]
+        # the workers' own error lines (resonance's "error: ...", an exception's last line), not torchrun's summary
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        result["error"] = [line for line in lines if ERROR.search(line)][:12] or lines[-12:]
         return result
     runtime = [a or b for a, b in RUNTIME.findall(output)]
     if runtime:  # the trainer's own time for its training loop

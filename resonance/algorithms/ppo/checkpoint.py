@@ -42,9 +42,10 @@ class PPOCheckpointing:
         """The policy (full weights or LoRA adapter), its value head and the processor: a folder
         ``resonance generate`` and ``VLModelWithValueHead.from_pretrained`` load."""
         output_dir = Path(output_dir or self.args.output_dir)
+        whole = self._whole_state_dict()  # every process takes part in gathering sharded weights
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.save_outputs(output_dir)
+            self.save_outputs(output_dir, whole)
             if self.args.push_to_hub:  # as transformers' Trainer.save_model does for the other algorithms
                 finish_output(output_dir)  # the folder as the run leaves it, not as save_pretrained wrote it
                 self.push_to_hub(output_dir)
@@ -74,19 +75,31 @@ class PPOCheckpointing:
         logger.info("pushed %s to %s", output_dir, commit.commit_url)
         return commit.commit_url
 
-    def save_outputs(self, output_dir: str | Path) -> None:
+    def save_outputs(self, output_dir: str | Path, whole: dict[str, torch.Tensor] | None = None) -> None:
         """:meth:`save_model` from this process alone (no wait for the others): where a failed save keeps the
-        weights."""
+        weights. ``whole``: the policy's gathered state where its live weights are shards."""
         output_dir = Path(output_dir)
-        self._save_policy(output_dir)
+        self._save_policy(output_dir, whole)
         (output_dir / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")
 
-    def _save_policy(self, output_dir: Path) -> None:
+    def _whole_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's state gathered from every process where its live weights are shards (DeepSpeed ZeRO-3, whose
+        live weights are empty placeholders even in one process, and FSDP); None where they are whole. Every
+        process must call it."""
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        zero3 = state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3
+        if not (zero3 or state.distributed_type == DistributedType.FSDP):
+            return None
+        return self.accelerator.get_state_dict(self.model)
+
+    def _save_policy(self, output_dir: Path, whole: dict[str, torch.Tensor] | None = None) -> None:
         save_kwargs = {}
         if self.policy.is_lora and REWARD_ADAPTER in self.policy.model.peft_config:
             # only the policy's adapter: the reward adapter was loaded from its own folder
             save_kwargs["selected_adapters"] = [self.policy.model.active_adapter]
-        self.policy.save_pretrained(output_dir, **save_kwargs)
+        self.policy.save_pretrained(output_dir, state_dict=whole, **save_kwargs)
         self.vl_processor.hf.save_pretrained(str(output_dir))
 
     def _state(self) -> dict[str, Any]:

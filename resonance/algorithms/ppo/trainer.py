@@ -153,6 +153,13 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         if deepspeed is not None:  # no dataloader goes through prepare: DeepSpeed reads these from its config
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
             deepspeed.deepspeed_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: DeepSpeed does not clip
+            zero = deepspeed.deepspeed_config.get("zero_optimization", {})
+            if deepspeed.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+                raise ConfigError(
+                    "resonance train ppo under DeepSpeed ZeRO-3 saves its policy gathered from every process: set "
+                    "zero3_save_16bit_model: true in the accelerate config (stage3_gather_16bit_weights_on_model_save "
+                    "in a DeepSpeed config file), as configs/accelerate/zero3.yaml does"
+                )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.lr_scheduler = scheduler
         self.policy: VLModelWithValueHead = self.accelerator.unwrap_model(self.model)
