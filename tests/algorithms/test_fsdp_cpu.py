@@ -19,18 +19,27 @@ size into steps of up to the learning rate (one run's bias ends at 1.5e-3, the o
 out of the comparison, and RM's weights, whose rewards it shifts by rounding, get 1e-3 of their norm (measured:
 1.1e-4). A real difference is far above both: a process training alone on 2 rows a step moves some tensor by 0.5
 to 0.9 of its norm after 4 steps.
+
+PPO is compared with two processes under data parallel (``test_multiprocess``'s ``cpu_2proc.yaml``), not with one
+process: each process samples its own responses from its own prompts, which one process cannot reproduce, while
+two processes draw the same prompts and random streams under either strategy. Rollouts run ``generate`` outside
+the policy's forward, where FSDP has not gathered the weights the root holds: the trainer makes it one of the
+root's forward methods, and passes ``synced_gpus``. Same tolerances (the same sums in another order).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import EXAMPLES, REPO, train_argv
+from helpers.repo import TESTS
 from safetensors.torch import load_file
+from test_multiprocess import CONFIG as DATA_PARALLEL
 from test_multiprocess import GLOBAL_BATCH, ROWS, STEPS, _run
 
 CONFIG = REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
@@ -40,17 +49,23 @@ WEIGHT_TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "rm": 1e-3}
 CANCELLED = {"reward_head.safetensors": {"bias"}}  # gradients of rounding alone (see above)
 
 
+def _launch(algorithm: str, argv: list[str], processes: int, config: Path = CONFIG) -> str:
+    """``resonance train`` in one process, or in ``processes`` through ``accelerate launch`` with ``config``."""
+    launch = [
+        "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(processes),
+        "--main_process_port", "0",  # 0: a free port
+        *(["--fsdp_transformer_layer_cls_to_wrap", LAYERS] if config == CONFIG else []),
+    ]  # fmt: skip
+    return _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
+
+
 def _train(algorithm: str, ckpt: Path, out: Path, processes: int) -> tuple[list[dict], str]:
     argv = train_argv(
         algorithm, ckpt, EXAMPLES / DATA[algorithm], out,
         max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes, learning_rate="1e-3",
         lora_dropout=0, save_strategy="steps", save_steps=STEPS,
     )  # fmt: skip
-    launch = [
-        "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--fsdp_transformer_layer_cls_to_wrap",
-        LAYERS, "--num_processes", str(processes), "--main_process_port", "0",  # 0: a free port
-    ]  # fmt: skip
-    output = _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
+    output = _launch(algorithm, argv, processes)
     state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     return [entry for entry in state["log_history"] if "loss" in entry], output
 
@@ -60,10 +75,37 @@ def _weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {path.name: load_file(path) for path in sorted(out.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
-def test_fsdp_on_two_cpu_processes_matches_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
+def _assert_weights_match(two: Path, one: Path, tolerance: float) -> None:
+    """Every tensor of ``two``'s saved files within ``tolerance`` of its norm of ``one``'s (but :data:`CANCELLED`),
+    and training moved the LoRA weights (else the comparison proves nothing)."""
+    two_files, one_files = _weights(two), _weights(one)
+    assert two_files.keys() == one_files.keys() and "adapter_model.safetensors" in one_files
+    moved = 0.0
+    for file, one_weights in one_files.items():
+        assert two_files[file].keys() == one_weights.keys() and one_weights
+        for name, weight in one_weights.items():
+            if name in CANCELLED.get(file, ()):
+                continue
+            error = ((two_files[file][name] - weight).norm() / weight.norm()).item()
+            assert error < tolerance, f"{file} {name}: the runs differ by {error:.2e} of its norm"
+            if ".lora_B." in name:  # zero at the start: all of it is what training did
+                moved = max(moved, weight.abs().max().item())
+    assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+
+
+def _assert_loads(out: Path) -> None:
+    """The output loads in one process (:func:`load_for_generation`), its most trained LoRA tensor in place."""
     from resonance.generation import load_for_generation
 
+    _, model, _ = load_for_generation(out, device="cpu")
+    saved = load_file(out / "adapter_model.safetensors")
+    name = max((n for n in saved if ".lora_B." in n), key=lambda n: saved[n].abs().max().item())
+    loaded = dict(model.named_parameters())[name.replace(".weight", ".default.weight")]
+    torch.testing.assert_close(loaded.detach(), saved[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
+def test_fsdp_on_two_cpu_processes_matches_one(algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
     ckpt = tiny_checkpoint("llava")
     two_logs, two_output = _train(algorithm, ckpt, tmp_path / "two", processes=2)
     one_logs, _ = _train(algorithm, ckpt, tmp_path / "one", processes=1)
@@ -79,24 +121,29 @@ def test_fsdp_on_two_cpu_processes_matches_one(algorithm: str, tiny_checkpoint, 
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
 
-    # The output, saved from the full state dict gathered on rank 0, holds the trained weights.
-    two_files, one_files = _weights(tmp_path / "two"), _weights(tmp_path / "one")
-    assert two_files.keys() == one_files.keys() and "adapter_model.safetensors" in one_files
-    moved = 0.0
-    for file, one_weights in one_files.items():
-        assert two_files[file].keys() == one_weights.keys() and one_weights
-        for name, one in one_weights.items():
-            if name in CANCELLED.get(file, ()):
-                continue
-            error = ((two_files[file][name] - one).norm() / one.norm()).item()
-            assert error < WEIGHT_TOLERANCE[algorithm], f"{file} {name}: the runs differ by {error:.2e} of its norm"
-            if ".lora_B." in name:  # zero at the start: all of it is what training did
-                moved = max(moved, one.abs().max().item())
-    assert moved > 1e-4, "training did not move the LoRA weights: the comparison would prove nothing"
+    # The output, saved from the full state dict gathered on rank 0, holds the trained weights and loads.
+    _assert_weights_match(tmp_path / "two", tmp_path / "one", WEIGHT_TOLERANCE[algorithm])
+    _assert_loads(tmp_path / "two")
 
-    # ... and loads in one process, the trained adapter in place.
-    _, model, _ = load_for_generation(tmp_path / "two", device="cpu")
-    saved = two_files["adapter_model.safetensors"]
-    name = max((n for n in saved if ".lora_B." in n), key=lambda n: saved[n].abs().max().item())
-    loaded = dict(model.named_parameters())[name.replace(".weight", ".default.weight")]
-    torch.testing.assert_close(loaded.detach(), saved[name], rtol=0, atol=0)
+
+def test_ppo_under_fsdp_matches_data_parallel(tiny_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))  # the reward
+    ckpt, runs = tiny_checkpoint("llava"), {}
+    for name, config in (("fsdp", CONFIG), ("ddp", DATA_PARALLEL)):
+        argv = train_argv(
+            "ppo", ckpt, EXAMPLES / "dpo.jsonl", tmp_path / name, reward_funcs="helpers.rewards:token_sum_reward",
+            max_steps=2, learning_rate="1e-3", lora_dropout=0,
+        )  # fmt: skip
+        output = _launch("ppo", argv, processes=2, config=config)
+        logs = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        runs[name] = output, logs
+    assert "2 process(es), DistributedType.FSDP" in runs["fsdp"][0], runs["fsdp"][0][-4000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in runs["ddp"][0], runs["ddp"][0][-4000:]
+    fsdp_logs, ddp_logs = runs["fsdp"][1], runs["ddp"][1]
+    assert [entry["step"] for entry in fsdp_logs] == [entry["step"] for entry in ddp_logs] == [1, 2]
+    for fsdp, ddp in zip(fsdp_logs, ddp_logs, strict=True):
+        assert fsdp.keys() == ddp.keys()
+        for key, value in ddp.items():  # rewards, losses, KL, ratios: as logged (rounded to 6 digits)
+            assert fsdp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {ddp['step']}: {key}"
+    _assert_weights_match(tmp_path / "fsdp", tmp_path / "ddp", 1e-4)
+    _assert_loads(tmp_path / "fsdp")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
@@ -163,6 +164,12 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.lr_scheduler = scheduler
         self.policy: VLModelWithValueHead = self.accelerator.unwrap_model(self.model)
+        if isinstance(self.model, FSDPModule):
+            # FSDP gathers the weights the root keeps (embeddings, vision embeddings, projector, LM head) only around
+            # the root's forward methods; rollouts call the PEFT model's generate: make it one of them
+            self.policy.generate = self.policy.model.generate
+            register_fsdp_forward_method(self.policy, "generate")
+            self.policy.model.generate = self.policy.generate
         # Image/video placeholder tokens are never sampled (a response holding one cannot be scored), and the
         # log-probs are taken over the same action space (VLModelWithValueHead's suppress_tokens).
         self.suppressed_tokens = vl_processor.placeholder_token_ids()
@@ -174,6 +181,10 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         }
 
         self.generation_kwargs = generation_kwargs(vl_model, unwrap(self.policy.model), overrides)
+        if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.FSDP:
+            # a process whose responses end first keeps running forward passes while the others generate, so it
+            # keeps joining their gathers (transformers turns this on by itself only for DeepSpeed ZeRO-3)
+            self.generation_kwargs["synced_gpus"] = True
         self.global_step = 0
         self.log_history: list[dict[str, float]] = []
         self.counters = {"empty_generations": 0, "skipped_updates": 0}
@@ -232,7 +243,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         rewards and advantages yet, and the micro-batch's counts."""
 
         batch = self.data_collator(rows)
-        generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+        with self._idle_encoder(self.model, batch["inputs"], self.policy.model):  # prompts without images, too
+            generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
         inputs = generation.inputs
         prompt_length = inputs["input_ids"].shape[1]
         sequences = generation.sequences
@@ -437,7 +449,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         for start in range(0, len(self.eval_dataset), size):
             rows = [self.eval_dataset[i] for i in range(start, min(start + size, len(self.eval_dataset)))]
             batch = self.data_collator(rows)
-            generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+            with self._idle_encoder(self.model, batch["inputs"], self.policy.model):
+                generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
             keep = [i for i, ids in enumerate(generation.token_ids) if not self._is_empty(ids)]
             empty += len(rows) - len(keep)
             if not keep:
