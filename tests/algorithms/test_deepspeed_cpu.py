@@ -1,0 +1,123 @@
+"""Two CPU processes under DeepSpeed ZeRO-3 (gloo) train exactly like one process with the same global batch: SFT,
+DPO and RM, and SFT under ZeRO-2; PPO under ZeRO-3 exactly like two processes under DDP.
+
+This module runs only where DeepSpeed is installed (the ``deepspeed`` extra; CI installs it): it imports
+``deepspeed``, so a suite without it fails here at collection instead of passing without these tests.
+
+As ``test_multiprocess`` (whose runner and batch sizes this reuses): the tiny LLaVA, 4 steps of 4 rows from the
+example data (16 rows), two processes with 2 rows each against one process with 4. The two processes are
+launched with the shipped ``configs/accelerate/zero3_cpu_2proc.yaml`` (``--zero_stage 2`` on the launch line for
+ZeRO-2). Its ``use_cpu`` is false: accelerate starts DeepSpeed's processes (through torchrun), and keeps
+DeepSpeed in them, only then. Under DeepSpeed ``resonance train`` (several processes, no GPU) sets ``--ddp_backend
+gloo`` instead of its usual ``--use_cpu``, so every accelerator it makes (the Trainer's, PPO's own) is
+DistributedType.DEEPSPEED, and DeepSpeed runs its engine over gloo with its CPU accelerator, the one it picks
+where no GPU is found. The test checks the log says DEEPSPEED and that the checkpoint holds each process's ZeRO
+partition, written at the stage asked for.
+
+PPO samples its rollouts, each process from its own prompts and random stream: one process cannot draw the same
+responses as two, so PPO is compared with two processes under DDP (``configs/accelerate/cpu_2proc.yaml``), which
+draw the same prompts and tokens with the same seed; the rewards show the responses were the same. Its minibatch
+is two micro-batches (``--gradient_accumulation_steps 2``): DeepSpeed steps its optimizer inside ``backward``, and
+must do so once a minibatch, as DDP does (stepping every micro-batch moved some tensor by 1.1 of its norm).
+
+Tolerances: ``test_multiprocess``'s, for the same reason (the same sums in another order: DeepSpeed's
+reduce-scatter of the half-batch gradients over gloo), and ``test_fsdp_cpu``'s exception for RM: losses 1e-5
+relative, grad norms 1e-4, each LoRA tensor 1e-4 of its norm (measured under ZeRO-3: 5e-5 for SFT, 7e-5 for
+DPO, 1.2e-5 for PPO; ZeRO-2 SFT: 6e-8). RM's reward head has a bias that the pairwise loss
+``-log sigmoid(r_chosen - r_rejected)`` cancels: its gradient is rounding alone, which AdamW divides by its own
+size into steps of up to the learning rate (one run's bias ends at 1.5e-3, the other's at 2e-4). That bias is
+left out, and RM's weights, whose rewards it shifts by rounding, get 1e-3 of their norm (measured: 1.1e-4). A
+real difference is far above both: a process training alone on 2 rows a step moves some tensor by 0.5 to 0.9
+of its norm after 4 steps, and a LoRA initialised from another random state (what ZeRO-3 gave before LoRA was
+seeded after the model loaded) by 1.4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import deepspeed  # noqa: F401  (this module needs DeepSpeed: without it, collection fails; see the docstring)
+import pytest
+import torch
+from helpers import EXAMPLES, REPO, REWARDS, train_argv
+from test_fsdp_cpu import _assert_loads, _assert_weights_match
+from test_multiprocess import GLOBAL_BATCH, ROWS, STEPS, _run
+
+ZERO3 = REPO / "configs" / "accelerate" / "zero3_cpu_2proc.yaml"
+DDP = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+DATA = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rm": "dpo.jsonl", "ppo": "dpo.jsonl"}  # RM, PPO: the DPO rows
+WEIGHT_TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "rm": 1e-3, "ppo": 1e-4}
+
+
+def _train(algorithm: str, ckpt: Path, out: Path, processes: int, launch: list[str]) -> tuple[list[dict], str]:
+    """Train with ``processes`` processes (``launch``: ``accelerate launch``'s flags for two); the logged steps
+    (those with a loss, PPO: every step) and the run's output."""
+    argv = train_argv(
+        algorithm, ckpt, EXAMPLES / DATA[algorithm], out,
+        max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes, learning_rate="1e-3",
+        lora_dropout=0, save_strategy="steps", save_steps=STEPS,
+    )  # fmt: skip
+    if algorithm == "ppo":  # two micro-batches a minibatch: one optimizer step for both (DeepSpeed steps in backward)
+        argv += ["--reward_funcs", f"{REWARDS}:token_sum_reward", "--num_mini_batches", "1"]
+        argv += ["--gradient_accumulation_steps", "2"]
+    if processes > 1:
+        launch = ["-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes)]
+        launch += ["--main_process_port", "0"]  # 0: a free port
+    output = _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "loss" in entry or algorithm == "ppo"], output
+
+
+def _assert_zero_partitions(out: Path, stage: int) -> None:
+    """The checkpoint is DeepSpeed's, ZeRO ``stage`` over two processes: each wrote its optimizer partition."""
+    folder = out / f"checkpoint-{STEPS}" / f"global_step{STEPS}"
+    for rank in (0, 1):
+        assert (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file(), sorted(folder.iterdir())
+    model_states = torch.load(next(folder.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+    assert model_states["ds_config"]["zero_optimization"]["stage"] == stage
+    assert model_states["dp_world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "stage"), [("sft", 3), ("dpo", 3), ("rm", 3), ("sft", 2)], ids=["sft", "dpo", "rm", "sft-zero2"]
+)
+def test_zero_on_two_cpu_processes_matches_one(algorithm: str, stage: int, tiny_checkpoint, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("llava")
+    launch = ["--config_file", str(ZERO3), "--zero_stage", str(stage)]
+    two_logs, two_output = _train(algorithm, ckpt, tmp_path / "two", 2, launch)
+    one_logs, _ = _train(algorithm, ckpt, tmp_path / "one", 1, [])
+
+    # Two processes really trained together under DeepSpeed, with ZeRO partitions, and 4 of the 16 rows a step.
+    assert "2 process(es), DistributedType.DEEPSPEED" in two_output, two_output[-4000:]
+    _assert_zero_partitions(tmp_path / "two", stage)
+    for logs in (two_logs, one_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+        assert logs[0]["epoch"] == pytest.approx(GLOBAL_BATCH / ROWS)
+    for two, one in zip(two_logs, one_logs, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), f"step {one['step']}"
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), f"step {one['step']}"
+    _assert_weights_match(tmp_path / "two", tmp_path / "one", WEIGHT_TOLERANCE[algorithm])
+    _assert_loads(tmp_path / "two")
+
+
+def test_ppo_under_zero3_matches_ddp(tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPO's own loop (its Accelerator prepares the model and optimizer without a dataloader) under ZeRO-3: the
+    same rollouts, losses and weights as two DDP processes, and an output that loads in one process."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
+    ckpt = tiny_checkpoint("llava")
+    zero_logs, zero_output = _train("ppo", ckpt, tmp_path / "zero3", 2, ["--config_file", str(ZERO3)])
+    ddp_logs, ddp_output = _train("ppo", ckpt, tmp_path / "ddp", 2, ["--config_file", str(DDP)])
+
+    assert "2 process(es), DistributedType.DEEPSPEED" in zero_output, zero_output[-4000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in ddp_output, ddp_output[-4000:]
+    for logs in (zero_logs, ddp_logs):
+        assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+    for zero, ddp in zip(zero_logs, ddp_logs, strict=True):
+        assert zero.keys() == ddp.keys()
+        for key, value in ddp.items():  # rewards, losses, KL, ratios: as logged (rounded to 6 digits)
+            assert zero[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {ddp['step']}: {key}"
+    _assert_weights_match(tmp_path / "zero3", tmp_path / "ddp", WEIGHT_TOLERANCE["ppo"])
+    _assert_loads(tmp_path / "zero3")
