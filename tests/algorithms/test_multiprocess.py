@@ -96,24 +96,31 @@ def _train(
     return logs, load_file(weights if weights.is_file() else out / "model.safetensors"), output
 
 
-def _assert_same_training(two: tuple, one: tuple, global_batch: int, rows: int, kind: str = "MULTI_CPU") -> None:
-    """Two processes trained exactly as one with the same global batch: the same steps over the same rows, the same
-    losses and gradient norms, the same final weights (tolerances: the module docstring). ``kind``: the
-    accelerate DistributedType the two processes must have run as."""
-    (two_logs, two_weights, two_output), (one_logs, one_weights, _) = two, one
-    # Two processes really trained together: one gloo group, and the global batch's rows a step (a process that
-    # trained alone with its half would log half the epoch at step 1).
+def assert_same_steps(
+    two_logs: list[dict], two_output: str, one_logs: list[dict], global_batch: int, rows: int, kind: str
+) -> None:
+    """The two-process run's logged steps are the one-process run's: it ran as ``kind`` (an accelerate
+    DistributedType), over the same rows a step, to the same losses and gradient norms (tolerances: the module
+    docstring)."""
+    # Two processes really trained together: one group, and the global batch's rows a step (a process that trained
+    # alone with its half would log half the epoch at step 1).
     assert f"2 process(es), DistributedType.{kind}" in two_output, two_output[-4000:]
     for logs in (two_logs, one_logs):
         assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
         assert logs[0]["epoch"] == pytest.approx(global_batch / rows)
-
     # Logged loss: with two processes, the mean of the two processes' losses (SFT: each already divided by
     # the token count of the whole global batch, average_tokens_across_devices): the one-process loss.
     for two_entry, one_entry in zip(two_logs, one_logs, strict=True):
         assert two_entry["loss"] == pytest.approx(one_entry["loss"], rel=1e-5), f"step {one_entry['step']}"
         assert two_entry["grad_norm"] == pytest.approx(one_entry["grad_norm"], rel=1e-4), f"step {one_entry['step']}"
 
+
+def _assert_same_training(two: tuple, one: tuple, global_batch: int, rows: int, kind: str = "MULTI_CPU") -> None:
+    """Two processes trained exactly as one with the same global batch: the same steps over the same rows, the same
+    losses and gradient norms, the same final weights (tolerances: the module docstring). ``kind``: the
+    accelerate DistributedType the two processes must have run as."""
+    (two_logs, two_weights, two_output), (one_logs, one_weights, _) = two, one
+    assert_same_steps(two_logs, two_output, one_logs, global_batch, rows, kind)
     assert two_weights.keys() == one_weights.keys() and two_weights
     for name, one_weight in one_weights.items():
         error = ((two_weights[name] - one_weight).norm() / one_weight.norm()).item()
