@@ -87,11 +87,12 @@ def _sharded(trainer: Any) -> bool:
     """Whether the trainer's weights are sharded across processes (FSDP, DeepSpeed ZeRO-3), which gather a module's
     weights as it runs, in the order the model's forward runs them: features computed outside that forward would
     meet the shards of the weights FSDP gathers only for the whole model, and gather in another order than a
-    process whose batch has no image (:meth:`ImageEncodingMixin._idle_encoder`)."""
+    process whose batch has no image (:meth:`ImageEncodingMixin._idle_encoder`). FSDP's weights are shards (DTensors)
+    in one process too."""
     from accelerate.utils import DistributedType
 
     accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is None or accelerator.num_processes < 2:
+    if accelerator is None:
         return False
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return accelerator.state.deepspeed_plugin.zero_stage == 3
