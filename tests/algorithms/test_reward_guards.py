@@ -171,8 +171,18 @@ def test_own_keyboard_interrupt_fails_the_run() -> None:
         _call(raises_keyboard_interrupt)
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as an interactive run has it (Python's handler, which raises KeyboardInterrupt), whatever the
+    disposition the suite inherited: a suite started as a background job has SIGINT ignored, and Ctrl-C cannot
+    reach it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("swallow", [False, True], ids=["propagates", "caught by the function"])
-def test_ctrl_c_still_interrupts(swallow: bool) -> None:
+def test_ctrl_c_still_interrupts(swallow: bool, interactive_sigint: None) -> None:
     """A real SIGINT during the call is the user's Ctrl-C: KeyboardInterrupt (exit 130 from the CLI), even when
     the function catches it and returns."""
 

@@ -150,7 +150,8 @@ def test_push_to_hub_uploads_the_finished_output(tmp_path: Path, monkeypatch: py
     ppo = SimpleNamespace(
         args=SimpleNamespace(push_to_hub=True, output_dir=str(output)),
         accelerator=SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True),
-        save_outputs=lambda folder: None,
+        save_outputs=lambda folder, whole: None,
+        _whole_state_dict=lambda: None,  # weights whole: nothing to gather
         push_to_hub=lambda folder: seen.append(_pushed_as_finished(folder)),
     )
     PPOCheckpointing.save_model(ppo, output)
