@@ -83,15 +83,14 @@ def _encode(vl_model: type[VLModel], base: torch.nn.Module, image_kwargs: dict[s
     return base.get_image_features(**image_kwargs, return_dict=True)
 
 
-def _sharded(trainer: Any) -> bool:
-    """Whether the trainer's weights are sharded across processes (FSDP, DeepSpeed ZeRO-3), which gather a module's
-    weights as it runs, in the order the model's forward runs them: features computed outside that forward would
-    meet the shards of the weights FSDP gathers only for the whole model, and gather in another order than a
-    process whose batch has no image (:meth:`ImageEncodingMixin._idle_encoder`). FSDP's weights are shards (DTensors)
-    in one process too."""
+def weights_sharded(accelerator: Any) -> bool:
+    """Whether the accelerator's weights are shards (FSDP, in one process too, as DTensors; DeepSpeed ZeRO-3); None:
+    no accelerator. Sharded strategies gather a module's weights as it runs, in the order the model's forward runs
+    them: features computed outside that forward would meet the shards of the weights FSDP gathers only for the
+    whole model, and gather in another order than a process whose batch has no image
+    (:meth:`ImageEncodingMixin._idle_encoder`); a save must gather them first."""
     from accelerate.utils import DistributedType
 
-    accelerator = getattr(trainer, "accelerator", None)
     if accelerator is None:
         return False
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -124,7 +123,7 @@ class ImageEncodingMixin:
             return inputs
         base = unwrap(model)
         encoded_once = self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
-        if not encoded_once or _sharded(self):
+        if not encoded_once or weights_sharded(getattr(self, "accelerator", None)):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         image_kwargs = {k: inputs[k] for k in names if k in inputs}
         with torch.no_grad():

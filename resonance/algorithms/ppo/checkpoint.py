@@ -26,6 +26,7 @@ from resonance.algorithms.guards import (
     resolve_resume,
     save_failed,
 )
+from resonance.algorithms.image_features import weights_sharded
 from resonance.algorithms.ppo.rewards import REWARD_ADAPTER
 from resonance.errors import CheckpointError, TrainingError
 
@@ -86,13 +87,7 @@ class PPOCheckpointing:
         """The policy's state gathered from every process where its live weights are shards (DeepSpeed ZeRO-3, whose
         live weights are empty placeholders even in one process, and FSDP); None where they are whole. Every
         process must call it."""
-        from accelerate.utils import DistributedType
-
-        state = self.accelerator.state
-        zero3 = state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3
-        if not (zero3 or state.distributed_type == DistributedType.FSDP):
-            return None
-        return self.accelerator.get_state_dict(self.model)
+        return self.accelerator.get_state_dict(self.model) if weights_sharded(self.accelerator) else None
 
     def _save_policy(self, output_dir: Path, whole: dict[str, torch.Tensor] | None = None) -> None:
         save_kwargs = {}
