@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One GPU, the shipped accelerate configs: a few bf16 steps of SFT, DPO and PPO through ``accelerate launch`` (one
+"""One GPU, the shipped accelerate configs: a few bf16 steps of SFT, DPO, PPO and GRPO through ``accelerate launch`` (one
 process) on a real-size random-weight Qwen2.5-VL-3B, each output reloaded in a fresh process; per strategy and
 algorithm: exit status, time per step, peak GPU memory, and whether the output loads.
 
@@ -35,7 +35,7 @@ from bench_train import build, log, make_rows  # noqa: E402  (the same model sha
 
 REPO = HERE.parent
 CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
-ALGORITHMS = ("sft", "dpo", "ppo")
+ALGORITHMS = ("sft", "dpo", "ppo", "grpo")
 PEAK = re.compile(r"peak GPU memory: ([0-9.]+) GiB")
 ERROR = re.compile(r"^error: |^[A-Za-z_.]*(Error|Exception): ")
 RUNTIME = re.compile(r"'train_runtime': '?([0-9.]+)|train_runtime=([0-9.]+)")  # the Trainer's, PPO's
@@ -66,7 +66,7 @@ def write_data(bundle: dict[str, Any], folder: Path, rows: int, tokens: int) -> 
     }
     for algorithm, path in files.items():
         path.write_text("".join(json.dumps({k: row[k] for k in keys[algorithm]}) + "\n" for row in ours))
-    return files
+    return {**files, "grpo": files["ppo"]}  # GRPO takes PPO's prompt rows
 
 
 def train_command(config: str, processes: int, algorithm: str, ckpt: Path, data: Path, out: Path, args) -> list[str]:
@@ -86,6 +86,8 @@ def train_command(config: str, processes: int, algorithm: str, ckpt: Path, data:
         flags["bf16"] = "true"
     if algorithm == "ppo":
         flags.update(reward_funcs="rewards:brevity", response_length=args.response_length, num_mini_batches=1)
+    if algorithm == "grpo":  # the batch is completions: batch / 2 prompts of 2 completions each
+        flags.update(reward_funcs="rewards:brevity", max_completion_length=args.response_length, num_generations=2)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate"
               / f"{config}.yaml"), "--num_processes", str(processes), "--main_process_port", "0"]  # fmt: skip
     return [*launch, "-m", "resonance", "train", algorithm, *(f"--{k}={v}" for k, v in flags.items())]
