@@ -1,7 +1,14 @@
 """PPO checkpoints: the output folder and ``checkpoint-N`` (policy, value head, processor, optimizer, scheduler and
 random states), written to a temporary folder and renamed, and resuming from one to the same weights an
 uninterrupted run reaches. Nothing is unpickled with arbitrary globals: the states load with ``weights_only=True``
-and the allow-list transformers' Trainer uses for its own ``rng_state.pth`` (numpy's random state)."""
+and the allow-list transformers' Trainer uses for its own ``rng_state.pth`` (numpy's random state).
+
+Under FSDP and DeepSpeed the optimizer state is sharded (FSDP: DTensors; DeepSpeed: each process's ZeRO partition),
+which no one process can ``torch.save``: there every process writes the training state with accelerate's
+``save_state`` into ``checkpoint-N/sharded_state`` (FSDP: model and optimizer gathered on rank 0, as the
+config's state dict type says; DeepSpeed: the engine's checkpoint of every partition; each process's random
+states), and resumes it with ``load_state``. Such a state resumes only under the strategy and process count that
+wrote it (recorded in ``ppo_state.pt``); any other resume is a :class:`~resonance.errors.CheckpointError`."""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers.trainer_utils import rotate_checkpoints
 
 from resonance.algorithms.guards import (
@@ -32,12 +40,16 @@ from resonance.errors import CheckpointError, TrainingError
 
 logger = logging.getLogger("resonance")
 
-CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states
+CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states; sharded: the scheduler and the strategy
+SHARDED_STATE = "sharded_state"  # accelerate's save_state under FSDP and DeepSpeed: model, optimizer, RNG states
+SHARDING = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # strategies whose optimizer state is sharded
 
 
 class PPOCheckpointing:
     """Saving and resuming for :class:`~resonance.algorithms.ppo.trainer.VLPPOTrainer` (a mixin: it reads the
     trainer's policy, optimizer, scheduler, counters and log history)."""
+
+    _gathered: dict[str, torch.Tensor] | None = None  # the policy's state gathered for the checkpoint being written
 
     def save_model(self, output_dir: str | Path | None = None) -> None:
         """The policy (full weights or LoRA adapter), its value head and the processor: a folder
@@ -107,39 +119,66 @@ class PPOCheckpointing:
 
     def save_checkpoint(self) -> Path:
         """``output_dir/checkpoint-<step>``: the policy as :meth:`save_model` writes it, plus optimizer,
-        scheduler and RNG states. Written under ``output_dir/.partial`` and renamed, so a crash leaves no half
-        checkpoint; the oldest beyond ``save_total_limit`` are removed. A checkpoint that cannot be written stops
-        the run with a :class:`~resonance.errors.TrainingError` after keeping the weights elsewhere."""
+        scheduler and RNG states (sharded: :data:`SHARDED_STATE`, every process's part). Written under
+        ``output_dir/.partial`` and renamed, so a crash leaves no half checkpoint; the oldest beyond
+        ``save_total_limit`` are removed. A checkpoint that cannot be written stops the run with a
+        :class:`~resonance.errors.TrainingError` after keeping the weights elsewhere. Every process must call it."""
         output_dir = Path(self.args.output_dir)
         final = output_dir / f"checkpoint-{self.global_step}"
+        temporary = output_dir / STAGING / final.name
+        whole = self._whole_state_dict()  # every process takes part in gathering sharded weights
+        if self.accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        what = f"step {self.global_step}: checkpoint {final}"
+        try:
+            if self._state_sharded():  # every process writes its part, and its random states
+                self.accelerator.save_state(str(temporary / SHARDED_STATE))
+            if self.accelerator.is_main_process:
+                self._gathered = whole
+                self._write_checkpoint(temporary)
+        except OSError as exc:
+            if not self.accelerator.is_main_process:  # the main process keeps the weights, if it can
+                raise TrainingError(f"{what}: could not be saved ({exc.strerror or exc})") from None
+            discard_staged(temporary)
+            raise save_failed(what, output_dir, exc, lambda kept: self.save_outputs(kept, whole)) from None
+        finally:
+            self._gathered = None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            temporary = output_dir / STAGING / final.name
-            shutil.rmtree(temporary, ignore_errors=True)
-            try:
-                self._write_checkpoint(temporary)
-            except OSError as exc:
-                discard_staged(temporary)
-                what = f"step {self.global_step}: checkpoint {final}"
-                raise save_failed(what, output_dir, exc, self.save_outputs) from None
             publish_checkpoint(temporary, final)
             rotate_checkpoints(str(output_dir), self.args.save_total_limit)  # transformers' rotation, by step
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
         return final
 
-    def _write_checkpoint(self, folder: Path) -> None:
-        self._save_policy(folder)
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    def _state_sharded(self) -> bool:
+        """Whether this run's optimizer state is sharded (FSDP, DeepSpeed): saved and resumed by every process."""
+        return self.accelerator.distributed_type in SHARDING
+
+    def _strategy(self) -> dict[str, Any]:
+        """How this run holds its training state: accelerate's distributed type, the process count, the ZeRO
+        stage (DeepSpeed)."""
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        return {
+            "distributed_type": self.accelerator.distributed_type.value,
+            "processes": self.accelerator.num_processes,
+            "zero_stage": deepspeed.zero_stage if deepspeed is not None else None,
         }
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(), "rng": rng},
-            folder / CHECKPOINT_STATE,
-        )
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        """The checkpoint's files from the main process (sharded: all but :data:`SHARDED_STATE`)."""
+        self._save_policy(folder, self._gathered)
+        state: dict[str, Any] = {"scheduler": self.lr_scheduler.state_dict(), "strategy": self._strategy()}
+        if not self._state_sharded():
+            state["optimizer"] = self.optimizer.state_dict()
+            state["rng"] = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+        torch.save(state, folder / CHECKPOINT_STATE)
         torch.save(self.args, folder / "training_args.bin")  # as transformers' Trainer writes it; never loaded
         (folder / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")  # last: marks it complete
 
@@ -151,10 +190,41 @@ class PPOCheckpointing:
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
+        """Resume from ``path``: weights, optimizer, scheduler, random states, counters and log history. Every
+        process must call it."""
+        state = _load_state(path / CHECKPOINT_STATE)  # first: a file that does not load safely changes nothing
+        self._check_strategy(path, state)
+        if self._state_sharded():  # model, optimizer and this process's random states, as every process saved them
+            self.accelerator.load_state(str(path / SHARDED_STATE))
+        else:
+            self._load_whole(path, state)
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        self.global_step = trainer_state["global_step"]
+        self.log_history = trainer_state["log_history"]
+        for name in self.counters:
+            self.counters[name] = trainer_state.get(name, 0)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _check_strategy(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint this run cannot resume: a sharded state (FSDP, DeepSpeed) resumes only under the
+        strategy and process count that wrote it, and a whole one only where the state is not sharded."""
+        saved, running = state.get("strategy"), self._strategy()
+        if not _sharded(saved) and not self._state_sharded():
+            return  # whole states: any process count (data parallel keeps the whole state on every process)
+        if saved == running and (path / SHARDED_STATE).is_dir():
+            return
+        raise CheckpointError(
+            f"{path}: saved {_describe(saved)}, and this run is {_describe(running)}: PPO resumes a sharded "
+            "optimizer state (FSDP, DeepSpeed) only with the strategy and process count that saved it. Launch with "
+            "the same accelerate config and --num_processes, or start afresh from the policy it holds"
+        )
+
+    def _load_whole(self, path: Path, state: dict[str, Any]) -> None:
+        """The policy from its saved files, and the optimizer and random states from ``state`` (one process's)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = _load_state(path / CHECKPOINT_STATE)  # first: a file that does not load safely changes nothing
         policy = self.policy
         if policy.is_lora:
             adapter = load_file(str(path / "adapter_model.safetensors"))
@@ -165,19 +235,26 @@ class PPOCheckpointing:
             policy.load_backbone(path)
         policy.load_head(path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        self.global_step = trainer_state["global_step"]
-        self.log_history = trainer_state["log_history"]
-        for name in self.counters:
-            self.counters[name] = trainer_state.get(name, 0)
-        logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def _sharded(strategy: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's recorded strategy kept a sharded state (None: saved before strategies were recorded,
+    whole)."""
+    return strategy is not None and strategy["distributed_type"] in {kind.value for kind in SHARDING}
+
+
+def _describe(strategy: dict[str, Any] | None) -> str:
+    """``under FSDP on 2 processes``, ``under DEEPSPEED (ZeRO-3) on 2 processes``, ``with a whole state``."""
+    if not _sharded(strategy):
+        return "with a whole (unsharded) optimizer state"
+    stage = f" (ZeRO-{strategy['zero_stage']})" if strategy["zero_stage"] is not None else ""
+    return f"under {strategy['distributed_type']}{stage} on {strategy['processes']} process(es)"
 
 
 def _load_state(file: Path) -> dict[str, Any]:
@@ -194,6 +271,9 @@ def _load_state(file: Path) -> dict[str, Any]:
             f"{file}: does not load safely as a PPO checkpoint state ({reason}); only tensors, numbers and numpy "
             "random states are read from a checkpoint. Resume from a checkpoint Resonance saved"
         ) from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= state.keys():
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a PPO checkpoint state (expected optimizer, scheduler and rng entries)")
+    # a sharded state keeps the optimizer and random states in SHARDED_STATE
+    if not ({"scheduler"} if _sharded(state.get("strategy")) else {"optimizer", "scheduler", "rng"}) <= state.keys():
         raise CheckpointError(f"{file}: not a PPO checkpoint state (expected optimizer, scheduler and rng entries)")
     return state

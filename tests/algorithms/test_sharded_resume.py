@@ -1,0 +1,109 @@
+"""Resuming from a checkpoint saved by two CPU processes under FSDP 2 reaches what the uninterrupted run reaches: SFT
+(the Trainer's FSDP checkpoint: the model and optimizer state gathered on rank 0, each process's random states) and
+PPO (its own loop: accelerate's ``save_state`` / ``load_state``); a PPO checkpoint with a sharded optimizer state
+met by another strategy is refused with a clear error. The DeepSpeed ZeRO-3 twins are in ``test_deepspeed_cpu``.
+
+Each check shares one uninterrupted run: two processes train 4 steps (``test_multiprocess``'s sizes and launch
+through ``test_fsdp_cpu``'s), saving ``checkpoint-2`` and ``checkpoint-4``; a second launch resumes from
+``checkpoint-2`` into another folder and trains steps 3 and 4.
+
+Tolerance: none. The resumed processes repeat the uninterrupted run's steps 3 and 4 with the same operations in the
+same order (same process count, same reduce-scatters, same batches) on a state restored bit for bit (fp32 tensors
+and random states written and read back unchanged): every logged value and every saved tensor must be equal. What a
+resume that loses part of the state gives is far from equal: a fresh AdamW's first step moves every trained entry
+by the whole learning rate, whatever its gradient, so the final weights differ by a large part of their norm; a
+random state not restored draws other PPO responses, and other rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from helpers import EXAMPLES, REWARDS, train_argv
+from helpers.repo import TESTS
+from test_fsdp_cpu import _launch, _weights
+from test_multiprocess import GLOBAL_BATCH, STEPS
+
+from resonance.commands.train import main
+
+SAVED = STEPS // 2  # the checkpoint resumed from
+# PPO: a minibatch of two micro-batches (one optimizer step for both), rewarded by the tokens' sum
+PPO = {"reward_funcs": f"{REWARDS}:token_sum_reward", "num_mini_batches": 1, "gradient_accumulation_steps": 2}
+
+
+def sharded_argv(algorithm: str, ckpt: Path, out: Path, processes: int = 2, **flags: object) -> list[str]:
+    """``resonance train ALGORITHM``'s flags for ``processes`` processes: 4 steps of the global batch
+    (``test_multiprocess``'s sizes; SFT on its rows, the others on the preference pairs), a checkpoint every 2."""
+    data = EXAMPLES / ("sft.jsonl" if algorithm == "sft" else "dpo.jsonl")
+    return train_argv(
+        algorithm, ckpt, data, out,
+        max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes, learning_rate="1e-3", lora_dropout=0,
+        save_strategy="steps", save_steps=SAVED, **(PPO if algorithm == "ppo" else {}), **flags,
+    )  # fmt: skip
+
+
+def resume_twice(algorithm: str, ckpt: Path, tmp_path: Path, launch) -> tuple[Path, Path]:
+    """The uninterrupted run (``tmp_path/straight``) and the run resumed from its ``checkpoint-2``
+    (``tmp_path/resumed``), each launched by ``launch(argv)``."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(sharded_argv(algorithm, ckpt, straight))
+    launch(sharded_argv(algorithm, ckpt, resumed, resume_from_checkpoint=straight / f"checkpoint-{SAVED}"))
+    return straight, resumed
+
+
+def assert_resumed_equal(straight: Path, resumed: Path) -> None:
+    """The resumed run logged the uninterrupted run's steps (the first two copied from the checkpoint, the last two
+    its own) and saved the same tensors, all exactly (see the module docstring); training moved the LoRA weights."""
+    states = [out / f"checkpoint-{STEPS}" / "trainer_state.json" for out in (straight, resumed)]
+    logs = [json.loads(state.read_text())["log_history"] for state in states]
+    # TRL's SFT logs num_tokens, a count it keeps outside the Trainer's state: a resumed run restarts it
+    steps = [[_without(entry, "num_tokens") for entry in log if "loss" in entry or "reward" in entry] for log in logs]
+    assert [entry["step"] for entry in steps[0]] == list(range(1, STEPS + 1)), logs[0]
+    assert steps[1] == steps[0]
+    files = [_weights(out) for out in (straight, resumed)]
+    assert files[0].keys() == files[1].keys() and "adapter_model.safetensors" in files[0]
+    for file, tensors in files[0].items():
+        assert files[1][file].keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert files[1][file][name].equal(tensor), f"{file} {name}: the resumed run ends elsewhere"
+    lora_b = [t for n, t in files[0]["adapter_model.safetensors"].items() if ".lora_B." in n]  # zero at the start
+    assert max(t.abs().max().item() for t in lora_b) > 1e-4, "training did not move the LoRA weights"
+
+
+def _without(entry: dict, key: str) -> dict:
+    return {k: v for k, v in entry.items() if k != key}
+
+
+def test_sft_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path) -> None:
+    """The Trainer's FSDP checkpoint (full state dict of the model and optimizer on rank 0) resumes exactly."""
+    straight, resumed = resume_twice("sft", tiny_checkpoint("llava"), tmp_path, lambda a: _launch("sft", a, 2))
+    checkpoint = straight / f"checkpoint-{SAVED}"
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    assert_resumed_equal(straight, resumed)
+
+
+def test_ppo_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, monkeypatch, capsys) -> None:
+    """PPO under FSDP saves its sharded state with every process (accelerate's ``save_state``) and resumes it
+    exactly; one process meeting that checkpoint stops with a CheckpointError before it trains."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
+    ckpt = tiny_checkpoint("llava")
+    straight, resumed = resume_twice("ppo", ckpt, tmp_path, lambda argv: _launch("ppo", argv, 2))
+    checkpoint = straight / f"checkpoint-{SAVED}"
+    sharded = {path.name for path in (checkpoint / "sharded_state").iterdir()}
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= sharded
+    assert_resumed_equal(straight, resumed)
+
+    capsys.readouterr()
+    alone = tmp_path / "alone"
+    assert main("ppo", sharded_argv("ppo", ckpt, alone, resume_from_checkpoint=checkpoint, use_cpu=True)) == 2
+    error = capsys.readouterr().err
+    assert (
+        f"error: {checkpoint}: saved under FSDP on 2 process(es), and this run is with a whole (unsharded) "
+        "optimizer state: PPO resumes a sharded optimizer state (FSDP, DeepSpeed) only with the strategy and "
+        "process count that saved it"
+    ) in error, error[-2000:]
+    assert not (alone / f"checkpoint-{STEPS}").exists()
