@@ -1,5 +1,7 @@
 """Two CPU processes under DeepSpeed ZeRO-3 (gloo) train exactly like one process with the same global batch: SFT,
-DPO and RM, and SFT under ZeRO-2; PPO under ZeRO-3 exactly like two processes under DDP.
+DPO and RM, and SFT under ZeRO-2; PPO under ZeRO-3 exactly like two processes under DDP. SFT and PPO resumed from
+the two processes' ZeRO-3 checkpoint reach exactly what they reached (``test_sharded_resume``'s checks, the FSDP
+twins there).
 
 This module runs only where DeepSpeed is installed (the ``deepspeed`` extra; CI installs it): it imports
 ``deepspeed``, so a suite without it fails here at collection instead of passing without these tests.
@@ -42,31 +44,32 @@ from pathlib import Path
 import deepspeed  # noqa: F401  (this module needs DeepSpeed: without it, collection fails; see the docstring)
 import pytest
 import torch
-from helpers import EXAMPLES, REPO, REWARDS, train_argv
+from helpers import REPO
+from helpers.repo import TESTS
 from test_fsdp_cpu import _assert_loads, _assert_weights_match
 from test_multiprocess import GLOBAL_BATCH, ROWS, STEPS, _run, assert_same_steps
+from test_sharded_resume import SAVED, assert_resumed_equal, sharded_argv
+
+from resonance.commands.train import main
 
 ZERO3 = REPO / "configs" / "accelerate" / "zero3_cpu_2proc.yaml"
 DDP = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
-DATA = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rm": "dpo.jsonl", "ppo": "dpo.jsonl"}  # RM, PPO: the DPO rows
 WEIGHT_TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "rm": 1e-3, "ppo": 1e-4}
+
+
+def _launch(algorithm: str, argv: list[str], processes: int, launch: list[str]) -> str:
+    """``resonance train`` in one process, or in ``processes`` through ``accelerate launch`` with ``launch``'s flags;
+    the run's output."""
+    if processes > 1:
+        launch = ["-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes)]
+        launch += ["--main_process_port", "0"]  # 0: a free port
+    return _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
 
 
 def _train(algorithm: str, ckpt: Path, out: Path, processes: int, launch: list[str]) -> tuple[list[dict], str]:
     """Train with ``processes`` processes (``launch``: ``accelerate launch``'s flags for two); the logged steps
     (those with a loss, PPO: every step) and the run's output."""
-    argv = train_argv(
-        algorithm, ckpt, EXAMPLES / DATA[algorithm], out,
-        max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes, learning_rate="1e-3",
-        lora_dropout=0, save_strategy="steps", save_steps=STEPS,
-    )  # fmt: skip
-    if algorithm == "ppo":  # two micro-batches a minibatch: one optimizer step for both (DeepSpeed steps in backward)
-        argv += ["--reward_funcs", f"{REWARDS}:token_sum_reward", "--num_mini_batches", "1"]
-        argv += ["--gradient_accumulation_steps", "2"]
-    if processes > 1:
-        launch = ["-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes)]
-        launch += ["--main_process_port", "0"]  # 0: a free port
-    output = _run([sys.executable, *(launch if processes > 1 else []), "-m", "resonance", "train", algorithm, *argv])
+    output = _launch(algorithm, sharded_argv(algorithm, ckpt, out, processes), processes, launch)
     state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     return [entry for entry in state["log_history"] if "loss" in entry or algorithm == "ppo"], output
 
@@ -85,6 +88,8 @@ def _assert_zero_partitions(out: Path, stage: int) -> None:
     ("algorithm", "stage"), [("sft", 3), ("dpo", 3), ("rm", 3), ("sft", 2)], ids=["sft", "dpo", "rm", "sft-zero2"]
 )
 def test_zero_on_two_cpu_processes_matches_one(algorithm: str, stage: int, tiny_checkpoint, tmp_path: Path) -> None:
+    """... and SFT under ZeRO-3 resumed from the two processes' ``checkpoint-2`` (each process's ZeRO partition of
+    the model and optimizer, its random states) reaches exactly what they reached (``test_sharded_resume``)."""
     ckpt = tiny_checkpoint("llava")
     launch = ["--config_file", str(ZERO3), "--zero_stage", str(stage)]
     two_logs, two_output = _train(algorithm, ckpt, tmp_path / "two", 2, launch)
@@ -95,12 +100,24 @@ def test_zero_on_two_cpu_processes_matches_one(algorithm: str, stage: int, tiny_
     _assert_zero_partitions(tmp_path / "two", stage)
     _assert_weights_match(tmp_path / "two", tmp_path / "one", WEIGHT_TOLERANCE[algorithm])
     _assert_loads(tmp_path / "two")
+    if (algorithm, stage) == ("sft", 3):  # one more launch: resumed, the two-process run is the uninterrupted one
+        _resume(algorithm, ckpt, tmp_path / "two", tmp_path / "resumed", launch)
 
 
-def test_ppo_under_zero3_matches_ddp(tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _resume(algorithm: str, ckpt: Path, straight: Path, resumed: Path, launch: list[str]) -> None:
+    """Resume ``straight``'s ``checkpoint-2`` in two processes into ``resumed``: exactly ``straight``'s steps and
+    weights."""
+    checkpoint = straight / f"checkpoint-{SAVED}"
+    _launch(algorithm, sharded_argv(algorithm, ckpt, resumed, resume_from_checkpoint=checkpoint), 2, launch)
+    assert_resumed_equal(straight, resumed)
+
+
+def test_ppo_under_zero3_matches_ddp(tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """PPO's own loop (its Accelerator prepares the model and optimizer without a dataloader) under ZeRO-3: the
-    same rollouts, losses and weights as two DDP processes, and an output that loads in one process."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
+    same rollouts, losses and weights as two DDP processes, and an output that loads in one process. Its
+    checkpoint (every process's ZeRO partitions, through accelerate's ``save_state``) resumes exactly under ZeRO-3,
+    and one process meeting it stops with a CheckpointError before it trains."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
     ckpt = tiny_checkpoint("llava")
     zero_logs, zero_output = _train("ppo", ckpt, tmp_path / "zero3", 2, ["--config_file", str(ZERO3)])
     ddp_logs, ddp_output = _train("ppo", ckpt, tmp_path / "ddp", 2, ["--config_file", str(DDP)])
@@ -115,3 +132,16 @@ def test_ppo_under_zero3_matches_ddp(tiny_checkpoint, tmp_path: Path, monkeypatc
             assert zero[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {ddp['step']}: {key}"
     _assert_weights_match(tmp_path / "zero3", tmp_path / "ddp", WEIGHT_TOLERANCE["ppo"])
     _assert_loads(tmp_path / "zero3")
+
+    checkpoint = tmp_path / "zero3" / f"checkpoint-{SAVED}"
+    partitions = {path.name for path in (checkpoint / "sharded_state" / "pytorch_model").iterdir()}
+    assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= partitions, partitions
+    _resume("ppo", ckpt, tmp_path / "zero3", tmp_path / "resumed", ["--config_file", str(ZERO3)])
+    capsys.readouterr()
+    alone = tmp_path / "alone"
+    assert main("ppo", sharded_argv("ppo", ckpt, alone, 2, resume_from_checkpoint=checkpoint, use_cpu=True)) == 2
+    error = capsys.readouterr().err
+    assert f"error: {checkpoint}: saved under DEEPSPEED (ZeRO-3) on 2 process(es), and this run is with a whole" in (
+        error
+    ), error[-2000:]
+    assert not (alone / f"checkpoint-{STEPS}").exists()
