@@ -9,24 +9,30 @@ through ``test_fsdp_cpu``'s), saving ``checkpoint-2`` and ``checkpoint-4``; a se
 
 Tolerance: none. The resumed processes repeat the uninterrupted run's steps 3 and 4 with the same operations in the
 same order (same process count, same reduce-scatters, same batches) on a state restored bit for bit (fp32 tensors
-and random states written and read back unchanged): every logged value and every saved tensor must be equal. What a
-resume that loses part of the state gives is far from equal: a fresh AdamW's first step moves every trained entry
-by the whole learning rate, whatever its gradient, so the final weights differ by a large part of their norm; a
-random state not restored draws other PPO responses, and other rewards.
+and random states written and read back unchanged): every logged value and every saved tensor must be equal
+(measured: equal, under FSDP and ZeRO-3). A resume that loses part of the state is far from equal: SFT resumed from
+the ZeRO-3 checkpoint-2 in one process, where transformers silently starts a fresh optimizer and schedule, logs
+learning rate 1e-3 at step 3 (not 5e-4) and ends with every LoRA tensor 0.5 to 0.7 of its norm away; a random state
+not restored draws other PPO responses, and other rewards.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from helpers import EXAMPLES, REWARDS, train_argv
 from helpers.repo import TESTS
 from test_fsdp_cpu import _launch, _weights
 from test_multiprocess import GLOBAL_BATCH, STEPS
 
+from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
 from resonance.commands.train import main
+from resonance.errors import CheckpointError
 
 SAVED = STEPS // 2  # the checkpoint resumed from
 # PPO: a minibatch of two micro-batches (one optimizer step for both), rewarded by the tokens' sum
@@ -107,3 +113,35 @@ def test_ppo_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, monke
         "process count that saved it"
     ) in error, error[-2000:]
     assert not (alone / f"checkpoint-{STEPS}").exists()
+
+
+def _strategy(kind: str, processes: int, zero_stage: int | None = None) -> dict[str, object]:
+    return {"distributed_type": kind, "processes": processes, "zero_stage": zero_stage}
+
+
+@pytest.mark.parametrize(
+    ("saved", "running", "message"),
+    [
+        (_strategy("FSDP", 2), _strategy("FSDP", 4), "FSDP on 2 process(es), and this run is under FSDP on 4"),
+        (_strategy("FSDP", 2), _strategy("DEEPSPEED", 2, 3), "this run is under DEEPSPEED (ZeRO-3) on 2 process(es)"),
+        (_strategy("DEEPSPEED", 2, 3), _strategy("DEEPSPEED", 2, 2), "saved under DEEPSPEED (ZeRO-3) on 2 process(es)"),
+        (_strategy("MULTI_CPU", 2), _strategy("FSDP", 2), "saved with a whole (unsharded) optimizer state, and this"),
+        (None, _strategy("DEEPSPEED", 1, 2), "saved with a whole (unsharded) optimizer state, and this run is under"),
+        (_strategy("FSDP", 2), _strategy("FSDP", 2), "sharded_state: not found"),
+    ],
+    ids=["processes", "strategy", "zero-stage", "whole-to-sharded", "before-strategies", "no-sharded-state"],
+)
+def test_a_sharded_state_resumes_only_where_it_was_saved(saved, running, message, tmp_path: Path) -> None:
+    """Which checkpoints a PPO run refuses (no launch: the check alone, on the strategies recorded in
+    ``ppo_state.pt``): a sharded state under another strategy, ZeRO stage or process count, a whole state (also one
+    saved before strategies were recorded) under sharding, a sharded one without its folder; whole states resume
+    under any process count, and a sharded one where it was saved."""
+    sharded = running["distributed_type"] in ("FSDP", "DEEPSPEED")
+    run = SimpleNamespace(_strategy=lambda: running, _state_sharded=lambda: sharded)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        PPOCheckpointing._check_strategy(run, tmp_path, {"strategy": saved})
+    (tmp_path / "sharded_state").mkdir()
+    PPOCheckpointing._check_strategy(run, tmp_path, {"strategy": running})  # where it was saved: resumes
+    whole = SimpleNamespace(_strategy=lambda: _strategy("NO", 1), _state_sharded=lambda: False)
+    PPOCheckpointing._check_strategy(whole, tmp_path, {"strategy": _strategy("MULTI_CPU", 2)})
+    PPOCheckpointing._check_strategy(whole, tmp_path, {})

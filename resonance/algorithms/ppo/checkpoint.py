@@ -212,13 +212,14 @@ class PPOCheckpointing:
         saved, running = state.get("strategy"), self._strategy()
         if not _sharded(saved) and not self._state_sharded():
             return  # whole states: any process count (data parallel keeps the whole state on every process)
-        if saved == running and (path / SHARDED_STATE).is_dir():
-            return
-        raise CheckpointError(
-            f"{path}: saved {_describe(saved)}, and this run is {_describe(running)}: PPO resumes a sharded "
-            "optimizer state (FSDP, DeepSpeed) only with the strategy and process count that saved it. Launch with "
-            "the same accelerate config and --num_processes, or start afresh from the policy it holds"
-        )
+        if saved != running:
+            raise CheckpointError(
+                f"{path}: saved {_describe(saved)}, and this run is {_describe(running)}: PPO resumes a sharded "
+                "optimizer state (FSDP, DeepSpeed) only with the strategy and process count that saved it. Launch "
+                "with the same accelerate config and --num_processes, or leave out --resume_from_checkpoint"
+            )
+        if not (path / SHARDED_STATE).is_dir():
+            raise CheckpointError(f"{path / SHARDED_STATE}: not found; not a PPO checkpoint saved by Resonance")
 
     def _load_whole(self, path: Path, state: dict[str, Any]) -> None:
         """The policy from its saved files, and the optimizer and random states from ``state`` (one process's)."""
