@@ -2,7 +2,12 @@
 
 TRL's trainer does the rollouts (left-padded prompts through the family's HF processor, ``model.generate``),
 the group-relative advantages, the clipped policy loss and the optional KL to the reference (the adapter
-disabled under LoRA). Resonance adds:
+disabled under LoRA). Under FSDP 2 and DeepSpeed ZeRO-3 the libraries also synchronize the rollouts, so a process
+whose completions end first keeps joining the others' weight gathers: transformers' Trainer registers ``generate``
+as a forward method of the FSDP root, TRL gathers the ZeRO-3 weights around it (``ds3_gather_for_generation``), and
+``generate`` turns ``synced_gpus`` on by itself under both (torch's ``fully_shard`` marks the modules it manages,
+``is_fsdp_managed_module``; ``is_deepspeed_zero3_enabled``). tests/algorithms/test_sharded_rollouts*.py hold them
+to it with completions that end at different lengths per process. Resonance adds:
 
 * prompt rows (``resonance.data.rows`` kind ``"prompt"``) turned into TRL's conversational prompts, images opened
   lazily per batch with the row's ``FILE:LINE`` in any error;
