@@ -24,6 +24,7 @@ from resonance.base.registry import ModelCoreMapper, lora_base_checkpoint
 from resonance.data.images import ImageCount
 from resonance.data.rows import load_rows
 from resonance.errors import ConfigError
+from resonance.patches.fsdp_cpu import wrap_layers_the_model_holds
 
 logger = logging.getLogger("resonance")
 
@@ -121,6 +122,7 @@ def load_model(
         model.name_or_path = model.config._name_or_path = str(start.resolve())  # what peft records as the base
         logger.info("%s: a LoRA output; its adapter is merged into its base and this run trains on top", start)
     model = prepare_for_training(model, config)
+    wrap_layers_the_model_holds(model)  # FSDP: the layers to wrap, before the trainer's accelerator reads them
     if model_args.freeze_vision_tower:
         mapper.model.freeze_vision_tower(model)
     # Seeded again now that the model is loaded: the weights made next (LoRA matrices, heads) must not depend on

@@ -44,3 +44,29 @@ def keep_fsdp_on_cpu() -> None:
 
     __init__._resonance_fsdp_cpu = True  # type: ignore[attr-defined]
     AcceleratorState.__init__ = __init__  # type: ignore[method-assign]
+
+
+def wrap_layers_the_model_holds(model: Any) -> None:
+    """Under an FSDP launch that wraps transformer layers (``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP``) and
+    names none (``--fsdp_transformer_layer_cls_to_wrap``), name the classes of the model's ``_no_split_modules``
+    that it holds, for the FSDP plugin made from now on (accelerate reads ``FSDP_TRANSFORMER_CLS_TO_WRAP``) and the
+    one already made. accelerate takes every ``_no_split_modules`` name and refuses one the model does not hold:
+    the CLIP-tower families (LLaVA, ...) list ``CLIPTextEmbeddings``, which only CLIP's text model has. Names given
+    at launch are kept as they are."""
+    import os
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        return
+    if os.environ.get("FSDP_AUTO_WRAP_POLICY", "").upper() != "TRANSFORMER_BASED_WRAP":
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
+    names = [name for name in base._no_split_modules or [] if get_module_class_from_name(base, name) is not None]
+    if not names:  # accelerate's own error then says there is nothing to wrap
+        return
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(names)
+    plugin = AcceleratorState._shared_state.get("fsdp_plugin")
+    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = names
