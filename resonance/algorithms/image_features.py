@@ -174,7 +174,11 @@ class ImageEncodingMixin:
 
     @contextlib.contextmanager
     def _idle_encoder(
-        self, model: torch.nn.Module, inputs: dict[str, Any], encoder_model: torch.nn.Module | None = None
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        encoder_model: torch.nn.Module | None = None,
+        generation: bool = False,
     ) -> Iterator[IdleEncoding]:
         """Around the forward passes of a batch without images, on a process that must still run the image encoder
         (:meth:`_encoder_runs_everywhere`): the encoder runs on a placeholder image when the first forward reaches
@@ -183,7 +187,12 @@ class ImageEncodingMixin:
         autograd graph, the yielded :class:`IdleEncoding`'s ``term`` is then ``0 * (sum of its output)``, to add to
         the loss, so the backward pass runs through the encoder as it does for a batch with images: zero gradients
         for its trained weights, and the loss and every other gradient unchanged (a product with zero adds exactly
-        0)."""
+        0).
+
+        Around ``generate`` (``generation``), a batch with images runs the encoder where transformers' ``generate``
+        does: before the first forward pass for the models that take its output as a forward input
+        (``mm_encoder_outputs``), so the placeholder pass runs as that forward starts, not at the language model
+        (after the text embeddings: the processes would gather other weights at the same time)."""
         idle = IdleEncoding()
         encoder_model = unwrap(model) if encoder_model is None else unwrap(encoder_model)
         names = self.vl_processor.image_input_names()
@@ -206,12 +215,24 @@ class ImageEncodingMixin:
             if any(t.requires_grad for t in encoded):
                 idle.term = sum(t.sum() for t in encoded if t.requires_grad) * 0.0
 
-        language_model = encoder_model.get_submodule(self.vl_model.language_model_path)
-        handle = language_model.register_forward_pre_hook(encode_placeholder, with_kwargs=True)
+        hooked = encoder_model.get_submodule(self.vl_model.language_model_path)
+        first = generation and _encodes_before_forward(encoder_model)
+        # before generation's first forward: ahead of the hooks the sharding strategy put there (DeepSpeed ZeRO-3
+        # starts each forward pass with collectives, which a batch with images meets after its encoder)
+        handle = (encoder_model if first else hooked).register_forward_pre_hook(
+            encode_placeholder, with_kwargs=True, prepend=first
+        )
         try:
             yield idle
         finally:
             handle.remove()
+
+
+def _encodes_before_forward(model: torch.nn.Module) -> bool:
+    """Whether transformers' ``generate`` encodes this model's images before its first forward pass (and passes
+    the features as ``mm_encoder_outputs``) rather than leaving it to the forward (transformers 5.x)."""
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    return supports is not None and supports() and "image" in getattr(model, "input_modalities", ())
 
 
 @dataclass

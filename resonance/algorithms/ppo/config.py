@@ -91,6 +91,14 @@ class VLPPOConfig(TrlDefaults):
         default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSpeed ZeRO-3: gather the whole policy on each process for the rollouts (fast), instead of "
+            "each layer's weights as generation reaches it, at every new token (for a model no single GPU holds); "
+            "as TRL's GRPOConfig."
+        },
+    )
 
     @staticmethod
     def flag_problems(values: Mapping[str, Any]) -> list[str]:
