@@ -158,12 +158,24 @@ def load_for_generation(checkpoint: str | Path, device: str | None = None) -> tu
 
     bf16 on CUDA when available, fp32 on CPU; the model is in eval mode, the processor in inference mode.
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vl_model, model, processor = load_unplaced(checkpoint, default_dtype(device))
+    return vl_model, model.to(device), processor
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """What generation runs in: bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_unplaced(checkpoint: str | Path, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """:func:`load_for_generation`'s model where ``from_pretrained`` leaves it: on the CPU, or, in processes that
+    ``accelerate launch`` started for FSDP with ``fsdp_cpu_ram_efficient_loading``, on the meta device in all but
+    the first (whose weights FSDP then sends to the others)."""
     checkpoint = Path(checkpoint)
     mapper = load_core_mapper(checkpoint)
     vl_model = mapper.model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = vl_model.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    model = vl_model.from_pretrained(checkpoint, dtype=dtype).eval()
     processor = mapper.processor(processor_checkpoint(checkpoint), trust_remote_code=vl_model.trust_remote_code)
     processor.infer()
     return vl_model, model, processor

@@ -1,4 +1,13 @@
-"""``resonance generate``: answers for every row of a prompt file, written atomically as JSON Lines."""
+"""``resonance generate``: answers for every row of a prompt file, written atomically as JSON Lines.
+
+Started by ``accelerate launch`` (or torchrun) it runs on every process: the rows are dealt out in turn (row ``i`` to
+process ``i % N``), every process runs as many batches (the last padded with a copy of a row, whose answer is
+dropped), and after each batch the first process gathers the answers and writes them in the input's order. Under
+FSDP and DeepSpeed ZeRO-3 the weights are sharded across the processes (the model need not fit on one device) and
+every forward pass is collective: generation is then synchronised (``synced_gpus``: a process whose answers have
+ended keeps joining the others' forward passes), and a batch without images still runs the image encoder
+(:meth:`~resonance.algorithms.image_features.ImageEncodingMixin._idle_encoder`), as in training.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from resonance.commands.flags import generation_problems, parse_generation_overr
 from resonance.data.images import ImageCount
 from resonance.data.rows import read_rows
 from resonance.errors import EXIT_OK, ConfigError, OutputExistsError, ResonanceError
-from resonance.generation import generate_batch, generation_kwargs, load_for_generation
+from resonance.generation import Generation, generate_from, generation_kwargs, load_for_generation
 
 logger = logging.getLogger("resonance")
 
@@ -120,15 +129,17 @@ def run(
     if not output.parent.is_dir():
         raise ConfigError(f"{output.parent}: no such folder for the output")
     console = console or Console(stderr=True, soft_wrap=True, highlight=False)
+    processes = Processes.launched()
     # The temporary output first: an unwritable folder fails here, before anything loads; from here on, whatever
-    # ends the run (an error, Ctrl-C, SIGTERM) removes it.
-    target = _AtomicOutput(output, overwrite)
+    # ends the run (an error, Ctrl-C, SIGTERM) removes it. Only the first process writes.
+    target = _AtomicOutput(output, overwrite) if processes.main else None
     try:
         with _terminate_as_exit():
             loaded = _generate(
                 model_name_or_path,
                 data_path,
                 target,
+                processes,
                 batch_size,
                 skip_invalid_rows,
                 seed,
@@ -136,19 +147,137 @@ def run(
                 console,
                 data_options or {},
             )
-            target.commit()
+            if target is not None:
+                target.commit()
     except BaseException:
-        target.discard()
+        if target is not None:
+            target.discard()
         raise
-    skipped = f"; {loaded.skipped} invalid rows skipped" if loaded.skipped else ""
-    console.print(f"wrote {len(loaded.rows)} answers to {output}{skipped}", markup=False, highlight=False)
+    processes.wait()  # the output is complete when any process returns
+    if processes.main:
+        skipped = f"; {loaded.skipped} invalid rows skipped" if loaded.skipped else ""
+        console.print(f"wrote {len(loaded.rows)} answers to {output}{skipped}", markup=False, highlight=False)
     return len(loaded.rows)
+
+
+class Processes:
+    """The processes ``resonance generate`` runs on: one, or those ``accelerate launch`` started, with the
+    accelerator that joins them (see the module docstring)."""
+
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+        self.count = 1 if accelerator is None else accelerator.num_processes
+        self.index = 0 if accelerator is None else accelerator.process_index
+        self.main = self.index == 0
+        self.engine: Any = None
+
+    @classmethod
+    def launched(cls) -> Processes:
+        """The processes of this run: several when started by ``accelerate launch``/torchrun with several, or
+        sharded when launched with an FSDP or DeepSpeed config (also as one process); else this process alone."""
+        import torch
+        from accelerate.utils import parse_flag_from_env
+
+        deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2 and not (deepspeed or parse_flag_from_env("ACCELERATE_USE_FSDP")):
+            return cls()
+        from accelerate import Accelerator, PartialState
+
+        from resonance.patches.fsdp_cpu import keep_fsdp_on_cpu
+
+        keep_fsdp_on_cpu()  # accelerate drops FSDP on CPU processes (as in resonance train)
+        if torch.cuda.is_available():
+            return cls(Accelerator())
+        if deepspeed:  # accelerate drops DeepSpeed when asked for the CPU: its CPU accelerator joins a gloo group
+            PartialState(backend="gloo")
+            return cls(Accelerator())
+        return cls(Accelerator(cpu=True))  # without it, each process would find no GPU and run alone
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are shards (FSDP; DeepSpeed ZeRO-3), every forward pass collective."""
+        from resonance.algorithms.image_features import weights_sharded
+
+        return weights_sharded(self.accelerator)
+
+    def load(self, checkpoint: str) -> tuple[Any, Any, Any]:
+        """``(vl_model class, model, processor)``: on this process's device, its weights sharded where the launch
+        asked for it."""
+        if self.accelerator is None:
+            return load_for_generation(checkpoint)
+        from resonance.generation import default_dtype, load_unplaced
+
+        device = self.accelerator.device
+        sharded = "weights sharded" if self.sharded else "weights whole on each"
+        logger.info("generating on %d processes (%s, %s)", self.count, self.accelerator.distributed_type, sharded)
+        vl_model, model, processor = load_unplaced(checkpoint, default_dtype(device.type))
+        if not self.sharded:
+            return vl_model, model.to(device), processor
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            from trl.models.utils import prepare_deepspeed
+
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            # batch sizes the accelerate config leaves to the trainer ("auto"); DeepSpeed checks them, never uses them
+            config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+            config["train_batch_size"] = self.count
+            self.engine = prepare_deepspeed(model, self.accelerator)  # kept: its hooks gather the shards
+            return vl_model, self.engine.module, processor
+        from accelerate.utils import fsdp2_prepare_model
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        # accelerate's own FSDP 2 wrapping (Accelerator.prepare would want an optimizer too), weights frozen: for
+        # inference it keeps them in their dtype instead of float32 master copies
+        from resonance.patches.fsdp_cpu import wrap_layers_the_model_holds
+
+        wrap_layers_the_model_holds(model)
+        model = fsdp2_prepare_model(self.accelerator, model.requires_grad_(False)).eval()
+        # FSDP gathers the weights the root keeps (embeddings, projector, head) around the root's forward methods
+        register_fsdp_forward_method(model, "generate")
+        return vl_model, model, processor
+
+    def rows(self, rows: list[dict[str, Any]], batch_size: int) -> list[list[int]]:
+        """This process's batches, as row positions: rows ``index``, ``index + count``, ... in batches of
+        ``batch_size``. Every process gets as many batches (the answers are gathered after each, and sharded
+        weights make every forward pass collective), the last ones padded with position ``-1`` (row 0 generated,
+        its answer dropped)."""
+        mine = list(range(self.index, len(rows), self.count))
+        mine += [-1] * (-(-len(rows) // self.count) - len(mine))
+        return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+
+    def gather(self, answers: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        """Every process's ``(position, answer)`` pairs of one round, on the first process, by position."""
+        if self.accelerator is None:
+            return answers
+        from accelerate.utils import gather_object
+
+        return sorted(gather_object(answers), key=lambda pair: pair[0])
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+class _SharedEncoder:
+    """The image encoder pass of a batch without images (ImageEncodingMixin) for ``resonance generate``."""
+
+    def __init__(self, processes: Processes, vl_model: Any, processor: Any):
+        from resonance.algorithms.image_features import ImageEncodingMixin
+
+        self.mixin = ImageEncodingMixin()
+        self.mixin.accelerator = processes.accelerator
+        self.mixin._bind_adapter(vl_model, processor)
+
+    def around(self, model: Any, inputs: dict[str, Any]) -> Any:
+        return self.mixin._idle_encoder(model, inputs, generation=True)
 
 
 def _generate(
     model_name_or_path: str,
     data_path: str,
-    target: _AtomicOutput,
+    target: _AtomicOutput | None,
+    processes: Processes,
     batch_size: int,
     skip_invalid_rows: bool,
     seed: int | None,
@@ -156,7 +285,8 @@ def _generate(
     console: Any,
     data_options: dict[str, Any],
 ) -> Any:
-    """Check, load, generate every row into ``target``; return the loaded rows (``read_rows``'s result)."""
+    """Check, load, generate every row into ``target`` (the first process's; None on the others); return the loaded
+    rows (``read_rows``'s result)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     mapper = load_core_mapper(model_name_or_path)  # an unsupported checkpoint fails before the data is read
@@ -173,30 +303,57 @@ def _generate(
         **data_options,
     )
     rows = loaded.rows
-    vl_model, model, processor = load_for_generation(model_name_or_path)
+    vl_model, model, processor = processes.load(model_name_or_path)
     # Image placeholder tokens are never generated (unless --suppress_tokens says otherwise).
     kwargs = generation_kwargs(
         vl_model, model, {"suppress_tokens": processor.placeholder_token_ids(), **(overrides or {})}
     )
+    if processes.sharded and processes.count > 1:  # as transformers does by itself for FSDP/ZeRO-3 modules
+        kwargs["synced_gpus"] = True
     logger.info("generation kwargs: %s", kwargs)
     if seed is not None:
-        from transformers import set_seed
+        from accelerate.utils import set_seed
 
-        set_seed(seed)
+        set_seed(seed, device_specific=processes.count > 1)  # one process: transformers' set_seed, as before
+    encoder = _SharedEncoder(processes, vl_model, processor)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not processes.main) as progress:
         task = progress.add_task("generate", total=len(rows))
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            result = generate_batch(model, processor, vl_model, batch, kwargs)
-            for row, prompt, text in zip(batch, result.prompts, result.texts, strict=True):
-                record: dict[str, Any] = {"source": row["source"]}
-                if row.get("id") is not None:
-                    record["id"] = json.loads(row["id"])
-                record.update(prompt=prompt, answer=text)
-                target.write(record)
-            progress.advance(task, len(batch))
+        for positions in processes.rows(rows, batch_size):
+            batch = [rows[max(position, 0)] for position in positions]
+            result = _generate_batch(model, processor, encoder, batch, kwargs)
+            answers = [
+                (position, _record(row, prompt, text))
+                for position, row, prompt, text in zip(positions, batch, result.prompts, result.texts, strict=True)
+                if position >= 0
+            ]
+            answers = processes.gather(answers)
+            if target is not None:
+                for _, record in answers:
+                    target.write(record)
+            progress.advance(task, len(answers))
     return loaded
+
+
+def _generate_batch(
+    model: Any, processor: Any, encoder: _SharedEncoder, rows: list[dict[str, Any]], kwargs: dict[str, Any]
+) -> Generation:
+    """:func:`~resonance.generation.generate_batch`, with the image encoder run where the batch has no image and
+    other processes may be running it (sharded weights)."""
+    from resonance.base.collator import VLPromptCollator
+
+    batch = VLPromptCollator(processor)(rows)
+    with encoder.around(model, batch["inputs"]):
+        return generate_from(model, processor, batch, kwargs)
+
+
+def _record(row: dict[str, Any], prompt: str, text: str) -> dict[str, Any]:
+    """One output line: the row's source, its id when it has one, the prompt as rendered and the answer."""
+    record: dict[str, Any] = {"source": row["source"]}
+    if row.get("id") is not None:
+        record["id"] = json.loads(row["id"])
+    record.update(prompt=prompt, answer=text)
+    return record
 
 
 def main(

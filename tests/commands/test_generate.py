@@ -328,7 +328,7 @@ def test_failure_midway_leaves_no_output(
 ) -> None:
     """The first batch is written to the temporary file, the second fails: no output, no temporary file."""
     calls = []
-    real = gen.generate_batch
+    real = gen._generate_batch
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -336,7 +336,7 @@ def test_failure_midway_leaves_no_output(
             raise failure
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate_batch", failing)
+    monkeypatch.setattr(gen, "_generate_batch", failing)
     data = _prompt_file(tmp_path)
     output = tmp_path / "answers.jsonl"
     with pytest.raises(type(failure)):

@@ -146,7 +146,7 @@ def test_sigterm_midway_removes_the_temporary_file(tmp_path: Path, tiny_checkpoi
         import os, signal, sys
         import resonance.commands.generate as gen
 
-        real, calls = gen.generate_batch, []
+        real, calls = gen._generate_batch, []
 
         def killed(*args, **kwargs):
             calls.append(1)
@@ -154,7 +154,7 @@ def test_sigterm_midway_removes_the_temporary_file(tmp_path: Path, tiny_checkpoi
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
 
-        gen.generate_batch = killed
+        gen._generate_batch = killed
         sys.exit(gen.main({str(tiny_checkpoint("llava"))!r}, {str(_prompts(tmp_path))!r}, {str(output)!r},
                           ["--max_new_tokens", "2"], batch_size=1))
         """
