@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""One GPU, the shipped accelerate configs: a few bf16 steps of SFT, DPO, PPO and GRPO through ``accelerate launch`` (one
-process) on a real-size random-weight Qwen2.5-VL-3B, each output reloaded in a fresh process; per strategy and
+"""One GPU, the shipped accelerate configs: a few bf16 steps of SFT, DPO, PPO and GRPO through ``accelerate launch``
+(one process) on a real-size random-weight Qwen2.5-VL-3B, each output reloaded in a fresh process; per strategy and
 algorithm: exit status, time per step, peak GPU memory, and whether the output loads.
 
 What it shows: that each shipped strategy runs Resonance's real code path with the real libraries (DDP, DeepSpeed
