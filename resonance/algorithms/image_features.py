@@ -210,18 +210,22 @@ class ImageEncodingMixin:
             image_kwargs = self._placeholder_image_inputs(parameter.device, parameter.dtype)
             # In the forward's own grad mode, as a batch with images runs the encoder, and into the loss wherever it
             # is in the autograd graph (trained weights, or inputs made to require gradients for gradient
-            # checkpointing): FSDP gathers a layer's weights again in the backward pass that reaches it.
-            encoded = list(_floating_tensors(_encode(self.vl_model, encoder_model, image_kwargs)))
+            # checkpointing): FSDP gathers a layer's weights again in the backward pass that reaches it. Only what the
+            # language model reads, as for a batch with images: a backward pass through more of the encoder (LLaVA's
+            # last layer, past the layer it reads) gathers more under ZeRO-3 than the others' does.
+            output = _encode(self.vl_model, encoder_model, image_kwargs)
+            read = _reusable_features(output, 1) if isinstance(output, ModelOutput) else output
+            encoded = list(_floating_tensors(read))
             if any(t.requires_grad for t in encoded):
                 idle.term = sum(t.sum() for t in encoded if t.requires_grad) * 0.0
 
         hooked = encoder_model.get_submodule(self.vl_model.language_model_path)
-        first = generation and _encodes_before_forward(encoder_model)
-        # before generation's first forward: ahead of the hooks the sharding strategy put there (DeepSpeed ZeRO-3
-        # starts each forward pass with collectives, which a batch with images meets after its encoder)
-        handle = (encoder_model if first else hooked).register_forward_pre_hook(
-            encode_placeholder, with_kwargs=True, prepend=first
-        )
+        if generation and _encodes_before_forward(encoder_model):
+            hooked = encoder_model
+        # ahead of the hooks the sharding strategy put on the module (DeepSpeed ZeRO-3 records each module as its
+        # forward starts, and checks every process recorded the same order; its start-of-forward hook on the
+        # model's root runs collectives), as a batch with images runs its encoder before that module's forward
+        handle = hooked.register_forward_pre_hook(encode_placeholder, with_kwargs=True, prepend=True)
         try:
             yield idle
         finally:
