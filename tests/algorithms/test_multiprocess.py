@@ -22,6 +22,7 @@ rows a step, LoRA dropout 0.05, or ``--average_tokens_across_devices False`` eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import EXAMPLES, REPO, train_argv
@@ -55,12 +57,17 @@ def _run(command: list[str], timeout: int = 600) -> str:
     outer = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {key: value for key, value in os.environ.items() if key not in outer}
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    # a session of its own: a run that hangs is killed with every process it started (torchrun's workers too)
+    # a session of its own: a run that hangs is killed with every process it started; torchrun starts each worker in
+    # a session of its own too, so they are found as its descendants, before the kill orphans them
     with subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **pipes) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            descendants = psutil.Process(process.pid).children(recursive=True)
             os.killpg(process.pid, signal.SIGKILL)
+            for child in descendants:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             stdout, stderr = process.communicate()
             pytest.fail(f"{' '.join(command)}: still running after {timeout} s, killed (a hang):\n{stderr[-4000:]}")
     output = stdout + stderr
@@ -167,6 +174,18 @@ FSDP_LAUNCH = (
 )  # fmt: skip
 
 
+def mixed_argv(ckpt: Path, data: Path, out: Path, per_device: int, setting: str) -> list[str]:
+    """The mixed-modality run's ``resonance train sft`` flags (``setting``: a key of :data:`MIXED`)."""
+    return train_argv(
+        "sft", ckpt, data, out,
+        max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3", lora_dropout=0,
+        train_sampling_strategy="sequential", save_strategy="steps", save_steps=STEPS,
+        # plain SGD: AdamW turns the rounding noise of gradients that are zero in exact arithmetic (a key
+        # projection's bias) into whole steps of the learning rate; SGD's steps are the gradients themselves
+        optim="sgd", **MIXED[setting],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("setting", list(MIXED))
 def test_a_process_without_images_trains_with_the_others(setting: str, tiny_checkpoint, tmp_path: Path) -> None:
     """Two processes, and every step one process's row has an image and the other's has none (rows in order, one
@@ -180,21 +199,11 @@ def test_a_process_without_images_trains_with_the_others(setting: str, tiny_chec
     # second-to-last layer: without find_unused_parameters its full training fails under DDP with or without images)
     ckpt, rows = tiny_checkpoint("qwen2_vl"), 2 * STEPS
     data = _alternating_rows(tmp_path, rows)
-
-    def argv(out: Path, per_device: int) -> list[str]:
-        return train_argv(
-            "sft", ckpt, data, out,
-            max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate="1e-3", lora_dropout=0,
-            train_sampling_strategy="sequential", save_strategy="steps", save_steps=STEPS,
-            # plain SGD: AdamW turns the rounding noise of gradients that are zero in exact arithmetic (a key
-            # projection's bias) into whole steps of the learning rate; SGD's steps are the gradients themselves
-            optim="sgd", **MIXED[setting],
-        )  # fmt: skip
-
     fsdp = setting == "fsdp"
     launch = FSDP_LAUNCH if fsdp else ("--config_file", str(CONFIG))
-    two = _train("sft", ckpt, tmp_path / "two", 2, argv(tmp_path / "two", 1), timeout=300, launch=launch)
-    one = _train("sft", ckpt, tmp_path / "one", 1, argv(tmp_path / "one", 2))
+    two_argv = mixed_argv(ckpt, data, tmp_path / "two", 1, setting)
+    two = _train("sft", ckpt, tmp_path / "two", 2, two_argv, timeout=300, launch=launch)
+    one = _train("sft", ckpt, tmp_path / "one", 1, mixed_argv(ckpt, data, tmp_path / "one", 2, setting))
     _assert_same_training(two, one, 2, rows, "FSDP" if fsdp else "MULTI_CPU")
     if fsdp:  # LoRA: its B matrices start at zero
         moved = max(w.abs().max().item() for n, w in one[1].items() if ".lora_B." in n)
