@@ -141,6 +141,43 @@ def check_steps_left(checkpoint: Path, max_steps: int) -> None:
         )
 
 
+def check_checkpoint_strategy(checkpoint: Path) -> None:
+    """Refuse a Trainer checkpoint whose optimizer state this run cannot read. transformers reads DeepSpeed's (one
+    ZeRO partition a process, ``global_step*/``) only under DeepSpeed on as many processes, FSDP's
+    (``pytorch_model_fsdp*``, ``optimizer*.bin``, ``optimizer_0/``) only under FSDP, and ``optimizer.pt`` only under
+    neither; otherwise it fails inside the Trainer or, from DeepSpeed to neither, silently starts a fresh optimizer
+    and learning-rate schedule. The strategy running is the launch's (``accelerate launch`` sets it in the
+    environment): known before anything loads."""
+    from accelerate.utils import parse_flag_from_env
+
+    partitions = sorted(checkpoint.glob("global_step*/*optim_states.pt"))
+    fsdp_files = [*checkpoint.glob("pytorch_model_fsdp*"), *checkpoint.glob("optimizer*.bin")]
+    if partitions:
+        saved = "DeepSpeed"
+    elif fsdp_files or (checkpoint / "optimizer_0").is_dir():
+        saved = "FSDP"
+    elif (checkpoint / "optimizer.pt").is_file():
+        saved = "neither FSDP nor DeepSpeed"
+    else:
+        return  # no optimizer state (--save_only_model), or PPO's own format (checked where it loads)
+    running = (
+        "DeepSpeed"
+        if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        else "FSDP"
+        if parse_flag_from_env("ACCELERATE_USE_FSDP")
+        else "neither FSDP nor DeepSpeed"
+    )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved == running and (not partitions or len(partitions) == processes):
+        return
+    where = f" on {len(partitions)} processes" if partitions else ""
+    raise CheckpointError(
+        f"--resume_from_checkpoint {checkpoint}: its optimizer state was saved under {saved}{where}, and this run "
+        f"is under {running} on {processes} process(es), which cannot read it: resume with the accelerate config "
+        "(and --num_processes) that saved it, or start a new run from its weights"
+    )
+
+
 # -- checkpoints written whole ----------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import (
     NonFiniteGuard,
+    check_checkpoint_strategy,
     check_steps_left,
     prepare_output_dir,
     resolve_resume,
@@ -121,6 +122,7 @@ def prepare_run(config, data_args: DataArguments) -> Path | None:
     )
     if resume is not None:
         check_steps_left(resume, config.max_steps)
+        check_checkpoint_strategy(resume)
     return resume
 
 
