@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,7 +437,31 @@ def train_problems(algorithm: str, values: Mapping[str, Any]) -> list[str]:
     problems = range_problems(values, train_ranges(algorithm))
     for check in TRAIN_CHECKS:
         problems += check(values)
+    if algorithm != "ppo":  # PPO gathers its output itself
+        problems += _sharded_output_problems()
     return problems
+
+
+def _sharded_output_problems() -> list[str]:
+    """An FSDP launch whose state dicts are sharded (``fsdp_state_dict_type: SHARDED_STATE_DICT``): transformers'
+    Trainer (5.24) then saves no model into --output_dir at all, only sharded checkpoints; refused before training."""
+    from accelerate.utils import parse_flag_from_env
+    from torch.distributed.fsdp import StateDictType
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return []
+    # accelerate's default where the config names none: sharded for FSDP 2
+    default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
+    name = os.environ.get("FSDP_STATE_DICT_TYPE", default).upper()
+    if name.isdigit():
+        name = StateDictType(int(name)).name
+    if name != "SHARDED_STATE_DICT":
+        return []
+    return [
+        "fsdp_state_dict_type SHARDED_STATE_DICT (the accelerate config's, or FSDP 2's default where it names none): "
+        "transformers' Trainer writes no weights into --output_dir under it, only sharded checkpoints; set "
+        "fsdp_state_dict_type: FULL_STATE_DICT, as configs/accelerate/fsdp.yaml does"
+    ]
 
 
 # -- resonance generate ---------------------------------------------------------------------------------------

@@ -260,3 +260,31 @@ def test_lora_targets_the_model_does_not_have(tiny_checkpoint: Callable[[str], P
 
     wrapped = apply_lora(model, model_cls, ModelArguments(str(ckpt), lora_target_modules="q_proj,v_proj"))
     assert any(name.endswith("q_proj.lora_A.default") for name, _ in wrapped.named_modules())
+
+
+@pytest.mark.parametrize(
+    ("launch", "refused"),
+    [
+        ({}, False),
+        ({"FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, False),
+        ({"FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, True),
+        ({"FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "3"}, True),  # torch's StateDictType.SHARDED_STATE_DICT
+        ({"FSDP_VERSION": "2"}, True),  # accelerate's default for FSDP 2
+        ({"FSDP_VERSION": "1"}, False),  # ... and for FSDP 1
+    ],
+)
+def test_an_fsdp_launch_that_would_save_no_output_is_refused(
+    launch: dict[str, str], refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SHARDED_STATE_DICT transformers' Trainer saves nothing into --output_dir (measured: a two-process SFT
+    run ended 'saved' with only README.md there); PPO gathers its output itself and is not refused."""
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_STATE_DICT_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+    if launch:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    for algorithm in ("sft", "dpo", "rm", "grpo"):
+        problems = [p for p in train_problems(algorithm, {}) if "fsdp_state_dict_type" in p]
+        assert bool(problems) == refused, (algorithm, problems)
+    assert not [p for p in train_problems("ppo", {}) if "fsdp_state_dict_type" in p]
