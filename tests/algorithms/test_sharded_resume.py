@@ -1,7 +1,8 @@
 """Resuming from a checkpoint saved by two CPU processes under FSDP 2 reaches what the uninterrupted run reaches: SFT
 (the Trainer's FSDP checkpoint: the model and optimizer state gathered on rank 0, each process's random states) and
-PPO (its own loop: accelerate's ``save_state`` / ``load_state``); a PPO checkpoint with a sharded optimizer state
-met by another strategy is refused with a clear error. The DeepSpeed ZeRO-3 twins are in ``test_deepspeed_cpu``.
+PPO (its own loop: accelerate's ``save_state`` / ``load_state``); one process meeting such a checkpoint stops with
+a CheckpointError (PPO's own check; the Trainer's: ``guards.check_checkpoint_strategy``). The DeepSpeed ZeRO-3
+twins are in ``test_deepspeed_cpu``.
 
 Each check shares one uninterrupted run: two processes train 4 steps (``test_multiprocess``'s sizes and launch
 through ``test_fsdp_cpu``'s), saving ``checkpoint-2`` and ``checkpoint-4``; a second launch resumes from
@@ -78,18 +79,35 @@ def assert_resumed_equal(straight: Path, resumed: Path) -> None:
     assert max(t.abs().max().item() for t in lora_b) > 1e-4, "training did not move the LoRA weights"
 
 
+def assert_refused_alone(algorithm: str, ckpt: Path, checkpoint: Path, out: Path, capsys, message: str) -> None:
+    """One process resuming ``checkpoint`` (saved by two sharded processes) stops with ``message`` before it trains
+    (in this process: no launch)."""
+    capsys.readouterr()
+    argv = sharded_argv(algorithm, ckpt, out, resume_from_checkpoint=checkpoint, use_cpu=True)
+    assert main(algorithm, argv) == 2
+    error = capsys.readouterr().err
+    assert f"error: {message}" in error, error[-2000:]
+    assert not (out / f"checkpoint-{STEPS}").exists()
+
+
 def _without(entry: dict, key: str) -> dict:
     return {k: v for k, v in entry.items() if k != key}
 
 
-def test_sft_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path) -> None:
-    """The Trainer's FSDP checkpoint (full state dict of the model and optimizer on rank 0) resumes exactly."""
-    straight, resumed = resume_twice("sft", tiny_checkpoint("llava"), tmp_path, lambda a: _launch("sft", a, 2))
+def test_sft_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, capsys) -> None:
+    """The Trainer's FSDP checkpoint (full state dict of the model and optimizer on rank 0) resumes exactly; one
+    process without FSDP meeting it stops with a CheckpointError (transformers would stop with a ValueError)."""
+    ckpt = tiny_checkpoint("llava")
+    straight, resumed = resume_twice("sft", ckpt, tmp_path, lambda argv: _launch("sft", argv, 2))
     checkpoint = straight / f"checkpoint-{SAVED}"
     assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} <= {
         path.name for path in checkpoint.iterdir()
     }
     assert_resumed_equal(straight, resumed)
+    refusal = "its optimizer state was saved under FSDP, and this run is under neither FSDP nor DeepSpeed on 1"
+    assert_refused_alone(
+        "sft", ckpt, checkpoint, tmp_path / "alone", capsys, f"--resume_from_checkpoint {checkpoint}: {refusal}"
+    )
 
 
 def test_ppo_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -103,16 +121,8 @@ def test_ppo_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, monke
     assert {"pytorch_model_fsdp.bin", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= sharded
     assert_resumed_equal(straight, resumed)
 
-    capsys.readouterr()
-    alone = tmp_path / "alone"
-    assert main("ppo", sharded_argv("ppo", ckpt, alone, resume_from_checkpoint=checkpoint, use_cpu=True)) == 2
-    error = capsys.readouterr().err
-    assert (
-        f"error: {checkpoint}: saved under FSDP on 2 process(es), and this run is with a whole (unsharded) "
-        "optimizer state: PPO resumes a sharded optimizer state (FSDP, DeepSpeed) only with the strategy and "
-        "process count that saved it"
-    ) in error, error[-2000:]
-    assert not (alone / f"checkpoint-{STEPS}").exists()
+    refusal = "saved under FSDP on 2 process(es), and this run is with a whole (unsharded) optimizer state: PPO resumes"
+    assert_refused_alone("ppo", ckpt, checkpoint, tmp_path / "alone", capsys, f"{checkpoint}: {refusal}")
 
 
 def _strategy(kind: str, processes: int, zero_stage: int | None = None) -> dict[str, object]:
