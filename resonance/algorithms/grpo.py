@@ -14,6 +14,11 @@ to it with completions that end at different lengths per process. Resonance adds
 * reward functions named on the command line (``--reward_funcs pkg.module:function``, :mod:`resonance.reward_funcs`),
   each call checked, so a bad value is an error naming the row, never a silent zero in TRL's ``nansum``, and a
   function that hangs (``--reward_timeout``) or calls ``sys.exit`` fails the run instead of stalling or ending it;
+* a process whose prompts hold no image, among several that gather the vision tower's weights from each other, runs
+  it on a placeholder image wherever the others run it on theirs (:class:`~resonance.algorithms.image_features.
+  ImageEncodingMixin`): in ``generate`` and in every forward pass that takes log-probs;
+* TRL 1.16's gather of the prompts' images for its completion logs (``log_multimodal``), which only processes whose
+  prompts hold images join, turned off for a step where some process has none (the others would wait in it);
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
   completion tokens attend to later completion tokens).
@@ -21,15 +26,19 @@ to it with completions that end at different lengths per process. Resonance adds
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
+from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
@@ -100,7 +109,7 @@ def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
     return 1 if any(item.name == "batch_num_images" for item in vl_processor.image_inputs) else None
 
 
-class VLGRPOTrainer(WholeCheckpoints, GRPOTrainer):
+class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
     """TRL's GRPOTrainer on Resonance prompt rows (see the module docstring)."""
 
     def __init__(self, *args: Any, vl_model: type[VLModel], vl_processor: VLProcessor, **kwargs: Any):
@@ -133,7 +142,18 @@ class VLGRPOTrainer(WholeCheckpoints, GRPOTrainer):
             source = row.get("source") or "<row>"
             images = load_row_images(self.vl_processor, list(row.get("images") or []), source)
             rows.append({**row, "prompt": [conversational_message(m) for m in row["prompt"]], "images": images})
+        if self.accelerator.num_processes > 1 and self.args.log_multimodal:
+            # TRL 1.16 gathers the prompts' images for its completion logs (log_multimodal) only on the processes
+            # whose prompts hold some: a process without any would leave the others waiting in that gather. Logged
+            # only when every process has images.
+            has_images = torch.tensor([any(row["images"] for row in rows)], device=self.accelerator.device)
+            self.log_multimodal = bool(self.accelerator.gather(has_images).all())
         return super()._generate_and_score_completions(rows)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        # prompts without images: the placeholder pass where generate encodes the others' images
+        with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # TRL passes every processor output of the prompts here for the old/reference log-probs (and only the ones
@@ -149,9 +169,42 @@ class VLGRPOTrainer(WholeCheckpoints, GRPOTrainer):
             token_type_ids = token_type_ids.clone()
             token_type_ids[:, -logits_to_keep:] = 1
             kwargs["token_type_ids"] = token_type_ids
-        return super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+        terms: list[torch.Tensor] = []
+        with self._idle_encoder_each_forward(model, terms):
+            logps, *rest = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # the placeholder passes in the loss (zero: the values unchanged; the backward pass runs through them)
+        return (logps + sum(terms) if terms else logps, *rest)
+
+    @contextlib.contextmanager
+    def _idle_encoder_each_forward(self, model: torch.nn.Module, terms: list[torch.Tensor]) -> Iterator[None]:
+        """:meth:`_idle_encoder` around each forward pass of ``model`` whose inputs hold no image (TRL takes log-probs
+        in chunks of rows, a forward pass each, each with its own rows' images); ``terms`` gets the terms to add to
+        what the passes compute."""
+        entered: list[tuple[Any, Any]] = []
+
+        def enter(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> None:
+            context = self._idle_encoder(model, inputs)
+            entered.append((context, context.__enter__()))
+
+        def leave(module: torch.nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
+            context, idle = entered.pop()
+            context.__exit__(None, None, None)
+            if idle.term is not None:
+                terms.append(idle.term)
+
+        handles = [
+            model.register_forward_pre_hook(enter, with_kwargs=True),
+            model.register_forward_hook(leave, with_kwargs=True),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            while entered:  # a forward pass that raised
+                entered.pop()[0].__exit__(None, None, None)
 
 
 def build(

@@ -1,5 +1,6 @@
 """Rollouts under FSDP 2 on two CPU processes whose responses end at different lengths in the same step: GRPO (TRL's
-trainer) trains exactly like two processes under DDP, and PPO completes, because generation is synchronized.
+trainer) trains exactly like two processes under DDP, and PPO completes, because generation is synchronized. GRPO's
+run also has images in one process's prompts and none in the other's, every step.
 
 Under a sharded strategy every forward pass of every process joins the others' all-gathers of the sharded weights.
 A process whose responses have all ended stops calling forward while the other still generates: without
@@ -19,14 +20,24 @@ module (``__main__`` below), which runs ``resonance train`` with ``GenerationMix
 writes where the process's longest response ended (its first end-of-sequence token) and how many forward passes it
 ran. The test requires a call in which the two processes' responses ended at different lengths, and that in every
 call both ran as many forward passes as the longer response took (the one that finished first kept joining:
-synchronized). Measured, GRPO: one process's completions ended at 5 tokens and the other's at 8, both ran 8 passes;
-in the second step 4 and 5 tokens, 5 passes.
+synchronized). Measured, GRPO: one process's completions ended at 5 tokens and the other's at 6, both ran 6 passes;
+in the second step 1 and 3 tokens, 3 passes.
+
+Prompts with and without images (:func:`alternating_prompts`): the process without images runs the vision tower on a
+placeholder image wherever the other runs it (``VLGRPOTrainer``: in ``generate`` and in each log-prob forward pass,
+its zero term in the loss), since FSDP gathers the tower's weights from both (without it the run ends in a
+collective mismatch: one process aborts, the other's FSDP all-gather reports "Connection reset by peer"); and TRL's
+gather of the prompts' images for its logs, which only a process with images joins, is turned off for such a step
+(without that: "Detected mismatch between collectives on ranks", an all-gather of TRL's ``gather_object`` against
+one of FSDP's). The DDP run needs the second too, and no placeholder (the tower is frozen): matching it shows the
+placeholder changes neither the losses nor the weights. The observation checks the first process's prompts had
+images and the second's none.
 
 GRPO is compared with two processes under DDP (``configs/accelerate/cpu_2proc.yaml``), as ``test_fsdp_cpu``
 compares PPO: each process samples from its own prompts and random stream, which two DDP processes draw alike
 with the same seed. Every logged value (rewards, completion lengths, loss, KL, entropy) but the step time within
 ``rel=1e-5, abs=1e-6`` (the same completions; losses differ only by the order of the same sums, ~1e-7 in fp32),
-each LoRA tensor within 1e-4 of its norm (``test_multiprocess``'s argument; measured: 0). PPO's run is the
+each LoRA tensor within 1e-4 of its norm (``test_multiprocess``'s argument; measured: 3.1e-7). PPO's run is the
 uneven-length case of ``test_fsdp_cpu``'s comparison, which has fixed lengths: it must complete, and its output
 load in one process.
 """
@@ -76,11 +87,30 @@ def uneven_checkpoint(ckpt: Path, folder: Path) -> Path:
     return out
 
 
+def alternating_prompts(folder: Path, count: int = 2 * STEPS) -> Path:
+    """``count`` GRPO prompt rows, one with an image then one without: taken in order (``--shuffle_dataset false``),
+    each step's first prompt goes to the first process and the second to the second."""
+    image = str(EXAMPLES / "images" / "red_square.png")
+    rows = [
+        {"prompt": f"<image>Describe {i}.", "image": image} if i % 2 == 0 else {"prompt": f"Say {i}."}
+        for i in range(count)
+    ]
+    path = folder / "alternating.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def argv(algorithm: str, ckpt: Path, data: Path, out: Path) -> list[str]:
     """Two steps of GRPO or PPO on ``data``, rewarded by ``token_sum_reward``, saved at the end."""
     online: dict[str, Any] = {
-        # 2 completions (of one prompt) a process and step
-        "grpo": {"per_device_train_batch_size": 2, "max_completion_length": MAX_NEW_TOKENS},
+        # 2 completions (of one prompt) a process and step, the prompts in the data's order, and a KL term (beta):
+        # the reference's forward passes (the adapter disabled) run with or without images too
+        "grpo": {
+            "per_device_train_batch_size": 2,
+            "max_completion_length": MAX_NEW_TOKENS,
+            "shuffle_dataset": False,
+            "beta": 0.04,
+        },
         # test_deepspeed_cpu's PPO (runs under ZeRO-3 too): one optimizer step a minibatch of two micro-batches
         "ppo": {"response_length": MAX_NEW_TOKENS, "num_mini_batches": 1, "gradient_accumulation_steps": 2},
     }
@@ -121,6 +151,15 @@ def assert_ended_apart(record: Path) -> None:
     )
 
 
+def assert_images_on_one(record: Path) -> None:
+    """In every call of the observed run the first process's prompts held images and the second's none."""
+    calls = [
+        [json.loads(line)["images"] for line in (record / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    assert all(calls[0]) and not any(calls[1]), calls
+
+
 def assert_same_logs(sharded: list[dict], ddp: list[dict], ignore: frozenset[str] = frozenset()) -> None:
     """Every logged value of each step but ``ignore`` alike (tolerances: the module docstring)."""
     assert [entry["step"] for entry in sharded] == [entry["step"] for entry in ddp] == list(range(1, STEPS + 1))
@@ -149,12 +188,13 @@ def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_grpo_under_fsdp_with_uneven_lengths_matches_ddp(tiny_checkpoint, tmp_path: Path, record: Path) -> None:
-    ckpt, data = uneven_checkpoint(tiny_checkpoint("llava"), tmp_path), EXAMPLES / "dpo.jsonl"
+    ckpt, data = uneven_checkpoint(tiny_checkpoint("llava"), tmp_path), alternating_prompts(tmp_path)
     output = launch("grpo", argv("grpo", ckpt, data, tmp_path / "fsdp"), FSDP, observed=True)
     ddp_output = launch("grpo", argv("grpo", ckpt, data, tmp_path / "ddp"), DDP)
     assert "2 process(es), DistributedType.FSDP" in output, output[-4000:]
     assert "2 process(es), DistributedType.MULTI_CPU" in ddp_output, ddp_output[-4000:]
     assert_ended_apart(record)
+    assert_images_on_one(record)
     assert_same_logs(logs(tmp_path / "fsdp"), logs(tmp_path / "ddp"), ignore=frozenset({"step_time"}))
     _assert_weights_match(tmp_path / "fsdp", tmp_path / "ddp", 1e-4)
     _assert_loads(tmp_path / "fsdp")
@@ -171,8 +211,9 @@ def test_ppo_under_fsdp_with_uneven_lengths_completes(tiny_checkpoint, tmp_path:
 
 def _observe_generation(folder: Path) -> None:
     """Make every ``generate`` call of this process write, to ``folder/rank{RANK}.jsonl``, where its longest
-    response ended (its first end-of-sequence token, of the model's generation config; else the last token) and how
-    many forward passes it ran. Observation only: the call and its result are unchanged."""
+    response ended (its first end-of-sequence token, of the model's generation config; else the last token), how
+    many forward passes it ran, and whether its prompts held images. Observation only: the call and its result are
+    unchanged."""
     import torch
     from transformers.generation.utils import GenerationMixin
 
@@ -188,7 +229,8 @@ def _observe_generation(folder: Path) -> None:
         new = sequences[:, kwargs["input_ids"].shape[1] :]  # both trainers pass the prompt ids by name
         ends = torch.isin(new, torch.tensor(self.generation_config.eos_token_id))
         ended = torch.where(ends.any(dim=1), ends.int().argmax(dim=1) + 1, new.shape[1])
-        line = json.dumps({"ended": int(ended.max()), "forwards": len(forwards)})
+        images = kwargs.get("pixel_values") is not None
+        line = json.dumps({"ended": int(ended.max()), "forwards": len(forwards), "images": images})
         with (folder / f"rank{os.environ['RANK']}.jsonl").open("a") as file:
             file.write(line + "\n")
         return sequences
