@@ -227,11 +227,11 @@ class Processes:
         from accelerate.utils import fsdp2_prepare_model
         from torch.distributed.fsdp import register_fsdp_forward_method
 
-        # accelerate's own FSDP 2 wrapping (Accelerator.prepare would want an optimizer too), weights frozen: for
-        # inference it keeps them in their dtype instead of float32 master copies
         from resonance.patches.fsdp_cpu import wrap_layers_the_model_holds
 
         wrap_layers_the_model_holds(model)
+        # accelerate's own FSDP 2 wrapping (Accelerator.prepare would want an optimizer too), weights frozen: for
+        # inference it keeps them in their dtype instead of float32 master copies
         model = fsdp2_prepare_model(self.accelerator, model.requires_grad_(False)).eval()
         # FSDP gathers the weights the root keeps (embeddings, projector, head) around the root's forward methods
         register_fsdp_forward_method(model, "generate")
@@ -247,7 +247,7 @@ class Processes:
         return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
 
     def gather(self, answers: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
-        """Every process's ``(position, answer)`` pairs of one round, on the first process, by position."""
+        """Every process's ``(position, answer)`` pairs of one round, by position (on every process)."""
         if self.accelerator is None:
             return answers
         from accelerate.utils import gather_object
