@@ -1,7 +1,7 @@
 """Rollouts under DeepSpeed ZeRO-3 on two CPU processes whose responses end at different lengths in the same step:
 GRPO (TRL's trainer) trains exactly like two processes under DDP, with its weights gathered for generation (TRL's
-default, ``ds3_gather_for_generation``) and without (each forward pass gathers them, as under FSDP), and PPO (which
-generates without gathering) completes.
+default, ``ds3_gather_for_generation``) and without (each forward pass gathers them, as under FSDP), with images in
+one process's prompts and none in the other's, and PPO (which generates without gathering) completes.
 
 This module runs only where DeepSpeed is installed (the ``deepspeed`` extra; CI installs it): it imports
 ``deepspeed``, so a suite without it fails here at collection instead of passing without these tests.
@@ -10,8 +10,13 @@ As ``test_sharded_rollouts`` (its checkpoint, runs, observation and tolerances),
 ``configs/accelerate/zero3_cpu_2proc.yaml``. Under ZeRO-3 transformers synchronizes generation by itself
 (``synced_gpus`` follows ``is_deepspeed_zero3_enabled``). Where TRL gathers the weights for generation no
 collective runs inside it; where it does not, a finished process must keep joining the others' gathers, which the
-observation shows it did. The GRPO runs share one DDP run (``ddp_grpo``). Measured: each LoRA tensor within
-2.9e-6 of its norm of the DDP run's (gathered or not; tolerance 1e-4, the module docstring of ``test_multiprocess``:
+observation shows it did. The process without images runs the tower on a placeholder image (as under FSDP, see
+``test_sharded_rollouts``), in the order the other runs it on its images: ZeRO-3 checks that every process fetched
+the same modules in the same order ("Detected a disagreement on list contents between rank0 and rank1" when the
+placeholder's hook ran after DeepSpeed's own), and, with TRL's gradient checkpointing, that their backward passes
+fetch alike ("Detected mismatch between collectives" when the placeholder's zero term also reached the tower's last
+layer, which LLaVA does not read). The GRPO runs share one DDP run (``ddp_grpo``). Measured: each LoRA tensor within
+7.9e-7 of its norm of the DDP run's (gathered or not; tolerance 1e-4, the module docstring of ``test_multiprocess``:
 DeepSpeed's reduce-scatter adds the same gradients in another order).
 """
 
@@ -28,8 +33,10 @@ from test_fsdp_cpu import _assert_loads, _assert_weights_match
 from test_multiprocess import CONFIG as DDP
 from test_sharded_rollouts import (
     STEPS,
+    alternating_prompts,
     argv,
     assert_ended_apart,
+    assert_images_on_one,
     assert_same_logs,
     launch,
     logs,
@@ -38,11 +45,7 @@ from test_sharded_rollouts import (
 )
 
 ZERO3 = REPO / "configs" / "accelerate" / "zero3_cpu_2proc.yaml"
-# GRPO on the example prompts, every one with an image. Prompts with and without images (test_sharded_rollouts' GRPO
-# run under FSDP) do not train under ZeRO-3 yet: the placeholder image pass of a process without images makes its
-# module order (and, with gradient checkpointing, its backward pass) differ from the other's, which ZeRO-3 refuses
-# ("Detected a disagreement on list contents between rank0 and rank1", "Detected mismatch between collectives").
-PROMPTS = EXAMPLES / "dpo.jsonl"
+PROMPTS = EXAMPLES / "dpo.jsonl"  # PPO's, every one with an image
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def ddp_grpo(uneven: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ddp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
-        output = launch("grpo", argv("grpo", uneven, PROMPTS, folder / "out"), DDP)
+        output = launch("grpo", argv("grpo", uneven, alternating_prompts(folder), folder / "out"), DDP)
     assert "2 process(es), DistributedType.MULTI_CPU" in output, output[-4000:]
     return folder / "out"
 
@@ -73,10 +76,11 @@ def test_grpo_under_zero3_with_uneven_lengths_matches_ddp(
     gathered: bool, uneven: Path, ddp_grpo: Path, tmp_path: Path, record: Path
 ) -> None:
     out = tmp_path / "zero3"
-    flags = [*argv("grpo", uneven, PROMPTS, out), "--ds3_gather_for_generation", str(gathered)]
+    flags = [*argv("grpo", uneven, alternating_prompts(tmp_path), out), "--ds3_gather_for_generation", str(gathered)]
     output = launch("grpo", flags, ZERO3, observed=True)
     assert "2 process(es), DistributedType.DEEPSPEED" in output, output[-4000:]
     assert_ended_apart(record)
+    assert_images_on_one(record)
     assert_same_logs(logs(out), logs(ddp_grpo), ignore=frozenset({"step_time"}))
     _assert_weights_match(out, ddp_grpo, 1e-4)
     _assert_loads(out)
