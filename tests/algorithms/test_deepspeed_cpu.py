@@ -1,7 +1,7 @@
 """Two CPU processes under DeepSpeed ZeRO-3 (gloo) train exactly like one process with the same global batch: SFT,
-DPO and RM, and SFT under ZeRO-2; PPO under ZeRO-3 exactly like two processes under DDP. SFT and PPO resumed from
-the two processes' ZeRO-3 checkpoint reach exactly what they reached (``test_sharded_resume``'s checks, the FSDP
-twins there).
+DPO and RM, and SFT under ZeRO-2; PPO under ZeRO-3 exactly like two processes under DDP; SFT where every step one
+process's row has an image and the other's has none. SFT and PPO resumed from the two processes' ZeRO-3 checkpoint
+reach exactly what they reached (``test_sharded_resume``'s checks, the FSDP twins there).
 
 This module runs only where DeepSpeed is installed (the ``deepspeed`` extra; CI installs it): it imports
 ``deepspeed``, so a suite without it fails here at collection instead of passing without these tests.
@@ -47,10 +47,18 @@ import torch
 from helpers import REPO
 from helpers.repo import TESTS
 from test_fsdp_cpu import _assert_loads, _assert_weights_match
-from test_multiprocess import GLOBAL_BATCH, ROWS, STEPS, _run, assert_same_steps
-from test_sharded_resume import SAVED, assert_resumed_equal, sharded_argv
-
-from resonance.commands.train import main
+from test_multiprocess import (
+    GLOBAL_BATCH,
+    ROWS,
+    STEPS,
+    _alternating_rows,
+    _assert_same_training,
+    _run,
+    assert_same_steps,
+    mixed_argv,
+)
+from test_multiprocess import _train as train_logged
+from test_sharded_resume import SAVED, assert_refused_alone, assert_resumed_equal, sharded_argv
 
 ZERO3 = REPO / "configs" / "accelerate" / "zero3_cpu_2proc.yaml"
 DDP = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -87,9 +95,12 @@ def _assert_zero_partitions(out: Path, stage: int) -> None:
 @pytest.mark.parametrize(
     ("algorithm", "stage"), [("sft", 3), ("dpo", 3), ("rm", 3), ("sft", 2)], ids=["sft", "dpo", "rm", "sft-zero2"]
 )
-def test_zero_on_two_cpu_processes_matches_one(algorithm: str, stage: int, tiny_checkpoint, tmp_path: Path) -> None:
+def test_zero_on_two_cpu_processes_matches_one(
+    algorithm: str, stage: int, tiny_checkpoint, tmp_path: Path, capsys
+) -> None:
     """... and SFT under ZeRO-3 resumed from the two processes' ``checkpoint-2`` (each process's ZeRO partition of
-    the model and optimizer, its random states) reaches exactly what they reached (``test_sharded_resume``)."""
+    the model and optimizer, its random states) reaches exactly what they reached (``test_sharded_resume``); one
+    process meeting that checkpoint stops with a CheckpointError."""
     ckpt = tiny_checkpoint("llava")
     launch = ["--config_file", str(ZERO3), "--zero_stage", str(stage)]
     two_logs, two_output = _train(algorithm, ckpt, tmp_path / "two", 2, launch)
@@ -102,6 +113,10 @@ def test_zero_on_two_cpu_processes_matches_one(algorithm: str, stage: int, tiny_
     _assert_loads(tmp_path / "two")
     if (algorithm, stage) == ("sft", 3):  # one more launch: resumed, the two-process run is the uninterrupted one
         _resume(algorithm, ckpt, tmp_path / "two", tmp_path / "resumed", launch)
+        checkpoint = tmp_path / "two" / f"checkpoint-{SAVED}"  # in one process: refused (transformers went on silently)
+        refusal = "its optimizer state was saved under DeepSpeed on 2 processes, and this run is under neither FSDP"
+        message = f"--resume_from_checkpoint {checkpoint}: {refusal}"
+        assert_refused_alone(algorithm, ckpt, checkpoint, tmp_path / "alone", capsys, message)
 
 
 def _resume(algorithm: str, ckpt: Path, straight: Path, resumed: Path, launch: list[str]) -> None:
@@ -137,11 +152,25 @@ def test_ppo_under_zero3_matches_ddp(tiny_checkpoint, tmp_path: Path, monkeypatc
     partitions = {path.name for path in (checkpoint / "sharded_state" / "pytorch_model").iterdir()}
     assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= partitions, partitions
     _resume("ppo", ckpt, tmp_path / "zero3", tmp_path / "resumed", ["--config_file", str(ZERO3)])
-    capsys.readouterr()
-    alone = tmp_path / "alone"
-    assert main("ppo", sharded_argv("ppo", ckpt, alone, 2, resume_from_checkpoint=checkpoint, use_cpu=True)) == 2
-    error = capsys.readouterr().err
-    assert f"error: {checkpoint}: saved under DEEPSPEED (ZeRO-3) on 2 process(es), and this run is with a whole" in (
-        error
-    ), error[-2000:]
-    assert not (alone / f"checkpoint-{STEPS}").exists()
+    refusal = "saved under DEEPSPEED (ZeRO-3) on 2 process(es), and this run is with a whole (unsharded) optimizer"
+    assert_refused_alone("ppo", ckpt, checkpoint, tmp_path / "alone", capsys, f"{checkpoint}: {refusal}")
+
+
+def test_a_process_without_images_trains_with_the_other_under_zero3(tiny_checkpoint, tmp_path: Path) -> None:
+    """``test_multiprocess``'s mixed-modality case under ZeRO-3: every step one process's row has an image and the
+    other's has none; ZeRO-3 gathers the tower's partitioned weights from every process as it runs, so without the
+    placeholder image pass the process without an image never takes part and the run hangs (a timeout fails it).
+    ZeRO-3 also checks, after the first step, that every process ran its modules in the same order: a placeholder
+    pass that ran after DeepSpeed's own hook on the language model, or backpropagated through more of the tower
+    than the language model reads, stopped the run at step 2 ("Detected a disagreement on list length between
+    rank0 and rank1: 335, 336"). It is exactly the one-process run over the same rows (``test_multiprocess``'s
+    tolerances: the same sums in another order)."""
+    ckpt, rows = tiny_checkpoint("qwen2_vl"), 2 * STEPS
+    data = _alternating_rows(tmp_path, rows)
+    launch = ("--config_file", str(ZERO3))
+    two_argv = mixed_argv(ckpt, data, tmp_path / "two", 1, "fsdp")  # LoRA, the tower frozen: its weights gathered
+    two = train_logged("sft", ckpt, tmp_path / "two", 2, two_argv, timeout=300, launch=launch)
+    one = train_logged("sft", ckpt, tmp_path / "one", 1, mixed_argv(ckpt, data, tmp_path / "one", 2, "fsdp"))
+    _assert_same_training(two, one, 2, rows, "DEEPSPEED")
+    moved = max(w.abs().max().item() for n, w in one[1].items() if ".lora_B." in n)  # zero at the start
+    assert moved > 1e-6, "training did not move the LoRA weights: the comparison would prove nothing"
