@@ -1,4 +1,5 @@
-"""Resuming from a checkpoint saved by two CPU processes under FSDP 2 reaches what the uninterrupted run reaches: SFT
+"""Resuming from a checkpoint saved by two CPU processes under FSDP 2 (and PPO's under DDP, whose processes' random
+streams part) reaches what the uninterrupted run reaches: SFT
 (the Trainer's FSDP checkpoint: the model and optimizer state gathered on rank 0, each process's random states) and
 PPO (its own loop: accelerate's ``save_state`` / ``load_state``); one process meeting such a checkpoint stops with
 a CheckpointError (PPO's own check; the Trainer's: ``guards.check_checkpoint_strategy``). The DeepSpeed ZeRO-3
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import EXAMPLES, REWARDS, train_argv
 from helpers.repo import TESTS
 from test_fsdp_cpu import _launch, _weights
@@ -51,12 +53,12 @@ def sharded_argv(algorithm: str, ckpt: Path, out: Path, processes: int = 2, **fl
     )  # fmt: skip
 
 
-def resume_twice(algorithm: str, ckpt: Path, tmp_path: Path, launch) -> tuple[Path, Path]:
+def resume_twice(algorithm: str, ckpt: Path, tmp_path: Path, launch, **flags: object) -> tuple[Path, Path]:
     """The uninterrupted run (``tmp_path/straight``) and the run resumed from its ``checkpoint-2``
-    (``tmp_path/resumed``), each launched by ``launch(argv)``."""
+    (``tmp_path/resumed``), each launched by ``launch(argv)``; ``flags``: more of ``resonance train``'s."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(sharded_argv(algorithm, ckpt, straight))
-    launch(sharded_argv(algorithm, ckpt, resumed, resume_from_checkpoint=straight / f"checkpoint-{SAVED}"))
+    launch(sharded_argv(algorithm, ckpt, straight, **flags))
+    launch(sharded_argv(algorithm, ckpt, resumed, resume_from_checkpoint=straight / f"checkpoint-{SAVED}", **flags))
     return straight, resumed
 
 
@@ -123,6 +125,29 @@ def test_ppo_resumes_from_fsdp_checkpoint(tiny_checkpoint, tmp_path: Path, monke
 
     refusal = "saved under FSDP on 2 process(es), and this run is with a whole (unsharded) optimizer state: PPO resumes"
     assert_refused_alone("ppo", ckpt, checkpoint, tmp_path / "alone", capsys, f"{checkpoint}: {refusal}")
+
+
+def test_ppo_resumes_under_data_parallel_with_each_process_random_stream(
+    tiny_checkpoint, tmp_path: Path, monkeypatch
+) -> None:
+    """Under DDP each process keeps its own random stream, and they part where its responses end at other lengths
+    than the other's (no synchronised generation: a process stops sampling when its own responses end): the
+    checkpoint holds every process's random states (``rng_state_1.pt`` beside the main process's), and the resumed
+    run repeats the uninterrupted one exactly. Before, every process resumed with the main process's states, so
+    the second drew other responses from step 3 on."""
+    from test_multiprocess import CONFIG as DATA_PARALLEL
+    from test_sharded_rollouts import MAX_NEW_TOKENS, uneven_checkpoint
+
+    from resonance.algorithms.ppo.checkpoint import CHECKPOINT_STATE as STATE
+
+    monkeypatch.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
+    ckpt = uneven_checkpoint(tiny_checkpoint("llava"), tmp_path)
+    two = lambda argv: _launch("ppo", argv, 2, DATA_PARALLEL)  # noqa: E731
+    straight, resumed = resume_twice("ppo", ckpt, tmp_path, two, response_length=MAX_NEW_TOKENS)
+    checkpoint = straight / f"checkpoint-{SAVED}"
+    streams = [torch.load(checkpoint / name, weights_only=False)["rng"]["torch"] for name in (STATE, "rng_state_1.pt")]
+    assert not streams[0].equal(streams[1]), "the processes' random streams never parted: the test would prove nothing"
+    assert_resumed_equal(straight, resumed)
 
 
 def _strategy(kind: str, processes: int, zero_stage: int | None = None) -> dict[str, object]:

@@ -41,6 +41,7 @@ from resonance.errors import CheckpointError, TrainingError
 logger = logging.getLogger("resonance")
 
 CHECKPOINT_STATE = "ppo_state.pt"  # optimizer, scheduler and RNG states; sharded: the scheduler and the strategy
+RNG_STATE = "rng_state_{}.pt"  # data parallel: process N's random states (N > 0; the main's: CHECKPOINT_STATE)
 SHARDED_STATE = "sharded_state"  # accelerate's save_state under FSDP and DeepSpeed: model, optimizer, RNG states
 SHARDING = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # strategies whose optimizer state is sharded
 
@@ -134,6 +135,9 @@ class PPOCheckpointing:
         try:
             if self._state_sharded():  # every process writes its part, and its random states
                 self.accelerator.save_state(str(temporary / SHARDED_STATE))
+            elif not self.accelerator.is_main_process:  # data parallel: each process its own random states
+                temporary.mkdir(parents=True, exist_ok=True)
+                torch.save({"rng": _rng_states()}, temporary / RNG_STATE.format(self.accelerator.process_index))
             if self.accelerator.is_main_process:
                 self._gathered = whole
                 self._write_checkpoint(temporary)
@@ -172,12 +176,7 @@ class PPOCheckpointing:
         state: dict[str, Any] = {"scheduler": self.lr_scheduler.state_dict(), "strategy": self._strategy()}
         if not self._state_sharded():
             state["optimizer"] = self.optimizer.state_dict()
-            state["rng"] = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            }
+            state["rng"] = _rng_states()
         torch.save(state, folder / CHECKPOINT_STATE)
         torch.save(self.args, folder / "training_args.bin")  # as transformers' Trainer writes it; never loaded
         (folder / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2) + "\n")  # last: marks it complete
@@ -236,12 +235,50 @@ class PPOCheckpointing:
             policy.load_backbone(path)
         policy.load_head(path)
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
+        rng = state["rng"]  # the main process's
+        index = self.accelerator.process_index
+        if index > 0:
+            own = path / RNG_STATE.format(index)
+            if own.is_file():
+                loaded = _load_safely(own)
+                if not isinstance(loaded, dict) or "rng" not in loaded:
+                    raise CheckpointError(f"{own}: not a PPO checkpoint's random states")
+                rng = loaded["rng"]
+            else:  # saved by fewer processes: this one draws from the main process's stream, as none of its own
+                logger.warning("%s: not found; process %d continues the main process's random stream", own, index)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's random states: Python's, numpy's, torch's and CUDA's."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _load_safely(file: Path) -> Any:
+    """A checkpoint file (``ppo_state.pt``, :data:`RNG_STATE`) loaded with ``weights_only=True``: tensors, numbers,
+    strings and containers, plus numpy's random state (transformers' own allow-list for ``rng_state.pth``); anything
+    else is refused unrun."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{file}: does not load safely as a PPO checkpoint state ({reason}); only tensors, numbers and numpy "
+            "random states are read from a checkpoint. Resume from a checkpoint Resonance saved"
+        ) from None
+    return state
 
 
 def _sharded(strategy: dict[str, Any] | None) -> bool:
@@ -259,19 +296,8 @@ def _describe(strategy: dict[str, Any] | None) -> str:
 
 
 def _load_state(file: Path) -> dict[str, Any]:
-    """``ppo_state.pt`` loaded with ``weights_only=True``: tensors, numbers, strings and containers, plus numpy's
-    random state (transformers' own allow-list for ``rng_state.pth``); anything else is refused unrun."""
-    from transformers.trainer_pt_utils import safe_globals
-
-    try:
-        with safe_globals():
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{file}: does not load safely as a PPO checkpoint state ({reason}); only tensors, numbers and numpy "
-            "random states are read from a checkpoint. Resume from a checkpoint Resonance saved"
-        ) from None
+    """``ppo_state.pt`` loaded safely (:func:`_load_safely`), with the entries a PPO checkpoint state has."""
+    state = _load_safely(file)
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: not a PPO checkpoint state (expected optimizer, scheduler and rng entries)")
     # a sharded state keeps the optimizer and random states in SHARDED_STATE
