@@ -6,6 +6,9 @@
 distributed type only for the accelerator types (``MULTI_GPU``, ``MULTI_XPU``, ...), so the processes train as
 plain data parallel with every parameter whole on every process. :func:`keep_fsdp_on_cpu` makes them FSDP, as
 that branch makes GPU processes: nothing else in accelerate or the Trainer needs a GPU for FSDP2.
+
+Also here, for GPU and CPU launches alike: :func:`wrap_layers_the_model_holds`, the layers FSDP wraps where the
+accelerate config names none.
 """
 
 from __future__ import annotations
