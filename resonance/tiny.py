@@ -59,7 +59,9 @@ from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
+from transformers.utils import is_torchvision_available
 
+from resonance.base.checks import backends_named
 from resonance.codegen.schema import (
     BpeExtraTokenizer,
     Identifier,
@@ -68,6 +70,7 @@ from resonance.codegen.schema import (
     TinyTokenizer,
     WordpieceTokenizer,
 )
+from resonance.errors import MissingBackendError
 
 __all__ = [
     "TinyRecipe",
@@ -250,6 +253,13 @@ def _token_id(tokenizer: transformers.TokenizersBackend, token: str) -> int:
 
 
 def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
+    """The spec's processor around ``tokenizer``; a part that needs a package not installed here (transformers'
+    torchvision image and video processors, SmolVLM's num2words) is a MissingBackendError naming it."""
+    with backends_named("", tiny.processor_class):
+        return _processor_parts(tiny, tokenizer)
+
+
+def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
     processor_class = _resolve(tiny.processor_class)
     image_processor = _resolve(tiny.image_processor_class)(**copy.deepcopy(tiny.image_processor))
     kwargs: dict[str, Any] = copy.deepcopy(tiny.processor)
@@ -260,6 +270,8 @@ def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
             # The family's default video processor, as AutoVideoProcessor maps the config's model type.
             model_type = _resolve(tiny.config_class).model_type
             video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
+            if video_class is None and not is_torchvision_available():  # video processors are torchvision's
+                raise MissingBackendError("", f"{processor_class.__name__}'s video processor", "torchvision")
             if video_class is None:
                 raise ValueError(f"{processor_class.__name__} needs a video processor; none is mapped for {model_type}")
             kwargs[name] = _resolve(video_class)()
