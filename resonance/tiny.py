@@ -19,6 +19,7 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
       config_token_ids:           # config paths (dotted) filled with token ids after the processor is built
         image_token_id: "<image>"
         text_config.pad_token_id: "<pad>"
+        eos_token_id: ["<eos>", "<|user|>"]   # a list of tokens: the list of their ids
     chat_template: "..."          # the family's real chat template (jinja)
     extra_tokenizers:             # a processor's other tokenizers, by processor attribute
       qformer_tokenizer:          # InstructBLIP's Q-Former tokenizer
@@ -27,6 +28,9 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
         pad_token: "[PAD]"        # likewise unk_token, cls_token, sep_token, mask_token
         config_vocab_size: qformer_config.vocab_size    # config path set to len(that tokenizer)
         config_token_ids: {qformer_config.pad_token_id: "[PAD]"}
+    derived:                      # config paths set from tokenizer.length or another config path
+      vocab_size: tokenizer.length
+      vision_config.out_hidden_size: text_config.hidden_size
     parameters:                   # parameters (glob over names) set to a constant after init
       "*.cross_attn_attn_gate": 0.5
 
@@ -286,17 +290,46 @@ def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
     )
 
 
+def _token_ids(tokenizer: transformers.TokenizersBackend, tokens: str | list[str]) -> int | list[int]:
+    """One token's id, or a list of tokens' ids (config_token_ids values)."""
+    return _token_id(tokenizer, tokens) if isinstance(tokens, str) else [_token_id(tokenizer, t) for t in tokens]
+
+
+_TOKENIZER_LENGTH = "tokenizer.length"
+
+
+def _config_value(config: Any, path: str) -> Any:
+    """The value at a dotted path of a built config (sub-configs are attributes), class defaults included."""
+    node = config
+    for key in path.split("."):
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+        elif hasattr(node, key):
+            node = getattr(node, key)
+        else:
+            raise ValueError(f"tiny.derived: {path!r} is not a value of {type(config).__name__} ({key!r} is missing)")
+    return copy.deepcopy(node)
+
+
 def _build_config(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend, processor: ProcessorMixin) -> Any:
     config: dict[str, Any] = copy.deepcopy(tiny.config)
-    for path, token in tiny.tokenizer.config_token_ids.items():
-        _set_path(config, path, _token_id(tokenizer, token))
+    for path, tokens in tiny.tokenizer.config_token_ids.items():
+        _set_path(config, path, _token_ids(tokenizer, tokens))
     for name, spec in tiny.extra_tokenizers.items():
         extra = getattr(processor, name)
-        for path, token in spec.config_token_ids.items():
-            _set_path(config, path, _token_id(extra, token))
+        for path, tokens in spec.config_token_ids.items():
+            _set_path(config, path, _token_ids(extra, tokens))
         if spec.config_vocab_size:
             _set_path(config, spec.config_vocab_size, len(extra))
-    built = _resolve(tiny.config_class)(**config)
+    config_class = _resolve(tiny.config_class)
+    if tiny.derived:
+        # Sources are read from a config built without the derived values (so a class default counts), then
+        # the config is built again with them.
+        first = config_class(**copy.deepcopy(config))
+        for target, source in tiny.derived.items():
+            value = len(tokenizer) if source == _TOKENIZER_LENGTH else _config_value(first, source)
+            _set_path(config, target, value)
+    built = config_class(**config)
     built.get_text_config(decoder=True).vocab_size = len(tokenizer)
     return built
 
