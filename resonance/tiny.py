@@ -41,7 +41,8 @@ cannot know without transformers is checked here: class names, tokens that must 
 trained tokenizer, config paths through the config's mappings, parameter patterns that must match.
 
 Processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) get their family's default one, the
-class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance).
+class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance); likewise
+a ``feature_extractor`` (Gemma 4's audio one), the class ``AutoFeatureExtractor`` maps it to.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import torch
 import transformers
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
 from transformers.utils import is_torchvision_available
@@ -263,6 +265,25 @@ def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
         return _processor_parts(tiny, tokenizer)
 
 
+# Processor parts made with the family's defaults, the class each Auto class maps the config's model type to: a
+# video processor (Qwen2-VL, SmolVLM...; torchvision's, a dependency of Resonance) and Gemma 4's audio feature
+# extractor, which its processor takes for every checkpoint, image-only ones included.
+_DEFAULT_PARTS = {
+    "video_processor": lambda model_type: (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision"),
+    "feature_extractor": FEATURE_EXTRACTOR_MAPPING_NAMES.get,
+}
+
+
+def _default_part(tiny: TinyRecipe, processor_name: str, modality: str) -> Any:
+    model_type = _resolve(tiny.config_class).model_type
+    part_class = _DEFAULT_PARTS[modality](model_type)
+    if part_class is None and modality == "video_processor" and not is_torchvision_available():
+        raise MissingBackendError("", f"{processor_name}'s video processor", "torchvision")
+    if part_class is None:
+        raise ValueError(f"{processor_name} needs a {modality.replace('_', ' ')}; none is mapped for {model_type}")
+    return _resolve(part_class)()
+
+
 def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
     processor_class = _resolve(tiny.processor_class)
     image_processor = _resolve(tiny.image_processor_class)(**copy.deepcopy(tiny.image_processor))
@@ -270,20 +291,13 @@ def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend
     attributes = processor_class.get_attributes()
     for name in attributes:
         modality = _get_modality_for_attribute(name)
-        if modality == "video_processor" and name not in kwargs:
-            # The family's default video processor, as AutoVideoProcessor maps the config's model type.
-            model_type = _resolve(tiny.config_class).model_type
-            video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
-            if video_class is None and not is_torchvision_available():  # video processors are torchvision's
-                raise MissingBackendError("", f"{processor_class.__name__}'s video processor", "torchvision")
-            if video_class is None:
-                raise ValueError(f"{processor_class.__name__} needs a video processor; none is mapped for {model_type}")
-            kwargs[name] = _resolve(video_class)()
+        if modality in _DEFAULT_PARTS and name not in kwargs:
+            kwargs[name] = _default_part(tiny, processor_class.__name__, modality)
         elif name in tiny.extra_tokenizers:  # a second tokenizer (InstructBLIP's qformer_tokenizer)
             kwargs[name] = build_extra_tokenizer(tiny.extra_tokenizers[name])
         elif name != "tokenizer" and modality == "tokenizer":
             raise ValueError(f"{processor_class.__name__} needs a {name}: describe it in tiny.extra_tokenizers")
-        elif modality not in ("image_processor", "tokenizer", "video_processor"):
+        elif modality not in ("image_processor", "tokenizer", *_DEFAULT_PARTS):
             raise ValueError(f"{processor_class.__name__} needs a {name}, which build_tiny does not make")
     return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tiny.chat_template, **kwargs

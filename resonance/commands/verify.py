@@ -19,7 +19,7 @@ import torch
 
 from resonance import codegen
 from resonance.base.checks import image_output_problems, module_problems
-from resonance.base.model import unwrap
+from resonance.base.model import per_submodel, unwrap
 from resonance.codegen.schema import ModelSpec
 from resonance.errors import FieldProblem, MissingBackendError, SpecError, SpecMismatchError, SpecProblem
 from resonance.tiny import build_tiny, tiny_from_spec
@@ -96,7 +96,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
 
     def load_model() -> list[FieldProblem]:
         model_class = getattr(transformers, vl_model.hf_model_class)
-        model = model_class.from_pretrained(str(checkpoint), attn_implementation="sdpa")
+        config = model_class.config_class.from_pretrained(str(checkpoint))
+        model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
