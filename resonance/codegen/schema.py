@@ -208,12 +208,26 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    stop_token: NonEmpty | None = Field(
+        None,
+        description=(
+            "For templates that write no end-of-turn token after an answer (GLM-4V's: the next turn's <|user|> "
+            "follows, and a conversation ends with the answer's text): the token the model must learn to emit after "
+            "each answer in training, one token of the tokenizer and one generation stops at. An answer followed "
+            "by it in the rendering gets it supervised; one followed by anything else (the last) gets it written "
+            "after its text. Prompts at inference are unchanged. Not with answer: suffix (the processor ends the "
+            "suffix itself)."
+        ),
+    )
+
     @model_validator(mode="after")
     def _inline_needs_template(self) -> ChatTemplate:
         if self.source == "inline" and not self.template:
             raise ValueError("template: required when source is 'inline'")
         if self.source == "model" and self.template is not None:
             raise ValueError("template: only allowed with source: inline")
+        if self.stop_token is not None and self.answer == "suffix":
+            raise ValueError("stop_token: not with answer: suffix (the processor ends the suffix answer itself)")
         return self
 
 

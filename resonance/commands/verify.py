@@ -166,6 +166,14 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             processor.train()
         if out.shape[1] <= inputs["input_ids"].shape[1]:
             return [FieldProblem("generation", "generate() returned no new tokens")]
+        if processor.stop_token is not None:  # what training teaches to end an answer must end generation
+            stop_id = processor.tokenizer.convert_tokens_to_ids(processor.stop_token)
+            eos = kwargs.get("eos_token_id")
+            if stop_id not in (eos if isinstance(eos, list) else [eos]):
+                message = f"{processor.stop_token!r} (id {stop_id}) is not among the ids generation stops at ({eos})"
+                return [
+                    FieldProblem("chat_template.stop_token", message + ": the model's generation_config must list it")
+                ]
         return []
 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
@@ -176,7 +184,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     run("forward on the processed batch gives a finite loss", "image.inputs", forward, ("model", "batch"))
     run("freeze_vision_tower freezes the tower", "modules.vision_tower", freeze, ("model", "vision tower"))
     run("LoRA auto touches only the language model", "lora.targets, modules.language_model", lora, ("model",))
-    run("generate with the default kwargs", "generation, padding_side.infer", generate, ("model", "processor"))
+    fields = "generation, padding_side.infer, chat_template.stop_token"
+    run("generate with the default kwargs; it stops at the stop token", fields, generate, ("model", "processor"))
     return checks
 
 
