@@ -80,6 +80,27 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"{folder}: cannot load the model: {exc}") from exc
 
 
+def cast_vision_inputs(tower: nn.Module) -> None:
+    """Floating-point inputs reach the vision tower in its weights' dtype. Most towers cast them themselves; Llama
+    4's does not, and its image processor returns bfloat16 pixel values whatever the model's dtype (as the original
+    implementation did). Idempotent."""
+    if getattr(tower, "_resonance_casts_inputs", False):
+        return
+
+    def cast(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        dtype = next(module.parameters()).dtype
+
+        def to(value: Any) -> Any:
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+
+    tower.register_forward_pre_hook(cast, with_kwargs=True)
+    tower._resonance_casts_inputs = True
+
+
 class VLModel:
     """Class-level adapter for one model family; it never wraps or subclasses the HF model.
 
@@ -137,10 +158,12 @@ class VLModel:
                 base = _load(model_class, base_path, kwargs)
                 cls.check_model(base)
                 cls.batch_vision_attention(base)
+                cast_vision_inputs(cls.get_vision_tower(base))
             return PeftModel.from_pretrained(base, str(path))
         model = _load(model_class, path, kwargs)
         cls.check_model(model)
         cls.batch_vision_attention(model)
+        cast_vision_inputs(cls.get_vision_tower(model))
         return model
 
     @classmethod
