@@ -19,9 +19,10 @@ import torch
 
 from resonance import codegen
 from resonance.base.checks import image_output_problems, module_problems
-from resonance.base.model import per_submodel, unwrap
+from resonance.base.model import cast_vision_inputs, per_submodel, unwrap
 from resonance.codegen.schema import ModelSpec
 from resonance.errors import FieldProblem, MissingBackendError, SpecError, SpecMismatchError, SpecProblem
+from resonance.patches import llama4_outputs
 from resonance.tiny import build_tiny, tiny_from_spec
 
 
@@ -95,13 +96,16 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         checks.append(check)
 
     def load_model() -> list[FieldProblem]:
+        # The model as Resonance loads it (VLModel.from_pretrained), without raising at the first bad field
         model_class = getattr(transformers, vl_model.hf_model_class)
         config = model_class.config_class.from_pretrained(str(checkpoint))
+        llama4_outputs.install()
         model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
             state["vision tower"] = True
+            cast_vision_inputs(vl_model.get_vision_tower(model))
         return problems
 
     def load_processor() -> None:

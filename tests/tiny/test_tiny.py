@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from resonance.codegen.project import load_specs
 from resonance.codegen.schema import ModelSpec
+from resonance.patches import llama4_outputs
 from resonance.tiny import TinyRecipe, build_tiny, tiny_from_spec
 
 
@@ -55,6 +56,7 @@ def conversation(picture: Image.Image | None = None, answer: str | None = None) 
 
 
 def load(out_dir: Path) -> tuple[Any, Any]:
+    llama4_outputs.install()  # transformers 5.24's Llama 4 forward fails without it (resonance loads install it)
     processor = transformers.AutoProcessor.from_pretrained(out_dir)
     model = transformers.AutoModelForImageTextToText.from_pretrained(out_dir)
     return processor, model
