@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from helpers import SFT_CASES, load_adapter, sft_rows
+from helpers import SFT_CASES, load_adapter, sft_rows, with_template
 
 from resonance.algorithms.lengths import fit_rows
 from resonance.errors import ChatTemplateError, DataError, RowError
@@ -22,12 +22,8 @@ REFUSES_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('ro
 @pytest.fixture
 def refusing(tiny_checkpoint: Callable[[str], Path]):
     ckpt = tiny_checkpoint("qwen2_vl")
-    mapper, base = load_adapter(ckpt)
-
-    class Refusing(type(base)):
-        inline_chat_template = REFUSES_SYSTEM + base.hf.chat_template
-
-    return mapper, Refusing, ckpt
+    mapper, refusing_cls = with_template(ckpt, REFUSES_SYSTEM + load_adapter(ckpt)[1].hf.chat_template)
+    return mapper, refusing_cls, ckpt
 
 
 def test_a_system_row_is_refused_by_name(refusing, tmp_path: Path) -> None:
