@@ -235,6 +235,15 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    images: Literal["inline", "leading"] = Field(
+        "inline",
+        description=(
+            "Where the template writes images. inline: where their parts are, in their messages. leading: every "
+            "image of the conversation before the first turn, whichever message holds it (Molmo2's); the label "
+            "code then renders each prefix with the later messages' images too, so it starts as the whole "
+            "conversation does (verify checks the claim)."
+        ),
+    )
     system: bool = Field(
         True,
         description=(

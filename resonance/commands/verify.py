@@ -133,6 +133,17 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             return [FieldProblem("chat_template.system", "false, but the template renders a system message")]
         return []
 
+    def images_lead() -> list[FieldProblem]:
+        processor = state["processor"]
+        if not processor.images_lead:
+            return []
+        later = [*_conversation(0, "A"), *_conversation(1, "B")]  # the image in the second user message
+        first = [*_conversation(1, "A"), *_conversation(0, "B")]
+        if processor.render_conversation(later, False) != processor.render_conversation(first, False):
+            message = "leading, but an image renders otherwise in the second user message than in the first"
+            return [FieldProblem("chat_template.images", message)]
+        return []
+
     def process() -> list[FieldProblem]:
         processor = state["processor"]
         count = 2 if spec.image.multi_image else 1
@@ -220,6 +231,7 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
     run("processor loads; image token is a token", "processor_class, image.token, chat_template", load_processor)
     run("the template takes a system message as the spec says", "chat_template.system", system, ("processor",))
+    run("images lead the rendering as the spec says", "chat_template.images", images_lead, ("processor",))
     run(
         "processor outputs the image inputs; labels cover answers", "image.inputs, image.token", process, ("processor",)
     )
