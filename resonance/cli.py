@@ -242,6 +242,7 @@ def verify(
     table = Table("check", "spec fields", "result")
     for check in checks:
         result = "ok" if check.ok else ("skipped: " + check.skipped if check.skipped else "FAILED")
+        result += " (warning)" if check.warnings else ""
         table.add_row(check.name, check.fields, result)
     out.print(table)
     rel = codegen.relative(spec_path, project)
@@ -252,10 +253,14 @@ def verify(
             err.print(f"{rel}:{line}:{col}: {problem.field}: {problem.message}", markup=False)
         if check.error:
             err.print(f"{rel}: {check.name}: {check.error}", markup=False)
+        for warning in check.warnings:  # the field is the tiny section: the line of `tiny:`
+            line, col = spec.position("tiny")
+            err.print(f"{rel}:{line}:{col}: tiny: warning: {warning}", markup=False)
         failed = failed or not check.ok
     if failed:
         raise typer.Exit(EXIT_FAILED)
-    err.print(f"{rel}: every check passed", markup=False)
+    warned = " (with warnings)" if any(check.warnings for check in checks) else ""
+    err.print(f"{rel}: every check passed{warned}", markup=False)
 
 
 @app.command()

@@ -40,6 +40,7 @@ class Check:
     problems: list[FieldProblem] = field(default_factory=list)
     error: str | None = None  # an exception that is not a spec problem
     skipped: str | None = None
+    warnings: list[str] = field(default_factory=list)  # not failures: what would make the family's tests weak
 
     @property
     def ok(self) -> bool:
@@ -160,9 +161,15 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
 
     def forward() -> list[FieldProblem]:
         with torch.no_grad():
-            loss = state["model"](**state["batch"]).loss
+            out = state["model"](**state["batch"])
+        loss = out.loss
+        state["logits"] = out.logits
         if not math.isfinite(loss.item()):
             return [FieldProblem("image.inputs", f"the model's loss on a processed batch is {loss.item()}")]
+        return []
+
+    def oracle() -> list[FieldProblem]:
+        state["warnings"] = degenerate(state["logits"], state["batch"])
         return []
 
     def freeze() -> list[FieldProblem]:
@@ -236,12 +243,50 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         "processor outputs the image inputs; labels cover answers", "image.inputs, image.token", process, ("processor",)
     )
     run("forward on the processed batch gives a finite loss", "image.inputs", forward, ("model", "batch"))
+    run("the tiny model gives the oracle tests differences to compare", "tiny", oracle, ("logits",))
+    checks[-1].warnings = state.pop("warnings", [])
     run("freeze_vision_tower freezes the tower", "modules.vision_tower", freeze, ("model", "vision tower"))
     fields = "lora.targets, lora.parameters, moe.router, modules.language_model"
     run("LoRA auto touches only the language model, experts and never routers", fields, lora, ("model",))
     fields = "generation, padding_side.infer, chat_template.stop_token"
     run("generate with the default kwargs; it stops at the stop token", fields, generate, ("model", "processor"))
     return checks
+
+
+# Below these, a tiny model's outputs are too flat for the tests that compare log-prob differences (DPO loss and
+# gradients against TRL, the step tests' "the weights moved" guards): the shipped families' tiny models spread their
+# logits at the answers by about 0.16 over the vocabulary and vary them by about as much from token to token.
+MIN_LOGIT_SPREAD = 0.01
+MIN_LOGIT_VARIATION = 0.01
+
+
+def degenerate(logits: torch.Tensor, batch: Any) -> list[str]:
+    """What makes a tiny configuration degenerate for the oracle tests, read from a forward pass on verify's batch
+    (two rows: one with images, one with fewer or none): near-uniform logits at the answer tokens, logits that
+    hardly change from one answer token to the next, rows that collate to the same length (no padding to test)."""
+    supervised = batch["labels"][:, 1:] != -100
+    scores = logits[:, :-1][supervised].double()
+    warnings = []
+    spread = scores.std(-1).mean().item()
+    if spread < MIN_LOGIT_SPREAD:
+        warnings.append(
+            f"near-uniform logits at the answers (spread {spread:.2g} over the vocabulary, under {MIN_LOGIT_SPREAD}): "
+            "the log-prob differences the DPO and gradient tests compare vanish; raise tiny.config's "
+            "initializer_range, or set the head's weights with tiny.parameters"
+        )
+    variation = scores.std(0).mean().item() if scores.shape[0] > 1 else 0.0
+    if variation < MIN_LOGIT_VARIATION:
+        warnings.append(
+            f"the logits hardly change from one answer token to the next (by {variation:.2g}, under "
+            f"{MIN_LOGIT_VARIATION}): the model ignores its input; look for zero-initialised layers in tiny.config"
+        )
+    lengths = [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
+    if len(set(lengths)) == 1:
+        warnings.append(
+            f"a row with images and one with fewer collate to the same length ({lengths[0]} tokens): padding, which "
+            "the parity tests check, never happens; give the tiny image processor sizes that yield more image tokens"
+        )
+    return warnings
 
 
 def backend_spec_error(exc: MissingBackendError, spec: ModelSpec, spec_file: str) -> SpecError:

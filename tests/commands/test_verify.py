@@ -25,7 +25,8 @@ def test_verify_passes_on_a_good_spec(project: Path) -> None:
     result = runner.invoke(app, ["verify", str(project / "specs" / "llava.yaml"), "--project", str(project)])
     assert result.exit_code == 0, result.stdout + result.stderr
     assert "every check passed" in result.stderr
-    assert result.stdout.count(" ok ") == 9
+    assert result.stdout.count(" ok ") == 10
+    assert "warning" not in result.stdout + result.stderr
 
 
 def test_verify_names_every_bad_field_with_its_line(project: Path) -> None:
@@ -49,7 +50,41 @@ def test_verify_names_every_bad_field_with_its_line(project: Path) -> None:
     assert f"specs/llava.yaml:{token_line}:" in errors
     assert "image.token: '<img>' is not a token of the tokenizer; did you mean '<image>'" in errors
     assert result.stdout.count("FAILED") == 2  # model and processor checks
-    assert result.stdout.count("skipped") == 6  # the checks that need the processor did not run
+    assert result.stdout.count("skipped") == 7  # the checks that need the processor did not run
+
+
+def test_verify_warns_of_a_degenerate_tiny_configuration(project: Path) -> None:
+    spec = project / "specs" / "llava.yaml"
+    text = spec.read_text()
+    assert "\n  parameters:" not in text
+    # a head of zeros: every logit 0, at every position
+    text = text.replace("\n  tokenizer:", '\n  parameters: {"lm_head.weight": 0.0}\n  tokenizer:', 1)
+    spec.write_text(text)
+    result = runner.invoke(app, ["verify", str(spec), "--project", str(project)])
+    assert result.exit_code == 0, result.stdout + result.stderr  # warnings, not failures
+    assert "every check passed (with warnings)" in result.stderr
+    tiny_line = _line_of(text, "tiny:")
+    warnings = [line for line in result.stderr.splitlines() if ": tiny: warning: " in line]
+    assert len(warnings) == 2 and all(line.startswith(f"specs/llava.yaml:{tiny_line}:") for line in warnings)
+    assert "near-uniform logits at the answers (spread 0 " in warnings[0]
+    assert "the logits hardly change from one answer token to the next" in warnings[1]
+
+
+def test_degenerate_reads_flat_logits_and_equal_rows() -> None:
+    import torch
+
+    from resonance.commands.verify import degenerate
+
+    labels = torch.tensor([[-100, 5, 6, 7], [-100, -100, 8, 9]])
+    batch = {"labels": labels, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    varied = torch.randn(2, 4, 50, generator=torch.Generator().manual_seed(0))
+    assert degenerate(varied, batch) == []
+    assert len(degenerate(varied * 1e-3, batch)) == 2  # near-uniform, and alike from token to token
+    same_everywhere = varied[:1, :1].expand(2, 4, 50)
+    (alike,) = degenerate(same_everywhere, batch)
+    assert "hardly change" in alike
+    (equal,) = degenerate(varied, {**batch, "attention_mask": torch.ones(2, 4)})
+    assert "collate to the same length (4 tokens)" in equal
 
 
 def test_first_use_of_a_bad_module_path_names_the_field(tiny_checkpoint) -> None:
