@@ -57,6 +57,17 @@ def _for_template(message: Message, as_string: bool) -> Message:
     return text_as_string(message) if as_string else message
 
 
+def _image_parts(message: Message) -> int:
+    content = message["content"]
+    return 0 if isinstance(content, str) else sum(part["type"] == "image" for part in content)
+
+
+def message_text(message: Message) -> str:
+    """A message's text: its string content, or its text parts joined."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text") or "" for p in content if p["type"] == "text")
+
+
 def text_as_string(message: Message) -> Message:
     """A message without image parts with its text as one string (spec chat_template.text_messages: string)."""
     content = message["content"]
@@ -109,6 +120,8 @@ class VLProcessor:
     images_required: ClassVar[bool] = False  # spec image.required
     text_messages_as_string: ClassVar[bool] = False  # spec chat_template.text_messages: string
     stop_token: ClassVar[str | None] = None  # spec chat_template.stop_token
+    takes_system: ClassVar[bool] = True  # spec chat_template.system
+    images_lead: ClassVar[bool] = False  # spec chat_template.images: leading
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -239,25 +252,47 @@ class VLProcessor:
         A turn's span runs from the end of the prefix rendered with the generation prompt to the end
         of the prefix rendered with that turn (content and end-of-turn marker), less trailing white
         space. Rendering is per turn; tokenization stays once per conversation.
+
+        Where the template writes every image first (spec chat_template.images: leading), the prefixes are
+        rendered with the later messages' images too, so they start as the whole conversation does. Where the
+        history writes a turn's opening otherwise than the generation prompt (Molmo2's " <|im_start|>assistant"),
+        the span is the turn's own text, found at the end of the prefix rendered with it.
         """
         full = self.render_conversation(messages, add_generation_prompt=False)
         spans = []
         for index in supervised_turns(messages, first_supervised):
-            before = self.render_conversation(messages[:index], add_generation_prompt=True)
-            through = self.render_conversation(messages[: index + 1], add_generation_prompt=False)
-            if not (through.startswith(before) and full.startswith(through)):
+            before = self.render_conversation(self._prefix(messages, index), add_generation_prompt=True)
+            through = self.render_conversation(self._prefix(messages, index + 1), add_generation_prompt=False)
+            end = len(through.rstrip())  # trailing white space after the end-of-turn marker: the separator
+            answer = message_text(messages[index])
+            if through.startswith(before):
+                # Everything after the generation prompt is the model's to generate, leading space included
+                start = len(before)
+            elif answer and through.endswith(answer, 0, end):
+                start = end - len(answer)
+            else:
+                start = None
+            if start is None or not full.startswith(through):
                 raise ValueError(
                     f"{type(self).__name__}: the chat template does not render conversations prefix-stably "
                     f"(turn {index}); override the processor.assistant_char_spans hook for this family"
                 )
-            # Everything after the generation prompt is the model's to generate, leading space included;
-            # trailing white space after the end-of-turn marker is the template's separator.
-            start, end = len(before), len(through)
-            while end > start and through[end - 1].isspace():
-                end -= 1
             if end > start:
                 spans.append((start, end))
         return spans
+
+    def _prefix(self, messages: list[Message], length: int) -> list[Message]:
+        """The first ``length`` messages; where images lead (spec chat_template.images: leading), with the later
+        messages' images added to the first user message, as the template writes them all before any turn."""
+        later = sum(_image_parts(m) for m in messages[length:])
+        prefix = list(messages[:length])
+        first_user = next((i for i, m in enumerate(prefix) if m["role"] == "user"), None)
+        if not self.images_lead or not later or first_user is None:
+            return prefix
+        content = prefix[first_user]["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        prefix[first_user] = {**prefix[first_user], "content": [{"type": "image", "text": None}] * later + parts}
+        return prefix
 
     def supervised_text(self, messages: list[Message], first_supervised: int) -> tuple[str, list[tuple[int, int]]]:
         """The conversation rendered for training and the character spans of its turns to learn
@@ -367,6 +402,8 @@ class VLProcessor:
         problem = ImageCount.for_family(self).problem(image_count)
         if problem is not None:
             return problem
+        if (problem := self.system_problem(messages)) is not None:
+            return problem
         if self.answer_as_suffix:
             try:
                 self.split_answer(messages, first_supervised)
@@ -381,6 +418,15 @@ class VLProcessor:
                 "counting from 0), so the row has nothing to learn; let at least one train, or drop the row"
             )
         return None
+
+    def system_problem(self, messages: list[Message]) -> str | None:
+        """A system message where the family's template takes none (spec chat_template.system: false), or None."""
+        if self.takes_system or not any(m["role"] == "system" for m in messages):
+            return None
+        return (
+            f"a system message, which the {self.hf_processor_class} chat template does not take (spec "
+            "chat_template.system: false); drop it, or put its text into the first user message"
+        )
 
     def _check_rows(
         self,

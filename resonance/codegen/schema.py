@@ -235,6 +235,23 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    images: Literal["inline", "leading"] = Field(
+        "inline",
+        description=(
+            "Where the template writes images. inline: where their parts are, in their messages. leading: every "
+            "image of the conversation before the first turn, whichever message holds it (Molmo2's); the label "
+            "code then renders each prefix with the later messages' images too, so it starts as the whole "
+            "conversation does (verify checks the claim)."
+        ),
+    )
+    system: bool = Field(
+        True,
+        description=(
+            "Whether the template takes a system message. false for templates that refuse one (Molmo2's: roles "
+            "must alternate user/assistant): a row holding one is then refused by name, and verify checks the "
+            "template does refuse it."
+        ),
+    )
     stop_token: NonEmpty | None = Field(
         None,
         description=(

@@ -41,6 +41,13 @@ def _raw_spec(ckpt: Path) -> dict[str, Any]:
     raise AssertionError(f"no spec in specs/ lists {architecture}")
 
 
+def with_template(ckpt: Path, template: str) -> tuple[ModelCoreMapper, type[VLProcessor]]:
+    """The adapter for ``ckpt`` and its processor class rendering with ``template`` (as a spec's inline template
+    does): template-dependent behaviour tested on an existing tiny family."""
+    mapper, processor = load_adapter(ckpt)
+    return mapper, type(type(processor).__name__, (type(processor),), {"inline_chat_template": template})
+
+
 def load_hf_processor(ckpt: Path) -> ProcessorMixin:
     """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
 
@@ -58,6 +65,8 @@ def load_hf_processor(ckpt: Path) -> ProcessorMixin:
     stop_token = (spec.get("chat_template") or {}).get("stop_token")
     if stop_token is not None:
         processor.chat_template = with_stop_token(processor.chat_template, stop_token)
+    # read by expected_supervision: the template writes every image before the first turn
+    processor.images_lead = (spec.get("chat_template") or {}).get("images") == "leading"
     return processor
 
 
@@ -127,17 +136,47 @@ def expected_supervision(
     for k, message in enumerate(conversation):
         if message["role"] != "assistant" or k < first:
             continue
-        before, _ = _collapse_image_runs(hf_ids(hf, conversation[:k], add_generation_prompt=True), image_token_id)
-        through, _ = _collapse_image_runs(hf_ids(hf, conversation[: k + 1]), image_token_id)
+        before_ids = hf_ids(hf, _prefix(hf, conversation, k), add_generation_prompt=True)
+        before, _ = _collapse_image_runs(before_ids, image_token_id)
+        through, _ = _collapse_image_runs(hf_ids(hf, _prefix(hf, conversation, k + 1)), image_token_id)
         # The reconstruction is only meaningful if tokenization is prefix-stable; fail loudly otherwise.
-        assert through[: len(before)] == before, f"turn {k}: generation-prompt prefix is not a token prefix"
         assert full_collapsed[: len(through)] == through, f"turn {k}: prefix through the turn is not a token prefix"
-        positions = [full_positions[i] for i in range(len(before), len(through))]
-        while positions and is_blank_token(hf, full[positions[-1]]):
-            positions.pop()
+        end = len(through)
+        while end and is_blank_token(hf, through[end - 1]):
+            end -= 1
+        if through[: len(before)] == before:
+            start = len(before)
+        else:  # the history opens the turn otherwise than the generation prompt (Molmo2): the answer's own tokens
+            start = _answer_start(hf, through[:end], message)
+        positions = [full_positions[i] for i in range(start, end)]
         assert positions, f"turn {k}: no tokens for the assistant answer"
         turns.append(positions)
     return full, turns
+
+
+def _prefix(hf: ProcessorMixin, conversation: list[Message], length: int) -> list[Message]:
+    """The first ``length`` messages; for a template that writes every image first, with the later messages' image
+    parts put at the start of the first user message (so the prefix starts as the whole conversation does)."""
+    prefix = [dict(m) for m in conversation[:length]]
+    if not getattr(hf, "images_lead", False):
+        return prefix
+    later = [p for m in conversation[length:] if not isinstance(m["content"], str) for p in m["content"]]
+    later = [p for p in later if p["type"] == "image"]
+    users = [m for m in prefix if m["role"] == "user"]
+    if later and users:
+        users[0]["content"] = later + list(users[0]["content"])
+    return prefix
+
+
+def _answer_start(hf: ProcessorMixin, ids: list[int], message: Message) -> int:
+    """Where the tokens at the end of ``ids`` that decode to the answer (and the stop token the test template
+    writes after a last answer) start."""
+    text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
+    for start in range(len(ids) - 1, -1, -1):
+        tail = hf.tokenizer.decode(ids[start:])
+        if tail.startswith(text):
+            return start
+    raise AssertionError(f"the answer {text!r} does not end its prefix's tokens")
 
 
 def repeat_images(batch: dict[str, Any], processor: VLProcessor) -> dict[str, Any]:
