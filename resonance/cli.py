@@ -22,7 +22,15 @@ from resonance.algorithms import ALGORITHMS, Algorithm
 from resonance.algorithms.arguments import DataArguments
 from resonance.codegen.schema_file import WRITE_COMMAND, schema_diff, schema_drift, schema_json, write_schema
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from resonance.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ResonanceError, SpecError
+from resonance.errors import (
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    MissingBackendError,
+    ResonanceError,
+    SpecError,
+)
 
 app = typer.Typer(
     help="Align vision-language models from declarative model specs.",
@@ -193,6 +201,7 @@ def tiny(
 ) -> None:
     """Build a family's tiny random-weight model and processor offline, for smoke tests."""
     spec_path, project = codegen.named_spec(name, project)  # an unknown name fails before torch is imported
+    from resonance.commands.verify import backend_spec_error
     from resonance.tiny import build_tiny, tiny_from_spec
 
     try:
@@ -201,6 +210,8 @@ def tiny(
         raise _spec_failure(exc) from exc
     try:
         path = build_tiny(tiny_from_spec(spec), out_dir, seed=seed, overwrite=overwrite)
+    except MissingBackendError as exc:
+        raise _spec_failure(backend_spec_error(exc, spec, codegen.relative(spec_path, project))) from exc
     except FileExistsError as exc:
         err.print(f"error: {exc} (pass --overwrite to replace it)", markup=False)
         raise typer.Exit(EXIT_FAILED) from exc

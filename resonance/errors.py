@@ -77,6 +77,23 @@ class UnsupportedModelError(ResonanceError, ValueError):
     """The checkpoint's architecture has no adapter, or the adapter cannot run the asked algorithm."""
 
 
+class MissingBackendError(ResonanceError, ImportError):
+    """A class a spec names (its processor, image or video processor) needs a package that is not installed.
+
+    ``where`` is the spec and field that name the class (``specs/x.yaml: processor_class``), or empty where the
+    caller adds the position itself (``resonance tiny`` and ``verify`` give the line)."""
+
+    def __init__(self, where: str, class_name: str, package: str):
+        self.where, self.class_name, self.package = where, class_name, package
+        prefix = f"{where}: " if where else ""
+        super().__init__(
+            f"{prefix}{class_name} needs the {package} package, which is not installed here (pip install {package})"
+        )
+
+    def __reduce__(self) -> tuple[type[MissingBackendError], tuple[str, str, str]]:
+        return (type(self), (self.where, self.class_name, self.package))
+
+
 class CheckpointError(ResonanceError, FileNotFoundError):
     """A checkpoint or model folder that is missing or incomplete."""
 

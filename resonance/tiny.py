@@ -19,6 +19,7 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
       config_token_ids:           # config paths (dotted) filled with token ids after the processor is built
         image_token_id: "<image>"
         text_config.pad_token_id: "<pad>"
+        eos_token_id: ["<eos>", "<|user|>"]   # a list of tokens: the list of their ids
     chat_template: "..."          # the family's real chat template (jinja)
     extra_tokenizers:             # a processor's other tokenizers, by processor attribute
       qformer_tokenizer:          # InstructBLIP's Q-Former tokenizer
@@ -27,6 +28,9 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
         pad_token: "[PAD]"        # likewise unk_token, cls_token, sep_token, mask_token
         config_vocab_size: qformer_config.vocab_size    # config path set to len(that tokenizer)
         config_token_ids: {qformer_config.pad_token_id: "[PAD]"}
+    derived:                      # config paths set from tokenizer.length or another config path
+      vocab_size: tokenizer.length
+      vision_config.out_hidden_size: text_config.hidden_size
     parameters:                   # parameters (glob over names) set to a constant after init
       "*.cross_attn_attn_gate": 0.5
 
@@ -37,7 +41,8 @@ cannot know without transformers is checked here: class names, tokens that must 
 trained tokenizer, config paths through the config's mappings, parameter patterns that must match.
 
 Processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) get their family's default one, the
-class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance).
+class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance); likewise
+a ``feature_extractor`` (Gemma 4's audio one), the class ``AutoFeatureExtractor`` maps it to.
 """
 
 from __future__ import annotations
@@ -57,9 +62,12 @@ import torch
 import transformers
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
+from transformers.utils import is_torchvision_available
 
+from resonance.base.checks import backends_named
 from resonance.codegen.schema import (
     BpeExtraTokenizer,
     Identifier,
@@ -68,6 +76,7 @@ from resonance.codegen.schema import (
     TinyTokenizer,
     WordpieceTokenizer,
 )
+from resonance.errors import MissingBackendError
 
 __all__ = [
     "TinyRecipe",
@@ -250,41 +259,91 @@ def _token_id(tokenizer: transformers.TokenizersBackend, token: str) -> int:
 
 
 def _build_processor(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
+    """The spec's processor around ``tokenizer``; a part that needs a package not installed here (transformers'
+    torchvision image and video processors, SmolVLM's num2words) is a MissingBackendError naming it."""
+    with backends_named("", tiny.processor_class):
+        return _processor_parts(tiny, tokenizer)
+
+
+# Processor parts made with the family's defaults, the class each Auto class maps the config's model type to: a
+# video processor (Qwen2-VL, SmolVLM...; torchvision's, a dependency of Resonance) and Gemma 4's audio feature
+# extractor, which its processor takes for every checkpoint, image-only ones included.
+_DEFAULT_PARTS = {
+    "video_processor": lambda model_type: (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision"),
+    "feature_extractor": FEATURE_EXTRACTOR_MAPPING_NAMES.get,
+}
+
+
+def _default_part(tiny: TinyRecipe, processor_name: str, modality: str) -> Any:
+    model_type = _resolve(tiny.config_class).model_type
+    part_class = _DEFAULT_PARTS[modality](model_type)
+    if part_class is None and modality == "video_processor" and not is_torchvision_available():
+        raise MissingBackendError("", f"{processor_name}'s video processor", "torchvision")
+    if part_class is None:
+        raise ValueError(f"{processor_name} needs a {modality.replace('_', ' ')}; none is mapped for {model_type}")
+    return _resolve(part_class)()
+
+
+def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:
     processor_class = _resolve(tiny.processor_class)
     image_processor = _resolve(tiny.image_processor_class)(**copy.deepcopy(tiny.image_processor))
     kwargs: dict[str, Any] = copy.deepcopy(tiny.processor)
     attributes = processor_class.get_attributes()
     for name in attributes:
         modality = _get_modality_for_attribute(name)
-        if modality == "video_processor" and name not in kwargs:
-            # The family's default video processor, as AutoVideoProcessor maps the config's model type.
-            model_type = _resolve(tiny.config_class).model_type
-            video_class = (VIDEO_PROCESSOR_MAPPING_NAMES.get(model_type) or {}).get("torchvision")
-            if video_class is None:
-                raise ValueError(f"{processor_class.__name__} needs a video processor; none is mapped for {model_type}")
-            kwargs[name] = _resolve(video_class)()
+        if modality in _DEFAULT_PARTS and name not in kwargs:
+            kwargs[name] = _default_part(tiny, processor_class.__name__, modality)
         elif name in tiny.extra_tokenizers:  # a second tokenizer (InstructBLIP's qformer_tokenizer)
             kwargs[name] = build_extra_tokenizer(tiny.extra_tokenizers[name])
         elif name != "tokenizer" and modality == "tokenizer":
             raise ValueError(f"{processor_class.__name__} needs a {name}: describe it in tiny.extra_tokenizers")
-        elif modality not in ("image_processor", "tokenizer", "video_processor"):
+        elif modality not in ("image_processor", "tokenizer", *_DEFAULT_PARTS):
             raise ValueError(f"{processor_class.__name__} needs a {name}, which build_tiny does not make")
     return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tiny.chat_template, **kwargs
     )
 
 
+def _token_ids(tokenizer: transformers.TokenizersBackend, tokens: str | list[str]) -> int | list[int]:
+    """One token's id, or a list of tokens' ids (config_token_ids values)."""
+    return _token_id(tokenizer, tokens) if isinstance(tokens, str) else [_token_id(tokenizer, t) for t in tokens]
+
+
+_TOKENIZER_LENGTH = "tokenizer.length"
+
+
+def _config_value(config: Any, path: str) -> Any:
+    """The value at a dotted path of a built config (sub-configs are attributes), class defaults included."""
+    node = config
+    for key in path.split("."):
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+        elif hasattr(node, key):
+            node = getattr(node, key)
+        else:
+            raise ValueError(f"tiny.derived: {path!r} is not a value of {type(config).__name__} ({key!r} is missing)")
+    return copy.deepcopy(node)
+
+
 def _build_config(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend, processor: ProcessorMixin) -> Any:
     config: dict[str, Any] = copy.deepcopy(tiny.config)
-    for path, token in tiny.tokenizer.config_token_ids.items():
-        _set_path(config, path, _token_id(tokenizer, token))
+    for path, tokens in tiny.tokenizer.config_token_ids.items():
+        _set_path(config, path, _token_ids(tokenizer, tokens))
     for name, spec in tiny.extra_tokenizers.items():
         extra = getattr(processor, name)
-        for path, token in spec.config_token_ids.items():
-            _set_path(config, path, _token_id(extra, token))
+        for path, tokens in spec.config_token_ids.items():
+            _set_path(config, path, _token_ids(extra, tokens))
         if spec.config_vocab_size:
             _set_path(config, spec.config_vocab_size, len(extra))
-    built = _resolve(tiny.config_class)(**config)
+    config_class = _resolve(tiny.config_class)
+    if tiny.derived:
+        # Sources are read from a config built without the derived values (so a class default counts), then
+        # the config is built again with them.
+        first = config_class(**copy.deepcopy(config))
+        for target, source in tiny.derived.items():
+            value = len(tokenizer) if source == _TOKENIZER_LENGTH else _config_value(first, source)
+            _set_path(config, target, value)
+    built = config_class(**config)
     built.get_text_config(decoder=True).vocab_size = len(tokenizer)
     return built
 

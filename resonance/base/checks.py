@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
+from transformers.utils.import_utils import BACKENDS_MAPPING
 
-from resonance.errors import FieldProblem, SpecMismatchError
+from resonance.errors import FieldProblem, MissingBackendError, SpecMismatchError
 
 
 def spec_file(owner: type) -> str:
@@ -25,6 +29,59 @@ def spec_file(owner: type) -> str:
     except (ImportError, AttributeError):  # a class made outside generated code
         specs = {}
     return specs.get(name, f"the spec of {owner.__qualname__}")
+
+
+# transformers' backend names whose pip package is named otherwise
+_PIP_NAMES = {
+    "vision": "pillow",
+    "sklearn": "scikit-learn",
+    "cv2": "opencv-python",
+    "speech": "torchaudio",
+    "audio": "soundfile soxr",
+    "levenshtein": "python-Levenshtein",
+    "yt_dlp": "yt-dlp",
+    "g2p_en": "g2p-en",
+}
+# transformers' own wording for a missing package outside its backend table (SmolVLM's processor and num2words)
+_PACKAGE_REQUIRED = re.compile(r"[Pp]ackage `?([A-Za-z0-9_.-]+)`? is required")
+
+
+def _backend_messages() -> list[tuple[re.Pattern[str], str]]:
+    """Each backend's error, as transformers writes it (``{0} requires the Torchvision library but...``), as a
+    pattern whose group is the class that needs it, with the pip package to install."""
+    patterns = []
+    for backend, (_, template) in BACKENDS_MAPPING.items():
+        head = template.strip().split("\n")[0]
+        head = re.escape(head.split("{ACCELERATE_MIN_VERSION}")[0]).replace(re.escape("{0}"), r"(\w+)", 1)
+        patterns.append((re.compile(head), _PIP_NAMES.get(backend, backend)))
+    return patterns
+
+
+def missing_backend(exc: ImportError, needed_by: str) -> MissingBackendError | None:
+    """The package a transformers ImportError says is missing, as a :class:`MissingBackendError` naming the class
+    that needs it (``needed_by`` where the message names none), or None for an ImportError of another kind."""
+    text = str(exc)
+    for pattern, package in _backend_messages():
+        if match := pattern.search(text):
+            return MissingBackendError("", match.group(1), package)
+    if match := _PACKAGE_REQUIRED.search(text):
+        return MissingBackendError("", needed_by, match.group(1))
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return MissingBackendError("", needed_by, exc.name.split(".")[0])
+    return None
+
+
+@contextmanager
+def backends_named(where: str, needed_by: str) -> Iterator[None]:
+    """Turn a missing package, met while a spec's classes are built or loaded, into a :class:`MissingBackendError`
+    naming ``where`` (the spec and field, or empty), the class and the package."""
+    try:
+        yield
+    except ImportError as exc:
+        problem = missing_backend(exc, needed_by)
+        if problem is None:
+            raise
+        raise MissingBackendError(where, problem.class_name, problem.package) from exc
 
 
 def raise_problems(owner: type, problems: list[FieldProblem]) -> None:

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from resonance.base.checks import module_problems, raise_problems
 from resonance.base.registry import base_model_checkpoint, check_weights, lora_base_checkpoint, read_json_object
@@ -43,6 +45,25 @@ def get_submodule(model: nn.Module, path: str, field: str) -> nn.Module:
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+_KERNEL_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def per_submodel(config: PreTrainedConfig, choice: str) -> str | dict[str, str]:
+    """``choice`` of attention for the model, and eager for each sub-model whose class has no such kernel (Gemma 4's
+    audio tower has no sdpa): given one name, transformers asks every sub-model for it and refuses the whole model.
+    A dict keyed by sub-config name is transformers' own way to choose per sub-model."""
+    flag = _KERNEL_SUPPORT.get(choice)
+    eager = [
+        name
+        for name in config.sub_configs
+        if flag
+        and (sub := getattr(config, name, None)) is not None
+        and type(sub) in MODEL_MAPPING
+        and not getattr(MODEL_MAPPING[type(sub)], flag, True)
+    ]
+    return {"": choice, **dict.fromkeys(eager, "eager")} if eager else choice
+
+
 def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
     """``model_class.from_pretrained(folder)``; a folder whose config or weights are broken is a CheckpointError
     naming the file, found before transformers reads it (and from transformers' own error otherwise)."""
@@ -51,6 +72,9 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
     read_json_object(folder / "config.json")
     check_weights(folder)
     try:
+        if isinstance(kwargs.get("attn_implementation"), str):
+            config = model_class.config_class.from_pretrained(str(folder))
+            kwargs = {**kwargs, "attn_implementation": per_submodel(config, kwargs["attn_implementation"])}
         return model_class.from_pretrained(str(folder), **kwargs)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{folder}: cannot load the model: {exc}") from exc

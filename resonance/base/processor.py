@@ -17,7 +17,7 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 
 from resonance.base.chat_template import ChatTemplate
-from resonance.base.checks import image_output_problems, raise_problems, spec_file, token_problems
+from resonance.base.checks import backends_named, image_output_problems, raise_problems, spec_file, token_problems
 from resonance.base.registry import check_processor_files
 from resonance.data.images import ImageCount
 from resonance.errors import ChatTemplateError, CheckpointError, RowError
@@ -65,18 +65,25 @@ def text_as_string(message: Message) -> Message:
     return {**message, "content": "".join(part["text"] or "" for part in content)}
 
 
-def _load_hf_processor(folder: Path, kwargs: dict[str, Any], image_backend: str | None = None) -> ProcessorMixin:
+def _load_hf_processor(
+    folder: Path, kwargs: dict[str, Any], owner: type, image_backend: str | None = None
+) -> ProcessorMixin:
     """The family's HF processor from a checkpoint folder; missing or broken files are a CheckpointError naming
-    the file, found before transformers reads them (and from transformers' own error otherwise).
+    the file, found before transformers reads them (and from transformers' own error otherwise). A processor part
+    that needs a package not installed here (torchvision, num2words...) is a MissingBackendError naming the spec
+    of ``owner`` (the adapter's processor class), the part and the package.
 
     ``image_backend`` (spec image.processor_backend) replaces the image processor with that backend's. It is not
     passed to AutoProcessor, which would ask the video processor for it too (video processors are torchvision's).
     """
     check_processor_files(folder)
     try:
-        processor = AutoProcessor.from_pretrained(str(folder), **kwargs)
-        if image_backend is not None:
-            processor.image_processor = AutoImageProcessor.from_pretrained(str(folder), backend=image_backend, **kwargs)
+        with backends_named(f"{spec_file(owner)}: processor_class", owner.hf_processor_class):
+            processor = AutoProcessor.from_pretrained(str(folder), **kwargs)
+            if image_backend is not None:
+                processor.image_processor = AutoImageProcessor.from_pretrained(
+                    str(folder), backend=image_backend, **kwargs
+                )
         return processor
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{folder}: cannot load the processor: {exc}") from exc
@@ -104,7 +111,7 @@ class VLProcessor:
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
-            processor = _load_hf_processor(Path(processor), kwargs, self.image_processor_backend)
+            processor = _load_hf_processor(Path(processor), kwargs, type(self), self.image_processor_backend)
         self.hf = processor
         if self.inline_chat_template is not None:
             self.hf.chat_template = self.inline_chat_template

@@ -253,12 +253,13 @@ def _processor_kwarg(value: str) -> str:
 
 ProcessorKwargs = dict[Annotated[str, AfterValidator(_processor_kwarg)], JsonValue]
 ConfigTokenIds = Annotated[
-    dict[DottedPath, NonEmpty],
+    dict[DottedPath, NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]],
     Field(
         default_factory=dict,
         description=(
             "Config paths (dotted, e.g. text_config.pad_token_id) set to these tokens' ids, read from the tokenizer "
-            "as the processor left it; each token must be a single token of this tokenizer."
+            "as the processor left it; each token must be a single token of this tokenizer. A list of tokens sets "
+            "the path to the list of their ids (a config field holding several, like generation stop ids)."
         ),
     ),
 ]
@@ -378,6 +379,15 @@ class Tiny(_Strict):
             "The processor's other tokenizers by attribute name (InstructBLIP's qformer_tokenizer): kind "
             "(wordpiece: BERT-style, or bpe), vocab size, special tokens, config_vocab_size (the config path set "
             "to its length) and config_token_ids."
+        ),
+    )
+    derived: dict[DottedPath, DottedPath] = Field(
+        default_factory=dict,
+        description=(
+            "Config paths set from another value, so sizes the model keeps in more than one place never need "
+            "matching by hand: `tokenizer.length` (the tiny tokenizer's length, e.g. for a vocabulary size kept "
+            "outside the text config) or another config path (e.g. vision_config.out_hidden_size: "
+            "text_config.hidden_size), read from the built config, class defaults included."
         ),
     )
     parameters: dict[NonEmpty, float] = Field(

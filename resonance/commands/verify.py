@@ -19,9 +19,9 @@ import torch
 
 from resonance import codegen
 from resonance.base.checks import image_output_problems, module_problems
-from resonance.base.model import unwrap
+from resonance.base.model import per_submodel, unwrap
 from resonance.codegen.schema import ModelSpec
-from resonance.errors import FieldProblem, SpecMismatchError
+from resonance.errors import FieldProblem, MissingBackendError, SpecError, SpecMismatchError, SpecProblem
 from resonance.tiny import build_tiny, tiny_from_spec
 
 
@@ -96,7 +96,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
 
     def load_model() -> list[FieldProblem]:
         model_class = getattr(transformers, vl_model.hf_model_class)
-        model = model_class.from_pretrained(str(checkpoint), attn_implementation="sdpa")
+        config = model_class.config_class.from_pretrained(str(checkpoint))
+        model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
@@ -179,6 +180,15 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     return checks
 
 
+def backend_spec_error(exc: MissingBackendError, spec: ModelSpec, spec_file: str) -> SpecError:
+    """A package missing for the spec's tiny processor, as a spec problem at the field naming the class (its image
+    processor's, or the processor's for the processor and the parts it makes itself)."""
+    field = "tiny.image_processor_class" if exc.class_name == spec.tiny.image_processor_class else "processor_class"
+    line, col = spec.position(*field.split("."))
+    message = str(MissingBackendError("", exc.class_name, exc.package))
+    return SpecError([SpecProblem(spec_file, line, col, field, message)])
+
+
 def verify(spec_path: Path, project: Path, checkpoint: Path | None = None) -> tuple[ModelSpec, list[Check]]:
     """Compile ``spec_path``, build its tiny checkpoint (unless ``checkpoint`` is given) and run the checks."""
     import transformers
@@ -188,5 +198,8 @@ def verify(spec_path: Path, project: Path, checkpoint: Path | None = None) -> tu
     adapter = compile_adapter(project, spec_path)
     with tempfile.TemporaryDirectory(prefix=f"resonance-verify-{spec.name}-") as tmp:
         if checkpoint is None:
-            checkpoint = build_tiny(tiny_from_spec(spec), Path(tmp) / "tiny")
+            try:
+                checkpoint = build_tiny(tiny_from_spec(spec), Path(tmp) / "tiny")
+            except MissingBackendError as exc:
+                raise backend_spec_error(exc, spec, codegen.relative(spec_path, project)) from exc
         return spec, run_checks(spec, adapter, checkpoint)

@@ -121,3 +121,47 @@ def test_missing_extra_tokenizer_is_named() -> None:
     tiny = _tiny("instructblip").model_copy(update={"extra_tokenizers": {}})
     with pytest.raises(ValueError, match="qformer_tokenizer: describe it in tiny.extra_tokenizers"):
         build_processor_and_config(tiny)
+
+
+# -- tokenizer.config_token_ids lists, tiny.derived ---------------------------------------------------------------
+
+
+def test_token_id_lists_and_derived_sizes_reach_the_config() -> None:
+    recipe = _tiny("qwen2_vl")
+    tokenizer = recipe.tokenizer.model_copy(
+        update={
+            "config_token_ids": {**recipe.tokenizer.config_token_ids, "eos_token_id": ["<|im_end|>", "<|im_start|>"]}
+        }
+    )
+    derived = {
+        "text_config.max_window_layers": "tokenizer.length",  # any int field of the text config will do here
+        "vision_config.embed_dim": "text_config.hidden_size",
+        "vision_config.hidden_size": "vision_config.embed_dim",  # read before any derived value is set
+    }
+    _, config = build_processor_and_config(recipe.model_copy(update={"tokenizer": tokenizer, "derived": derived}))
+    _, plain = build_processor_and_config(recipe)
+    processor_tokenizer = build_tokenizer(recipe.tokenizer, recipe.chat_template)
+    ids = [processor_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")]
+    assert config.eos_token_id == ids and len(set(ids)) == 2
+    assert config.text_config.max_window_layers == len(processor_tokenizer) != plain.text_config.max_window_layers
+    assert config.vision_config.embed_dim == plain.text_config.hidden_size != plain.vision_config.embed_dim
+    assert config.vision_config.hidden_size == plain.vision_config.embed_dim
+
+
+def test_a_derived_source_that_is_no_config_value_is_named() -> None:
+    recipe = _tiny("qwen2_vl").model_copy(update={"derived": {"vision_config.embed_dim": "text_config.no_such_size"}})
+    with pytest.raises(ValueError, match=r"tiny.derived: 'text_config.no_such_size' .*'no_such_size' is missing"):
+        build_processor_and_config(recipe)
+
+
+def test_token_lists_are_validated_like_tokens() -> None:
+    with pytest.raises(ValueError, match="at least 1 item"):
+        TinyTokenizer(config_token_ids={"eos_token_id": []})
+    with pytest.raises(ValueError, match="not a single token"):
+        build_processor_and_config(
+            _tiny("qwen2_vl").model_copy(
+                update={
+                    "tokenizer": _tiny("qwen2_vl").tokenizer.model_copy(update={"config_token_ids": {"x": ["<nope>"]}})
+                }
+            )
+        )
