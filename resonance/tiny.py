@@ -63,6 +63,7 @@ import transformers
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin, _get_modality_for_attribute
 from transformers.utils import is_torchvision_available
@@ -276,7 +277,11 @@ _DEFAULT_PARTS = {
 
 def _default_part(tiny: TinyRecipe, processor_name: str, modality: str) -> Any:
     model_type = _resolve(tiny.config_class).model_type
-    part_class = _DEFAULT_PARTS[modality](model_type)
+    # The config's model type first, then the model types whose processor is the same class: a variant that
+    # shares its processor may map no part of its own (glm4v_moe maps no video processor; glm4v, whose
+    # Glm4vProcessor GLM-4.5V uses, does)
+    sharing = sorted(t for t, p in PROCESSOR_MAPPING_NAMES.items() if p == processor_name and t != model_type)
+    part_class = next((c for t in [model_type, *sharing] if (c := _DEFAULT_PARTS[modality](t))), None)
     if part_class is None and modality == "video_processor" and not is_torchvision_available():
         raise MissingBackendError("", f"{processor_name}'s video processor", "torchvision")
     if part_class is None:

@@ -28,9 +28,24 @@ class ModelArguments:
             "to the language model), or 'none' for full training."
         },
     )
+    lora_target_parameters: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights that are no Linear layer, for a mixture-of-experts decoder's 3-D expert weights: "
+            "'auto' (the spec's lora.parameters; none for other families), a comma list of name endings (like "
+            "mlp.experts.down_proj, under the language model), or 'none'. Through peft's target_parameters; "
+            "with --lora_target_modules none (full training) only 'auto' is allowed."
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA dropout. Default 0.05, or 0 where LoRA reaches expert weights (--lora_target_parameters): "
+            "peft's LoRA on a parameter has no dropout."
+        },
+    )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision tower's weights."})
     compile_layers: bool = field(
         default=False,

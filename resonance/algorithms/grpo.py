@@ -62,7 +62,16 @@ logger = logging.getLogger("resonance")
 
 # Image inputs TRL 1.16's GRPOTrainer hands to the model in its loss forward (it drops others silently), and
 # batch_num_images, which may be left out for rows of one image (see max_images_for_grpo).
-TRL_IMAGE_INPUTS = {"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images"}
+# What TRL 1.16's GRPOTrainer passes to forward (grpo_trainer.py _get_per_token_logps_and_entropies; Gemma 4's
+# image_position_ids, per image like its pixel_values)
+TRL_IMAGE_INPUTS = {
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "image_sizes",
+    "batch_num_images",
+    "image_position_ids",
+}
 
 
 @dataclass

@@ -79,7 +79,8 @@ class _Lengths:
         if processor.answer_as_suffix:  # the processor takes the last turn as the answer
             for conversation, first in conversations:
                 processor.split_answer(conversation, first)
-        return [processor.render_conversation(c, add_generation_prompt=False) for c, _ in conversations]
+            return [processor.render_conversation(c, add_generation_prompt=False) for c, _ in conversations]
+        return [processor.supervised_text(c, first)[0] for c, first in conversations]
 
     def estimate(self, row: Any, texts: list[str]) -> int:
         """The row's length from its rendered ``texts``: the longest text's tokens plus its images' tokens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,23 +29,62 @@ from resonance.patches.fsdp_cpu import wrap_layers_the_model_holds
 
 logger = logging.getLogger("resonance")
 
+DEFAULT_LORA_DROPOUT = 0.05  # --lora_dropout where no LoRA reaches expert weights
+
 
 def apply_lora(model: torch.nn.Module, model_cls: type[VLModel], model_args: ModelArguments) -> torch.nn.Module:
-    """``--lora_target_modules`` on the model: ``auto`` (the spec's targets), leaf names, or ``none`` (full)."""
+    """``--lora_target_modules`` on the model: ``auto`` (the spec's targets), leaf names, or ``none`` (full); and
+    ``--lora_target_parameters``: the expert weights of a mixture-of-experts decoder (spec lora.parameters)."""
     spec = model_args.lora_target_modules.strip()
+    parameters = model_args.lora_target_parameters.strip()
     if spec.lower() == "none":
+        if parameters != "auto":
+            raise ConfigError(
+                f"--lora_target_parameters {parameters} with --lora_target_modules none: full training trains every "
+                "weight, experts included (leave --lora_target_parameters out)"
+            )
         return model
     names = model_cls.default_lora_target if spec == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
     if spec != "auto":
         _check_lora_targets(model, model_cls, names)
+    experts = _lora_parameters(model, model_cls, parameters)
+    dropout = model_args.lora_dropout
+    if dropout is None:
+        dropout = 0.0 if experts else DEFAULT_LORA_DROPOUT
+    elif dropout and experts:
+        raise ConfigError(
+            f"--lora_dropout {dropout} with LoRA on expert weights (--lora_target_parameters {parameters}): peft's "
+            "LoRA on a parameter has no dropout; pass --lora_dropout 0, or --lora_target_parameters none"
+        )
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
+        lora_dropout=dropout,
         target_modules=model_cls.lora_target_modules(names),
+        target_parameters=experts or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _lora_parameters(model: torch.nn.Module, model_cls: type[VLModel], flag: str) -> list[str]:
+    """The full names of the parameters ``--lora_target_parameters`` asks for; a name ending that matches no
+    parameter of the language model is a ConfigError naming it, with the expert weights there are."""
+    if flag.lower() == "none":
+        return []
+    endings = model_cls.default_lora_parameters if flag == "auto" else [e.strip() for e in flag.split(",") if e.strip()]
+    unknown = [e for e in endings if not model_cls.lora_target_parameters(model, [e])]
+    if unknown:
+        prefix = model_cls.language_model_path + "."
+        # the weights of more than two dimensions, without the layer list's index: layers.3.mlp.experts.down_proj
+        names = [n[len(prefix) :] for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() > 2]
+        ends = sorted({re.sub(r"^\w+\.\d+\.", "", name) for name in names})
+        there = f"its weights of more than two dimensions are {', '.join(ends)}" if ends else "it has none"
+        raise ConfigError(
+            f"--lora_target_parameters: {', '.join(map(repr, unknown))} ends no parameter name under "
+            f"{model_cls.language_model_path}; {there}"
+        )
+    return model_cls.lora_target_parameters(model, endings)
 
 
 # The layer kinds PEFT's LoRA wraps (peft.tuners.lora.model dispatches on these).
@@ -121,6 +161,10 @@ def load_model(
         model = model.merge_and_unload()
         model.name_or_path = model.config._name_or_path = str(start.resolve())  # what peft records as the base
         logger.info("%s: a LoRA output; its adapter is merged into its base and this run trains on top", start)
+    if getattr(config, "router_aux_loss_coef", 0.0) is None and not mapper.model.router_aux_loss:
+        # TRL adds a mixture-of-experts model's router loss unless the coefficient is 0; the spec's moe.aux_loss
+        # decides where --router_aux_loss_coef is not given
+        config.router_aux_loss_coef = 0.0
     model = prepare_for_training(model, config)
     wrap_layers_the_model_holds(model)  # FSDP: the layers to wrap, before the trainer's accelerator reads them
     if model_args.freeze_vision_tower:

@@ -25,7 +25,7 @@ def spec_file(owner: type) -> str:
     packaged adapters' or a project's), for error messages."""
     package, _, name = owner.__module__.rpartition(".")
     try:
-        specs = importlib.import_module(f"{package}.registry").SPECS
+        specs = importlib.import_module(f"{package}.registry").SPECS if package else {}
     except (ImportError, AttributeError):  # a class made outside generated code
         specs = {}
     return specs.get(name, f"the spec of {owner.__qualname__}")
@@ -141,19 +141,25 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[FieldProblem]:
 
 
 def token_problems(vl_processor: Any) -> list[FieldProblem]:
-    """The spec's image token must be one token of the tokenizer."""
+    """The spec's image token and stop token (if any) must each be one token of the tokenizer."""
     tokenizer = vl_processor.tokenizer
-    token = vl_processor.image_token
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
-        added = sorted(str(t) for t in tokenizer.get_added_vocab())
-        return [
-            FieldProblem(
-                "image.token",
-                f"{token!r} is not a token of the tokenizer{_near(token, added)} (its added tokens: {added[:12]})",
+    problems = []
+    for field, token in (
+        ("image.token", vl_processor.image_token),
+        ("chat_template.stop_token", vl_processor.stop_token),
+    ):
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+            added = sorted(str(t) for t in tokenizer.get_added_vocab())
+            problems.append(
+                FieldProblem(
+                    field,
+                    f"{token!r} is not a token of the tokenizer{_near(token, added)} (its added tokens: {added[:12]})",
+                )
             )
-        ]
-    return []
+    return problems
 
 
 def image_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:

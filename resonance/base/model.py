@@ -92,6 +92,9 @@ class VLModel:
     vision_tower_path: ClassVar[str]
     projector_path: ClassVar[str | None] = None
     default_lora_target: ClassVar[list[str]]
+    default_lora_parameters: ClassVar[list[str]] = []  # spec lora.parameters: expert weights, by name ending
+    router_paths: ClassVar[list[str]] = []  # spec moe.router: the routers' module path endings
+    router_aux_loss: ClassVar[bool] = False  # spec moe.aux_loss
     default_generation_kwargs: ClassVar[dict[str, Any]] = {"max_new_tokens": 1024, "do_sample": False}
     supports_flash_attention: ClassVar[bool] = False
     position_ids_kind: ClassVar[str] = "1d"
@@ -224,6 +227,28 @@ class VLModel:
         kept = [cls.vision_tower_path, cls.projector_path, "lm_head"]
         outside_language_model = rf"(?!{re.escape(cls.language_model_path)}\.).*"
         return [re.escape(path) for path in kept if path is not None] + [outside_language_model]
+
+    @classmethod
+    def lora_target_parameters(cls, model: nn.Module, endings: list[str]) -> list[str]:
+        """The full names of the language model's parameters whose names end with one of ``endings`` (spec
+        lora.parameters: 3-D expert weights), for PEFT's ``target_parameters``. PEFT matches its entries as name
+        endings over the whole model; full names keep them to the language model, as target_modules are."""
+        prefix = cls.language_model_path + "."
+        return [
+            name
+            for name, _ in unwrap(model).named_parameters()
+            if name.startswith(prefix) and any(name.endswith("." + ending) for ending in endings)
+        ]
+
+    @classmethod
+    def router_modules(cls, model: nn.Module) -> list[str]:
+        """The names of the language model's routers (spec moe.router), as ``named_modules`` gives them."""
+        prefix = cls.language_model_path + "."
+        return [
+            name
+            for name, _ in unwrap(model).named_modules()
+            if name.startswith(prefix) and any(name.endswith("." + path) for path in cls.router_paths)
+        ]
 
     @classmethod
     def lora_target_modules(cls, names: list[str]) -> str:

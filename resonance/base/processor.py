@@ -108,6 +108,7 @@ class VLProcessor:
     prefix_lm: ClassVar[bool] = False  # spec token_type_ids: prefix_lm
     images_required: ClassVar[bool] = False  # spec image.required
     text_messages_as_string: ClassVar[bool] = False  # spec chat_template.text_messages: string
+    stop_token: ClassVar[str | None] = None  # spec chat_template.stop_token
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -258,6 +259,25 @@ class VLProcessor:
                 spans.append((start, end))
         return spans
 
+    def supervised_text(self, messages: list[Message], first_supervised: int) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation rendered for training and the character spans of its turns to learn
+        (:meth:`assistant_char_spans`). With a stop token (spec chat_template.stop_token), each span also covers
+        the stop token after its answer: the one the rendering already has there (the next turn's marker), or one
+        written right after the answer's text where the rendering has none (the conversation's last answer)."""
+        text = self.render_conversation(messages, add_generation_prompt=False)
+        spans = self.assistant_char_spans(messages, first_supervised)
+        stop = self.stop_token
+        if stop is None:
+            return text, spans
+        stopped, shift = [], 0
+        for start, end in spans:
+            start, end = start + shift, end + shift
+            if not text.startswith(stop, end):
+                text = text[:end] + stop + text[end:]
+                shift += len(stop)
+            stopped.append((start, end + len(stop)))
+        return text, stopped
+
     # -- tokenization ------------------------------------------------------------------------------
 
     def __call__(self, text: list[str], images: list[list[Any]] | None = None, **kwargs: Any) -> BatchFeature:
@@ -316,12 +336,14 @@ class VLProcessor:
         self._check_rows(conversations, images, first_supervised, sources)
         if self.answer_as_suffix:
             return self._with_prefix_lm(self._process_with_suffix(conversations, images, first_supervised))
-        texts = [self.render_conversation(conv, add_generation_prompt=False) for conv in conversations]
+        supervised = [
+            self.supervised_text(conv, first) for conv, first in zip(conversations, first_supervised, strict=True)
+        ]
+        texts = [text for text, _ in supervised]
         batch = self(text=texts, images=images)
         add_special = self._adds_special_tokens(texts[0])
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        for row, (conv, text, first) in enumerate(zip(conversations, texts, first_supervised, strict=True)):
-            spans = self.assistant_char_spans(conv, first)
+        for row, (text, spans) in enumerate(supervised):
             plain_ids, flags = self._token_mask(text, spans, add_special)
             keep = batch["attention_mask"][row].bool()
             positions = keep.nonzero().flatten().tolist()

@@ -57,6 +57,9 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("vision_tower_path", "modules.vision_tower"),
         Attribute("projector_path", "modules.projector"),
         Attribute("default_lora_target", "lora.targets"),
+        Attribute("default_lora_parameters", "lora.parameters"),
+        Attribute("router_paths", "moe.router"),
+        Attribute("router_aux_loss", "moe.aux_loss"),
         Attribute("default_generation_kwargs", "generation"),
         Attribute("supports_flash_attention", "flash_attention"),
         Attribute("position_ids_kind", "position_ids"),
@@ -80,6 +83,7 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("inline_chat_template", "chat_template.template"),
         Attribute("answer_as_suffix", "chat_template.answer", lambda answer: answer == "suffix"),
         Attribute("text_messages_as_string", "chat_template.text_messages", lambda kind: kind == "string"),
+        Attribute("stop_token", "chat_template.stop_token"),
         Attribute("prefix_lm", "token_type_ids", lambda kind: kind == "prefix_lm"),
     ),
 }

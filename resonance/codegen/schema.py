@@ -87,6 +87,33 @@ class Lora(_Strict):
     targets: list[Identifier] = Field(
         min_length=1, description="Linear leaf names inside the language model, e.g. q_proj, v_proj."
     )
+    parameters: list[DottedPath] = Field(
+        default_factory=list,
+        description=(
+            "Weight parameters that are no Linear layer, by the end of their names under the language model: a "
+            "mixture-of-experts decoder's experts kept as 3-D parameters (mlp.experts.gate_up_proj, "
+            "mlp.experts.down_proj), which LoRA reaches through peft's target_parameters (--lora_target_parameters)."
+        ),
+    )
+
+
+class Moe(_Strict):
+    """A mixture-of-experts decoder: where its routers are, and whether training adds their load-balancing loss."""
+
+    router: list[DottedPath] = Field(
+        default_factory=list,
+        description=(
+            "The routers, by the end of their module paths under the language model (mlp.gate): LoRA never lands "
+            "on them unless --lora_target_modules names them, and verify checks it."
+        ),
+    )
+    aux_loss: bool = Field(
+        False,
+        description=(
+            "Whether SFT, DPO and GRPO add the routers' load-balancing (auxiliary) loss by default, with the "
+            "model's router_aux_loss_coef; TRL's --router_aux_loss_coef sets the coefficient (0 turns it off)."
+        ),
+    )
 
 
 ImageLayout = Literal["per_image", "per_row", "per_patch", "per_tile"]
@@ -208,12 +235,26 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    stop_token: NonEmpty | None = Field(
+        None,
+        description=(
+            "For templates that write no end-of-turn token after an answer (GLM-4V's: the next turn's <|user|> "
+            "follows, and a conversation ends with the answer's text): the token the model must learn to emit after "
+            "each answer in training, one token of the tokenizer and one generation stops at. An answer followed "
+            "by it in the rendering gets it supervised; one followed by anything else (the last) gets it written "
+            "after its text. Prompts at inference are unchanged. Not with answer: suffix (the processor ends the "
+            "suffix itself)."
+        ),
+    )
+
     @model_validator(mode="after")
     def _inline_needs_template(self) -> ChatTemplate:
         if self.source == "inline" and not self.template:
             raise ValueError("template: required when source is 'inline'")
         if self.source == "model" and self.template is not None:
             raise ValueError("template: only allowed with source: inline")
+        if self.stop_token is not None and self.answer == "suffix":
+            raise ValueError("stop_token: not with answer: suffix (the processor ends the suffix answer itself)")
         return self
 
 
@@ -429,6 +470,7 @@ class ModelSpec(_Strict):
     )
     modules: Modules = Field(description="Where the language model, vision tower and projector sit in the model.")
     lora: Lora = Field(description="The default LoRA targets (--lora_target_modules auto).")
+    moe: Moe = Field(Moe(), description="For a mixture-of-experts decoder: its routers and their auxiliary loss.")
     image: Image = Field(description="How images appear in prompts and which processor outputs reach forward().")
     chat_template: ChatTemplate = Field(
         ChatTemplate(), description="Which chat template renders conversations, and how answers are supervised."
@@ -464,6 +506,15 @@ class ModelSpec(_Strict):
         None, description="Hand-written hook functions, in an importable module, for what the other fields cannot say."
     )
     tiny: Tiny = Field(description="How to build a tiny random-weight checkpoint offline (resonance tiny).")
+
+    @model_validator(mode="after")
+    def _experts_have_routers(self) -> ModelSpec:
+        if self.lora.parameters and not self.moe.router:
+            raise ValueError(
+                "moe.router: required with lora.parameters (the expert weights): name the routers, which LoRA must "
+                "not reach (e.g. [mlp.gate])"
+            )
+        return self
 
     @model_validator(mode="after")
     def _template_somewhere(self) -> ModelSpec:

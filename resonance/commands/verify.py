@@ -140,15 +140,30 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         from peft import LoraConfig, get_peft_model
 
         model = state["model"]
+        problems = []
         target = vl_model.lora_target_modules(vl_model.default_lora_target)
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target))
+        experts = vl_model.lora_target_parameters(model, vl_model.default_lora_parameters)
+        for index, ending in enumerate(vl_model.default_lora_parameters):
+            if not vl_model.lora_target_parameters(model, [ending]):
+                message = f"{ending!r} ends no parameter name under {vl_model.language_model_path}"
+                problems.append(FieldProblem(f"lora.parameters.{index}", message))
+        routers = vl_model.router_modules(model)
+        if vl_model.router_paths and not routers:
+            problems.append(FieldProblem("moe.router", f"no module under {vl_model.language_model_path} ends so"))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=target, target_parameters=experts or None)
+        peft_model = get_peft_model(model, config)
         trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         outside = [n for n in trained if f".{vl_model.language_model_path}." not in f".{n}"]
-        problems = []
         if not trained:
             problems.append(FieldProblem("lora.targets", f"the LoRA regex {target!r} matched no module"))
         if outside:
             problems.append(FieldProblem("lora.targets", f"LoRA weights outside the language model: {outside[:3]}"))
+        missed = sorted(set(experts) - set(peft_model.base_model.targeted_parameter_names))
+        if missed:
+            problems.append(FieldProblem("lora.parameters", f"LoRA did not reach the expert weights {missed[:3]}"))
+        on_routers = [n for n in trained if any(f".{router}." in f".{n}" for router in routers)]
+        if on_routers:
+            problems.append(FieldProblem("moe.router", f"LoRA reached the routers: {on_routers[:3]}"))
         state["model"] = peft_model.unload()  # the plain model again, for generation
         return problems
 
@@ -166,6 +181,14 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             processor.train()
         if out.shape[1] <= inputs["input_ids"].shape[1]:
             return [FieldProblem("generation", "generate() returned no new tokens")]
+        if processor.stop_token is not None:  # what training teaches to end an answer must end generation
+            stop_id = processor.tokenizer.convert_tokens_to_ids(processor.stop_token)
+            eos = kwargs.get("eos_token_id")
+            if stop_id not in (eos if isinstance(eos, list) else [eos]):
+                message = f"{processor.stop_token!r} (id {stop_id}) is not among the ids generation stops at ({eos})"
+                return [
+                    FieldProblem("chat_template.stop_token", message + ": the model's generation_config must list it")
+                ]
         return []
 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
@@ -175,8 +198,10 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
     )
     run("forward on the processed batch gives a finite loss", "image.inputs", forward, ("model", "batch"))
     run("freeze_vision_tower freezes the tower", "modules.vision_tower", freeze, ("model", "vision tower"))
-    run("LoRA auto touches only the language model", "lora.targets, modules.language_model", lora, ("model",))
-    run("generate with the default kwargs", "generation, padding_side.infer", generate, ("model", "processor"))
+    fields = "lora.targets, lora.parameters, moe.router, modules.language_model"
+    run("LoRA auto touches only the language model, experts and never routers", fields, lora, ("model",))
+    fields = "generation, padding_side.infer, chat_template.stop_token"
+    run("generate with the default kwargs; it stops at the stop token", fields, generate, ("model", "processor"))
     return checks
 
 

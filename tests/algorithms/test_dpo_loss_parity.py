@@ -44,11 +44,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
+from trl.trainer import dpo_trainer as trl_dpo
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.base.model import unwrap
-from resonance.base.processor import VLProcessor
+from resonance.base.processor import VLProcessor, text_as_string
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.rows import features_for
 from resonance.patches.fused_head import fused_head_backbone
@@ -366,7 +367,9 @@ def _writes_bos(hf: ProcessorMixin) -> bool:
 # TRL's collator renders each conversation with the chat template and tokenizes the answers on their own,
 # without images: a suffix family's processor (PaliGemma's) refuses both.
 @pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
-def test_collator_matches_trl_collator(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_collator_matches_trl_collator(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Our DPO batch against TRL's own ``DataCollatorForVisionPreference`` on the same rows.
 
     Documented differences, each checked precisely rather than ignored:
@@ -384,9 +387,18 @@ def test_collator_matches_trl_collator(family: str, tmp_path: Path, tiny_checkpo
     hf = load_hf_processor(ckpt)
     rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
     if processor.text_messages_as_string:
-        # TRL turns string contents back into parts, so it renders Llama 3.2 Vision's system prompt as the
-        # parts list's repr (ours renders its text, see test_parity): compare the layout without system turns.
-        rows = [{**row, "prompt": [m for m in row["prompt"] if m["role"] != "system"]} for row in rows]
+        # TRL 1.16 turns every message into a parts list, and templates that print a text-only message's content
+        # as it is (Llama 3.2 Vision's system prompt, GLM-4V's answers) then render the list's repr: TRL's own
+        # VLM DPO trains such families on that text. Ours gives them strings (spec chat_template.text_messages,
+        # see test_parity); TRL's collator gets them too, and the rest of its work is compared.
+        prepare = trl_dpo.prepare_multimodal_messages
+        probe = [{"role": role, "content": "x"} for role in ("system", "user", "assistant")]
+        assert "[{'type': 'text'" in hf.apply_chat_template(prepare(probe))  # TRL's behaviour, still as described
+
+        def keep_text_as_string(messages: list[dict[str, Any]], images: Any = None) -> list[dict[str, Any]]:
+            return [m if m["role"] == "user" else text_as_string(m) for m in prepare(messages, images=images)]
+
+        monkeypatch.setattr(trl_dpo, "prepare_multimodal_messages", keep_text_as_string)
     ours = mapper.dpo_collator(processor)(rows)
     theirs = DataCollatorForVisionPreference(hf)([_trl_example(row) for row in rows])
 

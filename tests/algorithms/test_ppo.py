@@ -119,8 +119,11 @@ def test_rollout_and_one_step(family: str, tmp_path: Path, tiny_checkpoint: Call
     trainer.generation_kwargs = sampling
     batch = trainer.data_collator(rows)
     inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
+    policy, training = trainer.policy.model, trainer.policy.model.training
+    policy.eval()  # as the rollout generates (resonance.generation): Molmo2 asks for training inputs in training
     with torch.no_grad():
-        reference = trainer.policy.model.generate(**inputs, **greedy, output_logits=True, return_dict_in_generate=True)
+        reference = policy.generate(**inputs, **greedy, output_logits=True, return_dict_in_generate=True)
+    policy.train(training)
     assert torch.equal(reference.sequences, rollout.sequences)
     response = rollout.sequences[:, inputs["input_ids"].shape[1] :]
     logits = torch.stack(reference.logits, dim=1)

@@ -40,6 +40,7 @@ from helpers.references import (
     repeat_images,
     supervised_positions,
     takes,
+    with_stop_token,
 )
 from helpers.repo import EXAMPLES, EXPECTED, FAMILIES, FIXTURES, REPO, SUFFIX_FAMILIES, TEMPLATE_FAMILIES, read_spec
 from helpers.rewards import REWARDS, TARGET
@@ -102,6 +103,7 @@ __all__ = [
     "to_user_format",
     "train_argv",
     "user",
+    "with_stop_token",
     "write_data",
     "write_jsonl",
 ]

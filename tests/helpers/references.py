@@ -55,7 +55,17 @@ def load_hf_processor(ckpt: Path) -> ProcessorMixin:
         processor.image_processor = AutoImageProcessor.from_pretrained(ckpt, backend=backend)
     if not processor.chat_template:
         processor.chat_template = (spec.get("chat_template") or {}).get("template")
+    stop_token = (spec.get("chat_template") or {}).get("stop_token")
+    if stop_token is not None:
+        processor.chat_template = with_stop_token(processor.chat_template, stop_token)
     return processor
+
+
+def with_stop_token(template: str, stop_token: str) -> str:
+    """The template as a family with chat_template.stop_token is trained on: a conversation that ends with an
+    answer ends with the stop token (mid-conversation, the next turn's marker already follows each answer)."""
+    ending = "{%- if not add_generation_prompt and messages and messages[-1]['role'] == 'assistant' %}"
+    return template + ending + stop_token + "{%- endif %}"
 
 
 # -- references (HF only) ----------------------------------------------------------------------------

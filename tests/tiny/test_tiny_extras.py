@@ -165,3 +165,13 @@ def test_token_lists_are_validated_like_tokens() -> None:
                 }
             )
         )
+
+
+def test_a_variant_without_its_own_video_processor_gets_its_processor_s() -> None:
+    # transformers 5.24 maps no video processor to glm4v_moe (GLM-4.5V), whose processor is glm4v's Glm4vProcessor
+    from resonance.tiny import _default_part
+
+    recipe = _tiny("qwen2_vl").model_copy(update={"config_class": "Glm4vMoeConfig"})
+    assert type(_default_part(recipe, "Glm4vProcessor", "video_processor")).__name__ == "Glm4vVideoProcessor"
+    with pytest.raises(ValueError, match="NoSuchProcessor needs a video processor; none is mapped for glm4v_moe"):
+        _default_part(recipe, "NoSuchProcessor", "video_processor")
