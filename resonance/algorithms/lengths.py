@@ -33,7 +33,7 @@ from PIL import Image
 from resonance.base.collator import too_long
 from resonance.base.processor import VLProcessor
 from resonance.data.images import image_size
-from resonance.errors import MAX_LISTED_ERRORS, DataError, ResonanceError
+from resonance.errors import MAX_LISTED_ERRORS, DataError, ResonanceError, RowError
 
 logger = logging.getLogger("resonance.data")
 
@@ -69,6 +69,9 @@ class _Lengths:
         row: with the generation prompt, as generation is given it); raises what the chat template raises for a
         conversation it cannot render."""
         processor = self.processor
+        for key in ("messages", "prompt"):
+            if key in row and (problem := processor.system_problem(row[key])) is not None:
+                raise RowError(problem)
         if "messages" not in row and "chosen" not in row:  # a prompt row
             return [processor.render_conversation(row["prompt"], add_generation_prompt=True)]
         if "messages" in row:

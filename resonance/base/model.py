@@ -18,6 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from resonance.base.checks import module_problems, raise_problems
 from resonance.base.registry import base_model_checkpoint, check_weights, lora_base_checkpoint, read_json_object
 from resonance.errors import CheckpointError
+from resonance.patches import llama4_outputs
 from resonance.patches.vision_attention import install_batched_vision_attention
 
 logger = logging.getLogger("resonance")
@@ -71,6 +72,7 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
 
     read_json_object(folder / "config.json")
     check_weights(folder)
+    llama4_outputs.install()  # a transformers 5.24 bug that stops every Llama 4 forward
     try:
         if isinstance(kwargs.get("attn_implementation"), str):
             config = model_class.config_class.from_pretrained(str(folder))
@@ -78,6 +80,27 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
         return model_class.from_pretrained(str(folder), **kwargs)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{folder}: cannot load the model: {exc}") from exc
+
+
+def cast_vision_inputs(tower: nn.Module) -> None:
+    """Floating-point inputs reach the vision tower in its weights' dtype. Most towers cast them themselves; Llama
+    4's does not, and its image processor returns bfloat16 pixel values whatever the model's dtype (as the original
+    implementation did). Idempotent."""
+    if getattr(tower, "_resonance_casts_inputs", False):
+        return
+
+    def cast(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        dtype = next(module.parameters()).dtype
+
+        def to(value: Any) -> Any:
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+
+    tower.register_forward_pre_hook(cast, with_kwargs=True)
+    tower._resonance_casts_inputs = True
 
 
 class VLModel:
@@ -137,10 +160,12 @@ class VLModel:
                 base = _load(model_class, base_path, kwargs)
                 cls.check_model(base)
                 cls.batch_vision_attention(base)
+                cast_vision_inputs(cls.get_vision_tower(base))
             return PeftModel.from_pretrained(base, str(path))
         model = _load(model_class, path, kwargs)
         cls.check_model(model)
         cls.batch_vision_attention(model)
+        cast_vision_inputs(cls.get_vision_tower(model))
         return model
 
     @classmethod

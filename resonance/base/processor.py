@@ -109,6 +109,7 @@ class VLProcessor:
     images_required: ClassVar[bool] = False  # spec image.required
     text_messages_as_string: ClassVar[bool] = False  # spec chat_template.text_messages: string
     stop_token: ClassVar[str | None] = None  # spec chat_template.stop_token
+    takes_system: ClassVar[bool] = True  # spec chat_template.system
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -367,6 +368,8 @@ class VLProcessor:
         problem = ImageCount.for_family(self).problem(image_count)
         if problem is not None:
             return problem
+        if (problem := self.system_problem(messages)) is not None:
+            return problem
         if self.answer_as_suffix:
             try:
                 self.split_answer(messages, first_supervised)
@@ -381,6 +384,15 @@ class VLProcessor:
                 "counting from 0), so the row has nothing to learn; let at least one train, or drop the row"
             )
         return None
+
+    def system_problem(self, messages: list[Message]) -> str | None:
+        """A system message where the family's template takes none (spec chat_template.system: false), or None."""
+        if self.takes_system or not any(m["role"] == "system" for m in messages):
+            return None
+        return (
+            f"a system message, which the {self.hf_processor_class} chat template does not take (spec "
+            "chat_template.system: false); drop it, or put its text into the first user message"
+        )
 
     def _check_rows(
         self,

@@ -121,8 +121,11 @@ class VLModelWithValueHead(ScalarHeadModel):
             hidden = hidden[:, length - response_length - 1 : length - 1]
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         logits = self.lm_logits(hidden) if return_logits or response_length is not None else None
-        if logits is not None and suppress_tokens:
-            logits = logits.index_fill(-1, torch.as_tensor(list(suppress_tokens), device=logits.device), float("-inf"))
+        # Ids past the head's width have no logit to suppress: the head never produces them (Molmo2 keeps its image
+        # tokens in extra embedding rows only)
+        suppress = [i for i in suppress_tokens or () if i < (logits.shape[-1] if logits is not None else 0)]
+        if logits is not None and suppress:
+            logits = logits.index_fill(-1, torch.as_tensor(suppress, device=logits.device), float("-inf"))
         log_probs = None
         if response_length is not None:
             log_probs = token_log_probs(logits, input_ids[:, length - response_length :], temperature)

@@ -84,6 +84,7 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("answer_as_suffix", "chat_template.answer", lambda answer: answer == "suffix"),
         Attribute("text_messages_as_string", "chat_template.text_messages", lambda kind: kind == "string"),
         Attribute("stop_token", "chat_template.stop_token"),
+        Attribute("takes_system", "chat_template.system"),
         Attribute("prefix_lm", "token_type_ids", lambda kind: kind == "prefix_lm"),
     ),
 }

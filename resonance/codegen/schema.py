@@ -235,6 +235,14 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    system: bool = Field(
+        True,
+        description=(
+            "Whether the template takes a system message. false for templates that refuse one (Molmo2's: roles "
+            "must alternate user/assistant): a row holding one is then refused by name, and verify checks the "
+            "template does refuse it."
+        ),
+    )
     stop_token: NonEmpty | None = Field(
         None,
         description=(

@@ -19,9 +19,17 @@ import torch
 
 from resonance import codegen
 from resonance.base.checks import image_output_problems, module_problems
-from resonance.base.model import per_submodel, unwrap
+from resonance.base.model import cast_vision_inputs, per_submodel, unwrap
 from resonance.codegen.schema import ModelSpec
-from resonance.errors import FieldProblem, MissingBackendError, SpecError, SpecMismatchError, SpecProblem
+from resonance.errors import (
+    ChatTemplateError,
+    FieldProblem,
+    MissingBackendError,
+    SpecError,
+    SpecMismatchError,
+    SpecProblem,
+)
+from resonance.patches import llama4_outputs
 from resonance.tiny import build_tiny, tiny_from_spec
 
 
@@ -95,17 +103,35 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         checks.append(check)
 
     def load_model() -> list[FieldProblem]:
+        # The model as Resonance loads it (VLModel.from_pretrained), without raising at the first bad field
         model_class = getattr(transformers, vl_model.hf_model_class)
         config = model_class.config_class.from_pretrained(str(checkpoint))
+        llama4_outputs.install()
         model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
             state["vision tower"] = True
+            cast_vision_inputs(vl_model.get_vision_tower(model))
         return problems
 
     def load_processor() -> None:
         state["processor"] = vl_processor_cls(checkpoint)
+
+    def system() -> list[FieldProblem]:
+        processor = state["processor"]
+        conversation = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *_conversation(1, "A")]
+        try:
+            processor.render_conversation(conversation, add_generation_prompt=False)
+        except ChatTemplateError as exc:
+            if processor.takes_system:
+                return [
+                    FieldProblem("chat_template.system", f"the template refuses a system message ({exc}); set false")
+                ]
+            return []
+        if not processor.takes_system:
+            return [FieldProblem("chat_template.system", "false, but the template renders a system message")]
+        return []
 
     def process() -> list[FieldProblem]:
         processor = state["processor"]
@@ -193,6 +219,7 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
     run("processor loads; image token is a token", "processor_class, image.token, chat_template", load_processor)
+    run("the template takes a system message as the spec says", "chat_template.system", system, ("processor",))
     run(
         "processor outputs the image inputs; labels cover answers", "image.inputs, image.token", process, ("processor",)
     )

@@ -128,7 +128,9 @@ class Pair:
 
 def _lora_model(mapper: ModelCoreMapper, ckpt: Path) -> PeftModel:
     model_cls = mapper.model
-    model = model_cls.from_pretrained(ckpt, dtype=DTYPE).to(DTYPE)  # .to: the float32 buffers (rotary) too
+    # .to: the float32 buffers (rotary) too; eager experts: transformers' grouped_mm kernel for mixture-of-experts
+    # layers takes no float64 (a no-op for the other families)
+    model = model_cls.from_pretrained(ckpt, dtype=DTYPE, experts_implementation="eager").to(DTYPE)
     # Logits of LOGIT_STD for hidden states of unit RMS, policy and reference alike (where the head is tied to
     # the input embeddings, those scale too: the same in every model).
     with torch.no_grad():
@@ -290,7 +292,7 @@ def test_pairs_share_their_prompt(pair: Pair) -> None:
         assert layout is not None, "every preference row of the fixture shares its prompt"
         assert layout.tokens < int(batch["attention_mask"].sum())
     collator, length = trainer.data_collator, batch["input_ids"].shape[1]
-    multiple = 8 if length % 8 else 16  # one that really pads
+    multiple = next(m for m in (8, 16, 32, 3, 5, 7) if length % m)  # one that really pads
     padded = type(collator)(collator.processor, pad_to_multiple_of=multiple).pad(dict(batch))
     assert padded["input_ids"].shape[1] % multiple == 0 and padded["input_ids"].shape[1] > length
     trainer.model.eval()

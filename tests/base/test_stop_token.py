@@ -18,13 +18,13 @@ from helpers import (
     IGNORE_INDEX,
     SFT_CASES,
     expected_supervision,
-    load_adapter,
     load_hf_processor,
     open_rgb,
     preference_rows,
     sft_rows,
     to_hf,
     with_stop_token,
+    with_template,
 )
 from pydantic import ValidationError
 
@@ -45,14 +45,10 @@ STOP = "<|im_start|>"
 def adapter(tiny_checkpoint: Callable[[str], Path]):
     """The Qwen2-VL adapter, its processor class with the GLM-like template, the checkpoint and the reference."""
     ckpt = tiny_checkpoint("qwen2_vl")
-    mapper, base = load_adapter(ckpt)
-
-    class GlmLike(type(base)):
-        inline_chat_template = GLM_LIKE
-
+    mapper, glm_like = with_template(ckpt, GLM_LIKE)
     hf = load_hf_processor(ckpt)
     hf.chat_template = with_stop_token(GLM_LIKE, STOP)
-    return mapper, GlmLike, ckpt, hf
+    return mapper, glm_like, ckpt, hf
 
 
 def test_answers_are_supervised_through_the_stop_token(adapter, tmp_path: Path) -> None:

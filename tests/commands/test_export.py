@@ -166,14 +166,20 @@ def test_every_family_merges_to_the_same_outputs(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ckpt = tmp_path / "base"
-    AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(family), dtype=torch.float64).save_pretrained(ckpt)
+    # eager experts: transformers' grouped_mm kernel for mixture-of-experts layers takes no float64
+    base = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint(family), dtype=torch.float64, experts_implementation="eager"
+    )
+    base.save_pretrained(ckpt)
     AutoProcessor.from_pretrained(tiny_checkpoint(family)).save_pretrained(ckpt)
     model, out = _lora_output(ckpt, tmp_path / "out", dtype=torch.float64)
     export_command.export(out, tmp_path / "merged")
 
     *_, batch = our_inference_batch(ckpt)
     batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    plain = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "merged", dtype=torch.float64, experts_implementation="eager"
+    ).eval()
     with torch.no_grad():
         unmerged = model.eval()(**batch).logits
         merged = plain(**batch).logits

@@ -25,7 +25,7 @@ def test_verify_passes_on_a_good_spec(project: Path) -> None:
     result = runner.invoke(app, ["verify", str(project / "specs" / "llava.yaml"), "--project", str(project)])
     assert result.exit_code == 0, result.stdout + result.stderr
     assert "every check passed" in result.stderr
-    assert result.stdout.count(" ok ") == 7
+    assert result.stdout.count(" ok ") == 8
 
 
 def test_verify_names_every_bad_field_with_its_line(project: Path) -> None:
@@ -49,7 +49,7 @@ def test_verify_names_every_bad_field_with_its_line(project: Path) -> None:
     assert f"specs/llava.yaml:{token_line}:" in errors
     assert "image.token: '<img>' is not a token of the tokenizer; did you mean '<image>'" in errors
     assert result.stdout.count("FAILED") == 2  # model and processor checks
-    assert result.stdout.count("skipped") == 4  # the checks that need the processor did not run
+    assert result.stdout.count("skipped") == 5  # the checks that need the processor did not run
 
 
 def test_first_use_of_a_bad_module_path_names_the_field(tiny_checkpoint) -> None:

@@ -41,6 +41,7 @@ from helpers.references import (
     supervised_positions,
     takes,
     with_stop_token,
+    with_template,
 )
 from helpers.repo import EXAMPLES, EXPECTED, FAMILIES, FIXTURES, REPO, SUFFIX_FAMILIES, TEMPLATE_FAMILIES, read_spec
 from helpers.rewards import REWARDS, TARGET
@@ -104,6 +105,7 @@ __all__ = [
     "train_argv",
     "user",
     "with_stop_token",
+    "with_template",
     "write_data",
     "write_jsonl",
 ]

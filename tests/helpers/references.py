@@ -41,6 +41,13 @@ def _raw_spec(ckpt: Path) -> dict[str, Any]:
     raise AssertionError(f"no spec in specs/ lists {architecture}")
 
 
+def with_template(ckpt: Path, template: str) -> tuple[ModelCoreMapper, type[VLProcessor]]:
+    """The adapter for ``ckpt`` and its processor class rendering with ``template`` (as a spec's inline template
+    does): template-dependent behaviour tested on an existing tiny family."""
+    mapper, processor = load_adapter(ckpt)
+    return mapper, type(type(processor).__name__, (type(processor),), {"inline_chat_template": template})
+
+
 def load_hf_processor(ckpt: Path) -> ProcessorMixin:
     """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from resonance.codegen.project import load_specs
 from resonance.codegen.schema import ModelSpec
+from resonance.patches import llama4_outputs
 from resonance.tiny import TinyRecipe, build_tiny, tiny_from_spec
 
 
@@ -55,6 +56,7 @@ def conversation(picture: Image.Image | None = None, answer: str | None = None) 
 
 
 def load(out_dir: Path) -> tuple[Any, Any]:
+    llama4_outputs.install()  # transformers 5.24's Llama 4 forward fails without it (resonance loads install it)
     processor = transformers.AutoProcessor.from_pretrained(out_dir)
     model = transformers.AutoModelForImageTextToText.from_pretrained(out_dir)
     return processor, model
@@ -92,11 +94,9 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
             node = getattr(node, key)
         assert node == tokenizer.convert_tokens_to_ids(token), path
     image_token_id = config.image_token_id
-    # processor.image_token_ids: the ids that mark image tokens in expanded input_ids (transformers' own
-    # notion; Gemma 3's processor.image_token_id is the <start_of_image> placeholder, not the soft token).
-    # InstructBLIP's processor names its image token (processor.image_token) but keeps no id for it.
-    known_ids = [i for i in processor.image_token_ids if i is not None]
-    assert image_token_id in (known_ids or [tokenizer.convert_tokens_to_ids(str(processor.image_token))])
+    # Resonance relies on the spec's image.token: the model must scatter image features into it (Llama 4's
+    # processor.image_token is <|image|>, one per image, while its features go to the <|patch|> tokens).
+    assert image_token_id == tokenizer.convert_tokens_to_ids(model_spec(family).image.token)
 
     # Without a checkpoint template, conversations are rendered with the spec's inline one; a family whose
     # processor takes the answer as `suffix` (spec chat_template.answer) is given the prompt and the answer.
