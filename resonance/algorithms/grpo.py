@@ -40,12 +40,11 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import apply_lora, load_data_and_model
-from resonance.base.model import VLModel, unwrap
+from resonance.base.model import VLModel
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
-from resonance.patches.fused_head import fused_head_backbone
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -145,7 +144,6 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             )
             config.generation_kwargs = {**(config.generation_kwargs or {}), "suppress_tokens": suppress}
         super().__init__(*args, **kwargs)
-        fused_head_backbone(unwrap(self.model))  # TRL's fused head reads a backbone Llama 4's class does not have
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         rows = []
@@ -162,14 +160,6 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         return super()._generate_and_score_completions(rows)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
-        # A per-tile input the processor returned as a list of per-image tile stacks (Llama 4's [tiles, 3, H, W],
-        # when TRL asks for no tensors): its layout is their concatenation, which TRL's np.array stacking cannot make
-        # (it stacks InternVL's list of single [3, H, W] tiles right)
-        for item in self.vl_processor.image_inputs:
-            value = multimodal_fields.get(item.name)
-            if item.layout == "per_tile" and isinstance(value, list) and value and torch.is_tensor(value[0]):
-                if value[0].dim() >= 4:
-                    multimodal_fields[item.name] = torch.cat(value)
         # prompts without images: the placeholder pass where generate encodes the others' images
         with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
