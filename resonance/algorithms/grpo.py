@@ -106,7 +106,22 @@ def unsupported_reason(vl_model: type[VLModel], vl_processor: type[VLProcessor] 
     missing = sorted(inputs - TRL_IMAGE_INPUTS)
     if missing:
         return f"{vl_model.hf_model_class} needs {', '.join(missing)}, which TRL's GRPOTrainer does not pass to forward"
+    tiled = sorted(item.name for item in vl_processor.image_inputs if item.layout == "per_tile")
+    if tiled and isinstance(vl_processor, VLProcessor) and not _counts_tiles(vl_processor.image_processor):
+        return (
+            f"{vl_model.hf_model_class} takes {', '.join(tiled)} as a varying number of tiles per image (spec layout "
+            f"per_tile), which TRL's GRPOTrainer splits between prompts only by an image processor's num_patches "
+            f"(InternVL's); {type(vl_processor.image_processor).__name__} returns none"
+        )
     return None
+
+
+def _counts_tiles(image_processor: Any) -> bool:
+    """Whether the image processor returns num_patches when TRL asks it to count tiles (crop_to_patches=True)."""
+    from PIL import Image
+
+    counted = image_processor(images=[Image.new("RGB", (64, 48))], crop_to_patches=True, return_tensors="pt")
+    return "num_patches" in counted
 
 
 def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
