@@ -202,6 +202,15 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             problems.append(FieldProblem("lora.targets", f"the LoRA regex {target!r} matched no module"))
         if outside:
             problems.append(FieldProblem("lora.targets", f"LoRA weights outside the language model: {outside[:3]}"))
+        # every module the targets name got its LoRA layer: peft 0.21 rewrites the targets of some mixture-of-experts
+        # model types (glm4v_moe, qwen3_moe...), dropping the MLP ones for the experts' parameters
+        from peft.tuners.lora import LoraLayer
+
+        prefix, targets = vl_model.language_model_path + ".", set(vl_model.default_lora_target)
+        named = [n for n, _ in model.named_modules() if n.startswith(prefix) and n.rsplit(".", 1)[-1] in targets]
+        bare = [n for n in named if not isinstance(peft_model.base_model.model.get_submodule(n), LoraLayer)]
+        if bare:
+            problems.append(FieldProblem("lora.targets", f"peft put no LoRA layer on {bare[:3]} ({len(bare)} in all)"))
         missed = sorted(set(experts) - set(peft_model.base_model.targeted_parameter_names))
         if missed:
             problems.append(FieldProblem("lora.parameters", f"LoRA did not reach the expert weights {missed[:3]}"))

@@ -188,7 +188,10 @@ def _assert_not_trivial(trainer: DPOTrainer, pair_batches: list[dict[str, Any]])
         trainer.model.train()
 
 
-def _config(output_dir: Path, batch_size: int, config_class: type[DPOConfig] = DPOConfig) -> DPOConfig:
+def _config(
+    output_dir: Path, batch_size: int, config_class: type[DPOConfig] = DPOConfig, router_loss: bool = False
+) -> DPOConfig:
+    """``router_loss``: the spec's moe.aux_loss, which build_trainer turns into TRL's router_aux_loss_coef (0: off)."""
     return config_class(
         output_dir=str(output_dir),
         report_to="none",
@@ -197,6 +200,7 @@ def _config(output_dir: Path, batch_size: int, config_class: type[DPOConfig] = D
         use_cpu=True,
         per_device_train_batch_size=batch_size,
         max_steps=1,
+        router_aux_loss_coef=None if router_loss else 0.0,
     )
 
 
@@ -214,7 +218,7 @@ def pair(
 
     ours = mapper.dpo_trainer(
         model=_lora_model(mapper, ckpt),
-        args=_config(tmp / "ours", len(rows), VLDPOConfig),
+        args=_config(tmp / "ours", len(rows), VLDPOConfig, mapper.model.router_aux_loss),
         data_collator=collator,
         train_dataset=dataset,
         processing_class=processor.hf,
@@ -223,7 +227,7 @@ def pair(
     )
     trl = DPOTrainer(
         model=_lora_model(mapper, ckpt),
-        args=_config(tmp / "trl", len(rows)),
+        args=_config(tmp / "trl", len(rows), router_loss=mapper.model.router_aux_loss),
         train_dataset=dataset,
         processing_class=load_hf_processor(ckpt),
     )
@@ -286,7 +290,7 @@ def test_pairs_share_their_prompt(pair: Pair) -> None:
     changes neither."""
     trainer, batch = pair.ours, pair.batch
     layout = trainer.pair_layout(trainer.model, batch)
-    if not pair.mapper.model.shares_prompt:
+    if not pair.mapper.model.shares_prompt or trainer.aux_loss_enabled:  # (the router loss reads the rows' mask)
         assert layout is None
     else:
         assert layout is not None, "every preference row of the fixture shares its prompt"
@@ -455,7 +459,7 @@ def test_precomputed_reference_gives_the_same_loss_without_a_reference_pass(
     trainers = {}
     with _Float64():  # the reference log-probs are precomputed here
         for precompute, model in models.items():
-            config = _config(tmp_path / f"pre{precompute}", len(rows))
+            config = _config(tmp_path / f"pre{precompute}", len(rows), router_loss=mapper.model.router_aux_loss)
             config.precompute_ref_log_probs = precompute
             trainers[precompute] = mapper.dpo_trainer(
                 model=model,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, one_bf16_step, train_argv, write_data
+from helpers import FAMILIES, expected_lora_layers, one_bf16_step, train_argv, write_data
 from peft.tuners.lora import LoraLayer
 
 from resonance.base.model import unwrap
@@ -37,14 +37,8 @@ def test_reward_step_save_reload(family: str, tmp_path: Path, tiny_checkpoint: C
     assert isinstance(trainer.data_collator, mapper.reward_collator)
 
     # LoRA only on the language model's target leaves; the head is fully trainable.
-    lm_path = model_cls.language_model_path
     lora_modules = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-    targets = set(model_cls.default_lora_target)
-    expected = {
-        PREFIX + name
-        for name, _ in unwrap(model).named_modules()
-        if name.startswith(lm_path + ".") and name.rsplit(".", 1)[-1] in targets
-    }
+    expected = {PREFIX + name for name in expected_lora_layers(unwrap(model), model_cls)}
     assert lora_modules and lora_modules == expected
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert {"score.weight", "score.bias"} <= trainable

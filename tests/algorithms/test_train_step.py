@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, IMAGE, make_image, one_bf16_step, run_resonance, train_argv, user, write_data
+from helpers import (
+    FAMILIES,
+    IMAGE,
+    expected_lora_layers,
+    make_image,
+    one_bf16_step,
+    run_resonance,
+    train_argv,
+    user,
+    write_data,
+)
 from peft.tuners.lora import LoraLayer
 
 from resonance.base.model import unwrap
@@ -45,12 +55,7 @@ def test_one_step_save_reload_generate(
     base = unwrap(model)
     lm_path = model_cls.language_model_path
     lora_modules = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-    targets = set(model_cls.default_lora_target)
-    expected = {
-        PREFIX + name
-        for name, _ in base.named_modules()
-        if name.startswith(lm_path + ".") and name.rsplit(".", 1)[-1] in targets
-    }
+    expected = {PREFIX + name for name in expected_lora_layers(base, model_cls)}
     assert lora_modules and lora_modules == expected
     excluded = [model_cls.vision_tower_path] + ([model_cls.projector_path] if model_cls.projector_path else [])
     for name in lora_modules:

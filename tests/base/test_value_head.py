@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FAMILIES, load_adapter, make_image, preference_rows, repeat_images, save_png, write_jsonl
+from helpers import (
+    FAMILIES,
+    expected_lora_layers,
+    load_adapter,
+    make_image,
+    preference_rows,
+    repeat_images,
+    save_png,
+    write_jsonl,
+)
 from peft.tuners.lora import LoraLayer
 
 from resonance.algorithms.arguments import ModelArguments
@@ -173,7 +182,8 @@ def _check_lora_and_grads(value_model: VLModelWithValueHead, vl_model: type[VLMo
     language_model = "model.base_model.model." + vl_model.language_model_path + "."
     lora_modules = [name for name, module in value_model.named_modules() if isinstance(module, LoraLayer)]
     assert lora_modules and all(name.startswith(language_model) for name in lora_modules)
-    assert {name.rsplit(".", 1)[-1] for name in lora_modules} <= set(vl_model.default_lora_target)
+    expected = {"model.base_model.model." + name for name in expected_lora_layers(base, vl_model)}
+    assert set(lora_modules) == expected
     grad = value_model.v_head.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     lora_grads = [p.grad for n, p in value_model.named_parameters() if "lora_" in n and p.grad is not None]

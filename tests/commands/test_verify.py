@@ -70,6 +70,20 @@ def test_verify_warns_of_a_degenerate_tiny_configuration(project: Path) -> None:
     assert "the logits hardly change from one answer token to the next" in warnings[1]
 
 
+def test_verify_names_targets_peft_left_without_lora(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # peft 0.21 rewrites the targets of some mixture-of-experts model types (glm4v_moe: the MLP targets go);
+    # emulated on LLaVA by a conversion that keeps only the attention's
+    from peft.utils import transformers_weight_conversion as conversion
+
+    def attention_only(config, **_: object) -> None:
+        config.target_modules = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    monkeypatch.setattr(conversion, "convert_peft_config_for_transformers", attention_only)
+    result = runner.invoke(app, ["verify", str(project / "specs" / "llava.yaml"), "--project", str(project)])
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "lora.targets: peft put no LoRA layer on ['model.language_model.layers.0.mlp.gate_proj'" in result.stderr
+
+
 def test_degenerate_reads_flat_logits_and_equal_rows() -> None:
     import torch
 

@@ -29,6 +29,7 @@ from helpers.messages import (
 )
 from helpers.references import (
     IGNORE_INDEX,
+    expected_lora_layers,
     expected_supervision,
     hf_batch,
     hf_ids,
@@ -74,6 +75,7 @@ __all__ = [
     "Message",
     "assistant",
     "count_images",
+    "expected_lora_layers",
     "expected_supervision",
     "generate_argv",
     "hf_batch",

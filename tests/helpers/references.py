@@ -48,6 +48,27 @@ def with_template(ckpt: Path, template: str) -> tuple[ModelCoreMapper, type[VLPr
     return mapper, type(type(processor).__name__, (type(processor),), {"inline_chat_template": template})
 
 
+def expected_lora_layers(model: torch.nn.Module, vl_model: Any) -> set[str]:
+    """The module names (of the transformers ``model``) where LoRA auto must put a layer: the language model's
+    modules named like the spec's lora.targets, and for its lora.parameters (3-D expert weights) each module that
+    holds them, once per such parameter (peft wraps the owner once per parameter, nesting the earlier wrapper as
+    ``.base_layer``)."""
+    prefix = vl_model.language_model_path + "."
+    names = {
+        n
+        for n, _ in model.named_modules()
+        if n.startswith(prefix) and n.rsplit(".", 1)[-1] in vl_model.default_lora_target
+    }
+    owners: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix) and any(name.endswith("." + p) for p in vl_model.default_lora_parameters):
+            owner = name.rsplit(".", 1)[0]
+            owners[owner] = owners.get(owner, 0) + 1
+    for owner, count in owners.items():
+        names |= {owner + ".base_layer" * nested for nested in range(count)}
+    return names
+
+
 def load_hf_processor(ckpt: Path) -> ProcessorMixin:
     """A fresh instance of the family's own HF processor, loaded the way transformers documents it.
 
@@ -156,15 +177,15 @@ def expected_supervision(
 
 def _prefix(hf: ProcessorMixin, conversation: list[Message], length: int) -> list[Message]:
     """The first ``length`` messages; for a template that writes every image first, with the later messages' image
-    parts put at the start of the first user message (so the prefix starts as the whole conversation does)."""
+    parts added to the last user message (so the prefix starts as the whole conversation does)."""
     prefix = [dict(m) for m in conversation[:length]]
     if not getattr(hf, "images_lead", False):
         return prefix
     later = [p for m in conversation[length:] if not isinstance(m["content"], str) for p in m["content"]]
     later = [p for p in later if p["type"] == "image"]
     users = [m for m in prefix if m["role"] == "user"]
-    if later and users:
-        users[0]["content"] = later + list(users[0]["content"])
+    if later and users:  # after the prefix's own images: the processor takes them in the order of their parts
+        users[-1]["content"] = list(users[-1]["content"]) + later
     return prefix
 
 

@@ -129,7 +129,8 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
             labels = input_ids.masked_fill(input_ids == image_token_id, -100)
         assert (labels != -100).any()
         model.zero_grad()
-        output = model(**batch, labels=labels)  # raises if image features and image tokens disagree
+        # floating inputs in the model's dtype, as Resonance's loads give the tower (Llama 4's pixel values are bf16)
+        output = model(**batch.to(model.dtype), labels=labels)  # raises if image features and image tokens disagree
         assert torch.isfinite(output.loss)
         output.loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
