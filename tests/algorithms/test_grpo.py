@@ -20,7 +20,7 @@ from resonance.base.registry import load_core_mapper
 from resonance.commands.train import build_trainer, main, parse
 from resonance.errors import UnsupportedModelError
 
-UNSUPPORTED = {"instructblip", "mllama", "ovis2"}  # see resonance.algorithms.grpo.unsupported_reason
+UNSUPPORTED = {"instructblip", "llama4", "mllama", "ovis2"}  # see resonance.algorithms.grpo.unsupported_reason
 
 
 def _argv(ckpt: Path, tmp_path: Path, reward: str, **overrides: object) -> list[str]:

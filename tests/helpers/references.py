@@ -60,7 +60,9 @@ def expected_lora_layers(model: torch.nn.Module, vl_model: Any) -> set[str]:
         if n.startswith(prefix) and n.rsplit(".", 1)[-1] in vl_model.default_lora_target
     }
     owners: dict[str, int] = {}
-    for name, _ in model.named_parameters():
+    # the parameters by their names before peft (which wraps their owners, adding .base_layer)
+    plain = {name.replace(".base_layer", "") for name, _ in model.named_parameters() if ".lora_" not in name}
+    for name in sorted(plain):
         if name.startswith(prefix) and any(name.endswith("." + p) for p in vl_model.default_lora_parameters):
             owner = name.rsplit(".", 1)[0]
             owners[owner] = owners.get(owner, 0) + 1
