@@ -122,6 +122,7 @@ class VLProcessor:
     stop_token: ClassVar[str | None] = None  # spec chat_template.stop_token
     takes_system: ClassVar[bool] = True  # spec chat_template.system
     images_lead: ClassVar[bool] = False  # spec chat_template.images: leading
+    trl_training_template: ClassVar[bool] = False  # spec chat_template.training: trl
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -204,6 +205,36 @@ class VLProcessor:
             messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
         )
 
+    def render_training(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """The conversation as training renders it: :meth:`render_conversation`, or with TRL's training variant of
+        the template where the spec says so (chat_template.training: trl)."""
+        if not self.trl_training_template:
+            return self.render_conversation(messages, add_generation_prompt)
+        messages = [_for_template(message, self.text_messages_as_string) for message in messages]
+        return self.training_template_source().render(
+            messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
+        )
+
+    def training_template_source(self) -> ChatTemplate:
+        """TRL's training variant of the template in use (prefix-preserving, with generation markers), worked out
+        once per template; a template TRL has no variant for is a ChatTemplateError naming the spec field."""
+        from trl.chat_template_utils import get_training_chat_template
+
+        model = self.chat_template_source()
+        cached = getattr(self, "_training_template", None)
+        if cached is not None and cached[0] == model.source:
+            return cached[1]
+        try:
+            variant = get_training_chat_template(self.hf)
+        except ValueError as exc:
+            raise ChatTemplateError(
+                f"{spec_file(type(self))}: chat_template.training: trl, but TRL has no training variant of "
+                f"{model.origin}: {exc}"
+            ) from exc
+        training = model if variant is None else ChatTemplate(variant, f"TRL's training variant of {model.origin}")
+        self._training_template = (model.source, training)
+        return training
+
     def chat_template_source(self) -> ChatTemplate:
         """The chat template in use and where it came from: the spec's inline template, or the checkpoint's file.
         Worked out once per template (every row renders through it; finding the origin reads the folder)."""
@@ -258,11 +289,11 @@ class VLProcessor:
         history writes a turn's opening otherwise than the generation prompt (Molmo2's " <|im_start|>assistant"),
         the span is the turn's own text, found at the end of the prefix rendered with it.
         """
-        full = self.render_conversation(messages, add_generation_prompt=False)
+        full = self.render_training(messages, add_generation_prompt=False)
         spans = []
         for index in supervised_turns(messages, first_supervised):
-            before = self.render_conversation(self._prefix(messages, index), add_generation_prompt=True)
-            through = self.render_conversation(self._prefix(messages, index + 1), add_generation_prompt=False)
+            before = self.render_training(self._prefix(messages, index), add_generation_prompt=True)
+            through = self.render_training(self._prefix(messages, index + 1), add_generation_prompt=False)
             end = len(through.rstrip())  # trailing white space after the end-of-turn marker: the separator
             answer = message_text(messages[index])
             if through.startswith(before):
@@ -299,7 +330,7 @@ class VLProcessor:
         (:meth:`assistant_char_spans`). With a stop token (spec chat_template.stop_token), each span also covers
         the stop token after its answer: the one the rendering already has there (the next turn's marker), or one
         written right after the answer's text where the rendering has none (the conversation's last answer)."""
-        text = self.render_conversation(messages, add_generation_prompt=False)
+        text = self.render_training(messages, add_generation_prompt=False)
         spans = self.assistant_char_spans(messages, first_supervised)
         stop = self.stop_token
         if stop is None:

@@ -86,6 +86,7 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("stop_token", "chat_template.stop_token"),
         Attribute("takes_system", "chat_template.system"),
         Attribute("images_lead", "chat_template.images", lambda where: where == "leading"),
+        Attribute("trl_training_template", "chat_template.training", lambda which: which == "trl"),
         Attribute("prefix_lm", "token_type_ids", lambda kind: kind == "prefix_lm"),
     ),
 }

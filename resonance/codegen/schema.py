@@ -235,6 +235,16 @@ class ChatTemplate(_Strict):
         ),
     )
 
+    training: Literal["model", "trl"] = Field(
+        "model",
+        description=(
+            "The template training conversations render with. model: the checkpoint's (or inline) template. trl: "
+            "TRL's training variant of it (trl.chat_template_utils.get_training_chat_template), for thinking "
+            "templates that render earlier assistant turns otherwise than the last (Qwen3.5's drops their think "
+            "blocks), so no prefix renders as the whole conversation does; prompts at inference keep the model's "
+            "template. A template TRL has no variant for is an error naming this field."
+        ),
+    )
     images: Literal["inline", "leading"] = Field(
         "inline",
         description=(

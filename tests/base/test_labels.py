@@ -96,7 +96,8 @@ def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Cal
         assert len(turns) == len(answers)
         for answer, turn in zip(answers, turns, strict=True):
             decoded = tokenizer.decode(batch["input_ids"][i, turn].tolist())
-            assert decoded.strip().startswith(answer), (decoded, answer)
+            # the answer, after what the generation prompt leaves open (Qwen3.5's "\n</think>\n\n") if anything
+            assert answer in decoded and decoded[: decoded.index(answer)].strip() in ("", "</think>"), (decoded, answer)
             # The end-of-turn marker, where the template writes one, is learned too.
             if tokenizer.eos_token and tokenizer.eos_token in decoded:
                 assert batch["input_ids"][i, turn[-1]].item() == tokenizer.eos_token_id

@@ -223,10 +223,12 @@ def test_train_flags_never_reach_the_chat_template(family: str, tiny_checkpoint:
     variants = [flagged(conversation), flagged(conversation, {2, 4, 6}), flagged(conversation, everything)]
 
     def renders(messages: list[Message]) -> list[str]:
-        """Every prefix, those ending with a question with the generation prompt."""
+        """Every prefix from the first question on (Qwen3.5's template refuses a conversation without one), those
+        ending with a question with the generation prompt."""
+        first = next(k for k, m in enumerate(messages, 1) if m["role"] == "user")
         return [
             processor.render_conversation(messages[:k], add_generation_prompt=messages[k - 1]["role"] == "user")
-            for k in range(1, len(messages) + 1)
+            for k in range(first, len(messages) + 1)
         ]
 
     for template in (None, KEY_DUMPING_TEMPLATE):

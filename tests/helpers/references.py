@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
+from trl.chat_template_utils import get_training_chat_template
 
 from helpers.messages import Message
 from helpers.repo import REPO
@@ -90,6 +91,9 @@ def load_hf_processor(ckpt: Path) -> ProcessorMixin:
         processor.chat_template = with_stop_token(processor.chat_template, stop_token)
     # read by expected_supervision: the template writes every image before the first turn
     processor.images_lead = (spec.get("chat_template") or {}).get("images") == "leading"
+    # read by hf_batch: training conversations render with TRL's training variant of the template
+    if (spec.get("chat_template") or {}).get("training") == "trl":
+        processor.training_chat_template = get_training_chat_template(processor) or processor.chat_template
     return processor
 
 
@@ -104,9 +108,15 @@ def with_stop_token(template: str, stop_token: str) -> str:
 
 
 def hf_batch(
-    hf: ProcessorMixin, conversations: list[list[Message]], add_generation_prompt: bool = False
+    hf: ProcessorMixin,
+    conversations: list[list[Message]],
+    add_generation_prompt: bool = False,
+    training: bool | None = None,
 ) -> BatchFeature:
-    """Tokenize HF-format conversations (images inside) with the HF processor, right padding."""
+    """Tokenize HF-format conversations (images inside) with the HF processor, right padding. ``training`` (default:
+    without a generation prompt) renders with the training template where the spec names one (training: trl)."""
+    training = not add_generation_prompt if training is None else training
+    template = getattr(hf, "training_chat_template", None) if training else None
     return hf.apply_chat_template(
         conversations,
         add_generation_prompt=add_generation_prompt,
@@ -114,11 +124,14 @@ def hf_batch(
         return_dict=True,
         return_tensors="pt",
         processor_kwargs={"padding": True, "padding_side": "right"},
+        **({"chat_template": template} if template else {}),
     )
 
 
-def hf_ids(hf: ProcessorMixin, conversation: list[Message], add_generation_prompt: bool = False) -> list[int]:
-    return hf_batch(hf, [conversation], add_generation_prompt)["input_ids"][0].tolist()
+def hf_ids(
+    hf: ProcessorMixin, conversation: list[Message], add_generation_prompt: bool = False, training: bool | None = None
+) -> list[int]:
+    return hf_batch(hf, [conversation], add_generation_prompt, training)["input_ids"][0].tolist()
 
 
 def is_blank_token(hf: ProcessorMixin, token_id: int) -> bool:
@@ -159,7 +172,7 @@ def expected_supervision(
     for k, message in enumerate(conversation):
         if message["role"] != "assistant" or k < first:
             continue
-        before_ids = hf_ids(hf, _prefix(hf, conversation, k), add_generation_prompt=True)
+        before_ids = hf_ids(hf, _prefix(hf, conversation, k), add_generation_prompt=True, training=True)
         before, _ = _collapse_image_runs(before_ids, image_token_id)
         through, _ = _collapse_image_runs(hf_ids(hf, _prefix(hf, conversation, k + 1)), image_token_id)
         # The reconstruction is only meaningful if tokenization is prefix-stable; fail loudly otherwise.
