@@ -142,7 +142,10 @@ def _lora_output(ckpt: Path, out: Path, head: str | None = None, dtype: torch.dt
     targets = mapper.model.lora_target_modules(mapper.model.default_lora_target)
     torch.manual_seed(0)
     model = get_peft_model(
-        mapper.model.from_pretrained(ckpt, **({} if dtype is None else {"dtype": dtype})),
+        # float64: eager experts, as transformers' grouped_mm kernel for mixture-of-experts layers takes no float64
+        mapper.model.from_pretrained(
+            ckpt, **({} if dtype is None else {"dtype": dtype, "experts_implementation": "eager"})
+        ),
         LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
     )
     if head is not None:
