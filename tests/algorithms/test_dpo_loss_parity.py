@@ -405,6 +405,11 @@ def test_collator_matches_trl_collator(
             return [m if m["role"] == "user" else text_as_string(m) for m in prepare(messages, images=images)]
 
         monkeypatch.setattr(trl_dpo, "prepare_multimodal_messages", keep_text_as_string)
+    if processor.trl_training_template:
+        # Ours renders training rows with TRL's training variant of the template (spec chat_template.training: trl:
+        # Qwen3.5's thinking template renders earlier assistant turns without their think block); TRL's DPO collator
+        # renders with the processor's, so it gets that variant too
+        hf.chat_template = hf.training_chat_template
     ours = mapper.dpo_collator(processor)(rows)
     theirs = DataCollatorForVisionPreference(hf)([_trl_example(row) for row in rows])
 
