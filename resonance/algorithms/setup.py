@@ -78,7 +78,7 @@ def _lora_parameters(model: torch.nn.Module, model_cls: type[VLModel], flag: str
         prefix = model_cls.language_model_path + "."
         # the weights of more than two dimensions, without the layer list's index: layers.3.mlp.experts.down_proj
         names = [n[len(prefix) :] for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() > 2]
-        ends = sorted({re.sub(r"^\w+\.\d+\.", "", name) for name in names})
+        ends = sorted({re.sub(r"^(?:\w+\.)*?\d+\.", "", name) for name in names})
         there = f"its weights of more than two dimensions are {', '.join(ends)}" if ends else "it has none"
         raise ConfigError(
             f"--lora_target_parameters: {', '.join(map(repr, unknown))} ends no parameter name under "

@@ -109,10 +109,8 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
             return None
         if base.config._attn_implementation not in ("sdpa", "eager"):
             return None  # flash-attention takes no custom mask
-        if self.aux_loss_enabled:
-            return (
-                None  # TRL's router loss (in every pass) reads the rows' 2-D attention mask, which shared rows replace
-            )
+        if self.aux_loss_enabled:  # TRL's router loss, in every pass, reads the rows' 2-D mask: shared rows have none
+            return None
         return plan_pairs(
             inputs["input_ids"],
             inputs["attention_mask"],
