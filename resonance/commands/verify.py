@@ -125,11 +125,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         try:
             processor.render_conversation(conversation, add_generation_prompt=False)
         except ChatTemplateError as exc:
-            if processor.takes_system:
-                return [
-                    FieldProblem("chat_template.system", f"the template refuses a system message ({exc}); set false")
-                ]
-            return []
+            message = f"the template refuses a system message ({exc}); set false"
+            return [FieldProblem("chat_template.system", message)] if processor.takes_system else []
         if not processor.takes_system:
             return [FieldProblem("chat_template.system", "false, but the template renders a system message")]
         return []
@@ -238,10 +235,11 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             stop_id = processor.tokenizer.convert_tokens_to_ids(processor.stop_token)
             eos = kwargs.get("eos_token_id")
             if stop_id not in (eos if isinstance(eos, list) else [eos]):
-                message = f"{processor.stop_token!r} (id {stop_id}) is not among the ids generation stops at ({eos})"
-                return [
-                    FieldProblem("chat_template.stop_token", message + ": the model's generation_config must list it")
-                ]
+                message = (
+                    f"{processor.stop_token!r} (id {stop_id}) is not among the ids generation stops at ({eos}): the "
+                    "model's generation_config (eos_token_id) must list it"
+                )
+                return [FieldProblem("chat_template.stop_token", message)]
         return []
 
     run("model loads; module paths and LoRA targets exist", "modules, lora.targets", load_model)
