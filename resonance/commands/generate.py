@@ -153,7 +153,7 @@ def run(
         if target is not None:
             target.discard()
         raise
-    processes.wait()  # the output is complete when any process returns
+    processes.end()  # the output is complete when any process returns
     if processes.main:
         skipped = f"; {loaded.skipped} invalid rows skipped" if loaded.skipped else ""
         console.print(f"wrote {len(loaded.rows)} answers to {output}{skipped}", markup=False, highlight=False)
@@ -257,6 +257,13 @@ class Processes:
     def wait(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+    def end(self) -> None:
+        """Wait for every process, then end their process group (see :func:`resonance.commands.train.end_processes`)."""
+        if self.accelerator is not None:
+            from resonance.commands.train import end_processes
+
+            end_processes(self.accelerator)
 
 
 class _SharedEncoder:
