@@ -177,6 +177,14 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             self.log_multimodal = bool(self.accelerator.gather(has_images).all())
         return super()._generate_and_score_completions(rows)
 
+    def _tokenize_prompts(self, prompts: list) -> tuple[Any, Any, Any]:
+        # TRL 1.16 marks a prompt without images None among prompts with some, and later passes that list to the
+        # processor for the scoring inputs, which refuses None: such a prompt gets no images ([]) instead.
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if images is not None:
+            images = [row_images or [] for row_images in images]
+        return prompt_ids, images, multimodal_fields
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         # prompts without images: the placeholder pass where generate encodes the others' images
         with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):

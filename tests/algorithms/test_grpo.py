@@ -6,13 +6,24 @@ The reward functions are ``helpers.rewards``' (``--reward_funcs helpers.rewards:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, REWARDS, TARGET, make_image, one_bf16_step, run_resonance, train_argv, write_data
+from helpers import (
+    FAMILIES,
+    REWARDS,
+    TARGET,
+    make_image,
+    one_bf16_step,
+    run_resonance,
+    save_png,
+    train_argv,
+    write_data,
+)
 from transformers import TrainerCallback
 
 from resonance.algorithms.grpo import RewardFunctionError, load_reward_funcs
@@ -200,6 +211,38 @@ def test_paligemma_completion_is_causal(tmp_path: Path, tiny_checkpoint: Callabl
             )
         logps.append(out)
     torch.testing.assert_close(logps[0][:, :2], logps[1][:, :2])
+
+
+# one family per layout of the image inputs (per image, per patch, per row, per tile) and Gemma 3's token_type_ids
+MIXED_BATCH_FAMILIES = ["llava", "qwen2_vl", "idefics3", "internvl", "gemma3"]
+
+
+@pytest.mark.parametrize("family", MIXED_BATCH_FAMILIES)
+def test_prompts_with_and_without_images_in_one_batch(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """A batch holding a prompt with an image and one without trains (TRL 1.16 marked the one without None and
+    its processor call for the scoring inputs refused that: an internal error)."""
+    save_png(tmp_path, "shape.png", make_image(40, 30, seed=1))
+    rows = [{"image": "shape.png", "prompt": "<image>\nWhat shape is it?"}, {"prompt": "What is two plus two?"}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = train_argv(
+        "grpo",
+        tiny_checkpoint(family),
+        data,
+        tmp_path / "out",
+        reward_funcs=f"{REWARDS}:completion_code",
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_steps=1,
+    )
+    trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".lora_B." in n}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 @pytest.mark.gpu
