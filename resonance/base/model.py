@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -258,22 +259,19 @@ class VLModel:
         """The full names of the language model's parameters whose names end with one of ``endings`` (spec
         lora.parameters: 3-D expert weights), for PEFT's ``target_parameters``. PEFT matches its entries as name
         endings over the whole model; full names keep them to the language model, as target_modules are."""
-        prefix = cls.language_model_path + "."
-        return [
-            name
-            for name, _ in unwrap(model).named_parameters()
-            if name.startswith(prefix) and any(name.endswith("." + ending) for ending in endings)
-        ]
+        return cls._language_model_names(unwrap(model).named_parameters(), endings)
 
     @classmethod
     def router_modules(cls, model: nn.Module) -> list[str]:
         """The names of the language model's routers (spec moe.router), as ``named_modules`` gives them."""
+        return cls._language_model_names(unwrap(model).named_modules(), cls.router_paths)
+
+    @classmethod
+    def _language_model_names(cls, named: Iterable[tuple[str, Any]], endings: Iterable[str]) -> list[str]:
+        """The names in ``named`` under the language model that end with one of ``endings`` (dotted paths)."""
         prefix = cls.language_model_path + "."
-        return [
-            name
-            for name, _ in unwrap(model).named_modules()
-            if name.startswith(prefix) and any(name.endswith("." + path) for path in cls.router_paths)
-        ]
+        suffixes = tuple("." + ending for ending in endings)
+        return [name for name, _ in named if name.startswith(prefix) and name.endswith(suffixes)]
 
     @classmethod
     def lora_target_modules(cls, names: list[str]) -> str:
