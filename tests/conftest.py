@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from helpers import REPO
+
+# Every chat template rendered in the tests' own process sees this date (Llama 3.2 Vision's system block prints
+# "Today Date: ..."): expectations can hold it, and the two renders of a parity test cannot fall on either side of
+# midnight. Not the templates' fallback date (26 Jul 2024), so an expectation holding it shows the pin took effect.
+RENDER_DATE = datetime(2026, 1, 15, 12, 0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def pinned_render_date():
+    """transformers' ``strftime_now`` (the template global both renderers use) reads :data:`RENDER_DATE`."""
+    from transformers.utils import chat_template_utils
+
+    class Pinned(datetime):
+        @classmethod
+        def now(cls, tz=None) -> datetime:
+            return RENDER_DATE.replace(tzinfo=tz)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chat_template_utils, "datetime", Pinned)
+        yield
 
 
 @pytest.fixture

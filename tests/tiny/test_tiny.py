@@ -25,7 +25,7 @@ def expected(family: str) -> dict[str, Any]:
     assert path.is_file(), f"{path} is missing: every family in specs/ needs its expectations there"
     data = yaml.safe_load(path.read_text())
     sizes = {tuple(int(n) for n in key.split("x")): count for key, count in data["image_tokens"].items()}
-    return {"prompt": data["prompt"], "image_tokens": sizes}
+    return {"prompt": data["prompt"], "image_tokens": sizes, "system_prompt": data.get("system_prompt")}
 
 
 def model_spec(family: str) -> ModelSpec:
@@ -45,11 +45,15 @@ def image(size: tuple[int, int]) -> Image.Image:
     return Image.frombytes("RGB", size, pixels)
 
 
-def conversation(picture: Image.Image | None = None, answer: str | None = None) -> list[dict[str, Any]]:
+SYSTEM = "You are a careful assistant."  # the system message of an expectation's system_prompt
+
+
+def conversation(
+    picture: Image.Image | None = None, answer: str | None = None, system: str | None = None
+) -> list[dict[str, Any]]:
     image_part: dict[str, Any] = {"type": "image"} if picture is None else {"type": "image", "image": picture}
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": [image_part, {"type": "text", "text": "What is shown in this image?"}]}
-    ]
+    messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": [image_part, {"type": "text", "text": "What is shown in this image?"}]})
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
@@ -105,6 +109,10 @@ def test_build_reload_train_step(family: str, tmp_path: Path) -> None:
     as_suffix = family_spec.chat_template.answer == "suffix"
     rendered = processor.apply_chat_template(conversation(), add_generation_prompt=True, chat_template=template)
     assert rendered == expected(family)["prompt"]
+    if expected(family)["system_prompt"] is not None:  # with a system message (date-dependent: the tests pin it)
+        with_system = conversation(system=SYSTEM)
+        rendered = processor.apply_chat_template(with_system, add_generation_prompt=True, chat_template=template)
+        assert rendered == expected(family)["system_prompt"]
 
     for size, count in expected(family)["image_tokens"].items():
         picture = image(size)
