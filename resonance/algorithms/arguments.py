@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from resonance.algorithms.quantization import quantization_problems
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -143,5 +144,17 @@ class DataArguments:
         metadata={
             "help": "Train into a non-empty --output_dir (the checkpoint-* folders of an earlier run there are "
             "removed); without it a non-empty --output_dir is refused unless --resume_from_checkpoint is given."
+        },
+    )
+
+
+def router_aux_loss_coef_field() -> Any:
+    """``--router_aux_loss_coef`` for the trainers of our own (RM, PPO), as TRL's configs have it."""
+    return field(
+        default=None,
+        metadata={
+            "help": "Weight of a mixture-of-experts model's router load-balancing loss, added to the loss (as TRL's "
+            "trainers add it). None: the spec's moe.aux_loss decides (on: the model config's own coefficient); 0 "
+            "turns it off."
         },
     )

@@ -16,14 +16,14 @@ from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.algorithms import ALGORITHMS
-from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.arguments import DataArguments, ModelArguments, router_aux_loss_coef_field
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
-from resonance.base.reward import VLRewardModel
+from resonance.base.reward import VLRewardModel, router_loss_coefficient
 
 logger = logging.getLogger("resonance")
 
@@ -62,6 +62,7 @@ class VLRewardConfig(TrlDefaults):
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch to a multiple of this many tokens."}
     )
+    router_aux_loss_coef: float | None = router_aux_loss_coef_field()
 
 
 class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
@@ -76,6 +77,9 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._metric_counts = {"train": 0, "eval": 0}
         super().__init__(*args, **kwargs)
+        backbone = self._reward_model(self.model).model
+        self.router_aux_loss_coef = router_loss_coefficient(backbone, self.args.router_aux_loss_coef)
+        self.aux_loss_enabled = self.router_aux_loss_coef != 0.0  # TRL's trainers' name
 
     def _reward_model(self, model: nn.Module) -> VLRewardModel:
         model = self.accelerator.unwrap_model(model)
@@ -85,16 +89,29 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
 
     def rewards(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen rewards, rejected rewards) of a reward batch."""
+        chosen, rejected, _ = self._rewards_and_router_loss(model, inputs)
+        return chosen, rejected
+
+    def _rewards_and_router_loss(
+        self, model: nn.Module, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`rewards`, and the routers' load-balancing loss where it is on (else None)."""
         inputs = {k: v for k, v in inputs.items() if k != "margin"}
         inputs = self._image_model_inputs(self._reward_model(model).model, inputs, copies=2)
-        rewards = model(**inputs)
+        if self.aux_loss_enabled:
+            rewards, router_loss = model(**inputs, router_loss=True)
+        else:
+            rewards, router_loss = model(**inputs), None
         half = rewards.shape[0] // 2
-        return rewards[:half], rewards[half:]
+        return rewards[:half], rewards[half:], router_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         with self._idle_encoder(model, inputs, self._reward_model(model).model) as idle:
-            chosen, rejected = self.rewards(model, inputs)
+            chosen, rejected, router_loss = self._rewards_and_router_loss(model, inputs)
         loss, metrics = bradley_terry(chosen, rejected, inputs.get("margin"))
+        if router_loss is not None:
+            loss = loss + self.router_aux_loss_coef * router_loss.to(loss.device)
+            metrics["aux_loss"] = router_loss.detach().float().expand(chosen.shape[0])  # logged as TRL logs it
         loss = add_to_loss(loss, idle.term)
         mode = "train" if model.training else "eval"
         for name, values in metrics.items():

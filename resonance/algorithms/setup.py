@@ -161,10 +161,19 @@ def load_model(
         model = model.merge_and_unload()
         model.name_or_path = model.config._name_or_path = str(start.resolve())  # what peft records as the base
         logger.info("%s: a LoRA output; its adapter is merged into its base and this run trains on top", start)
-    if getattr(config, "router_aux_loss_coef", 0.0) is None and not mapper.model.router_aux_loss:
+    coefficient = getattr(config, "router_aux_loss_coef", 0.0)
+    if coefficient is None and not mapper.model.router_aux_loss:
         # TRL adds a mixture-of-experts model's router loss unless the coefficient is 0; the spec's moe.aux_loss
         # decides where --router_aux_loss_coef is not given
         config.router_aux_loss_coef = 0.0
+    text_config = model.config.get_text_config()
+    if coefficient and hasattr(text_config, "output_router_logits") and not hasattr(text_config, "num_experts"):
+        # TRL's router loss (Mixtral's) reads the config's num_experts: Llama 4's names its experts otherwise and
+        # defines no such loss
+        raise ConfigError(
+            f"--router_aux_loss_coef {coefficient}: {type(model).__name__} has no load-balancing loss to add (its "
+            "config has no num_experts, which TRL's router loss reads); leave the flag out"
+        )
     model = prepare_for_training(model, config)
     wrap_layers_the_model_holds(model)  # FSDP: the layers to wrap, before the trainer's accelerator reads them
     if model_args.freeze_vision_tower:

@@ -18,6 +18,7 @@ from torch import nn
 from resonance.base.collator import VLDPODataCollatorWithPadding
 from resonance.base.heads import ScalarHeadModel
 from resonance.base.model import VLModel, unwrap
+from resonance.errors import ConfigError
 from resonance.patches.fused_head import output_embeddings_as_identity
 
 REWARD_CONFIG = "reward_config.json"
@@ -47,12 +48,46 @@ def final_hidden_states(model: nn.Module, inputs: dict[str, Any]) -> torch.Tenso
     one (InstructBLIP: the language model is a whole causal LM) runs its own ``forward`` with the output
     embeddings swapped for an identity, so its "logits" are the final hidden states.
     """
+    return backbone_pass(model, inputs)[0]
+
+
+def backbone_pass(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """:func:`final_hidden_states`, and the routers' logits of a mixture-of-experts backbone asked for them
+    (``output_router_logits=True`` in ``inputs``; else None)."""
     base = unwrap(model)
     backbone = base.base_model
     if backbone is not base:
-        return backbone(**inputs, use_cache=False, return_dict=True).last_hidden_state
+        outputs = backbone(**inputs, use_cache=False, return_dict=True)
+        return outputs.last_hidden_state, getattr(outputs, "router_logits", None)
     with output_embeddings_as_identity(base):
-        return base(**inputs, use_cache=False, return_dict=True).logits
+        outputs = base(**inputs, use_cache=False, return_dict=True)
+        return outputs.logits, getattr(outputs, "router_logits", None)
+
+
+def router_loss_coefficient(model: nn.Module, coefficient: float | None) -> float:
+    """The weight of the routers' load-balancing loss, as TRL's trainers decide it: the coefficient given, else the
+    model config's own (resonance's setup makes it 0 where the spec's moe.aux_loss is off); 0 (off) for a model
+    that returns no router logits, for which a coefficient other than 0 is refused."""
+    text_config = unwrap(model).config.get_text_config()
+    if not hasattr(text_config, "output_router_logits"):
+        if coefficient:
+            raise ConfigError(
+                f"--router_aux_loss_coef {coefficient}: this model is not a mixture of experts that returns its "
+                "router logits, so there is no router loss to weight (leave the flag out)"
+            )
+        return 0.0
+    return getattr(text_config, "router_aux_loss_coef", 0.0) if coefficient is None else coefficient
+
+
+def router_balance_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor):
+    """The routers' load-balancing loss, as TRL computes it for its trainers (Mixtral's, which the mixture-of-experts
+    families share): from the text config's expert count and experts per token, over the unpadded tokens."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = unwrap(model).config.get_text_config()
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
 
 
 class VLRewardModel(ScalarHeadModel):
@@ -74,16 +109,26 @@ class VLRewardModel(ScalarHeadModel):
     def __init__(self, model: nn.Module, vl_model: type[VLModel] | None = None, score: nn.Linear | None = None):
         super().__init__(model, vl_model, score)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_loss: bool = False, **inputs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One reward per row; with ``router_loss`` (a mixture-of-experts backbone), also the routers'
+        load-balancing loss of the batch: ``(rewards, loss)``."""
         inputs.pop("labels", None)
-        hidden = final_hidden_states(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
+        if router_loss:
+            inputs["output_router_logits"] = True
+        hidden, router_logits = backbone_pass(self.model, inputs)
         if hidden.shape[:2] != attention_mask.shape:
             raise ValueError(
                 f"hidden states {tuple(hidden.shape)} do not match attention_mask {tuple(attention_mask.shape)}"
             )
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, last_token_positions(attention_mask).to(hidden.device)]
-        return self.score(last.to(self.score.weight.dtype)).squeeze(-1)
+        rewards = self.score(last.to(self.score.weight.dtype)).squeeze(-1)
+        if router_loss:
+            return rewards, router_balance_loss(self.model, router_logits, attention_mask)
+        return rewards
 
     def description(self) -> dict[str, Any]:  # noqa: D102
         return {**super().description(), "pooling": "last non-padding token"}

@@ -29,7 +29,7 @@ from torch import nn
 from resonance.base.heads import ScalarHeadModel
 from resonance.base.logprobs import token_log_probs
 from resonance.base.model import VLModel, unwrap
-from resonance.base.reward import final_hidden_states
+from resonance.base.reward import backbone_pass, router_balance_loss
 
 VALUE_CONFIG = "value_config.json"
 VALUE_HEAD = "value_head.safetensors"
@@ -57,6 +57,7 @@ class ValueHeadOutput:
     logits: torch.Tensor | None
     log_probs: torch.Tensor | None
     values: torch.Tensor
+    router_loss: torch.Tensor | None = None  # with router_loss=True: the routers' load-balancing loss
 
 
 class VLModelWithValueHead(ScalarHeadModel):
@@ -94,6 +95,7 @@ class VLModelWithValueHead(ScalarHeadModel):
         temperature: float = 1.0,
         return_logits: bool = True,
         suppress_tokens: Sequence[int] | None = None,
+        router_loss: bool = False,
         **inputs: Any,
     ) -> ValueHeadOutput:
         """Logits, log-probs and values of a batch of prompts followed by responses.
@@ -114,7 +116,10 @@ class VLModelWithValueHead(ScalarHeadModel):
             raise ValueError(
                 f"response_length must be in 1..{length - 1} (a prompt token first), got {response_length}"
             )
-        hidden = final_hidden_states(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
+        if router_loss:
+            inputs["output_router_logits"] = True
+        hidden, router_logits = backbone_pass(self.model, inputs)
         if hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"hidden states {tuple(hidden.shape)} do not match input_ids {tuple(input_ids.shape)}")
         if response_length is not None:
@@ -131,7 +136,8 @@ class VLModelWithValueHead(ScalarHeadModel):
             log_probs = token_log_probs(logits, input_ids[:, length - response_length :], temperature)
             if not return_logits:
                 logits = None
-        return ValueHeadOutput(logits=logits, log_probs=log_probs, values=values)
+        balance = router_balance_loss(self.model, router_logits, attention_mask) if router_loss else None
+        return ValueHeadOutput(logits=logits, log_probs=log_probs, values=values, router_loss=balance)
 
     def description(self) -> dict[str, Any]:  # noqa: D102
         return {**super().description(), "positions": "every token (the value of the state before the next token)"}

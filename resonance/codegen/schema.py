@@ -110,8 +110,9 @@ class Moe(_Strict):
     aux_loss: bool = Field(
         False,
         description=(
-            "Whether SFT, DPO and GRPO add the routers' load-balancing (auxiliary) loss by default, with the "
-            "model's router_aux_loss_coef; TRL's --router_aux_loss_coef sets the coefficient (0 turns it off)."
+            "Whether training (SFT, DPO, RM, PPO, GRPO) adds the routers' load-balancing (auxiliary) loss by "
+            "default, with the model's router_aux_loss_coef; --router_aux_loss_coef sets the coefficient (0 turns "
+            "it off)."
         ),
     )
 

@@ -4,19 +4,22 @@ default and TRL's --router_aux_loss_coef, and the expert flags that cannot work 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, read_spec, train_argv, write_data
+from helpers import FAMILIES, REWARDS, read_spec, train_argv, write_data
 
+from resonance.algorithms.rm import bradley_terry
 from resonance.base.model import unwrap
 from resonance.base.registry import load_core_mapper
 from resonance.commands.train import build_trainer, parse
 from resonance.errors import ConfigError
 
 MOE_FAMILIES = [f for f in FAMILIES if (read_spec(f).get("moe") or {}).get("router")]
+AUX_FAMILIES = [f for f in MOE_FAMILIES if read_spec(f)["moe"].get("aux_loss")]  # the router loss on by default
 
 
 def _trainer(family: str, ckpt: Path, tmp_path: Path, **flags: object):
@@ -25,7 +28,7 @@ def _trainer(family: str, ckpt: Path, tmp_path: Path, **flags: object):
 
 
 def test_there_are_mixture_of_experts_families() -> None:
-    assert MOE_FAMILIES  # the tests below would otherwise test nothing
+    assert MOE_FAMILIES and AUX_FAMILIES  # the tests below would otherwise test nothing
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -76,5 +79,67 @@ def test_expert_flags(family: str, tmp_path: Path, tiny_checkpoint: Callable[[st
         _trainer(family, ckpt, tmp_path, lora_target_parameters="none", lora_target_modules="none")
     plain = _trainer(family, ckpt, tmp_path, lora_target_parameters="none", lora_dropout="0.1")
     assert not plain.model.base_model.targeted_parameter_names
-    coefficient = _trainer(family, ckpt, tmp_path, router_aux_loss_coef="0.01")
-    assert coefficient.args.router_aux_loss_coef == 0.01
+    if family in AUX_FAMILIES:
+        coefficient = _trainer(family, ckpt, tmp_path, router_aux_loss_coef="0.01")
+        assert coefficient.args.router_aux_loss_coef == 0.01
+    else:  # a model without the load-balancing loss TRL computes (its config has no num_experts)
+        with pytest.raises(ConfigError, match=r"--router_aux_loss_coef 0.01: .* has no load-balancing loss"):
+            _trainer(family, ckpt, tmp_path, router_aux_loss_coef="0.01")
+
+
+@pytest.mark.parametrize("family", AUX_FAMILIES)
+def test_reward_model_adds_the_router_loss(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """RM adds the routers' load-balancing loss as TRL's trainers do: by default where the spec's moe.aux_loss is
+    on, weighted by --router_aux_loss_coef (0 turns it off). The loss is the pairwise loss plus the coefficient
+    times the load-balancing loss transformers' own forward of the model returns for the same batch."""
+    ckpt = tiny_checkpoint(family)
+    data = write_data(tmp_path, "rm")
+
+    def reward_trainer(**flags: object):
+        argv = train_argv("rm", ckpt, data, tmp_path / "out", **flags)
+        return build_trainer("rm", *parse("rm", argv))[0]
+
+    assert reward_trainer().aux_loss_enabled
+    assert not reward_trainer(router_aux_loss_coef="0").aux_loss_enabled
+    trainer = reward_trainer(router_aux_loss_coef="0.5")
+    assert trainer.aux_loss_enabled
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        chosen, rejected, router_loss = trainer._rewards_and_router_loss(model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "margin"}  # the images once: given to both rows
+        inputs = trainer._image_model_inputs(model.model, inputs, copies=2)
+        reference = model.model(**inputs, output_router_logits=True, use_cache=False).aux_loss
+    assert router_loss > 0
+    torch.testing.assert_close(router_loss, reference)
+    pairwise, _ = bradley_terry(chosen, rejected, batch.get("margin"))
+    torch.testing.assert_close(loss, pairwise + 0.5 * reference)
+
+
+def test_router_coefficient_needs_a_mixture_of_experts(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    argv = train_argv("rm", tiny_checkpoint("llava"), write_data(tmp_path, "rm"), tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--router_aux_loss_coef 0.5: this model is not a mixture of experts"):
+        build_trainer("rm", *parse("rm", [*argv, "--router_aux_loss_coef", "0.5"]))
+
+
+@pytest.mark.parametrize("family", AUX_FAMILIES)
+def test_ppo_adds_the_router_loss(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """PPO adds the routers' load-balancing loss to its update as RM does (the same loss, checked there against
+    transformers'): the model config's coefficient by default, --router_aux_loss_coef's when given, 0 = off."""
+    ckpt = tiny_checkpoint(family)
+    data = write_data(tmp_path, "prompt")
+
+    def ppo_trainer(**flags: object):
+        argv = train_argv("ppo", ckpt, data, tmp_path / "out", reward_funcs=f"{REWARDS}:token_sum_reward", **flags)
+        return build_trainer("ppo", *parse("ppo", argv))[0]
+
+    config = load_core_mapper(ckpt).model.from_pretrained(ckpt).config.get_text_config()
+    assert ppo_trainer().router_aux_loss_coef == config.router_aux_loss_coef > 0
+    off = ppo_trainer(router_aux_loss_coef="0", max_steps=1)
+    off.train()
+    assert "aux_loss" not in off.log_history[-1]
+    trainer = ppo_trainer(router_aux_loss_coef="0.5", max_steps=1)
+    trainer.train()
+    (entry,) = trainer.log_history
+    assert entry["aux_loss"] > 0 and math.isfinite(entry["policy_loss"])

@@ -8,6 +8,7 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
+from resonance.algorithms.arguments import router_aux_loss_coef_field
 from resonance.errors import ConfigError
 from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
 
@@ -68,6 +69,7 @@ class VLPPOConfig(TrlDefaults):
     )
 
     reward_funcs: str | None = reward_funcs_field(" Give this, --reward_model_path, or both.")
+    router_aux_loss_coef: float | None = router_aux_loss_coef_field()
     reward_timeout: float = reward_timeout_field()
     reward_model_path: str | None = field(
         default=None,

@@ -38,6 +38,7 @@ from resonance.base.collator import VLPromptCollator
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
+from resonance.base.reward import router_loss_coefficient
 from resonance.base.value import VLModelWithValueHead
 from resonance.errors import CheckpointError, ConfigError
 from resonance.generation import generate_from, generation_kwargs
@@ -91,6 +92,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             raise ConfigError("PPO needs a reward: --reward_funcs, --reward_model_path, or both")
         self._bind_adapter(vl_model, vl_processor)
         self.args = args
+        self.router_aux_loss_coef = router_loss_coefficient(model.model, args.router_aux_loss_coef)
         set_seed(args.seed)
         mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")
         # --report_to through accelerate's trackers; tensorboard's event files go under OUTPUT_DIR/runs, as the
@@ -370,7 +372,8 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
     def _loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {"input_ids": r.sequences, "attention_mask": r.attention_mask, **r.model_inputs}
         with self._idle_encoder(self.model, inputs, self.policy.model) as idle:
-            out = self._score(self.model, inputs, r.response_length, return_logits=True)
+            router_loss = self.router_aux_loss_coef != 0.0
+            out = self._score(self.model, inputs, r.response_length, return_logits=True, router_loss=router_loss)
         policy_loss, policy_metrics = clipped_policy_loss(
             out.log_probs, r.logprobs, r.advantages, r.mask, self.args.cliprange
         )
@@ -386,7 +389,11 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             "value_loss": value_loss.detach(),
             "entropy": entropy,
         }
-        return add_to_loss(policy_loss + self.args.vf_coef * value_loss, idle.term), metrics
+        loss = policy_loss + self.args.vf_coef * value_loss
+        if out.router_loss is not None:  # added as TRL's trainers add it
+            loss = loss + self.router_aux_loss_coef * out.router_loss.to(loss.device)
+            metrics["aux_loss"] = out.router_loss.detach()
+        return add_to_loss(loss, idle.term), metrics
 
     def update(self, rollouts: list[Rollout], generator: torch.Generator) -> dict[str, float]:
         """``num_ppo_epochs`` passes over the rollout's micro-batches in shuffled minibatches of
