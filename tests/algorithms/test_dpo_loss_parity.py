@@ -212,7 +212,7 @@ def pair(
     ckpt = tiny_checkpoint(family)
     tmp = tmp_path_factory.mktemp(f"dpo_{family}")
     mapper, processor = load_adapter(ckpt)
-    rows = preference_rows(tmp, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp, processor.images_required, processor.multi_image, processor.takes_system)
     dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
     collator = mapper.dpo_collator(processor)
 
@@ -391,7 +391,7 @@ def test_collator_matches_trl_collator(
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     if processor.text_messages_as_string:
         # TRL 1.16 turns every message into a parts list, and templates that print a text-only message's content
         # as it is (Llama 3.2 Vision's system prompt, GLM-4V's answers) then render the list's repr: TRL's own
@@ -457,7 +457,7 @@ def test_precomputed_reference_gives_the_same_loss_without_a_reference_pass(
     """precompute_ref_log_probs (which TRL refuses for image data) changes the work, not the loss."""
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
     collator = mapper.dpo_collator(processor)
     models = {precompute: _lora_model(mapper, ckpt) for precompute in (True, False)}
