@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from os.path import commonprefix
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from helpers import (
     FAMILIES,
     TEMPLATE_FAMILIES,
+    Message,
     is_blank_token,
     load_adapter,
     load_hf_processor,
@@ -212,7 +214,7 @@ def pair(
     ckpt = tiny_checkpoint(family)
     tmp = tmp_path_factory.mktemp(f"dpo_{family}")
     mapper, processor = load_adapter(ckpt)
-    rows = preference_rows(tmp, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp, processor.images_required, processor.multi_image, processor.takes_system)
     dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
     collator = mapper.dpo_collator(processor)
 
@@ -370,6 +372,18 @@ def _writes_bos(hf: ProcessorMixin) -> bool:
     return bos_id is not None and hf(text=["x"], add_special_tokens=False)["input_ids"][0][0] == bos_id
 
 
+def _turn_opening(hf: ProcessorMixin, prompt: list[Message], answer: list[Message], prompt_text: str) -> str:
+    """The text TRL's completion holds before the answer's own: none where the prompt rendered with the generation
+    prompt (``prompt_text``) starts the rendered conversation; else what the conversation writes between their
+    common prefix, which TRL takes as the prompt (trl.data_utils.apply_chat_template), and the answer's text."""
+    full = hf.apply_chat_template(to_trl(prompt + answer))
+    common = commonprefix([prompt_text, full])
+    if common == prompt_text:
+        return ""
+    text = "".join(part["text"] for part in answer[0]["content"] if part["type"] == "text")
+    return full[len(common) : full.index(text, len(common))]
+
+
 # TRL's collator renders each conversation with the chat template and tokenizes the answers on their own,
 # without images: a suffix family's processor (PaliGemma's) refuses both.
 @pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
@@ -386,12 +400,19 @@ def test_collator_matches_trl_collator(
       (InstructBLIP), ours has the BOS right after them.
     - completion_mask: TRL's completion is the rendered text after the prompt, trailing white space
       included ("\\n" after an end-of-turn marker, LLaVA's trailing " "); ours leaves such tokens out,
-      as nothing generates them. Everything else must be identical.
+      as nothing generates them. Where the history opens an answer's turn otherwise than the generation prompt
+      (Molmo2's " <|im_start|>assistant\\n" against "<|im_start|>assistant\\n"), TRL's prompt is the two
+      renderings' common prefix, so its completion starts with the history's turn opening; ours starts at the
+      answer's own text, as test_labels' reference does (the generation prompt writes the opening at inference).
+    - An image input that indexes the batch's patches (Molmo2's image_token_pooling): TRL's rejected copy points
+      at its own copy of the patches, ours at the chosen copy, which holds the same pixels.
+
+    Everything else must be identical.
     """
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     if processor.text_messages_as_string:
         # TRL 1.16 turns every message into a parts list, and templates that print a text-only message's content
         # as it is (Llama 3.2 Vision's system prompt, GLM-4V's answers) then render the list's repr: TRL's own
@@ -434,6 +455,16 @@ def test_collator_matches_trl_collator(
             ids_theirs = torch.cat([ids_theirs[:start], ids_theirs[start + 1 :]])
             mask_theirs = torch.cat([mask_theirs[:start], mask_theirs[start + 1 :]])
         assert ids_ours.tolist() == ids_theirs.tolist(), f"row {i}"
+        row = rows[i % half]
+        opening = _turn_opening(hf, row["prompt"], row["chosen" if i < half else "rejected"], prompt_text)
+        if opening:  # exactly the opening's tokens, first in TRL's completion, are TRL's only
+            start = int(mask_theirs.nonzero()[0])
+            ends = [n for n in range(start + 1, len(ids_theirs)) if hf.tokenizer.decode(ids_theirs[start:n]) == opening]
+            assert ends, f"row {i}: TRL's completion does not start with the turn opening {opening!r}"
+            assert mask_theirs[start : ends[0]].all() and not mask_ours[start : ends[0]].any(), f"row {i}"
+            mask_theirs = torch.cat(
+                [mask_theirs[:start], torch.zeros_like(mask_theirs[start : ends[0]]), mask_theirs[ends[0] :]]
+            )
         only_theirs = (mask_theirs.bool() & ~mask_ours.bool()).nonzero().flatten().tolist()
         assert not (mask_ours.bool() & ~mask_theirs.bool()).any(), f"row {i}: ours supervises beyond TRL's"
         assert all(is_blank_token(hf, ids_theirs[p].item()) for p in only_theirs), f"row {i}"
@@ -447,7 +478,24 @@ def test_collator_matches_trl_collator(
     names = [name for name in names if name not in prompt_only_inputs(processor)]
     repeated = repeat_images(ours, processor)
     for name in dict.fromkeys(names):
-        assert torch.equal(repeated[name], theirs[name]), name
+        assert torch.equal(repeated[name], theirs[name]) or _indexes_the_second_copy(
+            repeated[name], theirs[name], ours["pixel_values"]
+        ), name
+
+
+def _indexes_the_second_copy(ours: torch.Tensor, theirs: torch.Tensor, pixel_values: torch.Tensor) -> bool:
+    """Whether ``theirs`` is ``ours`` (repeated for chosen and rejected) with the second copy's entries >= 0 moved
+    by the number of patches in ``pixel_values`` (one copy of the batch's images): an input that indexes the batch's
+    patches (Molmo2's image_token_pooling: per pooled token, indices into all images' patches flattened, -1 for
+    none). TRL's second copy points at the second copy of the patches,
+    ours at the first: the same pixels (test_loss_and_gradients_match_trl compares what the model makes of both)."""
+    if ours.is_floating_point() or ours.shape != theirs.shape or len(ours) % 2:
+        return False
+    half = len(ours) // 2
+    second = ours[half:]
+    assert (second >= 0).any(), "test bug: no index to compare"
+    moved = torch.where(second >= 0, second + pixel_values.shape[:-1].numel(), second)
+    return torch.equal(theirs[:half], ours[:half]) and torch.equal(theirs[half:], moved)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -457,7 +505,7 @@ def test_precomputed_reference_gives_the_same_loss_without_a_reference_pass(
     """precompute_ref_log_probs (which TRL refuses for image data) changes the work, not the loss."""
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     dataset = datasets.Dataset.from_list(rows, features=features_for("preference"))
     collator = mapper.dpo_collator(processor)
     models = {precompute: _lora_model(mapper, ckpt) for precompute in (True, False)}

@@ -31,7 +31,9 @@ from resonance.base.registry import load_core_mapper
 from resonance.commands.train import build_trainer, main, parse
 from resonance.errors import UnsupportedModelError
 
-UNSUPPORTED = {"instructblip", "llama4", "mllama", "ovis2"}  # see resonance.algorithms.grpo.unsupported_reason
+# The families GRPO refuses, each for the reason resonance.algorithms.grpo.unsupported_reason gives (Molmo2: it
+# needs image_grids and image_token_pooling, which TRL's GRPOTrainer does not pass to forward).
+UNSUPPORTED = {"instructblip", "llama4", "mllama", "molmo2", "ovis2"}
 
 
 def _argv(ckpt: Path, tmp_path: Path, reward: str, **overrides: object) -> list[str]:

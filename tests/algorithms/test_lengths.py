@@ -11,7 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import FAMILIES, SFT_CASES, load_adapter, preference_rows, sft_rows, takes, train_argv, write_data
+from helpers import (
+    FAMILIES,
+    SFT_CASES,
+    has_system,
+    load_adapter,
+    preference_rows,
+    sft_rows,
+    takes,
+    train_argv,
+    write_data,
+)
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from resonance.algorithms.lengths import row_lengths
@@ -29,11 +39,13 @@ def test_lengths_are_those_the_collator_produces(
         row
         for case, items in SFT_CASES.items()
         for row in sft_rows(tmp_path / case, items, source=case)
-        if takes(processor, [len(row["images"])])
+        if takes(processor, [len(row["images"])], has_system(row["messages"]))
     ]
     collated = [int(mapper.sft_collator(processor)([row])["attention_mask"].sum()) for row in rows]
     (tmp_path / "pairs").mkdir()
-    pairs = preference_rows(tmp_path / "pairs", processor.images_required, processor.multi_image)
+    pairs = preference_rows(
+        tmp_path / "pairs", processor.images_required, processor.multi_image, processor.takes_system
+    )
     mask = mapper.dpo_collator(processor)(pairs)["attention_mask"].sum(1).tolist()
     collated += [max(mask[i], mask[i + len(pairs)]) for i in range(len(pairs))]
     rows += pairs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, expected_lora_layers, one_bf16_step, train_argv, write_data
+from helpers import FAMILIES, expected_lora_layers, one_bf16_step, takes_system, train_argv, write_data
 from peft.tuners.lora import LoraLayer
 
 from resonance.base.model import unwrap
@@ -28,7 +28,8 @@ PREFIX = "model.base_model.model."  # VLRewardModel.model -> PEFT -> the transfo
 def test_reward_step_save_reload(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)
     output_dir = tmp_path / "out"
-    model_args, data_args, config = parse("rm", train_argv("rm", ckpt, write_data(tmp_path, "rm"), output_dir))
+    data = write_data(tmp_path, "rm", takes_system(ckpt))
+    model_args, data_args, config = parse("rm", train_argv("rm", ckpt, data, output_dir))
     trainer, _ = build_trainer("rm", model_args, data_args, config)
     mapper = load_core_mapper(ckpt)
     model_cls = mapper.model
@@ -87,4 +88,5 @@ def test_reward_step_save_reload(family: str, tmp_path: Path, tiny_checkpoint: C
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_bf16_step_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> None:
     """The GPU twin of test_reward_step_save_reload: one step in bf16 with gradient checkpointing on CUDA."""
-    one_bf16_step("rm", tiny_checkpoint(family), write_data(tmp_path, "rm"), tmp_path / "out")
+    ckpt = tiny_checkpoint(family)
+    one_bf16_step("rm", ckpt, write_data(tmp_path, "rm", takes_system(ckpt)), tmp_path / "out")

@@ -21,6 +21,7 @@ from helpers import (
     make_image,
     one_bf16_step,
     run_resonance,
+    takes_system,
     train_argv,
     user,
     write_data,
@@ -45,7 +46,7 @@ def test_one_step_save_reload_generate(
 ) -> None:
     ckpt = tiny_checkpoint(family)
     output_dir = tmp_path / "out"
-    argv = train_argv(algorithm, ckpt, write_data(tmp_path, algorithm), output_dir)
+    argv = train_argv(algorithm, ckpt, write_data(tmp_path, algorithm, takes_system(ckpt)), output_dir)
     model_args, data_args, config = parse(algorithm, argv)
     trainer, processor = build_trainer(algorithm, model_args, data_args, config)
     model_cls = load_core_mapper(ckpt).model
@@ -175,4 +176,5 @@ def test_dpo_evaluation_reports_reward_accuracy_and_margins(
 @pytest.mark.parametrize("algorithm", ["sft", "dpo"])
 def test_one_bf16_step_on_cuda(family: str, algorithm: str, tiny_checkpoint, tmp_path: Path) -> None:
     """The GPU twin of test_one_step_save_reload_generate: one step in bf16 with gradient checkpointing on CUDA."""
-    one_bf16_step(algorithm, tiny_checkpoint(family), write_data(tmp_path, algorithm), tmp_path / "out")
+    ckpt = tiny_checkpoint(family)
+    one_bf16_step(algorithm, ckpt, write_data(tmp_path, algorithm, takes_system(ckpt)), tmp_path / "out")

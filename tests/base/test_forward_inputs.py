@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FAMILIES, train_argv, write_data
+from helpers import FAMILIES, takes_system, train_argv, write_data
 
 from resonance.base.model import unwrap
 from resonance.commands.train import build_trainer, parse
@@ -29,7 +29,7 @@ def test_row_inputs_reach_forward(
     family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
 ) -> None:
     ckpt = tiny_checkpoint(family)
-    argv = train_argv(algorithm, ckpt, write_data(tmp_path, algorithm), tmp_path / "out")
+    argv = train_argv(algorithm, ckpt, write_data(tmp_path, algorithm, takes_system(ckpt)), tmp_path / "out")
     model_args, data_args, config = parse(algorithm, argv)
     trainer, processor = build_trainer(algorithm, model_args, data_args, config)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])

@@ -24,6 +24,7 @@ from helpers import (
     TEMPLATE_FAMILIES,
     Message,
     expected_supervision,
+    has_system,
     hf_batch,
     load_adapter,
     load_hf_processor,
@@ -74,9 +75,10 @@ def test_sft_labels(family: str, case: str, tmp_path: Path, tiny_checkpoint: Cal
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
     rows = sft_rows(tmp_path, SFT_CASES[case])
-    if not takes(processor, [len(row["images"]) for row in rows]):
-        # Rows the family cannot take (spec image.multi_image: false, image.required) are errors naming the row.
-        with pytest.raises(RowError, match=r"case:\d+: .*image"):
+    if not takes(processor, [len(row["images"]) for row in rows], any(has_system(row["messages"]) for row in rows)):
+        # Rows the family cannot take (spec image.multi_image: false, image.required, chat_template.system: false)
+        # are errors naming the row.
+        with pytest.raises(RowError, match=r"case:\d+: .*(image|a system message)"):
             mapper.sft_collator(processor)(rows)
         return
 
@@ -112,7 +114,7 @@ def test_dpo_completion_mask(family: str, tmp_path: Path, tiny_checkpoint: Calla
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     batch = mapper.dpo_collator(processor)(rows)
 
     half = len(rows)
@@ -155,7 +157,7 @@ def test_padding_to_a_multiple_only_adds_padding(
     the tokens, labels, masks and image inputs of the unpadded batch stay as they were."""
     mapper, processor = load_adapter(tiny_checkpoint(family))
     single = sft_rows(tmp_path, SFT_CASES["single_turn"])
-    dpo_rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    dpo_rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     for collator_cls, rows in ((mapper.sft_collator, single), (mapper.dpo_collator, dpo_rows)):
         plain = collator_cls(processor)(rows)
         padded = collator_cls(processor, pad_to_multiple_of=8)(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from helpers import (
     FAMILIES,
     PARITY_CASES,
     TEMPLATE_FAMILIES,
+    Message,
+    has_system,
     hf_batch,
     load_adapter,
     load_hf_processor,
@@ -26,6 +29,9 @@ from helpers import (
     takes,
     to_hf,
 )
+from jinja2.exceptions import TemplateError
+
+from resonance.errors import ChatTemplateError, RowError
 
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
@@ -35,6 +41,9 @@ def test_batch_equals_hf_processor(family: str, case: str, tiny_checkpoint: Call
     _, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
     rows = PARITY_CASES[case]()
+    if not processor.takes_system and any(has_system(m) for m, _ in rows):  # spec chat_template.system: false
+        _assert_system_refused(processor, hf, rows)
+        return
     if not takes(processor, [len(images) for _, images in rows]):
         # A single-image family (spec image.multi_image: false) or one that needs an image in every row
         # (image.required): such rows are refused, not silently misplaced by the processor.
@@ -76,6 +85,16 @@ def test_batch_equals_hf_processor(family: str, case: str, tiny_checkpoint: Call
     if len(rows) > 1:
         assert lengths.unique().numel() > 1, "test bug: the rows should differ in length"
     assert ours["labels"].shape == ours["input_ids"].shape
+
+
+def _assert_system_refused(processor: Any, hf: Any, rows: list[tuple[list[Message], list[Any]]]) -> None:
+    """A family whose template takes no system message (spec chat_template.system: false): the HF processor's
+    template refuses the rows, and ours refuses them by name before rendering."""
+    conversations = [to_hf(m, images, processor.text_messages_as_string) for m, images in rows]
+    with pytest.raises(TemplateError):
+        hf_batch(hf, conversations)
+    with pytest.raises(RowError, match=r"^row \d+: a system message, which .* \(spec chat_template.system: false\)"):
+        processor.process_batch_conv([m for m, _ in rows], [list(images) for _, images in rows])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -132,6 +151,10 @@ def test_system_message_renders_as_its_text(family: str, tiny_checkpoint: Callab
     """
     _, processor = load_adapter(tiny_checkpoint(family))
     ((messages, _),) = PARITY_CASES["system"]()
+    if not processor.takes_system:  # spec chat_template.system: false: the template itself refuses the message
+        with pytest.raises(ChatTemplateError):
+            processor.render_conversation(messages, add_generation_prompt=False)
+        return
     text = processor.render_conversation(messages, add_generation_prompt=False)
     assert "You are a helpful assistant. Please answer as well as you can." in text
     assert "'type'" not in text and "[{" not in text

@@ -164,13 +164,19 @@ def test_preference_rows_with_train_flags(family: str, tmp_path: Path, tiny_chec
     rejected answer marked train: false is refused, naming the row and the half."""
     mapper, processor = load_adapter(tiny_checkpoint(family))
     collate = mapper.dpo_collator(processor)
-    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image)
+    rows = preference_rows(tmp_path, processor.images_required, processor.multi_image, processor.takes_system)
     multi_turn = next(i for i, r in enumerate(rows) if any(m["role"] == "assistant" for m in r["prompt"]))
+    # the prompt's own answer (after its system message, where the family takes one)
+    answer = next(k for k, m in enumerate(rows[multi_turn]["prompt"]) if m["role"] == "assistant")
     flagged_rows = [
-        {**r, "prompt": flagged(r["prompt"], {2}), "chosen": flagged(r["chosen"]), "rejected": flagged(r["rejected"])}
+        {
+            **r,
+            "prompt": flagged(r["prompt"], {answer}),
+            "chosen": flagged(r["chosen"]),
+            "rejected": flagged(r["rejected"]),
+        }
         for r in rows
     ]
-    assert flagged_rows[multi_turn]["prompt"][2]["role"] == "assistant"  # the prompt's own answer is flagged
     plain, with_flags = collate(rows), collate(flagged_rows)
     assert plain.keys() == with_flags.keys()
     for key, value in plain.items():
@@ -218,9 +224,12 @@ def test_train_flags_never_reach_the_chat_template(family: str, tiny_checkpoint:
     """Rendering with train keys (None or False) equals rendering without them: with the family's template, and
     with a template that prints every key of every message (a template may loop over a message's items)."""
     _, processor = load_adapter(tiny_checkpoint(family))
-    conversation = [system("Be brief."), *CONVERSATION]
+    # a system message first, where the family's template takes one (spec chat_template.system)
+    head = [system("Be brief.")] if processor.takes_system else []
+    conversation = [*head, *CONVERSATION]
     everything = range(len(conversation))
-    variants = [flagged(conversation), flagged(conversation, {2, 4, 6}), flagged(conversation, everything)]
+    answers = {len(head) + answer for answer in ANSWERS}
+    variants = [flagged(conversation), flagged(conversation, answers), flagged(conversation, everything)]
 
     def renders(messages: list[Message]) -> list[str]:
         """Every prefix from the first question on (Qwen3.5's template refuses a conversation without one), those

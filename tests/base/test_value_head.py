@@ -53,7 +53,12 @@ def _batch(tmp_path: Path, ckpt: Path) -> dict[str, Any]:
     """Prompts with answers in the training layout (right padding), the images repeated for every row."""
     mapper, processor = load_adapter(ckpt)
     processor.train()
-    rows = preference_rows(tmp_path, images_required=processor.images_required, multi_image=processor.multi_image)
+    rows = preference_rows(
+        tmp_path,
+        images_required=processor.images_required,
+        multi_image=processor.multi_image,
+        takes_system=processor.takes_system,
+    )
     batch = repeat_images(mapper.dpo_collator(processor)(rows), processor)
     batch.pop("completion_mask")
     return batch

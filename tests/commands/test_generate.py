@@ -34,8 +34,9 @@ def _text(text: str) -> dict[str, str]:
     return {"type": "text", "text": text}
 
 
-def _prompt_file(folder: Path, extra_rows: list[dict[str, Any]] | None = None) -> Path:
-    """Two prompt rows of different lengths (a DPO-style prompt; an SFT row whose answer is dropped)."""
+def _prompt_file(folder: Path, extra_rows: list[dict[str, Any]] | None = None, takes_system: bool = True) -> Path:
+    """Two prompt rows of different lengths (a DPO-style prompt; an SFT row whose answer is dropped, with a system
+    message unless ``takes_system`` is False: a family whose template takes none, spec chat_template.system)."""
     save_png(folder, "small.png", make_image(40, 30, seed=1))
     save_png(folder, "box.png", make_image(64, 48, seed=2))
     rows: list[dict[str, Any]] = [
@@ -44,7 +45,7 @@ def _prompt_file(folder: Path, extra_rows: list[dict[str, Any]] | None = None) -
             "id": "second",
             "images": ["box.png"],
             "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
+                *([{"role": "system", "content": "You are a helpful assistant."}] if takes_system else []),
                 {"role": "user", "content": [IMAGE_PART, _text("Describe the picture.")]},
                 {"role": "assistant", "content": "A green box on a table."},
                 {"role": "user", "content": "Is there any text in the image? Please read it to me."},
@@ -67,7 +68,7 @@ def test_batch_generates_what_each_prompt_generates_alone(
     family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
 ) -> None:
     vl_model, model, processor = load_for_generation(tiny_checkpoint(family), device="cpu")
-    rows = _rows(_prompt_file(tmp_path), processor)
+    rows = _rows(_prompt_file(tmp_path, takes_system=processor.takes_system), processor)
     # min_new_tokens: a random tiny model may pick EOS first; four compared tokens per row, every time.
     kwargs = generation_kwargs(vl_model, model, {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False})
     batch = generate_batch(model, processor, vl_model, rows, kwargs)
@@ -369,7 +370,7 @@ def test_bf16_generation_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -
     assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
     vl_model, model, processor = load_for_generation(tiny_checkpoint(family))
     assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.bfloat16
-    rows = _rows(_prompt_file(tmp_path), processor)
+    rows = _rows(_prompt_file(tmp_path, takes_system=processor.takes_system), processor)
     kwargs = generation_kwargs(vl_model, model, {"max_new_tokens": 4})
     out = generate_batch(model, processor, vl_model, rows, kwargs)
     assert len(out.token_ids) == 2 and all(1 <= len(ids) <= 4 for ids in out.token_ids)

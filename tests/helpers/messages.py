@@ -34,6 +34,16 @@ def system(text: str) -> Message:
     return {"role": "system", "content": _parts((text,))}
 
 
+def has_system(messages: list[Message]) -> bool:
+    return any(message["role"] == "system" for message in messages)
+
+
+def without_system(messages: list[Message], takes_system: bool = False) -> list[Message]:
+    """``messages`` without their system messages, unless ``takes_system`` (the family takes one: spec
+    chat_template.system); the shared rows keep their other turns for a family whose template refuses one."""
+    return list(messages) if takes_system else [message for message in messages if message["role"] != "system"]
+
+
 def count_images(messages: list[Message]) -> int:
     return sum(part["type"] == "image" for message in messages for part in message["content"])
 

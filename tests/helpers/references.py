@@ -228,9 +228,17 @@ def repeat_images(batch: dict[str, Any], processor: VLProcessor) -> dict[str, An
     return {k: (torch.cat([v, v]) if k in names else v) for k, v in batch.items()}
 
 
-def takes(processor: VLProcessor, image_counts: list[int]) -> bool:
-    """Whether the family takes rows with these numbers of images (spec image.multi_image, image.required)."""
+def takes(processor: VLProcessor, image_counts: list[int], system: bool = False) -> bool:
+    """Whether the family takes rows with these numbers of images (spec image.multi_image, image.required), and
+    with a system message where ``system`` (spec chat_template.system)."""
+    if system and not processor.takes_system:
+        return False
     return all((n > 0 or not processor.images_required) and (n <= 1 or processor.multi_image) for n in image_counts)
+
+
+def takes_system(ckpt: Path) -> bool:
+    """Whether the family of ``ckpt`` takes a system message (spec chat_template.system), for the shared rows."""
+    return load_core_mapper(ckpt).processor.takes_system
 
 
 def prompt_only_inputs(processor: VLProcessor) -> set[str]:
@@ -248,7 +256,7 @@ def our_inference_batch(ckpt: Path) -> tuple[VLProcessor, ProcessorMixin, list[t
 
     _, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    rows = inference_rows()
+    rows = inference_rows(processor.takes_system)
     processor.infer()
     texts = [processor.render_conversation(m, add_generation_prompt=True) for m, _ in rows]
     return processor, hf, rows, processor(text=texts, images=[list(images) for _, images in rows])

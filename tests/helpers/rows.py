@@ -16,7 +16,17 @@ from typing import Any
 from PIL import Image
 
 from helpers.images import make_image, row_images, save_png
-from helpers.messages import IMAGE, Message, assistant, count_images, system, to_text, to_user_format, user
+from helpers.messages import (
+    IMAGE,
+    Message,
+    assistant,
+    count_images,
+    system,
+    to_text,
+    to_user_format,
+    user,
+    without_system,
+)
 
 # -- preference rows ---------------------------------------------------------------------------------
 
@@ -63,19 +73,24 @@ PREFERENCE_ROWS: list[tuple[dict[str, list[Message]], list[tuple[int, int]]]] = 
 ]
 
 
-def preference_rows(tmp_path: Path, images_required: bool = False, multi_image: bool = True) -> list[dict[str, Any]]:
+def preference_rows(
+    tmp_path: Path, images_required: bool = False, multi_image: bool = True, takes_system: bool = True
+) -> list[dict[str, Any]]:
     """Canonical preference rows (images as PNG paths in ``tmp_path``).
 
     ``images_required``: only the rows with images, for a family whose processor needs one in every row
     (spec image.required, ``VLProcessor.images_required``). ``multi_image`` False: only rows with at most
-    one image (spec image.multi_image). Refusing the others is checked by the SFT label tests.
+    one image (spec image.multi_image). ``takes_system`` False: the multi-turn prompt without its system message, for
+    a family whose template takes none (spec chat_template.system, ``VLProcessor.takes_system``). Refusing the
+    others is checked by the SFT label tests.
     """
     rows = []
     for i, (columns, sizes) in enumerate(PREFERENCE_ROWS):
         assert count_images(columns["prompt"]) == len(sizes)
         if (images_required and not sizes) or (not multi_image and len(sizes) > 1):
             continue
-        rows.append({**columns, "images": row_images(tmp_path, i, sizes), "source": f"pref:{i}"})
+        prompt = without_system(columns["prompt"], takes_system)
+        rows.append({**columns, "prompt": prompt, "images": row_images(tmp_path, i, sizes), "source": f"pref:{i}"})
     return rows
 
 
@@ -224,9 +239,10 @@ PARITY_CASES: dict[str, Callable[[], Case]] = {
 }
 
 
-def inference_rows() -> list[tuple[list[Message], list[Image.Image]]]:
-    """Two prompts to generate from (a single turn, and a multi-turn one with a system message), with images."""
-    return [
+def inference_rows(takes_system: bool = True) -> list[tuple[list[Message], list[Image.Image]]]:
+    """Two prompts to generate from (a single turn, and a multi-turn one with a system message, dropped where
+    ``takes_system`` is False: spec chat_template.system), with images."""
+    rows = [
         ([user(IMAGE, "What is shown in this image?")], [make_image(40, 30, seed=11)]),
         (
             [
@@ -238,6 +254,7 @@ def inference_rows() -> list[tuple[list[Message], list[Image.Image]]]:
             [make_image(100, 72, seed=12)],
         ),
     ]
+    return [(without_system(messages, takes_system), images) for messages, images in rows]
 
 
 # -- data files --------------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ SFT_FILE_ROWS: list[list[Message]] = [
 ]
 
 
-def write_data(folder: Path, kind: str) -> Path:
+def write_data(folder: Path, kind: str, takes_system: bool = True) -> Path:
     """A data file for ``resonance train sft|dpo|rm`` or of prompts for ``train ppo|grpo``, in the formats users
     write, with its PNGs next to it under relative names (``row1.png``, ``row2.png``).
 
@@ -282,6 +299,9 @@ def write_data(folder: Path, kind: str) -> Path:
       question that opens row 2's conversation. (Not the whole multi-turn prompt: GRPO on PaliGemma fails on
       prompts of different token lengths, as TRL tokenizes them unpadded and PaliGemma's processor cannot
       take ragged rows; these two happen to tokenize to the same length there.)
+
+    ``takes_system`` False: row 2's prompt without its system message, for a family whose template takes none (spec
+    chat_template.system: :func:`helpers.references.takes_system`).
     """
     assert kind in DATA_KINDS, kind
     (first, first_sizes), (second, second_sizes) = PREFERENCE_ROWS[:2]
@@ -317,7 +337,7 @@ def write_data(folder: Path, kind: str) -> Path:
             },
             {
                 "images": images[1],
-                "prompt": to_user_format(second["prompt"]),
+                "prompt": to_user_format(without_system(second["prompt"], takes_system)),
                 "chosen": to_user_format(second["chosen"]),
                 "rejected": to_text(second["rejected"][0]),
                 **({"margin": 1.5} if kind == "rm" else {}),
