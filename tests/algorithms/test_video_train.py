@@ -180,3 +180,18 @@ def test_dpo_pairs_with_videos_share_their_prompt(
             losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
         assert len(runs) == 1  # policy pass; the reference log-probs are TRL's, computed apart
     assert math.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_generate_refuses_a_video_row_by_name(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """``resonance generate`` reads its prompts before the model loads: a video row is an error naming it (exit 2)."""
+    from typer.testing import CliRunner
+
+    from resonance.cli import app
+
+    data = _data(tmp_path, "dpo")
+    args = ["generate", "--model_name_or_path", str(tiny_checkpoint(VIDEO_FAMILIES[0]))]
+    result = CliRunner().invoke(app, [*args, "--data_path", str(data), "--output", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2, result.output
+    refusal = "1 video(s), but `resonance generate` takes no video yet; remove the video, or pass --skip_invalid_rows"
+    assert f"{data}:1: {refusal}" in result.output and f"{data}:2: {refusal}" in result.output
+    assert not (tmp_path / "out.jsonl").exists()
