@@ -80,7 +80,7 @@ def resolve_video(ref: Any, sources: ImageSources, *, check_files: bool = True) 
 def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
     """Why a canonical video cannot be a row's video, or None: a file PyAV cannot open, without a video stream or
     without a frame count in its header; a frame that is no image (:func:`image_problem`), or frames of several
-    sizes. Only headers are read, never the pixels."""
+    sizes; fewer than :data:`MIN_FRAMES` frames. Only headers are read, never the pixels."""
     if video["path"] is None:
         sizes = set()
         for frame in video["frames"]:
@@ -89,7 +89,7 @@ def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
             sizes.add(image_size(frame))
         if len(sizes) > 1:
             return f"the frames of a video must have one size; got {sorted(sizes)} in {video['frames']}"
-        return None
+        return _too_short(len(video["frames"]), "a list of")
     import av
 
     path = video["path"]
@@ -97,11 +97,26 @@ def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
         with av.open(path) as container:
             if not container.streams.video:
                 return f"{path} holds no video stream"
-            if not container.streams.video[0].frames:
+            frames = container.streams.video[0].frames
+            if not frames:
                 return f"{path} gives no frame count in its header (PyAV reads 0); re-encode it as mp4"
+            if (problem := _too_short(frames, f"{path}:")) is not None:
+                return problem
     except Exception as exc:  # PyAV raises many types (InvalidDataError, FileNotFoundError, ...)
         return f"cannot be opened as a video: {path} ({type(exc).__name__}: {exc})"
     return None
+
+
+MIN_FRAMES = 2  # every video processor here groups frames in pairs (temporal patches of 2)
+
+
+def _too_short(frames: int, what: str) -> str | None:
+    if frames >= MIN_FRAMES:
+        return None
+    return (
+        f"{what} {frames} frame(s); a video needs at least {MIN_FRAMES} (a single frame is an image: give it in "
+        "'images')"
+    )
 
 
 @dataclass(frozen=True)
@@ -128,10 +143,21 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
     loaded = []
     for video in videos:
         if video["path"] is not None:
+            path = video["path"]
+
+            def sample(metadata: Any, path: str = path, **kwargs: Any) -> Any:
+                if (problem := _too_short(metadata.total_num_frames, f"video {path}:")) is not None:
+                    raise RowError(f"{source}: {problem}")
+                return processor.frame_indices(metadata, **kwargs)
+
             try:
-                frames, metadata = load_video(video["path"], backend="pyav", sample_indices_fn=processor.frame_indices)
+                frames, metadata = load_video(path, backend="pyav", sample_indices_fn=sample)
+            except RowError:
+                raise
             except Exception as exc:  # PyAV, numpy and the sampler raise many types
-                raise RowError(f"{source}: cannot read video {video['path']}: {type(exc).__name__}: {exc}") from exc
+                raise RowError(f"{source}: cannot read video {path}: {type(exc).__name__}: {exc}") from exc
+            if (problem := _too_short(len(frames), f"video {path}: the frames sampled are")) is not None:
+                raise RowError(f"{source}: {problem}")
             loaded.append(LoadedVideo(frames, metadata))
             continue
         try:
@@ -142,6 +168,8 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
             frames = np.stack(images)
         except (OSError, ValueError) as exc:
             raise RowError(f"{source}: cannot read the frames of a video ({video['frames']}): {exc}") from exc
+        if (problem := _too_short(len(frames), "a video of")) is not None:
+            raise RowError(f"{source}: {problem}")
         fps = processor.video.frames_fps
         count, height, width = frames.shape[:3]
         metadata = VideoMetadata(count, fps, width, height, count / fps, None, list(range(count)))

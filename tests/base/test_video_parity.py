@@ -226,3 +226,16 @@ def test_an_unreadable_video_names_the_row(tiny_checkpoint: Callable[[str], Path
     row = {"messages": conversation, "images": [], "videos": [video_ref(str(broken))], "source": "d.jsonl:3"}
     with pytest.raises(RowError, match=rf"^d\.jsonl:3: cannot read video {broken}: "):
         VLSFTDataCollatorWithPadding.__call__(mapper.sft_collator(processor), [row])
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_a_one_frame_video_names_the_row(family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    """A video of one frame (which the reader refuses; here it reached the collator some other way) is an error
+    naming the row, not the processor's own error about temporal patches."""
+    mapper, processor = load_adapter(tiny_checkpoint(family))
+    conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
+    videos = [video_ref(frames=write_frames(tmp_path, "one", 1)), video_ref(write_clip(tmp_path, "one.mp4", count=1))]
+    for video in videos:
+        row = {"messages": conversation, "images": [], "videos": [video], "source": "d.jsonl:5"}
+        with pytest.raises(RowError, match=r"^d\.jsonl:5: .*1 frame\(s\); a video needs at least 2"):
+            VLSFTDataCollatorWithPadding.__call__(mapper.sft_collator(processor), [row])

@@ -175,6 +175,8 @@ def test_bad_videos_are_named_by_row_and_field(tmp_path: Path, clip: str) -> Non
             "video": clip,
         },
         {"messages": ask, "video": "https://example.com/v.mp4"},
+        {"messages": ask, "video": ["a.png"]},
+        {"messages": ask, "video": write_clip(tmp_path, "one.mp4", count=1)},
         {"messages": ask, "videos": clip},
         {"messages": [{"role": "user", "content": [{"type": "video", "video": clip}]}, ask[1]], "video": clip},
     ]
@@ -191,8 +193,10 @@ def test_bad_videos_are_named_by_row_and_field(tmp_path: Path, clip: str) -> Non
         f"{path}:6: 1 video placeholder(s) ('<video>' or video parts) but 2 video(s) in 'video' / 'videos'",
         f"{path}:7: messages[1]: video ('<video>' or a video part) in an assistant message; videos may only appear",
         f"{path}:8: video: 'https://example.com/v.mp4': videos are read from local files only",
-        f"{path}:9: videos: must be a list of videos (each a file, or a list of frames), got a string",
-        f"{path}:10: videos given twice: 1 inside the messages and 1 in 'video' / 'videos'",
+        f"{path}:9: video: a list of 1 frame(s); a video needs at least 2 (a single frame is an image: give it in",
+        f"{path}:10: video: {tmp_path / 'one.mp4'}: 1 frame(s); a video needs at least 2",
+        f"{path}:11: videos: must be a list of videos (each a file, or a list of frames), got a string",
+        f"{path}:12: videos given twice: 1 inside the messages and 1 in 'video' / 'videos'",
     ]
     assert len(found) == len(expected), found
     for problem, start in zip(found, expected, strict=True):
