@@ -77,7 +77,8 @@ def _reference_inputs(video: dict[str, Any], family: str) -> tuple[Any, VideoMet
 def _hf_batch(
     hf: Any, conversations: list[list[dict[str, Any]]], family: str, given: str, add_generation_prompt: bool = False
 ) -> Any:
-    """The HF processor's batch for HF-format conversations (decoded videos and PIL images inside their parts)."""
+    """The HF processor's batch for HF-format conversations (decoded videos and PIL images inside their parts),
+    rendered as training renders them (TRL's training template where the spec says so)."""
     metadata = [
         part["metadata"] for conv in conversations for m in conv for part in m["content"] if part["type"] == "video"
     ]
@@ -96,6 +97,7 @@ def _hf_batch(
         kwargs.update(read_spec(family)["video"].get("sampling") or {}, do_sample_frames=True)
     else:
         kwargs["do_sample_frames"] = False
+    template = getattr(hf, "training_chat_template", None)  # spec chat_template.training: trl (Qwen3.5)
     return hf.apply_chat_template(
         conversations,
         add_generation_prompt=add_generation_prompt,
@@ -103,6 +105,7 @@ def _hf_batch(
         return_dict=True,
         return_tensors="pt",
         processor_kwargs=kwargs,
+        **({"chat_template": template} if template else {}),
     )
 
 
