@@ -55,7 +55,10 @@ class _VLCollatorBase:
         return load_row_images(self.processor, paths, source)
 
     def load_videos(self, feature: dict[str, Any]) -> list[LoadedVideo]:
-        """A row's videos, decoded at the frames the family samples; an unreadable file names the row."""
+        """A row's videos, decoded at the frames the family samples; an unreadable file names the row. None are
+        decoded for a family that takes no video: the processor refuses the row by name (its video parts)."""
+        if self.processor.video is None:
+            return []
         return load_row_videos(self.processor, feature.get("videos") or [], feature["source"])
 
     def pad(self, batch: dict[str, Any]) -> dict[str, Any]:

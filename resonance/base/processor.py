@@ -392,7 +392,8 @@ class VLProcessor:
         has_videos = videos is not None and any(videos)
         call_kwargs = {**self.processor_call_kwargs, **kwargs}
         if has_videos:
-            assert self.video is not None  # rows with videos reach a family with video support only (row_problem)
+            if self.video is None:
+                raise ValueError(f"{type(self).__name__} takes no video: {spec_file(type(self))} has no video: section")
             flat = [video for row in videos for video in row]
             call_kwargs = {**self.video.processor_kwargs, **call_kwargs, "do_sample_frames": False}
             call_kwargs["videos"] = [video.frames for video in flat]
@@ -424,7 +425,8 @@ class VLProcessor:
         """Which frames of a video file the model sees: the family's video processor's own ``sample_frames`` with
         the spec's video.sampling (fps or num_frames), as transformers samples a video it decodes itself; the
         ``sample_indices_fn`` the collator decodes videos with (:func:`resonance.data.videos.load_row_videos`)."""
-        assert self.video is not None
+        if self.video is None:
+            raise ValueError(f"{type(self).__name__} takes no video: {spec_file(type(self))} has no video: section")
         return self.hf.video_processor.sample_frames(metadata=metadata, **{**kwargs, **self.video.sampling()})
 
     def _adds_special_tokens(self, text: str) -> bool:

@@ -210,11 +210,13 @@ def test_dpo_batch_holds_the_prompt_videos_once(
 
 
 def test_a_family_without_video_refuses_a_video_row_by_name(tiny_checkpoint: Callable[[str], Path]) -> None:
-    """A video row that reaches the processor some other way than the data reader is refused by name."""
-    _, processor = load_adapter(tiny_checkpoint(NO_VIDEO_FAMILY))
+    """A video row that reaches the collator some other way than the data reader is refused by name, its video
+    never decoded (the file here does not exist)."""
+    mapper, processor = load_adapter(tiny_checkpoint(NO_VIDEO_FAMILY))
     conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
+    row = {"messages": conversation, "images": [], "videos": [video_ref("/nowhere/v.mp4")], "source": "d.jsonl:7"}
     with pytest.raises(RowError) as excinfo:
-        processor.process_batch_conv([conversation], [[]], sources=["d.jsonl:7"])
+        VLSFTDataCollatorWithPadding.__call__(mapper.sft_collator(processor), [row])
     assert str(excinfo.value) == (
         f"d.jsonl:7: 1 video(s), but the model family {NO_VIDEO_FAMILY!r} takes no video (its spec has no video: "
         "section); remove the video, or pass --skip_invalid_rows to skip (and count) such rows"

@@ -5,13 +5,14 @@ by row and field; a family without a spec ``video:`` section refuses a video row
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pytest
 from helpers import write_jsonl
-from helpers.video import NO_VIDEO_FAMILY, write_clip, write_frames
+from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, write_clip, write_frames
 from PIL import Image
 
 from resonance.data.images import ImageCount
@@ -226,3 +227,30 @@ def test_a_family_without_video_refuses_a_video_row_by_name(tmp_path: Path, clip
     assert problems_of(excinfo) == [f"{path}:{line}: {refusal}" for line in (1, 2, 3)]
     loaded = read_rows(path, "sft", image_count=count, skip_invalid=True)
     assert loaded.skipped == 3 and [row["source"] for row in loaded.rows] == [f"{path}:4"]
+
+
+def test_data_inspect_names_the_video_rows_a_family_cannot_take(
+    tmp_path: Path, clip: str, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """``resonance data inspect --model`` counts a video row's tokens for a family that takes video, and lists it
+    among the rows a family without video cannot take (as training would refuse it)."""
+    from typer.testing import CliRunner
+
+    from resonance.cli import app
+
+    answer = {"role": "assistant", "content": "It moves."}
+    rows = [
+        {"messages": [{"role": "user", "content": "<video>What happens?"}, answer], "videos": ["clip.mp4"]},
+        {"messages": [{"role": "user", "content": "Hi"}, answer]},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    models = [
+        arg for family in (NO_VIDEO_FAMILY, VIDEO_FAMILIES[0]) for arg in ("--model", str(tiny_checkpoint(family)))
+    ]
+    result = CliRunner().invoke(app, ["data", "inspect", str(data), *models])
+    assert result.exit_code == 1, result.output  # 1: some rows are not valid for a model
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert (
+        f"{data}:1: {tiny_checkpoint(NO_VIDEO_FAMILY)}: 1 video(s), but the model family {NO_VIDEO_FAMILY!r}" in output
+    )
+    assert f"{data}:2" not in output.split("problems:")[-1]
