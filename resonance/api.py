@@ -12,7 +12,7 @@ from resonance.algorithms.rm import VLRewardTrainer
 from resonance.algorithms.sft import VLSFTTrainer
 from resonance.base.collator import VLDPODataCollatorWithPadding, VLPromptCollator, VLSFTDataCollatorWithPadding
 from resonance.base.model import VLModel
-from resonance.base.processor import ImageInput, VLProcessor
+from resonance.base.processor import ImageInput, VideoSupport, VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.base.reward import VLRewardDataCollatorWithPadding, VLRewardModel
 from resonance.base.value import VLModelWithValueHead
@@ -33,4 +33,5 @@ __all__ = [
     "VLRewardTrainer",
     "VLSFTDataCollatorWithPadding",
     "VLSFTTrainer",
+    "VideoSupport",
 ]

@@ -8,6 +8,7 @@ prints them), and validated with the rest of the spec, every problem at its ``FI
     processor: {...}              # extra kwargs to the spec's processor_class (a video_processor is made here)
     image_processor_class: CLIPImageProcessorPil
     image_processor: {...}        # constructor kwargs
+    video_processor: {...}        # kwargs to the family's default video processor (small frames for video tests)
     tokenizer:
       vocab_size: 400             # byte-level BPE trained with `tokenizers` on a built-in corpus
       special_tokens: ["<image>"] # added as special tokens, ids right after bos/eos/pad/unk
@@ -41,7 +42,8 @@ cannot know without transformers is checked here: class names, tokens that must 
 trained tokenizer, config paths through the config's mappings, parameter patterns that must match.
 
 Processors that declare a ``video_processor`` (Qwen2-VL, SmolVLM...) get their family's default one, the
-class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance); likewise
+class ``AutoVideoProcessor`` maps the config's model type to (torchvision's, a dependency of Resonance), built with
+``tiny.video_processor``; likewise
 a ``feature_extractor`` (Gemma 4's audio one), the class ``AutoFeatureExtractor`` maps it to.
 """
 
@@ -286,7 +288,7 @@ def _default_part(tiny: TinyRecipe, processor_name: str, modality: str) -> Any:
         raise MissingBackendError("", f"{processor_name}'s video processor", "torchvision")
     if part_class is None:
         raise ValueError(f"{processor_name} needs a {modality.replace('_', ' ')}; none is mapped for {model_type}")
-    return _resolve(part_class)()
+    return _resolve(part_class)(**(copy.deepcopy(tiny.video_processor) if modality == "video_processor" else {}))
 
 
 def _processor_parts(tiny: TinyRecipe, tokenizer: transformers.TokenizersBackend) -> ProcessorMixin:

@@ -1,8 +1,10 @@
-"""Image-feature reuse: a batch's images encoded once, without gradients, when no weight that encodes images trains.
+"""Image-feature reuse: a batch's images (and videos) encoded once, without gradients, when no weight that encodes
+images trains.
 
 When the tower and projector are frozen (e.g. LoRA on the language model), the images of a batch go through the
 vision tower once, under ``no_grad``; the result reaches the model through transformers' ``mm_encoder_outputs``
-argument (or the spec's ``image.features_input``). For DPO the same features serve chosen, rejected and the
+argument (or the spec's ``image.features_input``); a batch's videos likewise, through the model's own
+``get_video_features``, as ``mm_encoder_outputs["video"]``. For DPO the same features serve chosen, rejected and the
 reference pass (TRL runs the tower four times per image and backpropagates through it); SFT, RM and PPO use it too.
 
 Several processes: a process whose batch holds no image still runs the image encoder, on one placeholder image,
@@ -13,6 +15,7 @@ weights (FSDP, ZeRO-3) the images always go through the model's forward (nothing
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +108,10 @@ def _placeholder_conversation() -> list[dict[str, Any]]:
     ]
 
 
+# The videos' pixels as transformers' video forwards name them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+_VIDEO_PIXELS = "pixel_values_videos"
+
+
 class ImageEncodingMixin:
     """Turns a batch's image inputs into model inputs, encoding frozen images once."""
 
@@ -117,26 +124,40 @@ class ImageEncodingMixin:
         self.vl_processor = vl_processor
 
     def _image_model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], copies: int) -> dict[str, Any]:
-        """Inputs for ``copies`` repetitions of the batch's images (chosen + rejected: 2)."""
-        names = self.vl_processor.image_input_names()
-        if "pixel_values" not in inputs:
+        """Inputs for ``copies`` repetitions of the batch's images and videos (chosen + rejected: 2)."""
+        names = self.vl_processor.visual_input_names()  # the images' inputs, then the videos'
+        if "pixel_values" not in inputs and _VIDEO_PIXELS not in inputs:
             return inputs
         base = unwrap(model)
         encoded_once = self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
         if not encoded_once or weights_sharded(getattr(self, "accelerator", None)):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
-        image_kwargs = {k: inputs[k] for k in names if k in inputs}
-        with torch.no_grad():
-            encoded = _encode(self.vl_model, base, image_kwargs)
         features_input = self.vl_model.image_features_input
         if features_input is not None:  # spec image.features_input: forward takes the features, not the images
+            image_kwargs = {k: inputs[k] for k in names if k in inputs}
+            with torch.no_grad():
+                encoded = _encode(self.vl_model, base, image_kwargs)
             model_inputs = {k: v for k, v in inputs.items() if k not in names}
             model_inputs[features_input] = _repeat(encoded, copies)
             return model_inputs
-        # Other image inputs stay (Qwen's image_grid_thw places the rope positions of image tokens).
-        model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k != "pixel_values"}
-        model_inputs["pixel_values"] = None  # explicitly: some forwards take it without a default (InstructBLIP)
-        model_inputs["mm_encoder_outputs"] = {"image": _reusable_features(encoded, copies)}
+        # Other image and video inputs stay (Qwen's image_grid_thw / video_grid_thw place the rope positions).
+        pixels = ("pixel_values", _VIDEO_PIXELS)
+        model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k not in pixels}
+        encoder_outputs = {}
+        if "pixel_values" in inputs:
+            image_kwargs = {k: inputs[k] for k in self.vl_processor.image_input_names() if k in inputs}
+            with torch.no_grad():
+                encoded = _encode(self.vl_model, base, image_kwargs)
+            model_inputs["pixel_values"] = None  # explicitly: some forwards take it without a default (InstructBLIP)
+            encoder_outputs["image"] = _reusable_features(encoded, copies)
+        if _VIDEO_PIXELS in inputs:  # transformers' get_video_features, as the forward would call it
+            taken = inspect.signature(base.get_video_features).parameters
+            video_kwargs = {k: inputs[k] for k in self.vl_processor.video_input_names() if k in inputs and k in taken}
+            with torch.no_grad():
+                encoded = base.get_video_features(**video_kwargs, return_dict=True)
+            model_inputs[_VIDEO_PIXELS] = None
+            encoder_outputs["video"] = _reusable_features(encoded, copies)
+        model_inputs["mm_encoder_outputs"] = encoder_outputs
         return model_inputs
 
     # -- a process without images, among several ------------------------------------------------------------
@@ -195,7 +216,7 @@ class ImageEncodingMixin:
         (after the text embeddings: the processes would gather other weights at the same time)."""
         idle = IdleEncoding()
         encoder_model = unwrap(model) if encoder_model is None else unwrap(encoder_model)
-        names = self.vl_processor.image_input_names()
+        names = self.vl_processor.visual_input_names()
         if any(inputs.get(name) is not None for name in names) or not self._encoder_runs_everywhere(
             model, encoder_model
         ):

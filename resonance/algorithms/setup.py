@@ -112,14 +112,17 @@ def load_data_and_processor(
     data_args: DataArguments,
     kind: str,
     most_images: int | None = None,
+    no_videos: str | None = None,
 ) -> tuple[Any, Any, VLProcessor]:
     """Data (train, eval), then the processor: a bad row, or one the family cannot take (its :class:`ImageCount`,
-    narrowed to ``most_images`` where the algorithm takes fewer), fails in a second, naming its FILE:LINE; a broken
-    chat template or processor fails next; both before the model loads."""
+    narrowed to ``most_images``, and to no video for the reason ``no_videos``, where the algorithm takes fewer),
+    fails in a second, naming its FILE:LINE; a broken chat template or processor fails next; both before the model
+    loads."""
     data_kwargs = {
         "image_placeholder": mapper.processor.image_placeholder,
+        "video_placeholder": mapper.processor.video.placeholder if mapper.processor.video else "<video>",
         "skip_invalid": data_args.skip_invalid_rows,
-        "image_count": ImageCount.for_family(mapper.processor, most_images),
+        "image_count": ImageCount.for_family(mapper.processor, most_images, no_videos),
         "max_image_pixels": data_args.max_image_pixels,
         **source_options(data_args),
     }
@@ -193,8 +196,13 @@ def load_data_and_model(
     kind: str,
     most_images: int | None = None,
 ) -> tuple[Any, Any, torch.dtype, torch.nn.Module, VLProcessor]:
-    """:func:`load_data_and_processor`, then :func:`load_model`."""
-    train_rows, eval_rows, processor = load_data_and_processor(mapper, model_args, data_args, kind, most_images)
+    """:func:`load_data_and_processor`, then :func:`load_model`: for the online algorithms (GRPO, PPO), whose
+    generation takes no video yet, so a row with one is refused by name."""
+    algorithm = type(config).__name__.removeprefix("VL").removesuffix("Config")  # VLGRPOConfig: GRPO
+    no_videos = f"{algorithm} generates answers from prompts with images only: it takes no video yet"
+    train_rows, eval_rows, processor = load_data_and_processor(
+        mapper, model_args, data_args, kind, most_images, no_videos
+    )
     model, dtype = load_model(mapper, model_args, config)
     return train_rows, eval_rows, dtype, model, processor
 

@@ -141,12 +141,13 @@ def module_problems(vl_model: Any, model: nn.Module) -> list[FieldProblem]:
 
 
 def token_problems(vl_processor: Any) -> list[FieldProblem]:
-    """The spec's image token and stop token (if any) must each be one token of the tokenizer."""
+    """The spec's image token, video token and stop token (where given) must each be one token of the tokenizer."""
     tokenizer = vl_processor.tokenizer
     problems = []
     for field, token in (
         ("image.token", vl_processor.image_token),
         ("chat_template.stop_token", vl_processor.stop_token),
+        ("video.token", vl_processor.video.token if vl_processor.video is not None else None),
     ):
         if token is None:
             continue
@@ -179,6 +180,28 @@ def image_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
                 "image.token",
                 f"{vl_processor.image_token!r} does not occur in the processor's input_ids for a batch with images; "
                 "it must be the token the processor expands each image into",
+            )
+        )
+    return problems
+
+
+def video_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
+    """Video inputs the processor did not produce for a batch with videos, and a missing video token."""
+    produced = sorted(batch.keys())
+    problems = [
+        FieldProblem(
+            f"video.inputs.{index}.name",
+            f"the processor produced no {item.name!r} for a batch with videos; it produced {produced}",
+        )
+        for index, item in enumerate(vl_processor.video.inputs)
+        if item.name not in batch
+    ]
+    if "input_ids" in batch and not (batch["input_ids"] == vl_processor.video_token_id).any():
+        problems.append(
+            FieldProblem(
+                "video.token",
+                f"{vl_processor.video.token!r} does not occur in the processor's input_ids for a batch with videos; "
+                "it must be the token the processor expands each video into",
             )
         )
     return problems

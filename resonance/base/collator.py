@@ -1,6 +1,6 @@
 """Collators: dataset rows (see resonance.data.rows) -> padded model batches with labels.
 
-Images are opened here, lazily, one batch at a time.
+Images are opened and videos decoded here, lazily, one batch at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from transformers import BatchFeature
 
 from resonance.base.processor import IGNORE_INDEX, VLProcessor
 from resonance.data.images import load_row_images
+from resonance.data.videos import LoadedVideo, load_row_videos
 from resonance.errors import RowError
 
 logger = logging.getLogger("resonance.data")
@@ -52,6 +53,13 @@ class _VLCollatorBase:
     def load_images(self, paths: list[str], source: str) -> list[Image.Image]:
         """Open a row's images as RGB; a missing or unreadable file names the row."""
         return load_row_images(self.processor, paths, source)
+
+    def load_videos(self, feature: dict[str, Any]) -> list[LoadedVideo]:
+        """A row's videos, decoded at the frames the family samples; an unreadable file names the row. None are
+        decoded for a family that takes no video: the processor refuses the row by name (its video parts)."""
+        if self.processor.video is None:
+            return []
+        return load_row_videos(self.processor, feature.get("videos") or [], feature["source"])
 
     def pad(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Right-pad the per-token inputs to a multiple of ``pad_to_multiple_of`` tokens (padding, unattended,
@@ -124,8 +132,11 @@ class VLSFTDataCollatorWithPadding(_VLCollatorBase):
 
     def _collate(self, features: list[dict[str, Any]]) -> tuple[BatchFeature, list[int]]:
         images = [self.load_images(f["images"], f["source"]) for f in features]
+        videos = [self.load_videos(f) for f in features]
         sources = [f["source"] for f in features]
-        batch = self.processor.process_batch_conv([f["messages"] for f in features], images, sources=sources)
+        batch = self.processor.process_batch_conv(
+            [f["messages"] for f in features], images, sources=sources, videos=videos if any(videos) else None
+        )
         return batch, batch["attention_mask"].sum(dim=1).tolist()
 
 
@@ -165,7 +176,10 @@ class VLDPODataCollatorWithPadding(_VLCollatorBase):
         rejected = [f["prompt"] + f["rejected"] for f in features]
         first = [len(f["prompt"]) for f in features] * 2
         sources = [f"{f['source']}: {half}" for half in ("chosen", "rejected") for f in features]
-        batch = self.processor.process_batch_conv(chosen + rejected, images + images, first, sources)
+        videos = [self.load_videos(f) for f in features]
+        batch = self.processor.process_batch_conv(
+            chosen + rejected, images + images, first, sources, videos=videos + videos if any(videos) else None
+        )
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         half = len(features)
         return batch, [max(lengths[i], lengths[i + half]) for i in range(half)]

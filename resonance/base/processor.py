@@ -9,7 +9,7 @@ tokens (see :meth:`VLProcessor.process_batch_conv`).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,9 +17,17 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 
 from resonance.base.chat_template import ChatTemplate
-from resonance.base.checks import backends_named, image_output_problems, raise_problems, spec_file, token_problems
+from resonance.base.checks import (
+    backends_named,
+    image_output_problems,
+    raise_problems,
+    spec_file,
+    token_problems,
+    video_output_problems,
+)
 from resonance.base.registry import check_processor_files
 from resonance.data.images import ImageCount
+from resonance.data.videos import LoadedVideo, video_parts
 from resonance.errors import ChatTemplateError, CheckpointError, RowError
 
 IGNORE_INDEX = -100
@@ -34,6 +42,26 @@ class ImageInput:
     name: str
     layout: str  # per_image | per_row | per_patch | per_tile
     from_prompt: bool = False  # spec source: prompt (computed from each row's prompt, see process_batch_conv)
+
+
+@dataclass(frozen=True)
+class VideoSupport:
+    """A family's videos (spec ``video``): the token each video expands into, the processor outputs that go to
+    ``forward`` (layouts as for images, ``per_video`` for one entry per video), and which frames of a video file the
+    processor gets (the video processor's own ``sample_frames`` with ``fps`` or ``num_frames``)."""
+
+    token: str
+    inputs: list[ImageInput]
+    grid_input: str | None = None
+    placeholder: str = "<video>"
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    fps: float | None = None
+    num_frames: int | None = None
+    frames_fps: float = 2.0  # the rate a list of frame images is taken to have been sampled at
+
+    def sampling(self) -> dict[str, Any]:
+        """The keyword arguments of the video processor's ``sample_frames`` the spec sets."""
+        return {k: v for k, v in (("fps", self.fps), ("num_frames", self.num_frames)) if v is not None}
 
 
 def supervised_turns(messages: list[Message], first_supervised: int = 0) -> list[int]:
@@ -123,6 +151,7 @@ class VLProcessor:
     takes_system: ClassVar[bool] = True  # spec chat_template.system
     images_lead: ClassVar[bool] = False  # spec chat_template.images: leading
     trl_training_template: ClassVar[bool] = False  # spec chat_template.training: trl
+    video: ClassVar[VideoSupport | None] = None  # spec video: None, the family takes no video
 
     def __init__(self, processor: ProcessorMixin | str | Path, **kwargs: Any):
         if isinstance(processor, str | Path):
@@ -137,7 +166,9 @@ class VLProcessor:
             )
         raise_problems(type(self), token_problems(self))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = None if self.video is None else self.tokenizer.convert_tokens_to_ids(self.video.token)
         self._image_outputs_checked = False
+        self._video_outputs_checked = False
         self.train()
         self._check_chat_template()
 
@@ -158,7 +189,7 @@ class VLProcessor:
     def placeholder_token_ids(self) -> list[int]:
         """Tokens that stand for image (or video) features: a model must never generate them, since a forward over
         a sequence holding one more of them than there are features fails (or misplaces the features)."""
-        ids = {self.image_token_id}
+        ids = {self.image_token_id, self.video_token_id}
         video = getattr(self.hf, "video_token_id", None)
         if isinstance(video, int):
             ids.add(video)
@@ -346,10 +377,27 @@ class VLProcessor:
 
     # -- tokenization ------------------------------------------------------------------------------
 
-    def __call__(self, text: list[str], images: list[list[Any]] | None = None, **kwargs: Any) -> BatchFeature:
-        """Tokenize rendered conversations with their images, exactly as the family's processor does."""
+    def __call__(
+        self,
+        text: list[str],
+        images: list[list[Any]] | None = None,
+        videos: list[list[LoadedVideo]] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenize rendered conversations with their images and videos, exactly as the family's processor does.
+
+        ``videos``: each row's videos, decoded, their frames already chosen (:meth:`frame_indices`), with the
+        metadata the processor derives timestamps from; passed with ``do_sample_frames=False``."""
         has_images = images is not None and any(images)
+        has_videos = videos is not None and any(videos)
         call_kwargs = {**self.processor_call_kwargs, **kwargs}
+        if has_videos:
+            if self.video is None:
+                raise ValueError(f"{type(self).__name__} takes no video: {spec_file(type(self))} has no video: section")
+            flat = [video for row in videos for video in row]
+            call_kwargs = {**self.video.processor_kwargs, **call_kwargs, "do_sample_frames": False}
+            call_kwargs["videos"] = [video.frames for video in flat]
+            call_kwargs["video_metadata"] = [video.metadata for video in flat]
         if text and not self._adds_special_tokens(text[0]):
             call_kwargs.setdefault("add_special_tokens", False)
         call_kwargs.setdefault("padding", True)
@@ -367,7 +415,19 @@ class VLProcessor:
         if has_images and not self._image_outputs_checked:  # once: the spec's image fields fit this processor
             raise_problems(type(self), image_output_problems(self, batch))
             self._image_outputs_checked = True
+        if has_videos and not self._video_outputs_checked:  # once: the spec's video fields fit this processor
+            raise_problems(type(self), video_output_problems(self, batch))
+            self._video_outputs_checked = True
+        batch.pop("video_metadata", None)  # the processor's echo of its input, no model input
         return batch
+
+    def frame_indices(self, metadata: Any, **kwargs: Any) -> Any:
+        """Which frames of a video file the model sees: the family's video processor's own ``sample_frames`` with
+        the spec's video.sampling (fps or num_frames), as transformers samples a video it decodes itself; the
+        ``sample_indices_fn`` the collator decodes videos with (:func:`resonance.data.videos.load_row_videos`)."""
+        if self.video is None:
+            raise ValueError(f"{type(self).__name__} takes no video: {spec_file(type(self))} has no video: section")
+        return self.hf.video_processor.sample_frames(metadata=metadata, **{**kwargs, **self.video.sampling()})
 
     def _adds_special_tokens(self, text: str) -> bool:
         """As transformers' apply_chat_template decides: no second BOS when the rendering starts with one."""
@@ -386,8 +446,10 @@ class VLProcessor:
         images: list[list[Any]],
         first_supervised: list[int] | None = None,
         sources: list[str] | None = None,
+        videos: list[list[LoadedVideo]] | None = None,
     ) -> BatchFeature:
-        """Tokenize a batch of conversations; ``labels`` supervise the turns to learn only: assistant turns at
+        """Tokenize a batch of conversations (``videos``: each row's, decoded, in the order of its video parts);
+        ``labels`` supervise the turns to learn only: assistant turns at
         index >= the row's ``first_supervised`` entry not marked ``train: False`` (:func:`supervised_turns`).
 
         The processor expands each image placeholder into the model's image tokens. To place the
@@ -406,7 +468,7 @@ class VLProcessor:
             self.supervised_text(conv, first) for conv, first in zip(conversations, first_supervised, strict=True)
         ]
         texts = [text for text, _ in supervised]
-        batch = self(text=texts, images=images)
+        batch = self(text=texts, images=images, videos=videos)
         add_special = self._adds_special_tokens(texts[0])
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row, (text, spans) in enumerate(supervised):
@@ -421,6 +483,8 @@ class VLProcessor:
                         pos = positions[b + k]
                         labels[row, pos] = batch["input_ids"][row, pos]
         labels[batch["input_ids"] == self.image_token_id] = IGNORE_INDEX
+        if self.video_token_id is not None:
+            labels[batch["input_ids"] == self.video_token_id] = IGNORE_INDEX
         batch["labels"] = labels
         self._from_prompts(batch, conversations, images, first_supervised)
         return self._with_prefix_lm(batch)
@@ -432,6 +496,8 @@ class VLProcessor:
         chat_template.answer: suffix, see :meth:`split_answer`)."""
         problem = ImageCount.for_family(self).problem(image_count)
         if problem is not None:
+            return problem
+        if (problem := self.video_problem(messages)) is not None:
             return problem
         if (problem := self.system_problem(messages)) is not None:
             return problem
@@ -448,6 +514,18 @@ class VLProcessor:
                 f"every assistant message{since} is marked train: false (indices {', '.join(map(str, answers))}, "
                 "counting from 0), so the row has nothing to learn; let at least one train, or drop the row"
             )
+        return None
+
+    def video_problem(self, messages: list[Message]) -> str | None:
+        """A video where the family takes none (no spec video section), or where the answer goes to the processor as
+        a suffix (not done for videos yet), or None."""
+        count = video_parts(messages)
+        if not count:
+            return None
+        if self.video is None:
+            return ImageCount.for_family(self).video_problem(count)
+        if self.answer_as_suffix:
+            return f"{count} video(s); the suffix answer path (spec chat_template.answer: suffix) takes no video yet"
         return None
 
     def system_problem(self, messages: list[Message]) -> str | None:
@@ -550,21 +628,32 @@ class VLProcessor:
     def image_input_names(self) -> list[str]:
         return [item.name for item in self.image_inputs]
 
+    def video_input_names(self) -> list[str]:
+        return [] if self.video is None else [item.name for item in self.video.inputs]
+
+    def visual_input_names(self) -> list[str]:
+        """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' (spec video.inputs)."""
+        return self.image_input_names() + self.video_input_names()
+
     def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image inputs of the first half of the rows (a DPO batch repeats them for rejected).
 
         per_patch inputs are cut where the grid says the first half's images end; every other layout
         is halved, which is exact because the second half holds the same images (or tiles) again.
         """
-        grid = inputs.get(self.image_grid_input) if self.image_grid_input else None
         half: dict[str, torch.Tensor] = {}
-        for item in self.image_inputs:
-            if item.name not in inputs:
-                continue
-            value = inputs[item.name]
-            if item.layout == "per_patch":
-                count = grid.shape[0] // 2
-                half[item.name] = value[: int(grid[:count].prod(dim=-1).sum())]
-            else:
-                half[item.name] = value[: value.shape[0] // 2]
+        groups = [(self.image_inputs, self.image_grid_input)]
+        if self.video is not None:
+            groups.append((self.video.inputs, self.video.grid_input))
+        for items, grid_name in groups:
+            grid = inputs.get(grid_name) if grid_name else None
+            for item in items:
+                if item.name not in inputs:
+                    continue
+                value = inputs[item.name]
+                if item.layout == "per_patch":
+                    count = grid.shape[0] // 2
+                    half[item.name] = value[: int(grid[:count].prod(dim=-1).sum())]
+                else:
+                    half[item.name] = value[: len(value) // 2]
         return half

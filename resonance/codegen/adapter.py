@@ -49,6 +49,27 @@ def _image_input(item: Any) -> Call:
     return Call("api.ImageInput", (item.name, item.layout), kwargs)
 
 
+def _video(video: Any) -> Call | None:
+    """``api.VideoSupport(token, inputs, ...)`` for a spec ``video`` section, keywords only where they differ from
+    the schema's defaults; None (no video) where the spec has none."""
+    if video is None:
+        return None
+    inputs = [Call("api.ImageInput", (item.name, item.layout)) for item in video.inputs]
+    defaults = type(video).model_fields
+    sampling_defaults = type(video.sampling).model_fields
+    kwargs = [
+        (name, getattr(video, name))
+        for name in ("placeholder", "grid_input", "processor_kwargs")
+        if getattr(video, name) != defaults[name].get_default(call_default_factory=True)
+    ]
+    kwargs += [
+        (name, getattr(video.sampling, name))
+        for name in ("fps", "num_frames", "frames_fps")
+        if getattr(video.sampling, name) != sampling_defaults[name].get_default(call_default_factory=True)
+    ]
+    return Call("api.VideoSupport", (video.token, inputs), tuple(kwargs))
+
+
 ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
     "model": (
         Attribute("hf_model_class", "model_class"),
@@ -88,6 +109,7 @@ ATTRIBUTES: dict[str, tuple[Attribute, ...]] = {
         Attribute("images_lead", "chat_template.images", lambda where: where == "leading"),
         Attribute("trl_training_template", "chat_template.training", lambda which: which == "trl"),
         Attribute("prefix_lm", "token_type_ids", lambda kind: kind == "prefix_lm"),
+        Attribute("video", "video", _video),
     ),
 }
 

@@ -207,6 +207,79 @@ class Image(_Strict):
         return self
 
 
+VideoLayout = Literal["per_video", "per_row", "per_patch"]
+
+
+class VideoInput(_Strict):
+    """One processor video output forwarded to the model's forward."""
+
+    name: Identifier = Field(description="The processor output's key, e.g. pixel_values_videos or video_grid_thw.")
+    layout: VideoLayout = Field(
+        description=(
+            "How the tensor's first axis is laid out, as for image.inputs: per_video (one entry per video, like "
+            "per_image), per_row (one entry per batch row), per_patch (patches of all videos' frames concatenated, "
+            "sized by the grid input)."
+        )
+    )
+
+
+class VideoSampling(_Strict):
+    """Which frames of a video file reach the processor: the arguments of the HF video processor's own
+    ``sample_frames`` (transformers' ``fps`` / ``num_frames``); unset, the video processor's defaults."""
+
+    fps: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Frames sampled per second of video (the video processor's fps); not with num_frames."
+    )
+    num_frames: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Frames sampled from each video, evenly spaced (the video processor's num_frames)."
+    )
+    frames_fps: Annotated[float, Field(gt=0)] = Field(
+        2.0,
+        description=(
+            "The frame rate a video given as a list of frame images is taken to have been sampled at (its frames "
+            "are used as given, never resampled), for the timestamps a processor derives (Qwen2.5-VL's "
+            "second_per_grid_ts, Qwen3-VL's <t seconds> text); LLaMA-Factory's video_fps default."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> VideoSampling:
+        if self.fps is not None and self.num_frames is not None:
+            raise ValueError("fps and num_frames: give one (transformers' video processors take one or the other)")
+        return self
+
+
+class Video(_Strict):
+    """How videos appear in prompts and which video processor outputs the model consumes. A family without this
+    section takes no video: a row holding one is refused by name."""
+
+    placeholder: NonEmpty = Field("<video>", description="The video marker in dataset prompts.")
+    token: NonEmpty = Field(description="The model's video token after the processor expands placeholders.")
+    inputs: list[VideoInput] = Field(min_length=1, description="Video processor outputs passed to forward().")
+    grid_input: Identifier | None = Field(
+        None, description="For per_patch layouts: the per-video grid input (t, h, w) that sizes each video."
+    )
+    sampling: VideoSampling = Field(
+        VideoSampling(), description="Which frames of a video file the processor gets (fps or num_frames)."
+    )
+    processor_kwargs: Kwargs = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the processor call with videos (e.g. the video processor's size).",
+    )
+
+    @model_validator(mode="after")
+    def _grid_for_patches(self) -> Video:
+        names = [i.name for i in self.inputs]
+        if any(i.layout == "per_patch" for i in self.inputs):
+            if self.grid_input is None:
+                raise ValueError("grid_input: required when an input has layout per_patch (e.g. video_grid_thw)")
+            if self.grid_input not in names:
+                raise ValueError(f"grid_input: {self.grid_input!r} must be one of inputs {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"inputs: duplicate names in {names}")
+        return self
+
+
 class ChatTemplate(_Strict):
     """Which chat template renders conversations."""
 
@@ -433,6 +506,13 @@ class Tiny(_Strict):
         description="The transformers image processor class, e.g. CLIPImageProcessorPil."
     )
     image_processor: Kwargs = Field(default_factory=dict, description="Keyword arguments to image_processor_class.")
+    video_processor: Kwargs = Field(
+        default_factory=dict,
+        description=(
+            "Keyword arguments to the family's default video processor (the class transformers maps the config's "
+            "model type to), for processors that take one: small frame sizes keep video tests fast."
+        ),
+    )
     tokenizer: TinyTokenizer = Field(
         default_factory=TinyTokenizer, description="BPE size, special tokens, and config fields set to token ids."
     )
@@ -500,6 +580,13 @@ class ModelSpec(_Strict):
     lora: Lora = Field(description="The default LoRA targets (--lora_target_modules auto).")
     moe: Moe = Field(Moe(), description="For a mixture-of-experts decoder: its routers and their auxiliary loss.")
     image: Image = Field(description="How images appear in prompts and which processor outputs reach forward().")
+    video: Video | None = Field(
+        None,
+        description=(
+            "How videos appear in prompts and which processor outputs reach forward(); unset: the family takes no "
+            "video, and a row holding one is refused by name."
+        ),
+    )
     chat_template: ChatTemplate = Field(
         ChatTemplate(), description="Which chat template renders conversations, and how answers are supervised."
     )
@@ -542,6 +629,16 @@ class ModelSpec(_Strict):
                 "moe.router: required with lora.parameters (the expert weights): name the routers, which LoRA must "
                 "not reach (e.g. [mlp.gate])"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _video_inputs_differ(self) -> ModelSpec:
+        if self.video is not None:
+            shared = sorted({i.name for i in self.image.inputs} & {i.name for i in self.video.inputs})
+            if shared:
+                raise ValueError(f"video.inputs: {shared} are image inputs too; each processor output is one's")
+            if self.video.token == self.image.token:
+                raise ValueError(f"video.token: {self.video.token!r} is image.token too; videos need their own")
         return self
 
     @model_validator(mode="after")

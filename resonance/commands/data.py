@@ -112,12 +112,17 @@ def _load_family(checkpoint: str) -> _Family:
 
 
 def _family_report(family: _Family, rows: list[dict[str, Any]]) -> FamilyReport:
-    """The family's token lengths of the rows it takes, and the rows it does not: an image count it cannot take,
-    or a conversation its chat template cannot render (named by :func:`fit_rows`, as training names them)."""
+    """The family's token lengths of the rows it takes, and the rows it does not: an image count it cannot take, a
+    video where it takes none, or a conversation its chat template cannot render (named by :func:`fit_rows`, as
+    training names them)."""
     from resonance.algorithms.lengths import fit_rows, row_lengths
 
     count = ImageCount.for_family(family.processor)
-    problems = [(row["source"], p) for row in rows if (p := count.problem(len(row["images"]))) is not None]
+    problems = [
+        (row["source"], p)
+        for row in rows
+        if (p := count.problem(len(row["images"])) or count.video_problem(len(row.get("videos") or []))) is not None
+    ]
     refused = {source for source, _ in problems}
     fit = [row for row in rows if row["source"] not in refused]
     try:

@@ -305,8 +305,9 @@ def _generate(
         data_path,
         "prompt",
         image_placeholder=processor_cls.image_placeholder,
+        video_placeholder=processor_cls.video.placeholder if processor_cls.video else "<video>",
         skip_invalid=skip_invalid_rows,
-        image_count=ImageCount.for_family(processor_cls),
+        image_count=ImageCount.for_family(processor_cls, no_videos="`resonance generate` takes no video yet"),
         **data_options,
     )
     rows = loaded.rows

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from resonance import codegen
-from resonance.base.checks import image_output_problems, module_problems
+from resonance.base.checks import image_output_problems, module_problems, video_output_problems
 from resonance.base.model import cast_vision_inputs, per_submodel, unwrap
 from resonance.codegen.schema import ModelSpec
 from resonance.errors import (
@@ -70,6 +70,22 @@ def _sample_images(count: int) -> list[Any]:
         )
         images.append(Image.frombytes("RGB", (width, height), pixels))
     return images
+
+
+def _sample_video(vl_processor: Any) -> Any:
+    """An 8-frame, 4 fps clip of 48 x 40 frames (a moving gradient), decoded as the collator decodes a file: at the
+    frames the family's video processor samples."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    from resonance.data.videos import LoadedVideo
+
+    y, x = np.mgrid[0:40, 0:48]
+    frames = np.stack([np.stack([(x * 5 + 9 * t) % 256, (y * 3) % 256, (x + y + 30 * t) % 256], -1) for t in range(8)])
+    metadata = VideoMetadata(8, 4.0, 48, 40, 2.0, "pyav")
+    indices = vl_processor.frame_indices(metadata)
+    metadata.frames_indices = indices
+    return LoadedVideo(frames.astype(np.uint8)[indices], metadata)
 
 
 def _conversation(num_images: int, answer: str | None) -> list[dict[str, Any]]:
@@ -155,6 +171,22 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
             problems.append(FieldProblem("chat_template", "an assistant turn got no supervised tokens"))
         state["batch"] = batch
         return problems
+
+    def video() -> list[FieldProblem]:
+        processor = state["processor"]
+        conversation = _conversation(0, "It moves.")
+        conversation[0]["content"].insert(0, {"type": "video", "text": None})
+        batch = processor.process_batch_conv(
+            [conversation, _conversation(0, "Nothing.")], [[], []], videos=[[_sample_video(processor)], []]
+        )
+        problems = video_output_problems(processor, batch)
+        if problems or "model" not in state:
+            return problems
+        with torch.no_grad():
+            loss = state["model"](**batch).loss
+        if not math.isfinite(loss.item()):
+            return [FieldProblem("video.inputs", f"the model's loss on a batch with a video is {loss.item()}")]
+        return []
 
     def forward() -> list[FieldProblem]:
         with torch.no_grad():
@@ -250,6 +282,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         "processor outputs the image inputs; labels cover answers", "image.inputs, image.token", process, ("processor",)
     )
     run("forward on the processed batch gives a finite loss", "image.inputs", forward, ("model", "batch"))
+    if spec.video is not None:
+        run("a video is processed and forwarded as the spec says", "video", video, ("processor",))
     run("the tiny model gives the oracle tests differences to compare", "tiny", oracle, ("logits",))
     checks[-1].warnings = state.pop("warnings", [])
     run("freeze_vision_tower freezes the tower", "modules.vision_tower", freeze, ("model", "vision tower"))

@@ -52,15 +52,21 @@ class ImageCount:
 
     least: int = 0
     most: int | None = None
+    no_videos: str | None = None  # why a conversation may carry no video (None: it may)
 
     @classmethod
-    def for_family(cls, family: Any, most: int | None = None) -> ImageCount:
-        """A family's limits (spec image.required, image.multi_image: a processor class or instance), narrowed to
-        ``most`` where an algorithm takes fewer (GRPO through TRL)."""
+    def for_family(cls, family: Any, most: int | None = None, no_videos: str | None = None) -> ImageCount:
+        """A family's limits (spec image.required, image.multi_image, video: a processor class or instance),
+        narrowed to ``most`` images, and to no video with the reason ``no_videos``, where an algorithm takes fewer
+        (GRPO through TRL)."""
         family_most = None if family.multi_image else 1
         if most is not None:
             family_most = most if family_most is None else min(most, family_most)
-        return cls(1 if family.images_required else 0, family_most)
+        if getattr(family, "video", None) is None:
+            owner = family if isinstance(family, type) else type(family)
+            name = owner.__module__.rpartition(".")[2]  # a generated adapter's package is named after its spec
+            no_videos = f"the model family {name!r} takes no video (its spec has no video: section)"
+        return cls(1 if family.images_required else 0, family_most, no_videos)
 
     def problem(self, count: int) -> str | None:
         """Why a conversation with ``count`` images cannot be taken, or None."""
@@ -69,6 +75,15 @@ class ImageCount:
         if self.most is not None and count > self.most:
             return f"{count} images, but this model family takes at most {self.most} per conversation"
         return None
+
+    def video_problem(self, count: int) -> str | None:
+        """Why a conversation with ``count`` videos cannot be taken, or None."""
+        if not count or self.no_videos is None:
+            return None
+        return (
+            f"{count} video(s), but {self.no_videos}; remove the video, or pass --skip_invalid_rows to skip (and "
+            "count) such rows"
+        )
 
 
 ANY_IMAGE_COUNT = ImageCount()  # rows read with no family in mind
@@ -217,8 +232,9 @@ def _resolve_text(text: str, sources: ImageSources, check_files: bool) -> str:
     return _download(text, _store_of(sources))
 
 
-def _resolve_path(path: str, given: str, sources: ImageSources, check_files: bool) -> str:
-    """``path`` (from ``given``: itself or a file URL) as an absolute path; with ``check_files``, of a file."""
+def _resolve_path(path: str, given: str, sources: ImageSources, check_files: bool, what: str = "image") -> str:
+    """``path`` (from ``given``: itself or a file URL) as an absolute path; with ``check_files``, of a file
+    (``what``: image or video, for messages)."""
     path = os.path.expanduser(path)
     relative = not os.path.isabs(path)
     if relative:
@@ -242,11 +258,11 @@ def _resolve_path(path: str, given: str, sources: ImageSources, check_files: boo
                 if sources.image_root is not None
                 else f" (relative to the data file's folder {sources.base_dir})"
             )
-        raise ImageRefError(f"image file not found: {path}{where}") from None
+        raise ImageRefError(f"{what} file not found: {path}{where}") from None
     except OSError as exc:  # a folder on the way that may not be read, a name too long, ...
         raise ImageRefError(f"cannot read {path} (from {given!r}): {exc.strerror or exc}") from None
     if not is_file:
-        raise ImageRefError(f"not a file: {path} (from {given!r}); give the path of an image file")
+        raise ImageRefError(f"not a file: {path} (from {given!r}); give the path of an {what} file")
     return path
 
 

@@ -20,9 +20,11 @@ by :mod:`resonance.data.formats`; this module validates the native shape and can
 
 An image reference is a path (relative to the data file's folder or ``--image_root``), a ``file://``, ``data:`` or
 (with ``--allow_image_urls``) http(s) URL, image bytes, a ``{"bytes", "path"}`` struct or a PIL image
-(:func:`resonance.data.images.resolve_image`). A video or audio (``video(s)`` / ``audio(s)`` fields, ``<video>``
-/ ``<audio>`` placeholders, video or audio parts) is refused by row, never dropped. A field no canonical row keeps
-is counted and reported once per source.
+(:func:`resonance.data.images.resolve_image`). Every format may hold videos: ``video`` (one) / ``videos`` fields,
+``<video>`` placeholders, ``{"type": "video"}`` / ``video_url`` parts; a video is a file or a list of frame images
+(:func:`resonance.data.videos.resolve_video`); a family (or algorithm) that takes no video refuses such a row by
+name. An audio (``audio(s)`` fields, ``<audio>`` placeholders, audio parts) is refused by row, never dropped. A
+field no canonical row keeps is counted and reported once per source.
 
 Canonical rows (what the collators consume), one per input row::
 
@@ -31,7 +33,10 @@ Canonical rows (what the collators consume), one per input row::
                  "source": ..., "margin": float (only where the row gives one)}
     prompt:     {"prompt": [Message], "images": [str], "source": ..., "id": JSON text of the row's "id" or None}
     Message = {"role": "system" | "user" | "assistant", "content": [Part], "train": False (only where given)}
-    Part    = {"type": "image", "text": None} | {"type": "text", "text": str}
+    Part    = {"type": "image", "text": None} | {"type": "video", "text": None} | {"type": "text", "text": str}
+
+A row holding videos also has ``"videos": [{"path": str | None, "frames": [str]}]`` (a file, or its frames), in the
+order of its video parts; in a dataset where some rows have videos, the others get ``[]``.
 
 ``images`` are absolute paths, in the order of the image parts (across prompt, then chosen, then rejected).
 Every text is split at the image placeholder (``"<image>"``, plus one newline right after it); a row whose
@@ -47,6 +52,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +72,7 @@ from resonance.data.images import (
     resolve_image,
 )
 from resonance.data.sources import DatasetChoice, open_rows
+from resonance.data.videos import resolve_video, video_problem
 from resonance.errors import ConfigError, DataError
 
 logger = logging.getLogger("resonance.data")
@@ -82,9 +89,11 @@ _CHAT_ROLES = ("system", "user", "assistant")
 _MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _INLINE_IMAGE_KEYS = ("image", "path", "url")  # an image part's own image, as HF chat templates name it
-# Modalities no family takes yet: refused by name wherever a row holds them.
-_MEDIA_FIELDS = ("video", "videos", "audio", "audios")
-_MEDIA_PARTS = {"video": "video", "video_url": "video", "audio": "audio", "audio_url": "audio", "input_audio": "audio"}
+# A modality no family takes yet: refused by name wherever a row holds it.
+_MEDIA_FIELDS = ("audio", "audios")
+_MEDIA_PARTS = {"audio": "audio", "audio_url": "audio", "input_audio": "audio"}
+_VIDEO_FIELDS = ("video", "videos")
+_VIDEO_PARTS = ("video", "video_url")
 # A message's own say on whether it is supervised: ms-swift's "loss", axolotl's "training" and "weight".
 _TURN_LOSS_KEYS = ("loss", "training", "weight")
 # Known top-level fields, in groups of alternatives; a row needs one member of each required group.
@@ -112,9 +121,10 @@ _PROMPT_FORMAT = (
 )
 
 
-def features_for(kind: Kind, margin: bool = False, train: bool = False) -> datasets.Features:
+def features_for(kind: Kind, margin: bool = False, train: bool = False, videos: bool = False) -> datasets.Features:
     """The arrow schema of canonical rows of ``kind`` (the same for text-only and image rows); ``margin``: with
-    the preference rows' optional ``margin`` column; ``train``: with the messages' optional ``train`` key."""
+    the preference rows' optional ``margin`` column; ``train``: with the messages' optional ``train`` key;
+    ``videos``: with the ``videos`` column (each video ``{"path": file or None, "frames": [frame files]}``)."""
     _check_kind(kind)
 
     def messages() -> datasets.List:
@@ -132,6 +142,9 @@ def features_for(kind: Kind, margin: bool = False, train: bool = False) -> datas
         else {"prompt": messages(), "chosen": messages(), "rejected": messages()}
     )
     columns["images"] = datasets.List(datasets.Value("string"))
+    if videos:
+        video = {"path": datasets.Value("string"), "frames": datasets.List(datasets.Value("string"))}
+        columns["videos"] = datasets.List(video)
     columns["source"] = datasets.Value("string")
     if kind == "prompt":
         columns["id"] = datasets.Value("string")  # the row's "id" as JSON text (any JSON type), or None
@@ -150,16 +163,30 @@ def text_part(text: str) -> Part:
     return {"type": "text", "text": text}
 
 
-def text_to_parts(text: str, image_placeholder: str = "<image>") -> list[Part]:
-    """Split ``text`` at each placeholder into text and image parts.
+def video_part() -> Part:
+    """A canonical video part."""
+    return {"type": "video", "text": None}
+
+
+def text_to_parts(text: str, image_placeholder: str = "<image>", video_placeholder: str | None = None) -> list[Part]:
+    """Split ``text`` at each placeholder into text, image and video parts.
 
     One newline right after a placeholder is swallowed; empty text parts are dropped.
     """
+    marks = {image_placeholder: image_part}
+    if video_placeholder and video_placeholder != image_placeholder:
+        marks[video_placeholder] = video_part
+    pattern = "(" + "|".join(re.escape(mark) for mark in sorted(marks, key=len, reverse=True)) + ")"
     parts: list[Part] = []
-    for i, piece in enumerate(text.split(image_placeholder)):
-        if i > 0:
-            parts.append(image_part())
+    after_mark = False
+    for piece in re.split(pattern, text):
+        if piece in marks:
+            parts.append(marks[piece]())
+            after_mark = True
+            continue
+        if after_mark:
             piece = piece[2:] if piece.startswith("\r\n") else piece[1:] if piece.startswith("\n") else piece
+        after_mark = False
         if piece:
             parts.append(text_part(piece))
     return parts
@@ -194,9 +221,11 @@ class LoadedRows:
         margin = self.kind == "preference" and any("margin" in row for row in self.rows)
         columns = [row[name] for row in self.rows for name in _MESSAGE_COLUMNS if name in row]
         train = any("train" in message for messages in columns for message in messages)
-        features = features_for(self.kind, margin=margin, train=train)
+        videos = any(row.get("videos") for row in self.rows)
+        features = features_for(self.kind, margin=margin, train=train, videos=videos)
         info = datasets.DatasetInfo(description=self.summary, features=features)
         rows = [{**row, "margin": row.get("margin", 0.0)} for row in self.rows] if margin else self.rows
+        rows = [{**row, "videos": row.get("videos", [])} for row in rows] if videos else rows
         return datasets.Dataset.from_list(rows, info=info)
 
 
@@ -216,6 +245,7 @@ def read_rows(
     kind: Kind,
     *,
     image_placeholder: str = "<image>",
+    video_placeholder: str = "<video>",
     skip_invalid: bool = False,
     check_images: bool = True,
     image_count: ImageCount = ANY_IMAGE_COUNT,
@@ -251,7 +281,9 @@ def read_rows(
     source = open_rows(path, DatasetChoice(data_config, data_split, data_revision))
     root = Path(os.path.abspath(os.path.expanduser(image_root))) if image_root else None
     sources = ImageSources(base_dir=source.base_dir, image_root=root, allow_urls=allow_image_urls)
-    converter = _RowConverter(sources, image_placeholder, check_images, max_image_pixels, image_count)
+    converter = _RowConverter(
+        sources, image_placeholder, check_images, max_image_pixels, image_count, video_placeholder
+    )
 
     rows: list[dict[str, Any]] = []
     invalid: list[tuple[str, list[str]]] = []
@@ -353,9 +385,12 @@ class _RowConverter:
         check_images: bool,
         max_image_pixels: int,
         image_count: ImageCount,
+        video_placeholder: str = "<video>",
     ):
         self.sources = sources
         self.placeholder = placeholder
+        self.video_placeholder = video_placeholder
+        self._inline_videos: list[tuple[str, Any]] = []  # the current row's videos given inside its messages
         self.check_images = check_images
         self.max_image_pixels = max_image_pixels
         self.image_count = image_count  # images a conversation may have
@@ -395,10 +430,12 @@ class _RowConverter:
         before = len(problems)
         self._inline = []
         groups = {"sft": _SFT_GROUPS, "preference": _PREFERENCE_GROUPS, "prompt": _PROMPT_GROUPS}[kind]
+        self._inline_videos = []
         self._check_fields(obj, groups, problems)
         self._refuse_other_media(obj, problems)
         given = self._image_refs(obj, problems)
         images = self._resolve_images(given, problems) if given is not None else None
+        given_videos = self._video_refs(obj, problems)
         margin = self._margin(obj, problems) if kind == "preference" else None
         if kind == "sft":
             columns = self._sft_messages(obj, problems)
@@ -406,7 +443,22 @@ class _RowConverter:
             columns = self._prompt_messages(obj, problems)
         else:
             columns = self._preference_messages(obj, problems)
-        if columns is None or images is None or len(problems) > before:
+        if columns is None or images is None or given_videos is None or len(problems) > before:
+            return None
+        # A family (or algorithm) that takes no video refuses the row by name before any video file is looked at.
+        parts = sum(p["type"] == "video" for ms in columns.values() for m in ms for p in m["content"])
+        video_problem = self.image_count.video_problem(max(len(given_videos), len(self._inline_videos), parts))
+        if video_problem is not None:
+            problems.append(video_problem)
+            return None
+        if self._inline_videos and given_videos:
+            problems.append(
+                f"videos given twice: {len(self._inline_videos)} inside the messages and {len(given_videos)} in "
+                "'video' / 'videos'; give each video once, in one of the two places"
+            )
+            return None
+        videos = self._resolve_videos(self._inline_videos or given_videos, problems)
+        if videos is None:
             return None
         if self._inline and images:
             problems.append(
@@ -425,6 +477,7 @@ class _RowConverter:
             problems.append(count_problem)
             return None
         self._place_images(columns, len(images), problems)
+        self._place_videos(columns, len(videos), problems)
         for column, messages in columns.items():
             name = "conversations" if column == "messages" and "conversations" in obj else column
             for i, message in enumerate(messages):
@@ -432,12 +485,13 @@ class _RowConverter:
                     problems.append(f"{name}[{i}]: empty {message['role']} turn; write its text")
         if len(problems) > before:
             return None
+        media: dict[str, Any] = {"images": images, **({"videos": videos} if videos else {})}
         if kind == "prompt":
             row_id = json.dumps(obj["id"], default=str) if "id" in obj else None
-            return {**columns, "images": images, "source": source, "id": row_id}
+            return {**columns, **media, "source": source, "id": row_id}
         if margin is not None:
-            return {**columns, "images": images, "source": source, "margin": margin}
-        return {**columns, "images": images, "source": source}
+            return {**columns, **media, "source": source, "margin": margin}
+        return {**columns, **media, "source": source}
 
     @staticmethod
     def _margin(obj: dict[str, Any], problems: list[str]) -> float | None:
@@ -457,7 +511,7 @@ class _RowConverter:
     def _check_fields(self, obj: dict[str, Any], groups: tuple[tuple[str, ...], ...], problems: list[str]):
         """Flag unknown fields that are probably a misspelled known field or an unread image path; count the other
         unknown fields as unused."""
-        known = {name for group in groups for name in group} | set(_OPTIONAL_FIELDS) | set(_MEDIA_FIELDS)
+        known = {name for group in groups for name in group} | {*_OPTIONAL_FIELDS, *_MEDIA_FIELDS, *_VIDEO_FIELDS}
         absent = [name for group in groups if not any(name in obj for name in group) for name in group]
         has_images = "image" in obj or "images" in obj
         for key in obj:
@@ -475,11 +529,46 @@ class _RowConverter:
                 self.unused[key] += 1
 
     def _refuse_other_media(self, obj: dict[str, Any], problems: list[str]) -> None:
-        """A video or audio in the row's own fields is refused by name: no family takes them yet, and a row is
-        never trained without part of what it holds."""
+        """An audio in the row's own fields is refused by name: no family takes it yet, and a row is never trained
+        without part of what it holds."""
         for key in _MEDIA_FIELDS:
             if obj.get(key) not in (None, [], ""):
-                problems.append(_media_problem(key, "video" if key.startswith("video") else "audio"))
+                problems.append(_media_problem(key, "audio"))
+
+    def _video_refs(self, obj: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]] | None:
+        """The row's ``video`` (one video: a file, or a list of frame images) / ``videos`` (a list of videos)
+        entries as ``(field, reference)`` pairs, not yet resolved."""
+        if obj.get("video") not in (None, "") and obj.get("videos") not in (None, []):
+            problems.append("has both 'video' and 'videos'; keep one")
+            return None
+        if obj.get("videos") not in (None, []):
+            value = obj["videos"]
+            if not isinstance(value, list):
+                problems.append(
+                    f"videos: must be a list of videos (each a file, or a list of frames), got {json_type(value)}"
+                )
+                return None
+            return [(f"videos[{i}]", item) for i, item in enumerate(value)]
+        if obj.get("video") not in (None, ""):
+            return [("video", obj["video"])]
+        return []
+
+    def _resolve_videos(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[dict[str, Any]] | None:
+        """Each reference as a canonical video (a readable file, or readable frames of one size), or ``None`` when
+        ``problems`` grew."""
+        videos: list[dict[str, Any]] = []
+        before = len(problems)
+        for where, ref in refs:
+            try:
+                video = resolve_video(ref, self.sources, check_files=self.check_images)
+            except ImageRefError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            videos.append(video)
+            problem = video_problem(video, self.max_image_pixels) if self.check_images else None
+            if problem:
+                problems.append(f"{where}: {problem}")
+        return None if len(problems) > before else videos
 
     def _image_refs(self, obj: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]] | None:
         """The row's ``image`` / ``images`` entries as ``(field, reference)`` pairs, not yet resolved."""
@@ -673,21 +762,51 @@ class _RowConverter:
                 image = self._image_part(part, at, problems)
                 if image is not None:
                     parts.append(image)
+            elif kind in _VIDEO_PARTS:
+                video = self._video_part(part, at, problems)
+                if video is not None:
+                    parts.append(video)
             elif kind in _MEDIA_PARTS:
                 problems.append(_media_problem(at, _MEDIA_PARTS[kind]))
             else:
                 problems.append(
-                    f'{at}: a part must be {{"type": "text", "text": str}} or {{"type": "image"}} (optionally with '
-                    f'"image", "path" or "url"), or {{"type": "image_url", "image_url": {{"url": ...}}}}; got {part!r}'
+                    f'{at}: a part must be {{"type": "text", "text": str}}, {{"type": "image"}} or {{"type": "video"}} '
+                    f'(optionally with "image"/"video", "path" or "url"), or {{"type": "image_url", "image_url": '
+                    f'{{"url": ...}}}}; got {part!r}'
                 )
         return None if len(problems) > before else parts
 
     def _text_parts(self, text: str, where: str, problems: list[str]) -> list[Part]:
-        """Text split at the image placeholder; a video or audio placeholder is refused, never trained as text."""
-        for placeholder, media in (("<video>", "video"), ("<audio>", "audio")):
-            if placeholder in text and placeholder != self.placeholder:
-                problems.append(_media_problem(f"{where} ({placeholder!r})", media))
-        return text_to_parts(text, self.placeholder)
+        """Text split at the image and video placeholders; an audio placeholder is refused, never trained as
+        text."""
+        if "<audio>" in text and self.placeholder != "<audio>":
+            problems.append(_media_problem(f"{where} ('<audio>')", "audio"))
+        return text_to_parts(text, self.placeholder, self.video_placeholder)
+
+    def _video_part(self, part: dict[str, Any], at: str, problems: list[str]) -> Part | None:
+        """A video part; one that carries its video (``video``, ``path`` or ``url``, or ``video_url``) adds it to
+        the row's inline videos, in order."""
+        if part["type"] == "video_url":
+            url = part.get("video_url")
+            ref = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(ref, str):
+                problems.append(f'{at}.video_url: must be {{"url": str}} or a string, got {url!r}')
+                return None
+            self._inline_videos.append((f"{at}.video_url", ref))
+            return video_part()
+        keys = ("video", "path", "url")
+        given = [key for key in keys if part.get(key) is not None]
+        other = sorted(k for k in part if k not in ("type", *keys) and part[k] is not None)
+        if len(given) > 1 or other:
+            found = ", ".join(repr(k) for k in [*given, *other])
+            problems.append(
+                f'{at}: a video part is {{"type": "video"}} (its video in the row\'s "videos") or carries one '
+                f"video in 'video', 'path' or 'url'; found {found}"
+            )
+            return None
+        if given:
+            self._inline_videos.append((f"{at}.{given[0]}", part[given[0]]))
+        return video_part()
 
     def _image_part(self, part: dict[str, Any], at: str, problems: list[str]) -> Part | None:
         """An image part; one that carries its image (``image``, ``path`` or ``url``, or OpenAI's ``image_url``) adds
@@ -729,10 +848,11 @@ class _RowConverter:
 
     def _check_image_roles(self, name: str, messages: list[Message], problems: list[str]) -> None:
         for i, message in enumerate(messages):
-            if message["role"] != "user" and any(p["type"] == "image" for p in message["content"]):
-                where = f"{name}[{i}]: image ({self.placeholder!r} or an image part)"
-                role = _article(message["role"])
-                problems.append(f"{where} in {role} message; images may only appear in user messages")
+            for media, placeholder in (("image", self.placeholder), ("video", self.video_placeholder)):
+                if message["role"] != "user" and any(p["type"] == media for p in message["content"]):
+                    where = f"{name}[{i}]: {media} ({placeholder!r} or {_article(media)} part)"
+                    role = _article(message["role"])
+                    problems.append(f"{where} in {role} message; {media}s may only appear in user messages")
 
     def _place_images(self, columns: dict[str, list[Message]], n_images: int, problems: list[str]) -> None:
         """Check that image parts match the images one to one, or prepend them all to the first user turn."""
@@ -749,6 +869,26 @@ class _RowConverter:
                 f"{count} image placeholder(s) ({self.placeholder!r} or image parts) but {n_images} image(s)"
                 " in 'image' / 'images'; they must match one to one (or use no placeholder at all to put"
                 " every image at the start of the first user message)"
+            )
+
+    def _place_videos(self, columns: dict[str, list[Message]], n_videos: int, problems: list[str]) -> None:
+        """Check that video parts match the videos one to one, or put them all at the start of the first user turn,
+        after its leading image parts."""
+        count = sum(p["type"] == "video" for ms in columns.values() for m in ms for p in m["content"])
+        if count == 0 and n_videos:
+            first = next(iter(columns.values()))
+            user = next((m for m in first if m["role"] == "user"), None)
+            if user is None:
+                problems.append(f"the row has {n_videos} video(s) but no user message to put them in")
+                return
+            content = user["content"]
+            leading = next((i for i, p in enumerate(content) if p["type"] != "image"), len(content))
+            user["content"] = content[:leading] + [video_part() for _ in range(n_videos)] + content[leading:]
+        elif count != n_videos:
+            problems.append(
+                f"{count} video placeholder(s) ({self.video_placeholder!r} or video parts) but {n_videos} video(s)"
+                " in 'video' / 'videos'; they must match one to one (or use no placeholder at all to put"
+                " every video at the start of the first user message)"
             )
 
 

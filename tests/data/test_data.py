@@ -399,7 +399,7 @@ def row_error(data_dir: Path, kind: str, row: Any) -> list[str]:
                     {"role": "assistant", "content": "x"},
                 ]
             },
-            "messages[0].content[0]: a video; no model family here takes video yet",
+            "1 video placeholder(s) ('<video>' or video parts) but 0 video(s) in 'video' / 'videos'",
         ),
         (
             "sft",

@@ -1,5 +1,5 @@
 """Tests for read_rows beyond one format: datasets-backed sources end to end, images given inside messages or as
-data, per-turn supervision keys, video and audio refused by row, unused fields reported, one format per source."""
+data, per-turn supervision keys, audio refused by row, unused fields reported, one format per source."""
 
 from __future__ import annotations
 
@@ -188,15 +188,13 @@ def test_bad_per_turn_loss_keys(folder: Path, turn: dict[str, Any], problem: str
 # ------------------------------------------------------------------------------------ video and audio
 
 
-def test_video_and_audio_are_refused_by_row_and_counted_when_skipped(folder: Path) -> None:
-    """LLaMA-Factory's video rows used to train with the video dropped and <video> as text."""
+def test_audio_is_refused_by_row_and_counted_when_skipped(folder: Path) -> None:
+    """No family takes audio: a row holding one is refused, never trained with the audio dropped (videos:
+    tests/data/test_video_rows.py)."""
     rows = [
-        {
-            "messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "x"}],
-            "videos": ["v.mp4"],
-        },
         {"conversations": [{"from": "human", "value": "<audio>Who speaks?"}, {"from": "gpt", "value": "x"}]},
-        chat(("user", [{"type": "video", "video": "v.mp4"}]), ("assistant", "x")),
+        chat(("user", [{"type": "input_audio", "input_audio": "a.wav"}]), ("assistant", "x")),
+        {**chat(("user", "Who speaks?"), ("assistant", "x")), "audios": ["a.wav"]},
         chat(("user", "<image>Fine."), ("assistant", "Yes."), images=["a.png"]),
     ]
     path = write_jsonl(folder / "d.jsonl", rows)
@@ -204,12 +202,11 @@ def test_video_and_audio_are_refused_by_row_and_counted_when_skipped(folder: Pat
         read_rows(path, "sft")
     found = problems_of(excinfo)
     assert [p.split(": ")[1] for p in found] == [
-        "videos",
-        "messages[0].content ('<video>')",
         "conversations[0].value ('<audio>')",
         "messages[0].content[0]",
+        "audios",
     ]
-    assert all("no model family here takes" in p and "--skip_invalid_rows" in p for p in found)
+    assert all("no model family here takes audio" in p and "--skip_invalid_rows" in p for p in found)
     loaded = read_rows(path, "sft", skip_invalid=True)
     assert loaded.skipped == 3 and [row["source"] for row in loaded.rows] == [f"{path}:4"]
 

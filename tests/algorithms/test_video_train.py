@@ -1,0 +1,204 @@
+"""Videos in training: one SFT, DPO and RM step on each family whose spec has ``video:``, with video rows from a
+JSONL file (an mp4 and a list of frames, written here), reaching the model; frozen-tower video features encoded
+once (transformers' ``get_video_features``) give the same loss as the video through the forward; GRPO, PPO and
+``resonance generate`` refuse a video row by name (their generation takes no video yet)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import load_adapter, read_spec, train_argv, write_jsonl
+from helpers.rewards import REWARDS
+from helpers.video import VIDEO_FAMILIES, write_clip, write_frames
+
+from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.commands.train import build_trainer, parse
+from resonance.data.videos import video_ref
+from resonance.errors import DataError
+
+ANSWER = {"role": "assistant", "content": "A white square moves to the right."}
+
+
+def _data(folder: Path, algorithm: str) -> Path:
+    """Two rows: a video file, and a list of frames (LLaMA-Factory's two spellings of a video)."""
+    write_clip(folder, "clip.mp4", count=8, fps=4)
+    frames = [str(Path(p).relative_to(folder)) for p in write_frames(folder, "frames", 4)]
+    if algorithm == "sft":
+        rows = [
+            {"messages": [{"role": "user", "content": "<video>What happens?"}, ANSWER], "videos": ["clip.mp4"]},
+            {"messages": [{"role": "user", "content": "Describe the clip."}, ANSWER], "video": frames},
+        ]
+    else:
+        pair = {"chosen": ANSWER["content"], "rejected": "Nothing happens, the clip is black."}
+        rows = [
+            {"prompt": "<video>What happens?", **pair, "videos": ["clip.mp4"]},
+            {"prompt": "Describe the clip.", **pair, "video": frames},
+        ]
+    return write_jsonl(folder / f"{algorithm}.jsonl", rows)
+
+
+def _forward_inputs(model: torch.nn.Module, model_class: str) -> list[dict[str, Any]]:
+    """The keyword arguments of every call to the forward of the multimodal model (``.model`` of the transformers
+    model ``model_class``) inside ``model`` (LoRA-wrapped, or under the reward model's head), recorded."""
+    seen: list[dict[str, Any]] = []
+
+    def record(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append(dict(kwargs))
+
+    [outer] = [module for module in model.modules() if type(module).__name__ == model_class]
+    outer.model.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_one_step_with_video_rows(
+    family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The frozen tower (--freeze_vision_tower, LoRA on the language model): each batch's videos are encoded once
+    and reach the forward as ``mm_encoder_outputs["video"]``, with the grid; LoRA trains."""
+    argv = train_argv(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm), tmp_path / "out")
+    trainer, processor = build_trainer(algorithm, *parse(algorithm, argv))
+    seen = _forward_inputs(trainer.model, trainer.vl_model.hf_model_class)
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".lora_B.default." in n}
+    trainer.train()
+
+    with_video = [kwargs for kwargs in seen if "video" in (kwargs.get("mm_encoder_outputs") or {})]
+    assert with_video, [sorted(k for k, v in kwargs.items() if v is not None) for kwargs in seen]
+    for kwargs in with_video:
+        assert kwargs.get("pixel_values_videos") is None and kwargs["video_grid_thw"] is not None
+        features = kwargs["mm_encoder_outputs"]["video"].pooler_output
+        tokens = int((kwargs["input_ids"] == processor.video_token_id).sum())
+        # one feature per video token of the rows; DPO's shared-prompt rows hold each prompt's video once
+        assert tokens in (sum(f.shape[0] for f in features), 2 * sum(f.shape[0] for f in features))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[name], before) for name, before in lora_b.items())
+
+
+def test_a_trained_tower_gets_the_video_pixels(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """With the tower trained (full training), nothing is encoded ahead: the pixels go through the forward."""
+    family = VIDEO_FAMILIES[0]
+    overrides = {"lora_target_modules": "none", "freeze_vision_tower": False}
+    argv = train_argv("sft", tiny_checkpoint(family), _data(tmp_path, "sft"), tmp_path / "out", **overrides)
+    trainer, _ = build_trainer("sft", *parse("sft", argv))
+    seen = _forward_inputs(trainer.model, trainer.vl_model.hf_model_class)
+    trainer.train()
+    assert any(torch.is_tensor(kwargs.get("pixel_values_videos")) for kwargs in seen)
+    assert not any("video" in (kwargs.get("mm_encoder_outputs") or {}) for kwargs in seen)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_features_encoded_once_give_the_forward_s_loss(
+    family: str, copies: int, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """``_image_model_inputs`` (the trainers' encode-once step) on a batch with a video, and with an image too: the
+    same loss as the pixels through the model's forward, repeated ``copies`` times (DPO's chosen + rejected)."""
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    # float64 where the model allows it; mixture-of-experts layers run grouped matmuls of float32 at most
+    dtype = torch.float32 if read_spec(family).get("moe") else torch.float64
+    model = mapper.model.from_pretrained(ckpt, dtype=dtype).eval()
+    model.requires_grad_(False)
+    model.get_submodule(mapper.model.language_model_path).requires_grad_(True)
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
+    video = video_ref(write_clip(tmp_path, "clip.mp4", count=8, fps=4))
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "video", "text": None}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+    ]
+    rows = [{"messages": conversation, "images": [str(image)], "videos": [video], "source": "d:1"}] * copies
+    batch = dict(mapper.sft_collator(processor)(rows))
+    once = dict(mapper.sft_collator(processor)(rows[:1]))
+    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+        once[key] = batch[key]  # the rows' tokens, the visual inputs of one row (as DPO's collator holds them)
+
+    with torch.no_grad():
+        expected = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}).loss
+
+    encoder = ImageEncodingMixin()
+    encoder._bind_adapter(mapper.model, processor)
+    calls = []
+    original = model.model.get_video_features
+    model.model.get_video_features = lambda *a, **k: calls.append(1) or original(*a, **k)
+    encoded = encoder._image_model_inputs(model, once, copies=copies)
+    assert len(calls) == 1 and encoded["pixel_values_videos"] is None and encoded["pixel_values"] is None
+    assert set(encoded["mm_encoder_outputs"]) == {"image", "video"}
+    with torch.no_grad():
+        got = model(
+            **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in encoded.items()}
+        )
+    assert len(calls) == 1  # the forward encoded nothing again
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.loss, expected, rtol=tolerance, atol=tolerance)
+    assert expected.item() > 0
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_algorithms_refuse_a_video_row_by_name(
+    algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    data = _data(tmp_path, "dpo")
+    argv = train_argv(algorithm, tiny_checkpoint(VIDEO_FAMILIES[0]), data, tmp_path / "out")
+    argv += ["--reward_funcs", f"{REWARDS}:constant_reward"]
+    with pytest.raises(DataError) as excinfo:
+        build_trainer(algorithm, *parse(algorithm, argv))
+    refusal = (
+        f"1 video(s), but {algorithm.upper()} generates answers from prompts with images only: it takes no video "
+        "yet; remove the video, or pass --skip_invalid_rows to skip (and count) such rows"
+    )
+    assert excinfo.value.errors == [(f"{data}:1", refusal), (f"{data}:2", refusal)]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_dpo_pairs_with_videos_share_their_prompt(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """A pair whose prompt holds a video runs as one row over its prompt (the video's tokens and M-RoPE positions
+    once) with the loss of two rows, where the family shares prompts; the vision tower runs once per loss (the
+    videos encoded once)."""
+    argv = train_argv("dpo", tiny_checkpoint(family), _data(tmp_path, "dpo"), tmp_path / "out")
+    trainer, _ = build_trainer("dpo", *parse("dpo", argv))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    layout = trainer.pair_layout(trainer.model, batch)
+    if not trainer.vl_model.shares_prompt or trainer.aux_loss_enabled:  # (the router loss reads the rows' mask)
+        assert layout is None  # spec shared_prompt: false (Qwen3.5's state-carrying layers), or a router loss
+    else:
+        assert layout is not None and layout.tokens < int(batch["attention_mask"].sum())
+    runs = []
+    tower = trainer.vl_model.get_vision_tower(trainer.model)
+    tower.register_forward_hook(lambda *_: runs.append(1))
+    trainer.model.eval()
+    losses = []
+    for shared in (True, False):
+        trainer.args.shared_prompt = shared
+        runs.clear()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
+        assert len(runs) == 1  # policy pass; the reference log-probs are TRL's, computed apart
+    assert math.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_generate_refuses_a_video_row_by_name(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """``resonance generate`` reads its prompts before the model loads: a video row is an error naming it (exit 2)."""
+    from typer.testing import CliRunner
+
+    from resonance.cli import app
+
+    data = _data(tmp_path, "dpo")
+    args = ["generate", "--model_name_or_path", str(tiny_checkpoint(VIDEO_FAMILIES[0]))]
+    result = CliRunner().invoke(app, [*args, "--data_path", str(data), "--output", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2, result.output
+    refusal = "1 video(s), but `resonance generate` takes no video yet; remove the video, or pass --skip_invalid_rows"
+    assert f"{data}:1: {refusal}" in result.output and f"{data}:2: {refusal}" in result.output
+    assert not (tmp_path / "out.jsonl").exists()
