@@ -80,6 +80,7 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         backbone = self._reward_model(self.model).model
         self.router_aux_loss_coef = router_loss_coefficient(backbone, self.args.router_aux_loss_coef)
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0  # TRL's trainers' name
+        self.router_loss: torch.Tensor | None = None  # the last rewards() call's (see there)
 
     def _reward_model(self, model: nn.Module) -> VLRewardModel:
         model = self.accelerator.unwrap_model(model)
@@ -88,26 +89,21 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         return model
 
     def rewards(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen rewards, rejected rewards) of a reward batch."""
-        chosen, rejected, _ = self._rewards_and_router_loss(model, inputs)
-        return chosen, rejected
-
-    def _rewards_and_router_loss(
-        self, model: nn.Module, inputs: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`rewards`, and the routers' load-balancing loss where it is on (else None)."""
+        """(chosen rewards, rejected rewards) of a reward batch; where the router loss is on, its value for the batch
+        is kept for :meth:`compute_loss` (``router_loss``)."""
         inputs = {k: v for k, v in inputs.items() if k != "margin"}
         inputs = self._image_model_inputs(self._reward_model(model).model, inputs, copies=2)
         if self.aux_loss_enabled:
-            rewards, router_loss = model(**inputs, router_loss=True)
+            rewards, self.router_loss = model(**inputs, router_loss=True)
         else:
-            rewards, router_loss = model(**inputs), None
+            rewards, self.router_loss = model(**inputs), None
         half = rewards.shape[0] // 2
-        return rewards[:half], rewards[half:], router_loss
+        return rewards[:half], rewards[half:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         with self._idle_encoder(model, inputs, self._reward_model(model).model) as idle:
-            chosen, rejected, router_loss = self._rewards_and_router_loss(model, inputs)
+            chosen, rejected = self.rewards(model, inputs)
+        router_loss, self.router_loss = self.router_loss, None
         loss, metrics = bradley_terry(chosen, rejected, inputs.get("margin"))
         if router_loss is not None:
             loss = loss + self.router_aux_loss_coef * router_loss.to(loss.device)

@@ -110,11 +110,12 @@ class VLRewardModel(ScalarHeadModel):
         super().__init__(model, vl_model, score)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_loss: bool = False, **inputs: Any
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """One reward per row; with ``router_loss`` (a mixture-of-experts backbone), also the routers'
+        """One reward per row; with ``router_loss=True`` (a mixture-of-experts backbone), also the routers'
         load-balancing loss of the batch: ``(rewards, loss)``."""
         inputs.pop("labels", None)
+        router_loss = inputs.pop("router_loss", False)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
         if router_loss:
             inputs["output_router_logits"] = True

@@ -107,7 +107,8 @@ def test_reward_model_adds_the_router_loss(family: str, tmp_path: Path, tiny_che
     model = trainer.model
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
-        chosen, rejected, router_loss = trainer._rewards_and_router_loss(model, batch)
+        chosen, rejected = trainer.rewards(model, batch)
+        router_loss = trainer.router_loss
         inputs = {k: v for k, v in batch.items() if k != "margin"}  # the images once: given to both rows
         inputs = trainer._image_model_inputs(model.model, inputs, copies=2)
         reference = model.model(**inputs, output_router_logits=True, use_cache=False).aux_loss
