@@ -165,43 +165,34 @@ def token_problems(vl_processor: Any) -> list[FieldProblem]:
 
 def image_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
     """Image inputs the processor did not produce for a batch with images, and a missing image token."""
-    produced = sorted(batch.keys())
-    problems = [
-        FieldProblem(
-            f"image.inputs.{index}.name",
-            f"the processor produced no {item.name!r} for a batch with images; it produced {produced}",
-        )
-        for index, item in enumerate(vl_processor.image_inputs)
-        if item.name not in batch
-    ]
-    if "input_ids" in batch and not (batch["input_ids"] == vl_processor.image_token_id).any():
-        problems.append(
-            FieldProblem(
-                "image.token",
-                f"{vl_processor.image_token!r} does not occur in the processor's input_ids for a batch with images; "
-                "it must be the token the processor expands each image into",
-            )
-        )
-    return problems
+    items, token, token_id = vl_processor.image_inputs, vl_processor.image_token, vl_processor.image_token_id
+    return _output_problems("image", items, token, token_id, batch)
 
 
 def video_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
     """Video inputs the processor did not produce for a batch with videos, and a missing video token."""
+    items, token, token_id = vl_processor.video.inputs, vl_processor.video.token, vl_processor.video_token_id
+    return _output_problems("video", items, token, token_id, batch)
+
+
+def _output_problems(section: str, items: Any, token: str, token_id: int, batch: Any) -> list[FieldProblem]:
+    """The spec section's (``image`` or ``video``) inputs missing from a batch holding that media, and its token
+    missing from the batch's input_ids."""
     produced = sorted(batch.keys())
     problems = [
         FieldProblem(
-            f"video.inputs.{index}.name",
-            f"the processor produced no {item.name!r} for a batch with videos; it produced {produced}",
+            f"{section}.inputs.{index}.name",
+            f"the processor produced no {item.name!r} for a batch with {section}s; it produced {produced}",
         )
-        for index, item in enumerate(vl_processor.video.inputs)
+        for index, item in enumerate(items)
         if item.name not in batch
     ]
-    if "input_ids" in batch and not (batch["input_ids"] == vl_processor.video_token_id).any():
+    if "input_ids" in batch and not (batch["input_ids"] == token_id).any():
         problems.append(
             FieldProblem(
-                "video.token",
-                f"{vl_processor.video.token!r} does not occur in the processor's input_ids for a batch with videos; "
-                "it must be the token the processor expands each video into",
+                f"{section}.token",
+                f"{token!r} does not occur in the processor's input_ids for a batch with {section}s; it must be the "
+                f"token the processor expands each {section} into",
             )
         )
     return problems

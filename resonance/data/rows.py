@@ -54,6 +54,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,7 +89,6 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user":
 _CHAT_ROLES = ("system", "user", "assistant")
 _MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-_INLINE_IMAGE_KEYS = ("image", "path", "url")  # an image part's own image, as HF chat templates name it
 # A modality no family takes yet: refused by name wherever a row holds it.
 _MEDIA_FIELDS = ("audio", "audios")
 _MEDIA_PARTS = {"audio": "audio", "audio_url": "audio", "input_audio": "audio"}
@@ -556,19 +556,7 @@ class _RowConverter:
     def _resolve_videos(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[dict[str, Any]] | None:
         """Each reference as a canonical video (a readable file, or readable frames of one size), or ``None`` when
         ``problems`` grew."""
-        videos: list[dict[str, Any]] = []
-        before = len(problems)
-        for where, ref in refs:
-            try:
-                video = resolve_video(ref, self.sources, check_files=self.check_images)
-            except ImageRefError as exc:
-                problems.append(f"{where}: {exc}")
-                continue
-            videos.append(video)
-            problem = video_problem(video, self.max_image_pixels) if self.check_images else None
-            if problem:
-                problems.append(f"{where}: {problem}")
-        return None if len(problems) > before else videos
+        return self._resolve_media(refs, problems, resolve_video, lambda v: video_problem(v, self.max_image_pixels))
 
     def _image_refs(self, obj: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]] | None:
         """The row's ``image`` / ``images`` entries as ``(field, reference)`` pairs, not yet resolved."""
@@ -590,19 +578,30 @@ class _RowConverter:
     def _resolve_images(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[str] | None:
         """Each reference as the path of a readable image file within the pixel budget, or ``None`` when
         ``problems`` grew."""
-        paths: list[str] = []
+        return self._resolve_media(refs, problems, resolve_image, self._image_problem)
+
+    def _resolve_media(
+        self,
+        refs: list[tuple[str, Any]],
+        problems: list[str],
+        resolve: Callable[..., Any],
+        problem_of: Callable[[Any], str | None],
+    ) -> list[Any] | None:
+        """Each reference resolved (``resolve``: an image's path, a canonical video) and, where files are checked,
+        checked (``problem_of``); ``None`` when ``problems`` grew (each problem names its field)."""
+        resolved: list[Any] = []
         before = len(problems)
         for where, ref in refs:
             try:
-                path = resolve_image(ref, self.sources, check_files=self.check_images)
+                media = resolve(ref, self.sources, check_files=self.check_images)
             except ImageRefError as exc:
                 problems.append(f"{where}: {exc}")
                 continue
-            paths.append(path)
-            problem = self._image_problem(path) if self.check_images else None
+            resolved.append(media)
+            problem = problem_of(media) if self.check_images else None
             if problem:
                 problems.append(f"{where}: {problem}")
-        return None if len(problems) > before else paths
+        return None if len(problems) > before else resolved
 
     def _image_problem(self, path: str) -> str | None:
         if path not in self._image_problems:
@@ -786,51 +785,41 @@ class _RowConverter:
     def _video_part(self, part: dict[str, Any], at: str, problems: list[str]) -> Part | None:
         """A video part; one that carries its video (``video``, ``path`` or ``url``, or ``video_url``) adds it to
         the row's inline videos, in order."""
-        if part["type"] == "video_url":
-            url = part.get("video_url")
-            ref = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(ref, str):
-                problems.append(f'{at}.video_url: must be {{"url": str}} or a string, got {url!r}')
-                return None
-            self._inline_videos.append((f"{at}.video_url", ref))
-            return video_part()
-        keys = ("video", "path", "url")
-        given = [key for key in keys if part.get(key) is not None]
-        other = sorted(k for k in part if k not in ("type", *keys) and part[k] is not None)
-        if len(given) > 1 or other:
-            found = ", ".join(repr(k) for k in [*given, *other])
-            problems.append(
-                f'{at}: a video part is {{"type": "video"}} (its video in the row\'s "videos") or carries one '
-                f"video in 'video', 'path' or 'url'; found {found}"
-            )
-            return None
-        if given:
-            self._inline_videos.append((f"{at}.{given[0]}", part[given[0]]))
-        return video_part()
+        return self._media_part("video", part, at, problems, self._inline_videos, video_part)
 
     def _image_part(self, part: dict[str, Any], at: str, problems: list[str]) -> Part | None:
         """An image part; one that carries its image (``image``, ``path`` or ``url``, or OpenAI's ``image_url``) adds
         it to the row's inline images, in order."""
-        if part["type"] == "image_url":
-            url = part.get("image_url")
+        return self._media_part("image", part, at, problems, self._inline, image_part)
+
+    @staticmethod
+    def _media_part(
+        kind: str, part: dict[str, Any], at: str, problems: list[str], inline: list, make: Callable[[], Part]
+    ) -> Part | None:
+        """An image or video part (``kind``); the media it carries (under ``kind``, ``path`` or ``url``, or OpenAI's
+        ``KIND_url``) is appended to ``inline`` with where it was found."""
+        if part["type"] == f"{kind}_url":
+            url = part.get(f"{kind}_url")
             ref = url.get("url") if isinstance(url, dict) else url
             if not isinstance(ref, str):
-                problems.append(f'{at}.image_url: must be {{"url": str}} or a string, got {url!r}')
+                problems.append(f'{at}.{kind}_url: must be {{"url": str}} or a string, got {url!r}')
                 return None
-            self._inline.append((f"{at}.image_url", ref))
-            return image_part()
-        given = [key for key in _INLINE_IMAGE_KEYS if part.get(key) is not None]
-        other = sorted(k for k in part if k not in ("type", *_INLINE_IMAGE_KEYS) and part[k] is not None)
+            inline.append((f"{at}.{kind}_url", ref))
+            return make()
+        keys = (kind, "path", "url")
+        given = [key for key in keys if part.get(key) is not None]
+        other = sorted(k for k in part if k not in ("type", *keys) and part[k] is not None)
         if len(given) > 1 or other:
             found = ", ".join(repr(k) for k in [*given, *other])
+            what = {"image": 'its file in the row\'s "images"', "video": 'its video in the row\'s "videos"'}[kind]
             problems.append(
-                f'{at}: an image part is {{"type": "image"}} (its file in the row\'s "images") or carries one '
-                f"image in 'image', 'path' or 'url'; found {found}"
+                f'{at}: {"an" if kind == "image" else "a"} {kind} part is {{"type": "{kind}"}} ({what}) or carries one '
+                f"{kind} in '{kind}', 'path' or 'url'; found {found}"
             )
             return None
         if given:
-            self._inline.append((f"{at}.{given[0]}", part[given[0]]))
-        return image_part()
+            inline.append((f"{at}.{given[0]}", part[given[0]]))
+        return make()
 
     @staticmethod
     def _check_turn_order(name: str, messages: list[Message], problems: list[str]) -> None:

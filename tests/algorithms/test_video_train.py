@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import load_adapter, read_spec, train_argv, write_jsonl
+from helpers import load_adapter, one_bf16_step, read_spec, train_argv, write_jsonl
 from helpers.rewards import REWARDS
 from helpers.video import VIDEO_FAMILIES, write_clip, write_frames
 
@@ -80,6 +80,17 @@ def test_one_step_with_video_rows(
     assert len(losses) == 1 and math.isfinite(losses[0])
     params = dict(trainer.model.named_parameters())
     assert any(not torch.equal(params[name], before) for name, before in lora_b.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_one_bf16_step_with_video_rows_on_cuda(
+    family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The GPU twin of test_one_step_with_video_rows: bf16 with gradient checkpointing, the frozen tower run once
+    for the step's videos."""
+    one_bf16_step(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm), tmp_path / "out")
 
 
 def test_a_trained_tower_gets_the_video_pixels(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
