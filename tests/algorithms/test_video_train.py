@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import load_adapter, one_bf16_step, read_spec, train_argv, write_jsonl
 from helpers.rewards import REWARDS
-from helpers.video import VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
 
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.commands.train import build_trainer, parse
@@ -106,10 +106,6 @@ def test_a_trained_tower_gets_the_video_pixels(tmp_path: Path, tiny_checkpoint: 
     trainer.train()
     assert any(torch.is_tensor(kwargs.get("pixel_values_videos")) for kwargs in seen)
     assert not any("video" in (kwargs.get("mm_encoder_outputs") or {}) for kwargs in seen)
-
-
-# The families whose videos expand into their image token (spec video.token: image.token).
-SHARED_TOKEN_FAMILIES = [f for f in VIDEO_FAMILIES if read_spec(f)["video"]["token"] == read_spec(f)["image"]["token"]]
 
 
 @pytest.mark.parametrize("family", SHARED_TOKEN_FAMILIES)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import IGNORE_INDEX, is_blank_token, load_adapter, load_hf_processor, read_spec
-from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import NO_VIDEO_FAMILY, SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
 from PIL import Image
 from transformers.video_utils import VideoMetadata, load_video
 
@@ -267,3 +267,29 @@ def test_the_first_half_s_video_inputs_of_videos_of_several_lengths(
     assert set(half) == set(processor.video_input_names())
     for name in processor.video_input_names():
         torch.testing.assert_close(torch.as_tensor(half[name]), torch.as_tensor(once[name]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", SHARED_TOKEN_FAMILIES)
+def test_a_video_token_shared_with_images_needs_its_token_types(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Where videos expand into the image token, only mm_token_type_ids tell a video's tokens from an image's: the
+    processor-output check names video.token when they are missing or mark no token as a video's."""
+    from resonance.base.checks import video_output_problems
+
+    mapper, processor = load_adapter(tiny_checkpoint(family))
+    conversation = [{"role": "user", "content": [IMAGE, VIDEO, txt("?")]}, {"role": "assistant", "content": [txt("x")]}]
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(image)
+    videos = [video_ref(frames=write_frames(tmp_path, "a", 4))]
+    row = {"messages": conversation, "images": [str(image)], "videos": videos, "source": "d:1"}
+    batch = dict(mapper.sft_collator(processor)([row]))
+    assert video_output_problems(processor, batch) == []
+    images_only = {
+        **batch,
+        "mm_token_type_ids": torch.where(processor.video_token_mask(batch), 1, batch["mm_token_type_ids"]),
+    }
+    without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    for broken, why in [(without, "returns no mm_token_type_ids"), (images_only, "has the video mm_token_type_ids")]:
+        [problem] = video_output_problems(processor, broken)
+        assert problem.field == "video.token" and why in problem.message
