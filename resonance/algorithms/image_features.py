@@ -108,8 +108,32 @@ def _placeholder_conversation() -> list[dict[str, Any]]:
     ]
 
 
-# The videos' pixels as transformers' video forwards name them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+# The videos' pixels as transformers' video forwards name them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Gemma 4).
 _VIDEO_PIXELS = "pixel_values_videos"
+
+
+def _encode_videos(base: torch.nn.Module, inputs: dict[str, Any], names: list[str]) -> Any:
+    """transformers' ``get_video_features`` on the batch's video inputs (``names``), as the forward calls it: the
+    model's own, or its multimodal model's (Gemma 4 defines it on ``model.model`` only)."""
+    owner = base if hasattr(type(base), "get_video_features") else base.model
+    taken = inspect.signature(type(owner).get_video_features).parameters
+    return owner.get_video_features(**{k: inputs[k] for k in names if k in inputs and k in taken}, return_dict=True)
+
+
+def _in_token_order(image: ModelOutput, video: ModelOutput, is_video: torch.Tensor) -> ModelOutput:
+    """One image-encoder output holding the images' and the videos' features in the order of their tokens, for a
+    family whose videos expand into its image token (GLM-4.1V): its forward fills every image token from the image
+    features, and refuses a batch holding both otherwise. ``is_video``: for each image token of the batch, in order,
+    whether it is a video's; those of the rows the features belong to come first."""
+    extra = sorted(set(image) - {"pooler_output"})
+    if extra:
+        raise ValueError(f"cannot merge image and video features in token order: the encoder also returns {extra}")
+    image_features, video_features = torch.cat(image.pooler_output), torch.cat(video.pooler_output)
+    is_video = is_video[: len(image_features) + len(video_features)]
+    merged = image_features.new_empty(len(is_video), image_features.shape[-1])
+    merged[~is_video] = image_features
+    merged[is_video] = video_features.to(merged.dtype)
+    return type(image)(pooler_output=(merged,))
 
 
 class ImageEncodingMixin:
@@ -130,7 +154,18 @@ class ImageEncodingMixin:
             return inputs
         base = unwrap(model)
         encoded_once = self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
-        if not encoded_once or weights_sharded(getattr(self, "accelerator", None)):
+        # Videos that expand into the image token, next to images: the forward would read every image token as an
+        # image's, so the features go to it merged in token order, computed here (with gradients where they train).
+        both = "pixel_values" in inputs and _VIDEO_PIXELS in inputs
+        merged = both and self.vl_processor.video_token_is_image_token() and self.vl_model.reuses_image_features(base)
+        sharded = weights_sharded(getattr(self, "accelerator", None))
+        if merged and sharded:
+            raise ValueError(
+                f"{type(self.vl_processor).__name__}: a batch holding images and videos, whose videos expand into the "
+                "image token, needs their features computed outside the forward, which sharded weights (FSDP, ZeRO-3) "
+                "do not allow; batch images and videos apart, or train without sharding"
+            )
+        if not merged and (not encoded_once or sharded):
             return {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items()}
         features_input = self.vl_model.image_features_input
         if features_input is not None:  # spec image.features_input: forward takes the features, not the images
@@ -144,19 +179,24 @@ class ImageEncodingMixin:
         pixels = ("pixel_values", _VIDEO_PIXELS)
         model_inputs = {k: (_repeat(v, copies) if k in names else v) for k, v in inputs.items() if k not in pixels}
         encoder_outputs = {}
+        no_grad = torch.no_grad() if encoded_once else contextlib.nullcontext()  # merged, a trained tower has grads
         if "pixel_values" in inputs:
             image_kwargs = {k: inputs[k] for k in self.vl_processor.image_input_names() if k in inputs}
-            with torch.no_grad():
+            with no_grad:
                 encoded = _encode(self.vl_model, base, image_kwargs)
             model_inputs["pixel_values"] = None  # explicitly: some forwards take it without a default (InstructBLIP)
             encoder_outputs["image"] = _reusable_features(encoded, copies)
         if _VIDEO_PIXELS in inputs:  # transformers' get_video_features, as the forward would call it
-            taken = inspect.signature(base.get_video_features).parameters
-            video_kwargs = {k: inputs[k] for k in self.vl_processor.video_input_names() if k in inputs and k in taken}
-            with torch.no_grad():
-                encoded = base.get_video_features(**video_kwargs, return_dict=True)
+            with no_grad:
+                encoded = _encode_videos(base, inputs, self.vl_processor.video_input_names())
             model_inputs[_VIDEO_PIXELS] = None
             encoder_outputs["video"] = _reusable_features(encoded, copies)
+        if merged:
+            is_video = self.vl_processor.video_token_mask(inputs)[
+                inputs["input_ids"] == self.vl_processor.image_token_id
+            ]
+            encoder_outputs["image"] = _in_token_order(encoder_outputs["image"], encoder_outputs["video"], is_video)
+            del encoder_outputs["video"]
         model_inputs["mm_encoder_outputs"] = encoder_outputs
         return model_inputs
 

@@ -172,7 +172,17 @@ def image_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
 def video_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
     """Video inputs the processor did not produce for a batch with videos, and a missing video token."""
     items, token, token_id = vl_processor.video.inputs, vl_processor.video.token, vl_processor.video_token_id
-    return _output_problems("video", items, token, token_id, batch)
+    problems = _output_problems("video", items, token, token_id, batch)
+    if vl_processor.video_token_is_image_token() and "input_ids" in batch:
+        # Videos expand into the image token: only mm_token_type_ids tell a video's tokens from an image's.
+        if "mm_token_type_ids" not in batch:
+            why = "the processor returns no mm_token_type_ids to tell a video's tokens from an image's"
+        elif not vl_processor.video_token_mask(batch).any():
+            why = "no token of a batch with videos has the video mm_token_type_ids (2)"
+        else:
+            return problems
+        problems.append(FieldProblem("video.token", f"{token!r} is image.token too, but {why}"))
+    return problems
 
 
 def _output_problems(section: str, items: Any, token: str, token_id: int, batch: Any) -> list[FieldProblem]:

@@ -40,8 +40,11 @@ class ImageInput:
     """A processor output that goes to ``forward``, and how its first axis is laid out."""
 
     name: str
-    layout: str  # per_image | per_row | per_patch | per_tile
+    layout: str  # per_image | per_row | per_patch | per_tile; videos: per_video | per_row | per_patch | per_frame
     from_prompt: bool = False  # spec source: prompt (computed from each row's prompt, see process_batch_conv)
+
+
+VIDEO_TOKEN_TYPE = 2  # a video token's mm_token_type_ids value (transformers' create_mm_token_type_ids)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class VideoSupport:
     token: str
     inputs: list[ImageInput]
     grid_input: str | None = None
+    frames_input: str | None = None  # the per_video frame counts that size per_frame inputs
     placeholder: str = "<video>"
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     fps: float | None = None
@@ -631,6 +635,18 @@ class VLProcessor:
     def video_input_names(self) -> list[str]:
         return [] if self.video is None else [item.name for item in self.video.inputs]
 
+    def video_token_is_image_token(self) -> bool:
+        """Whether videos expand into the image token (spec video.token: image.token; GLM-4.1V)."""
+        return self.video is not None and self.video_token_id == self.image_token_id
+
+    def video_token_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Where a batch's tokens stand for video features: its video tokens; where they are image tokens too, those
+        its mm_token_type_ids mark as a video's (2, transformers' value for video tokens)."""
+        mask = batch["input_ids"] == self.video_token_id
+        if self.video_token_is_image_token():
+            mask &= torch.as_tensor(batch["mm_token_type_ids"]) == VIDEO_TOKEN_TYPE
+        return mask
+
     def visual_input_names(self) -> list[str]:
         """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' (spec video.inputs)."""
         return self.image_input_names() + self.video_input_names()
@@ -638,15 +654,17 @@ class VLProcessor:
     def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image inputs of the first half of the rows (a DPO batch repeats them for rejected).
 
-        per_patch inputs are cut where the grid says the first half's images end; every other layout
-        is halved, which is exact because the second half holds the same images (or tiles) again.
+        per_patch inputs are cut where the grid says the first half's images end, per_frame ones where the frame
+        counts say the first half's videos end; every other layout is halved, which is exact because the second half
+        holds the same images (or tiles) again.
         """
         half: dict[str, torch.Tensor] = {}
-        groups = [(self.image_inputs, self.image_grid_input)]
+        groups = [(self.image_inputs, self.image_grid_input, None)]
         if self.video is not None:
-            groups.append((self.video.inputs, self.video.grid_input))
-        for items, grid_name in groups:
+            groups.append((self.video.inputs, self.video.grid_input, self.video.frames_input))
+        for items, grid_name, frames_name in groups:
             grid = inputs.get(grid_name) if grid_name else None
+            frames = inputs.get(frames_name) if frames_name else None
             for item in items:
                 if item.name not in inputs:
                     continue
@@ -654,6 +672,8 @@ class VLProcessor:
                 if item.layout == "per_patch":
                     count = grid.shape[0] // 2
                     half[item.name] = value[: int(grid[:count].prod(dim=-1).sum())]
+                elif item.layout == "per_frame":
+                    half[item.name] = value[: int(frames[: len(frames) // 2].sum())]
                 else:
                     half[item.name] = value[: len(value) // 2]
         return half

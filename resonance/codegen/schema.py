@@ -207,7 +207,7 @@ class Image(_Strict):
         return self
 
 
-VideoLayout = Literal["per_video", "per_row", "per_patch"]
+VideoLayout = Literal["per_video", "per_row", "per_patch", "per_frame"]
 
 
 class VideoInput(_Strict):
@@ -218,7 +218,8 @@ class VideoInput(_Strict):
         description=(
             "How the tensor's first axis is laid out, as for image.inputs: per_video (one entry per video, like "
             "per_image), per_row (one entry per batch row), per_patch (patches of all videos' frames concatenated, "
-            "sized by the grid input)."
+            "sized by the grid input), per_frame (frames of all videos concatenated, sized by the frames input: "
+            "Gemma 4's pixel_values_videos)."
         )
     )
 
@@ -254,10 +255,22 @@ class Video(_Strict):
     section takes no video: a row holding one is refused by name."""
 
     placeholder: NonEmpty = Field("<video>", description="The video marker in dataset prompts.")
-    token: NonEmpty = Field(description="The model's video token after the processor expands placeholders.")
+    token: NonEmpty = Field(
+        description=(
+            "The model's video token after the processor expands placeholders; image.token too where the processor "
+            "expands a video into image tokens (GLM-4.1V), its mm_token_type_ids then telling the two apart."
+        )
+    )
     inputs: list[VideoInput] = Field(min_length=1, description="Video processor outputs passed to forward().")
     grid_input: Identifier | None = Field(
         None, description="For per_patch layouts: the per-video grid input (t, h, w) that sizes each video."
+    )
+    frames_input: Identifier | None = Field(
+        None,
+        description=(
+            "For per_frame layouts: the per_video input holding each video's frame count (e.g. "
+            "num_frames_per_video), which sizes each video."
+        ),
     )
     sampling: VideoSampling = Field(
         VideoSampling(), description="Which frames of a video file the processor gets (fps or num_frames)."
@@ -275,6 +288,14 @@ class Video(_Strict):
                 raise ValueError("grid_input: required when an input has layout per_patch (e.g. video_grid_thw)")
             if self.grid_input not in names:
                 raise ValueError(f"grid_input: {self.grid_input!r} must be one of inputs {names}")
+        if any(i.layout == "per_frame" for i in self.inputs):
+            if self.frames_input is None:
+                raise ValueError(
+                    "frames_input: required when an input has layout per_frame (e.g. num_frames_per_video)"
+                )
+            per_video = [i.name for i in self.inputs if i.layout == "per_video"]
+            if self.frames_input not in per_video:
+                raise ValueError(f"frames_input: {self.frames_input!r} must be one of the per_video inputs {per_video}")
         if len(set(names)) != len(names):
             raise ValueError(f"inputs: duplicate names in {names}")
         return self
@@ -637,8 +658,6 @@ class ModelSpec(_Strict):
             shared = sorted({i.name for i in self.image.inputs} & {i.name for i in self.video.inputs})
             if shared:
                 raise ValueError(f"video.inputs: {shared} are image inputs too; each processor output is one's")
-            if self.video.token == self.image.token:
-                raise ValueError(f"video.token: {self.video.token!r} is image.token too; videos need their own")
         return self
 
     @model_validator(mode="after")

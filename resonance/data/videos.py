@@ -119,6 +119,19 @@ def _too_short(frames: int, what: str) -> str | None:
     )
 
 
+def _repeated_as_sampled(frames: Any, indices: Any) -> Any:
+    """The decoded ``frames`` in the order and number of the sampled ``indices``: transformers' PyAV reader decodes
+    each frame once, in file order, where a sampler may name one twice (GLM-4.1V's repeats the last frame to make
+    an odd count even), as a sampler applied to the whole decoded video gives it."""
+    import numpy as np
+
+    indices = np.asarray(indices)
+    unique = np.unique(indices)
+    if len(unique) == len(indices) or len(frames) != len(unique):
+        return frames
+    return frames[np.searchsorted(unique, indices)]
+
+
 @dataclass(frozen=True)
 class LoadedVideo:
     """A decoded video: its frames as an array (frames, height, width, 3) of RGB bytes, transformers'
@@ -156,6 +169,7 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
                 raise
             except Exception as exc:  # PyAV, numpy and the sampler raise many types
                 raise RowError(f"{source}: cannot read video {path}: {type(exc).__name__}: {exc}") from exc
+            frames = _repeated_as_sampled(frames, metadata.frames_indices)
             if (problem := _too_short(len(frames), f"video {path}: the frames sampled are")) is not None:
                 raise RowError(f"{source}: {problem}")
             loaded.append(LoadedVideo(frames, metadata))

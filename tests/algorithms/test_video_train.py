@@ -5,8 +5,9 @@ once (transformers' ``get_video_features``) give the same loss as the video thro
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from helpers import load_adapter, one_bf16_step, read_spec, train_argv, write_jsonl
 from helpers.rewards import REWARDS
-from helpers.video import VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
 
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.commands.train import build_trainer, parse
@@ -71,9 +72,11 @@ def test_one_step_with_video_rows(
     with_video = [kwargs for kwargs in seen if "video" in (kwargs.get("mm_encoder_outputs") or {})]
     assert with_video, [sorted(k for k, v in kwargs.items() if v is not None) for kwargs in seen]
     for kwargs in with_video:
-        assert kwargs.get("pixel_values_videos") is None and kwargs["video_grid_thw"] is not None
+        # the pixels encoded ahead; the other video inputs (grids, frame counts) still reach the forward
+        for name in processor.video_input_names():
+            assert (kwargs.get(name) is None) == (name == "pixel_values_videos"), name
         features = kwargs["mm_encoder_outputs"]["video"].pooler_output
-        tokens = int((kwargs["input_ids"] == processor.video_token_id).sum())
+        tokens = int(processor.video_token_mask(kwargs).sum())
         # one feature per video token of the rows; DPO's shared-prompt rows hold each prompt's video once
         assert tokens in (sum(f.shape[0] for f in features), 2 * sum(f.shape[0] for f in features))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -105,6 +108,61 @@ def test_a_trained_tower_gets_the_video_pixels(tmp_path: Path, tiny_checkpoint: 
     assert not any("video" in (kwargs.get("mm_encoder_outputs") or {}) for kwargs in seen)
 
 
+@pytest.mark.parametrize("family", SHARED_TOKEN_FAMILIES)
+def test_a_trained_tower_gets_images_and_videos_of_one_token_apart(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """Images and videos in one batch where videos expand into the image token, the tower trained: the forward gets
+    their features merged in token order (its own would read every image token as an image's and refuse the batch),
+    computed with gradients, and the tower trains."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "cat.png")
+    write_clip(tmp_path, "clip.mp4", count=8, fps=4)
+    row = {"messages": [{"role": "user", "content": "<image><video>Same?"}, ANSWER], "images": ["cat.png"]}
+    data = write_jsonl(tmp_path / "sft.jsonl", [{**row, "videos": ["clip.mp4"]}])
+    overrides = {"lora_target_modules": "none", "freeze_vision_tower": False}
+    trainer, _ = build_trainer(
+        "sft", *parse("sft", train_argv("sft", tiny_checkpoint(family), data, tmp_path / "o", **overrides))
+    )
+    seen = _forward_inputs(trainer.model, trainer.vl_model.hf_model_class)
+    tower = trainer.vl_model.get_vision_tower(trainer.model)
+    before = {name: p.detach().clone() for name, p in tower.named_parameters()}
+    trainer.train()
+
+    [kwargs] = [kwargs for kwargs in seen if kwargs.get("mm_encoder_outputs")]
+    assert set(kwargs["mm_encoder_outputs"]) == {"image"} and kwargs["pixel_values_videos"] is None
+    [features] = kwargs["mm_encoder_outputs"]["image"].pooler_output
+    assert features.requires_grad and len(features) == int(
+        (kwargs["input_ids"] == trainer.vl_processor.image_token_id).sum()
+    )
+    assert any(not torch.equal(p, before[name]) for name, p in tower.named_parameters())
+
+
+@contextlib.contextmanager
+def _video_tokens_apart(model: torch.nn.Module, processor: Any, batch: dict[str, Any]) -> Iterator[None]:
+    """The model's forward as the reference for a batch holding images and videos. Where videos expand into the image
+    token (spec video.token: image.token, GLM-4.1V), transformers' forward reads every image token as an image's and
+    refuses such a batch: its placeholder masks are then told apart by the batch's mm_token_type_ids (transformers'
+    processor marks an image's tokens 1, a video's 2)."""
+    if not processor.video_token_is_image_token():
+        yield
+        return
+    inner = model.model
+    original = inner.get_placeholder_mask
+    types = batch["mm_token_type_ids"].unsqueeze(-1)
+
+    def masks(input_ids: Any, inputs_embeds: Any, **features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        image, video = original(input_ids, inputs_embeds)
+        return image & (types == 1), video & (types == 2)
+
+    inner.get_placeholder_mask = masks
+    try:
+        yield
+    finally:
+        del inner.get_placeholder_mask
+
+
 @pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_features_encoded_once_give_the_forward_s_loss(
@@ -134,7 +192,7 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
         once[key] = batch[key]  # the rows' tokens, the visual inputs of one row (as DPO's collator holds them)
 
-    with torch.no_grad():
+    with torch.no_grad(), _video_tokens_apart(model, processor, batch):
         expected = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}).loss
 
     encoder = ImageEncodingMixin()
@@ -144,7 +202,9 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     model.model.get_video_features = lambda *a, **k: calls.append(1) or original(*a, **k)
     encoded = encoder._image_model_inputs(model, once, copies=copies)
     assert len(calls) == 1 and encoded["pixel_values_videos"] is None and encoded["pixel_values"] is None
-    assert set(encoded["mm_encoder_outputs"]) == {"image", "video"}
+    # videos expanded into the image token reach the forward with the images' features, in token order
+    expected_keys = {"image"} if processor.video_token_is_image_token() else {"image", "video"}
+    assert set(encoded["mm_encoder_outputs"]) == expected_keys
     with torch.no_grad():
         got = model(
             **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in encoded.items()}

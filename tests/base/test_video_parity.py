@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import IGNORE_INDEX, is_blank_token, load_adapter, load_hf_processor, read_spec
-from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import NO_VIDEO_FAMILY, SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
 from PIL import Image
 from transformers.video_utils import VideoMetadata, load_video
 
@@ -68,7 +68,7 @@ def _reference_inputs(video: dict[str, Any], family: str) -> tuple[Any, VideoMet
     if video["path"] is not None:
         return load_video(video["path"], backend="pyav")
     frames = [Image.open(path).convert("RGB") for path in video["frames"]]
-    fps = read_spec(family)["video"]["sampling"].get("frames_fps", 2.0)
+    fps = read_spec(family)["video"].get("sampling", {}).get("frames_fps", 2.0)
     count = len(frames)
     width, height = frames[0].size
     return frames, VideoMetadata(count, fps, width, height, count / fps, None, list(range(count)))
@@ -79,15 +79,13 @@ def _hf_batch(
 ) -> Any:
     """The HF processor's batch for HF-format conversations (decoded videos and PIL images inside their parts),
     rendered as training renders them (TRL's training template where the spec says so)."""
-    metadata = [
-        part["metadata"] for conv in conversations for m in conv for part in m["content"] if part["type"] == "video"
-    ]
+    parts = [m["content"] for conv in conversations for m in conv if not isinstance(m["content"], str)]
+    metadata = [part["metadata"] for content in parts for part in content if part["type"] == "video"]
     conversations = [
         [
-            {
-                **m,
-                "content": [{k: v for k, v in p.items() if k != "metadata"} for p in m["content"]],
-            }
+            m
+            if isinstance(m["content"], str)
+            else {**m, "content": [{k: v for k, v in p.items() if k != "metadata"} for p in m["content"]]}
             for m in conv
         ]
         for conv in conversations
@@ -110,8 +108,13 @@ def _hf_batch(
 
 
 def _to_hf(
-    conversation: list[dict[str, Any]], videos: list[tuple[Any, VideoMetadata]], images: list[Image.Image]
+    conversation: list[dict[str, Any]],
+    videos: list[tuple[Any, VideoMetadata]],
+    images: list[Image.Image],
+    text_as_string: bool = False,
 ) -> list[dict[str, Any]]:
+    """HF-format messages; ``text_as_string``: a message of text only as one string (spec
+    chat_template.text_messages: string, for templates that print a message's content as it is)."""
     videos, images = list(videos), list(images)
     out = []
     for message in conversation:
@@ -124,6 +127,8 @@ def _to_hf(
                 parts.append({"type": "image", "image": images.pop(0)})
             else:
                 parts.append({"type": "text", "text": part["text"]})
+        if text_as_string and all(part["type"] == "text" for part in parts):
+            parts = "".join(part["text"] for part in parts)
         out.append({"role": message["role"], "content": parts})
     return out
 
@@ -162,15 +167,15 @@ def test_video_batch_matches_the_hf_processor(
 
     opened = [Image.open(images[0]).convert("RGB")]
     hf_conversations = [
-        _to_hf(conversations[0], [_reference_inputs(videos[0], family)], []),
-        _to_hf(conversations[1], [_reference_inputs(videos[1], family)], opened),
+        _to_hf(conversations[0], [_reference_inputs(videos[0], family)], [], processor.text_messages_as_string),
+        _to_hf(conversations[1], [_reference_inputs(videos[1], family)], opened, processor.text_messages_as_string),
     ]
     reference = _hf_batch(hf, hf_conversations, family, given)
     video_names = processor.video_input_names()
     assert set(video_names) <= set(reference) and set(video_names) <= set(batch)
     for key in reference:
         torch.testing.assert_close(torch.as_tensor(batch[key]), torch.as_tensor(reference[key]), rtol=0, atol=0)
-    assert (batch["input_ids"] == processor.video_token_id).sum() > 8  # each video expanded into its tokens
+    assert processor.video_token_mask(batch).sum() > 8  # each video expanded into its tokens
 
     for row, conversation in enumerate(hf_conversations):
         expected = _expected_labels(hf, conversation, family, given)
@@ -206,7 +211,8 @@ def test_dpo_batch_holds_the_prompt_videos_once(
     for name in processor.video_input_names():
         torch.testing.assert_close(torch.as_tensor(batch[name]), torch.as_tensor(sft[name]), rtol=0, atol=0)
     assert batch["input_ids"].shape[0] == 4 and batch["completion_mask"].sum() > 0
-    assert not batch["completion_mask"][batch["input_ids"] == processor.video_token_id].any()
+    videos = processor.video_token_mask(batch)
+    assert videos.any() and not batch["completion_mask"][videos].any()
 
 
 def test_a_family_without_video_refuses_a_video_row_by_name(tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -244,3 +250,46 @@ def test_a_one_frame_video_names_the_row(family: str, tiny_checkpoint: Callable[
         row = {"messages": conversation, "images": [], "videos": [video], "source": "d.jsonl:5"}
         with pytest.raises(RowError, match=r"^d\.jsonl:5: .*1 frame\(s\); a video needs at least 2"):
             VLSFTDataCollatorWithPadding.__call__(mapper.sft_collator(processor), [row])
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_the_first_half_s_video_inputs_of_videos_of_several_lengths(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """``first_half_images`` (a DPO batch's prompt videos, once) on rows [a, b, a, b] whose videos have 4 and 2 frames:
+    the video inputs of rows [a, b], each layout cut where its own sizes say (grids, frame counts)."""
+    mapper, processor = load_adapter(tiny_checkpoint(family))
+    conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
+    videos = [video_ref(frames=write_frames(tmp_path, "a", 4)), video_ref(frames=write_frames(tmp_path, "b", 2))]
+    rows = [{"messages": conversation, "images": [], "videos": [v], "source": "d:1"} for v in videos]
+    half = processor.first_half_images(mapper.sft_collator(processor)(rows + rows))
+    once = mapper.sft_collator(processor)(rows)
+    assert set(half) == set(processor.video_input_names())
+    for name in processor.video_input_names():
+        torch.testing.assert_close(torch.as_tensor(half[name]), torch.as_tensor(once[name]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", SHARED_TOKEN_FAMILIES)
+def test_a_video_token_shared_with_images_needs_its_token_types(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Where videos expand into the image token, only mm_token_type_ids tell a video's tokens from an image's: the
+    processor-output check names video.token when they are missing or mark no token as a video's."""
+    from resonance.base.checks import video_output_problems
+
+    mapper, processor = load_adapter(tiny_checkpoint(family))
+    conversation = [{"role": "user", "content": [IMAGE, VIDEO, txt("?")]}, {"role": "assistant", "content": [txt("x")]}]
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(image)
+    videos = [video_ref(frames=write_frames(tmp_path, "a", 4))]
+    row = {"messages": conversation, "images": [str(image)], "videos": videos, "source": "d:1"}
+    batch = dict(mapper.sft_collator(processor)([row]))
+    assert video_output_problems(processor, batch) == []
+    images_only = {
+        **batch,
+        "mm_token_type_ids": torch.where(processor.video_token_mask(batch), 1, batch["mm_token_type_ids"]),
+    }
+    without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    for broken, why in [(without, "returns no mm_token_type_ids"), (images_only, "has the video mm_token_type_ids")]:
+        [problem] = video_output_problems(processor, broken)
+        assert problem.field == "video.token" and why in problem.message

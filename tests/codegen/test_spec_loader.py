@@ -328,3 +328,25 @@ def test_schema_describes_every_tiny_field() -> None:
     ]
     assert undocumented == []
     assert definitions["Tiny"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("frames_input", "message"),
+    [
+        (None, "frames_input: required when an input has layout per_frame"),
+        ("pixel_values_videos", "frames_input: 'pixel_values_videos' must be one of the per_video inputs"),
+    ],
+)
+def test_per_frame_video_inputs_need_their_frame_counts(frames_input: str | None, message: str) -> None:
+    """Inputs laid out per frame of all videos (Gemma 4's) are sized by a per_video input of frame counts."""
+    from pydantic import ValidationError
+
+    from resonance.codegen.schema import Video
+
+    inputs = [
+        {"name": "pixel_values_videos", "layout": "per_frame"},
+        {"name": "num_frames_per_video", "layout": "per_video"},
+    ]
+    with pytest.raises(ValidationError, match=message):
+        Video(token="<|video|>", inputs=inputs, frames_input=frames_input)
+    assert Video(token="<|video|>", inputs=inputs, frames_input="num_frames_per_video").frames_input

@@ -55,3 +55,7 @@ def write_frames(folder: Path, name: str, count: int = 4, size: tuple[int, int] 
 # The families whose spec has a video: section, and one without (which refuses video rows by name).
 VIDEO_FAMILIES = [name for name in FAMILIES if read_spec(name).get("video")]
 NO_VIDEO_FAMILY = next(name for name in FAMILIES if not read_spec(name).get("video"))
+# The families whose videos expand into their image token (spec video.token: image.token; GLM-4.1V).
+SHARED_TOKEN_FAMILIES = [
+    name for name in VIDEO_FAMILIES if read_spec(name)["video"]["token"] == read_spec(name)["image"]["token"]
+]
