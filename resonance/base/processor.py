@@ -58,6 +58,7 @@ class VideoSupport:
     fps: float | None = None
     num_frames: int | None = None
     frames_fps: float = 2.0  # the rate a list of frame images is taken to have been sampled at
+    equal_frames: bool = False  # every video reaches the processor with exactly num_frames frames (stacked)
 
     def sampling(self) -> dict[str, Any]:
         """The keyword arguments of the video processor's ``sample_frames`` the spec sets."""
@@ -632,8 +633,10 @@ class VLProcessor:
         return [] if self.video is None else [item.name for item in self.video.inputs]
 
     def visual_input_names(self) -> list[str]:
-        """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' (spec video.inputs)."""
-        return self.image_input_names() + self.video_input_names()
+        """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' own (spec video.inputs
+        not named as an image input: a shared one holds the videos' frames among the images')."""
+        images = self.image_input_names()
+        return images + [name for name in self.video_input_names() if name not in images]
 
     def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image inputs of the first half of the rows (a DPO batch repeats them for rejected).
@@ -648,7 +651,7 @@ class VLProcessor:
         for items, grid_name in groups:
             grid = inputs.get(grid_name) if grid_name else None
             for item in items:
-                if item.name not in inputs:
+                if item.name not in inputs or item.name in half:  # a video input shared with the images: halved once
                     continue
                 value = inputs[item.name]
                 if item.layout == "per_patch":
