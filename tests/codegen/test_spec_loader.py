@@ -338,8 +338,8 @@ def test_schema_describes_every_tiny_field() -> None:
             "    - {name: pixel_values, layout: per_tile}\n  # 8 frames",
             "    - {name: pixel_values, layout: per_video}\n  # 8 frames",
             "",  # a check across sections: the message names the field
-            "video.inputs.0: 'pixel_values' is an image input too (the processor puts the videos' frames among the images'), so its "
-            "layout is the image input's, per_tile; got per_video",
+            "video.inputs.0: 'pixel_values' is an image input too (the processor puts the videos' frames among the "
+            "images'), so its layout is the image input's, per_tile; got per_video",
         ),
         (
             "llava_onevision",
