@@ -62,6 +62,7 @@ class VideoSupport:
     fps: float | None = None
     num_frames: int | None = None
     frames_fps: float = 2.0  # the rate a list of frame images is taken to have been sampled at
+    equal_frames: bool = False  # every video reaches the processor with exactly num_frames frames (stacked)
 
     def sampling(self) -> dict[str, Any]:
         """The keyword arguments of the video processor's ``sample_frames`` the spec sets."""
@@ -636,8 +637,12 @@ class VLProcessor:
         return [] if self.video is None else [item.name for item in self.video.inputs]
 
     def video_token_is_image_token(self) -> bool:
-        """Whether videos expand into the image token (spec video.token: image.token; GLM-4.1V)."""
-        return self.video is not None and self.video_token_id == self.image_token_id
+        """Whether videos expand into the image token yet have inputs of their own (spec video.token: image.token;
+        GLM-4.1V), so that only mm_token_type_ids tell a video's tokens from an image's. Where the videos' frames
+        join the images' inputs (InternVL) their tokens are image tokens to the model too: False."""
+        if self.video is None or self.video_token_id != self.image_token_id:
+            return False
+        return any(name not in self.image_input_names() for name in self.video_input_names())
 
     def video_token_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """Where a batch's tokens stand for video features: its video tokens; where they are image tokens too, those
@@ -648,8 +653,10 @@ class VLProcessor:
         return mask
 
     def visual_input_names(self) -> list[str]:
-        """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' (spec video.inputs)."""
-        return self.image_input_names() + self.video_input_names()
+        """The images' inputs that go to ``forward`` (spec image.inputs), then the videos' own (spec video.inputs
+        not named as an image input: a shared one holds the videos' frames among the images')."""
+        images = self.image_input_names()
+        return images + [name for name in self.video_input_names() if name not in images]
 
     def first_half_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image inputs of the first half of the rows (a DPO batch repeats them for rejected).
@@ -666,7 +673,7 @@ class VLProcessor:
             grid = inputs.get(grid_name) if grid_name else None
             frames = inputs.get(frames_name) if frames_name else None
             for item in items:
-                if item.name not in inputs:
+                if item.name not in inputs or item.name in half:  # a video input shared with the images: halved once
                     continue
                 value = inputs[item.name]
                 if item.layout == "per_patch":

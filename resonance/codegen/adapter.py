@@ -64,7 +64,7 @@ def _video(video: Any) -> Call | None:
     ]
     kwargs += [
         (name, getattr(video.sampling, name))
-        for name in ("fps", "num_frames", "frames_fps")
+        for name in ("fps", "num_frames", "frames_fps", "equal_frames")
         if getattr(video.sampling, name) != sampling_defaults[name].get_default(call_default_factory=True)
     ]
     return Call("api.VideoSupport", (video.token, inputs), tuple(kwargs))

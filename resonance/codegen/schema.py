@@ -207,7 +207,7 @@ class Image(_Strict):
         return self
 
 
-VideoLayout = Literal["per_video", "per_row", "per_patch", "per_frame"]
+VideoLayout = Literal["per_video", "per_row", "per_patch", "per_frame", "per_tile"]
 
 
 class VideoInput(_Strict):
@@ -219,7 +219,8 @@ class VideoInput(_Strict):
             "How the tensor's first axis is laid out, as for image.inputs: per_video (one entry per video, like "
             "per_image), per_row (one entry per batch row), per_patch (patches of all videos' frames concatenated, "
             "sized by the grid input), per_frame (frames of all videos concatenated, sized by the frames input: "
-            "Gemma 4's pixel_values_videos)."
+            "Gemma 4's pixel_values_videos), per_tile (the tiles of the images and frames of the videos, in "
+            "order: an image input the videos' frames join)."
         )
     )
 
@@ -243,10 +244,24 @@ class VideoSampling(_Strict):
         ),
     )
 
+    equal_frames: bool = Field(
+        False,
+        description=(
+            "Whether the processor stacks a batch's videos into one tensor (videos, frames, ...), as LLaVA-OneVision's "
+            "and InternVL's do: every video then reaches it with exactly num_frames frames (required). A video file "
+            "is sampled to num_frames; a list of more frames is sampled down the same way; a video with fewer is a "
+            "row error."
+        ),
+    )
+
     @model_validator(mode="after")
     def _one_rate(self) -> VideoSampling:
         if self.fps is not None and self.num_frames is not None:
             raise ValueError("fps and num_frames: give one (transformers' video processors take one or the other)")
+        if self.equal_frames and self.num_frames is None:
+            raise ValueError(
+                "equal_frames: needs num_frames, the number of frames every video reaches the processor with"
+            )
         return self
 
 
@@ -257,11 +272,19 @@ class Video(_Strict):
     placeholder: NonEmpty = Field("<video>", description="The video marker in dataset prompts.")
     token: NonEmpty = Field(
         description=(
-            "The model's video token after the processor expands placeholders; image.token too where the processor "
-            "expands a video into image tokens (GLM-4.1V), its mm_token_type_ids then telling the two apart."
+            "The model's video token after the processor expands placeholders: the image token where the processor "
+            "writes a video as frames of image tokens: InternVL (its frames join the images' inputs) and GLM-4.1V "
+            "(its videos have inputs of their own, and mm_token_type_ids tell a video's tokens from an image's)."
         )
     )
-    inputs: list[VideoInput] = Field(min_length=1, description="Video processor outputs passed to forward().")
+    inputs: list[VideoInput] = Field(
+        min_length=1,
+        description=(
+            "Video processor outputs passed to forward(). An input named as one of image.inputs is that same "
+            "tensor: the processor puts the videos' frames among the images' (InternVL's pixel_values), and its "
+            "layout is the image input's."
+        ),
+    )
     grid_input: Identifier | None = Field(
         None, description="For per_patch layouts: the per-video grid input (t, h, w) that sizes each video."
     )
@@ -653,11 +676,16 @@ class ModelSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _video_inputs_differ(self) -> ModelSpec:
+    def _video_inputs_shared_alike(self) -> ModelSpec:
         if self.video is not None:
-            shared = sorted({i.name for i in self.image.inputs} & {i.name for i in self.video.inputs})
-            if shared:
-                raise ValueError(f"video.inputs: {shared} are image inputs too; each processor output is one's")
+            image_layouts = {i.name: i.layout for i in self.image.inputs}
+            for index, item in enumerate(self.video.inputs):
+                if item.name in image_layouts and item.layout != image_layouts[item.name]:
+                    raise ValueError(
+                        f"video.inputs.{index}: {item.name!r} is an image input too (the processor puts the videos' "
+                        f"frames among the images'), so its layout is the image input's, {image_layouts[item.name]}; "
+                        f"got {item.layout}"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -73,16 +73,19 @@ def _sample_images(count: int) -> list[Any]:
 
 
 def _sample_video(vl_processor: Any) -> Any:
-    """An 8-frame, 4 fps clip of 48 x 40 frames (a moving gradient), decoded as the collator decodes a file: at the
-    frames the family's video processor samples."""
+    """A 4 fps clip of 48 x 40 frames (a moving gradient; 8 frames, or the spec's num_frames where more), decoded as
+    the collator decodes a file: at the frames the family's video processor samples."""
     import numpy as np
     from transformers.video_utils import VideoMetadata
 
     from resonance.data.videos import LoadedVideo
 
+    count = max(8, vl_processor.video.num_frames or 0)
     y, x = np.mgrid[0:40, 0:48]
-    frames = np.stack([np.stack([(x * 5 + 9 * t) % 256, (y * 3) % 256, (x + y + 30 * t) % 256], -1) for t in range(8)])
-    metadata = VideoMetadata(8, 4.0, 48, 40, 2.0, "pyav")
+    frames = np.stack(
+        [np.stack([(x * 5 + 9 * t) % 256, (y * 3) % 256, (x + y + 30 * t) % 256], -1) for t in range(count)]
+    )
+    metadata = VideoMetadata(count, 4.0, 48, 40, count / 4.0, "pyav")
     indices = vl_processor.frame_indices(metadata)
     metadata.frames_indices = indices
     return LoadedVideo(frames.astype(np.uint8)[indices], metadata)

@@ -53,6 +53,7 @@ class ImageCount:
     least: int = 0
     most: int | None = None
     no_videos: str | None = None  # why a conversation may carry no video (None: it may)
+    least_frames: int | None = None  # the frames each video needs (spec video.sampling.equal_frames), None: any
 
     @classmethod
     def for_family(cls, family: Any, most: int | None = None, no_videos: str | None = None) -> ImageCount:
@@ -62,11 +63,13 @@ class ImageCount:
         family_most = None if family.multi_image else 1
         if most is not None:
             family_most = most if family_most is None else min(most, family_most)
-        if getattr(family, "video", None) is None:
+        video = getattr(family, "video", None)
+        if video is None:
             owner = family if isinstance(family, type) else type(family)
             name = owner.__module__.rpartition(".")[2]  # a generated adapter's package is named after its spec
             no_videos = f"the model family {name!r} takes no video (its spec has no video: section)"
-        return cls(1 if family.images_required else 0, family_most, no_videos)
+        least_frames = video.num_frames if video is not None and video.equal_frames else None
+        return cls(1 if family.images_required else 0, family_most, no_videos, least_frames)
 
     def problem(self, count: int) -> str | None:
         """Why a conversation with ``count`` images cannot be taken, or None."""

@@ -556,7 +556,12 @@ class _RowConverter:
     def _resolve_videos(self, refs: list[tuple[str, Any]], problems: list[str]) -> list[dict[str, Any]] | None:
         """Each reference as a canonical video (a readable file, or readable frames of one size), or ``None`` when
         ``problems`` grew."""
-        return self._resolve_media(refs, problems, resolve_video, lambda v: video_problem(v, self.max_image_pixels))
+        return self._resolve_media(
+            refs,
+            problems,
+            resolve_video,
+            lambda v: video_problem(v, self.max_image_pixels, self.image_count.least_frames),
+        )
 
     def _image_refs(self, obj: dict[str, Any], problems: list[str]) -> list[tuple[str, Any]] | None:
         """The row's ``image`` / ``images`` entries as ``(field, reference)`` pairs, not yet resolved."""

@@ -77,10 +77,11 @@ def resolve_video(ref: Any, sources: ImageSources, *, check_files: bool = True) 
     raise ImageRefError(f"{_shown(ref)} is not a video reference; {_VIDEO_KINDS}")
 
 
-def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
+def video_problem(video: dict[str, Any], max_pixels: int, least_frames: int | None = None) -> str | None:
     """Why a canonical video cannot be a row's video, or None: a file PyAV cannot open, without a video stream or
     without a frame count in its header; a frame that is no image (:func:`image_problem`), or frames of several
-    sizes; fewer than :data:`MIN_FRAMES` frames. Only headers are read, never the pixels."""
+    sizes; fewer than :data:`MIN_FRAMES` frames, or than ``least_frames`` (the family's fixed frame count, spec
+    video.sampling.equal_frames). Only headers are read, never the pixels."""
     if video["path"] is None:
         sizes = set()
         for frame in video["frames"]:
@@ -89,7 +90,7 @@ def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
             sizes.add(image_size(frame))
         if len(sizes) > 1:
             return f"the frames of a video must have one size; got {sorted(sizes)} in {video['frames']}"
-        return _too_short(len(video["frames"]), "a list of")
+        return _too_short(len(video["frames"]), "a list of", least_frames)
     import av
 
     path = video["path"]
@@ -100,7 +101,7 @@ def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
             frames = container.streams.video[0].frames
             if not frames:
                 return f"{path} gives no frame count in its header (PyAV reads 0); re-encode it as mp4"
-            if (problem := _too_short(frames, f"{path}:")) is not None:
+            if (problem := _too_short(frames, f"{path}:", least_frames)) is not None:
                 return problem
     except Exception as exc:  # PyAV raises many types (InvalidDataError, FileNotFoundError, ...)
         return f"cannot be opened as a video: {path} ({type(exc).__name__}: {exc})"
@@ -110,7 +111,13 @@ def video_problem(video: dict[str, Any], max_pixels: int) -> str | None:
 MIN_FRAMES = 2  # every video processor here groups frames in pairs (temporal patches of 2)
 
 
-def _too_short(frames: int, what: str) -> str | None:
+def _too_short(frames: int, what: str, least_frames: int | None = None) -> str | None:
+    if least_frames is not None and least_frames > MIN_FRAMES and frames < least_frames:
+        return (
+            f"{what} {frames} frame(s); this model family's processor stacks a batch's videos, each of exactly "
+            f"{least_frames} frames (spec video.sampling.num_frames with equal_frames), so a video needs at least "
+            f"{least_frames}"
+        )
     if frames >= MIN_FRAMES:
         return None
     return (
@@ -130,6 +137,12 @@ def _repeated_as_sampled(frames: Any, indices: Any) -> Any:
     if len(unique) == len(indices) or len(frames) != len(unique):
         return frames
     return frames[np.searchsorted(unique, indices)]
+
+
+def least_frames(processor: Any) -> int | None:
+    """The frames every video of a family needs (spec video.sampling.num_frames where equal_frames), or None."""
+    video = getattr(processor, "video", None)
+    return video.num_frames if video is not None and video.equal_frames else None
 
 
 @dataclass(frozen=True)
@@ -153,13 +166,14 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
     from PIL import Image
     from transformers.video_utils import VideoMetadata, load_video
 
+    least = least_frames(processor)
     loaded = []
     for video in videos:
         if video["path"] is not None:
             path = video["path"]
 
             def sample(metadata: Any, path: str = path, **kwargs: Any) -> Any:
-                if (problem := _too_short(metadata.total_num_frames, f"video {path}:")) is not None:
+                if (problem := _too_short(metadata.total_num_frames, f"video {path}:", least)) is not None:
                     raise RowError(f"{source}: {problem}")
                 return processor.frame_indices(metadata, **kwargs)
 
@@ -182,10 +196,13 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
             frames = np.stack(images)
         except (OSError, ValueError) as exc:
             raise RowError(f"{source}: cannot read the frames of a video ({video['frames']}): {exc}") from exc
-        if (problem := _too_short(len(frames), "a video of")) is not None:
+        if (problem := _too_short(len(frames), "a video of", least)) is not None:
             raise RowError(f"{source}: {problem}")
         fps = processor.video.frames_fps
         count, height, width = frames.shape[:3]
         metadata = VideoMetadata(count, fps, width, height, count / fps, None, list(range(count)))
+        if least is not None and count > least:  # sampled down to the family's frame count, as a file is
+            indices = [int(i) for i in processor.frame_indices(metadata)]
+            frames, metadata.frames_indices = frames[indices], indices
         loaded.append(LoadedVideo(frames, metadata, given_as_frames=True))
     return loaded

@@ -15,7 +15,16 @@ import pytest
 import torch
 from helpers import load_adapter, one_bf16_step, read_spec, train_argv, write_jsonl
 from helpers.rewards import REWARDS
-from helpers.video import SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import (
+    OWN_VIDEO_FAMILY,
+    SHARED_TOKEN_FAMILIES,
+    VIDEO_FAMILIES,
+    least_frames,
+    own_video_inputs,
+    video_pixels,
+    write_clip,
+    write_frames,
+)
 
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.commands.train import build_trainer, parse
@@ -25,10 +34,11 @@ from resonance.errors import DataError
 ANSWER = {"role": "assistant", "content": "A white square moves to the right."}
 
 
-def _data(folder: Path, algorithm: str) -> Path:
-    """Two rows: a video file, and a list of frames (LLaMA-Factory's two spellings of a video)."""
-    write_clip(folder, "clip.mp4", count=8, fps=4)
-    frames = [str(Path(p).relative_to(folder)) for p in write_frames(folder, "frames", 4)]
+def _data(folder: Path, algorithm: str, family: str) -> Path:
+    """Two rows: a video file, and a list of frames (LLaMA-Factory's two spellings of a video); as many frames as
+    the family's fixed count where it has one."""
+    write_clip(folder, "clip.mp4", count=max(8, least_frames(family)), fps=4)
+    frames = [str(Path(p).relative_to(folder)) for p in write_frames(folder, "frames", least_frames(family) or 4)]
     if algorithm == "sft":
         rows = [
             {"messages": [{"role": "user", "content": "<video>What happens?"}, ANSWER], "videos": ["clip.mp4"]},
@@ -62,20 +72,23 @@ def test_one_step_with_video_rows(
     family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
 ) -> None:
     """The frozen tower (--freeze_vision_tower, LoRA on the language model): each batch's videos are encoded once
-    and reach the forward as ``mm_encoder_outputs["video"]``, with the grid; LoRA trains."""
-    argv = train_argv(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm), tmp_path / "out")
+    and reach the forward as ``mm_encoder_outputs["video"]``, with the grid (as ``mm_encoder_outputs["image"]``
+    where the frames join the images' inputs); LoRA trains."""
+    argv = train_argv(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm, family), tmp_path / "out")
     trainer, processor = build_trainer(algorithm, *parse(algorithm, argv))
     seen = _forward_inputs(trainer.model, trainer.vl_model.hf_model_class)
     lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".lora_B.default." in n}
     trainer.train()
 
-    with_video = [kwargs for kwargs in seen if "video" in (kwargs.get("mm_encoder_outputs") or {})]
+    modality = "video" if video_pixels(family) else "image"
+    with_video = [kwargs for kwargs in seen if modality in (kwargs.get("mm_encoder_outputs") or {})]
     assert with_video, [sorted(k for k, v in kwargs.items() if v is not None) for kwargs in seen]
     for kwargs in with_video:
         # the pixels encoded ahead; the other video inputs (grids, frame counts) still reach the forward
-        for name in processor.video_input_names():
-            assert (kwargs.get(name) is None) == (name == "pixel_values_videos"), name
-        features = kwargs["mm_encoder_outputs"]["video"].pooler_output
+        for name in own_video_inputs(family):
+            assert (kwargs.get(name) is None) == (name == video_pixels(family)), name
+        assert video_pixels(family) or kwargs.get("pixel_values") is None  # frames among the images' pixels
+        features = kwargs["mm_encoder_outputs"][modality].pooler_output
         tokens = int(processor.video_token_mask(kwargs).sum())
         # one feature per video token of the rows; DPO's shared-prompt rows hold each prompt's video once
         assert tokens in (sum(f.shape[0] for f in features), 2 * sum(f.shape[0] for f in features))
@@ -93,18 +106,18 @@ def test_one_bf16_step_with_video_rows_on_cuda(
 ) -> None:
     """The GPU twin of test_one_step_with_video_rows: bf16 with gradient checkpointing, the frozen tower run once
     for the step's videos."""
-    one_bf16_step(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm), tmp_path / "out")
+    one_bf16_step(algorithm, tiny_checkpoint(family), _data(tmp_path, algorithm, family), tmp_path / "out")
 
 
 def test_a_trained_tower_gets_the_video_pixels(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     """With the tower trained (full training), nothing is encoded ahead: the pixels go through the forward."""
-    family = VIDEO_FAMILIES[0]
+    family = OWN_VIDEO_FAMILY
     overrides = {"lora_target_modules": "none", "freeze_vision_tower": False}
-    argv = train_argv("sft", tiny_checkpoint(family), _data(tmp_path, "sft"), tmp_path / "out", **overrides)
+    argv = train_argv("sft", tiny_checkpoint(family), _data(tmp_path, "sft", family), tmp_path / "out", **overrides)
     trainer, _ = build_trainer("sft", *parse("sft", argv))
     seen = _forward_inputs(trainer.model, trainer.vl_model.hf_model_class)
     trainer.train()
-    assert any(torch.is_tensor(kwargs.get("pixel_values_videos")) for kwargs in seen)
+    assert any(torch.is_tensor(kwargs.get(video_pixels(family))) for kwargs in seen)
     assert not any("video" in (kwargs.get("mm_encoder_outputs") or {}) for kwargs in seen)
 
 
@@ -169,7 +182,9 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     family: str, copies: int, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
 ) -> None:
     """``_image_model_inputs`` (the trainers' encode-once step) on a batch with a video, and with an image too: the
-    same loss as the pixels through the model's forward, repeated ``copies`` times (DPO's chosen + rejected)."""
+    same loss as the pixels through the model's forward, repeated ``copies`` times (DPO's chosen + rejected). The
+    videos go through the model's ``get_video_features``, or its ``get_image_features`` with the images where their
+    frames join the images' inputs."""
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     # float64 where the model allows it; mixture-of-experts layers run grouped matmuls of float32 at most
@@ -181,7 +196,7 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
 
     image = tmp_path / "cat.png"
     Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
-    video = video_ref(write_clip(tmp_path, "clip.mp4", count=8, fps=4))
+    video = video_ref(write_clip(tmp_path, "clip.mp4", count=max(8, least_frames(family)), fps=4))
     conversation = [
         {"role": "user", "content": [{"type": "image", "text": None}, {"type": "video", "text": None}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
@@ -190,7 +205,8 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     batch = dict(mapper.sft_collator(processor)(rows))
     once = dict(mapper.sft_collator(processor)(rows[:1]))
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
-        once[key] = batch[key]  # the rows' tokens, the visual inputs of one row (as DPO's collator holds them)
+        if key in batch:  # the rows' tokens, the visual inputs of one row (as DPO's collator holds them)
+            once[key] = batch[key]
 
     with torch.no_grad(), _video_tokens_apart(model, processor, batch):
         expected = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}).loss
@@ -198,13 +214,16 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     encoder = ImageEncodingMixin()
     encoder._bind_adapter(mapper.model, processor)
     calls = []
-    original = model.model.get_video_features
-    model.model.get_video_features = lambda *a, **k: calls.append(1) or original(*a, **k)
+    pixels = video_pixels(family)
+    encode = "get_video_features" if pixels else "get_image_features"
+    original = getattr(model.model, encode)
+    setattr(model.model, encode, lambda *a, **k: calls.append(1) or original(*a, **k))
     encoded = encoder._image_model_inputs(model, once, copies=copies)
-    assert len(calls) == 1 and encoded["pixel_values_videos"] is None and encoded["pixel_values"] is None
-    # videos expanded into the image token reach the forward with the images' features, in token order
-    expected_keys = {"image"} if processor.video_token_is_image_token() else {"image", "video"}
-    assert set(encoded["mm_encoder_outputs"]) == expected_keys
+    assert len(calls) == 1 and encoded["pixel_values"] is None and encoded.get(pixels or "pixel_values") is None
+    # videos expanded into the image token (with inputs of their own, or among the images') reach the forward with
+    # the images' features, in token order
+    merged = processor.video_token_is_image_token() or not pixels
+    assert set(encoded["mm_encoder_outputs"]) == ({"image"} if merged else {"image", "video"})
     with torch.no_grad():
         got = model(
             **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in encoded.items()}
@@ -219,8 +238,9 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
 def test_online_algorithms_refuse_a_video_row_by_name(
     algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
 ) -> None:
-    data = _data(tmp_path, "dpo")
-    argv = train_argv(algorithm, tiny_checkpoint(VIDEO_FAMILIES[0]), data, tmp_path / "out")
+    family = VIDEO_FAMILIES[0]
+    data = _data(tmp_path, "dpo", family)
+    argv = train_argv(algorithm, tiny_checkpoint(family), data, tmp_path / "out")
     argv += ["--reward_funcs", f"{REWARDS}:constant_reward"]
     with pytest.raises(DataError) as excinfo:
         build_trainer(algorithm, *parse(algorithm, argv))
@@ -238,7 +258,7 @@ def test_dpo_pairs_with_videos_share_their_prompt(
     """A pair whose prompt holds a video runs as one row over its prompt (the video's tokens and M-RoPE positions
     once) with the loss of two rows, where the family shares prompts; the vision tower runs once per loss (the
     videos encoded once)."""
-    argv = train_argv("dpo", tiny_checkpoint(family), _data(tmp_path, "dpo"), tmp_path / "out")
+    argv = train_argv("dpo", tiny_checkpoint(family), _data(tmp_path, "dpo", family), tmp_path / "out")
     trainer, _ = build_trainer("dpo", *parse("dpo", argv))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     layout = trainer.pair_layout(trainer.model, batch)
@@ -266,8 +286,9 @@ def test_generate_refuses_a_video_row_by_name(tmp_path: Path, tiny_checkpoint: C
 
     from resonance.cli import app
 
-    data = _data(tmp_path, "dpo")
-    args = ["generate", "--model_name_or_path", str(tiny_checkpoint(VIDEO_FAMILIES[0]))]
+    family = VIDEO_FAMILIES[0]
+    data = _data(tmp_path, "dpo", family)
+    args = ["generate", "--model_name_or_path", str(tiny_checkpoint(family))]
     result = CliRunner().invoke(app, [*args, "--data_path", str(data), "--output", str(tmp_path / "out.jsonl")])
     assert result.exit_code == 2, result.output
     refusal = "1 video(s), but `resonance generate` takes no video yet; remove the video, or pass --skip_invalid_rows"

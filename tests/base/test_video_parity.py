@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import IGNORE_INDEX, is_blank_token, load_adapter, load_hf_processor, read_spec
-from helpers.video import NO_VIDEO_FAMILY, SHARED_TOKEN_FAMILIES, VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import (
+    NO_VIDEO_FAMILY,
+    SHARED_TOKEN_FAMILIES,
+    VIDEO_FAMILIES,
+    least_frames,
+    write_clip,
+    write_frames,
+)
 from PIL import Image
 from transformers.video_utils import VideoMetadata, load_video
 
@@ -51,12 +58,20 @@ def _conversations() -> list[list[dict[str, Any]]]:
     ]
 
 
-def _rows(tmp_path: Path, given: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows' videos, canonical (one per row), and the image of the second row."""
+def _rows(tmp_path: Path, given: str, family: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows' videos, canonical (one per row), and the image of the second row; of different lengths, except for
+    a family whose videos all have its fixed frame count (files then sampled to it, lists of exactly it)."""
+    least = least_frames(family)
     if given == "file":
-        videos = [video_ref(write_clip(tmp_path, "a.mp4", count=8, fps=4)), video_ref(write_clip(tmp_path, "b.mp4", 6))]
+        videos = [
+            video_ref(write_clip(tmp_path, "a.mp4", count=max(8, least), fps=4)),
+            video_ref(write_clip(tmp_path, "b.mp4", max(6, least))),
+        ]
     else:
-        videos = [video_ref(frames=write_frames(tmp_path, "a", 4)), video_ref(frames=write_frames(tmp_path, "b", 2))]
+        videos = [
+            video_ref(frames=write_frames(tmp_path, "a", least or 4)),
+            video_ref(frames=write_frames(tmp_path, "b", least or 2)),
+        ]
     image = tmp_path / "cat.png"
     Image.fromarray(np.full((30, 40, 3), 90, dtype=np.uint8)).save(image)
     return videos, [str(image)]
@@ -92,7 +107,8 @@ def _hf_batch(
     ]
     kwargs: dict[str, Any] = {"padding": True, "padding_side": "right", "video_metadata": metadata}
     if given == "file":
-        kwargs.update(read_spec(family)["video"].get("sampling") or {}, do_sample_frames=True)
+        sampling = read_spec(family)["video"].get("sampling") or {}  # the video processor's own arguments of it
+        kwargs.update({k: v for k, v in sampling.items() if k in ("fps", "num_frames")}, do_sample_frames=True)
     else:
         kwargs["do_sample_frames"] = False
     template = getattr(hf, "training_chat_template", None)  # spec chat_template.training: trl (Qwen3.5)
@@ -157,7 +173,7 @@ def test_video_batch_matches_the_hf_processor(
     ckpt = tiny_checkpoint(family)
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
-    videos, images = _rows(tmp_path, given)
+    videos, images = _rows(tmp_path, given, family)
     conversations = _conversations()
     rows = [
         {"messages": conversations[0], "images": [], "videos": [videos[0]], "source": "a.jsonl:1"},
@@ -191,7 +207,7 @@ def test_dpo_batch_holds_the_prompt_videos_once(
     """A preference batch: chosen rows then rejected rows, the video inputs those of the prompts once (as images),
     equal to the SFT batch's video inputs for the chosen rows."""
     mapper, processor = load_adapter(tiny_checkpoint(family))
-    videos, _ = _rows(tmp_path, "file")
+    videos, _ = _rows(tmp_path, "file", family)
     prompt = [{"role": "user", "content": [VIDEO, txt("What happens?")]}]
     rows = [
         {
@@ -246,9 +262,10 @@ def test_a_one_frame_video_names_the_row(family: str, tiny_checkpoint: Callable[
     mapper, processor = load_adapter(tiny_checkpoint(family))
     conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
     videos = [video_ref(frames=write_frames(tmp_path, "one", 1)), video_ref(write_clip(tmp_path, "one.mp4", count=1))]
+    needed = max(2, least_frames(family))
     for video in videos:
         row = {"messages": conversation, "images": [], "videos": [video], "source": "d.jsonl:5"}
-        with pytest.raises(RowError, match=r"^d\.jsonl:5: .*1 frame\(s\); a video needs at least 2"):
+        with pytest.raises(RowError, match=rf"^d\.jsonl:5: .*1 frame\(s\); .*a video needs at least {needed}"):
             VLSFTDataCollatorWithPadding.__call__(mapper.sft_collator(processor), [row])
 
 
@@ -260,7 +277,11 @@ def test_the_first_half_s_video_inputs_of_videos_of_several_lengths(
     the video inputs of rows [a, b], each layout cut where its own sizes say (grids, frame counts)."""
     mapper, processor = load_adapter(tiny_checkpoint(family))
     conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
-    videos = [video_ref(frames=write_frames(tmp_path, "a", 4)), video_ref(frames=write_frames(tmp_path, "b", 2))]
+    least = least_frames(family)  # a family of one frame count (equal_frames): its videos all have it
+    videos = [
+        video_ref(frames=write_frames(tmp_path, "a", least or 4)),
+        video_ref(frames=write_frames(tmp_path, "b", least or 2)),
+    ]
     rows = [{"messages": conversation, "images": [], "videos": [v], "source": "d:1"} for v in videos]
     half = processor.first_half_images(mapper.sft_collator(processor)(rows + rows))
     once = mapper.sft_collator(processor)(rows)
@@ -293,3 +314,26 @@ def test_a_video_token_shared_with_images_needs_its_token_types(
     for broken, why in [(without, "returns no mm_token_type_ids"), (images_only, "has the video mm_token_type_ids")]:
         [problem] = video_output_problems(processor, broken)
         assert problem.field == "video.token" and why in problem.message
+
+
+def test_a_longer_frame_list_is_sampled_to_the_family_s_frame_count(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Where the processor stacks a batch's videos (spec video.sampling.equal_frames), a list of more frames than
+    num_frames reaches it as the frames the HF processor itself samples from that list (its video processor's
+    sample_frames with the spec's num_frames, given the list and its metadata)."""
+    family = next(name for name in VIDEO_FAMILIES if least_frames(name))
+    ckpt = tiny_checkpoint(family)
+    mapper, processor = load_adapter(ckpt)
+    video = video_ref(frames=write_frames(tmp_path, "long", least_frames(family) + 5))
+    conversation = [{"role": "user", "content": [VIDEO, txt("What?")]}, {"role": "assistant", "content": [txt("x")]}]
+    row = {"messages": conversation, "images": [], "videos": [video], "source": "d.jsonl:1"}
+    batch = mapper.sft_collator(processor)([row])
+
+    hf = load_hf_processor(ckpt)
+    reference = _hf_batch(hf, [_to_hf(conversation, [_reference_inputs(video, family)], [])], family, "file")
+    unsampled = _hf_batch(hf, [_to_hf(conversation, [_reference_inputs(video, family)], [])], family, "frames")
+    for key in reference:
+        torch.testing.assert_close(torch.as_tensor(batch[key]), torch.as_tensor(reference[key]), rtol=0, atol=0)
+    pixels = processor.video_input_names()[0]
+    assert reference[pixels].shape != unsampled[pixels].shape  # the HF processor did sample the list

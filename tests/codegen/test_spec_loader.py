@@ -350,3 +350,31 @@ def test_per_frame_video_inputs_need_their_frame_counts(frames_input: str | None
     with pytest.raises(ValidationError, match=message):
         Video(token="<|video|>", inputs=inputs, frames_input=frames_input)
     assert Video(token="<|video|>", inputs=inputs, frames_input="num_frames_per_video").frames_input
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "field", "message"),
+    [
+        (
+            "internvl",
+            "    - {name: pixel_values, layout: per_tile}\n  # 8 frames",
+            "    - {name: pixel_values, layout: per_video}\n  # 8 frames",
+            "",  # a check across sections: the message names the field
+            "video.inputs.0: 'pixel_values' is an image input too (the processor puts the videos' frames among the "
+            "images'), so its layout is the image input's, per_tile; got per_video",
+        ),
+        (
+            "llava_onevision",
+            "sampling: {num_frames: 8, equal_frames: true}",
+            "sampling: {fps: 1.0, equal_frames: true}",
+            "video.sampling",
+            "equal_frames: needs num_frames, the number of frames every video reaches the processor with",
+        ),
+    ],
+)
+def test_invalid_video_sections_are_named(project: Path, name, old, new, field, message) -> None:
+    path = _break(project, old, new, name)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, display=f"specs/{name}.yaml")
+    (problem,) = info.value.problems
+    assert problem.field == field and message in problem.message, str(problem)

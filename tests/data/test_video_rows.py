@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 import pytest
 from helpers import write_jsonl
-from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, write_clip, write_frames
+from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, least_frames, write_clip, write_frames
 from PIL import Image
 
 from resonance.data.images import ImageCount
@@ -254,3 +254,35 @@ def test_data_inspect_names_the_video_rows_a_family_cannot_take(
         f"{data}:1: {tiny_checkpoint(NO_VIDEO_FAMILY)}: 1 video(s), but the model family {NO_VIDEO_FAMILY!r}" in output
     )
     assert f"{data}:2" not in output.split("problems:")[-1]
+
+
+EQUAL_FRAMES_FAMILY = next(family for family in VIDEO_FAMILIES if least_frames(family))
+
+
+def test_a_family_of_a_fixed_frame_count_names_shorter_videos_where_rows_are_read(tmp_path: Path) -> None:
+    """A family whose processor stacks a batch's videos (spec video.sampling.equal_frames) needs num_frames frames
+    in each: a shorter file or frame list is an error naming the row and the count, found when rows are read (from
+    headers: the pixels are not decoded); a longer one is taken."""
+    family = EQUAL_FRAMES_FAMILY
+    needed = least_frames(family)
+    processor = importlib.import_module(f"resonance.generated.{family}").core_mapper.processor
+    ask = [{"role": "user", "content": "<video>What?"}, {"role": "assistant", "content": "x"}]
+    short = needed - 1
+    rows = [
+        {"messages": ask, "video": write_clip(tmp_path, "short.mp4", count=short)},
+        {"messages": ask, "video": write_frames(tmp_path, "short", short)},
+        {"messages": ask, "video": write_clip(tmp_path, "long.mp4", count=needed + 3)},
+        {"messages": ask, "video": write_frames(tmp_path, "long", needed + 3)},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as excinfo:
+        read_rows(path, "sft", image_count=ImageCount.for_family(processor))
+    stacked = (
+        f"{short} frame(s); this model family's processor stacks a batch's videos, each of exactly {needed} frames "
+        f"(spec video.sampling.num_frames with equal_frames), so a video needs at least {needed}"
+    )
+    assert problems_of(excinfo) == [
+        f"{path}:1: video: {tmp_path / 'short.mp4'}: {stacked}",
+        f"{path}:2: video: a list of {stacked}",
+    ]
+    assert len(read_rows(path, "sft").rows) == 4  # no family in mind: any count of 2 or more

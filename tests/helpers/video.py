@@ -55,7 +55,36 @@ def write_frames(folder: Path, name: str, count: int = 4, size: tuple[int, int] 
 # The families whose spec has a video: section, and one without (which refuses video rows by name).
 VIDEO_FAMILIES = [name for name in FAMILIES if read_spec(name).get("video")]
 NO_VIDEO_FAMILY = next(name for name in FAMILIES if not read_spec(name).get("video"))
-# The families whose videos expand into their image token (spec video.token: image.token; GLM-4.1V).
+
+
+def least_frames(family: str) -> int:
+    """The frames each video of ``family`` needs: its fixed count (spec video.sampling.num_frames with
+    equal_frames: the processor stacks a batch's videos), else 0 (any count a video processor takes)."""
+    sampling = read_spec(family)["video"].get("sampling") or {}
+    return sampling["num_frames"] if sampling.get("equal_frames") else 0
+
+
+def own_video_inputs(family: str) -> list[str]:
+    """The video inputs of ``family`` that are no image input (Qwen's pixel_values_videos and video_grid_thw); the
+    others hold the videos' frames among the images' (InternVL's pixel_values)."""
+    spec = read_spec(family)
+    images = {item["name"] for item in spec["image"]["inputs"]}
+    return [item["name"] for item in spec["video"]["inputs"] if item["name"] not in images]
+
+
+def video_pixels(family: str) -> str | None:
+    """The input holding ``family``'s own video pixels (not its grid), or None where the frames join the images'."""
+    grid = read_spec(family)["video"].get("grid_input")
+    return next((name for name in own_video_inputs(family) if name != grid), None)
+
+
+# One family whose videos have inputs of their own, for the tests that look at them
+OWN_VIDEO_FAMILY = next(name for name in VIDEO_FAMILIES if video_pixels(name))
+# The families whose videos expand into their image token yet have inputs of their own (GLM-4.1V): their
+# mm_token_type_ids tell a video's tokens from an image's. (InternVL's frames join the images' inputs: its video
+# tokens are image tokens to the model too.)
 SHARED_TOKEN_FAMILIES = [
-    name for name in VIDEO_FAMILIES if read_spec(name)["video"]["token"] == read_spec(name)["image"]["token"]
+    name
+    for name in VIDEO_FAMILIES
+    if read_spec(name)["video"]["token"] == read_spec(name)["image"]["token"] and video_pixels(name)
 ]
