@@ -49,6 +49,21 @@ WEIGHT_TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "rm": 1e-3}
 CANCELLED = {"reward_head.safetensors": {"bias"}}  # gradients of rounding alone (see above)
 
 
+# PPO logs its metrics rounded to 6 decimals (resonance/algorithms/ppo/trainer.py).
+LOGGED_UNIT = 1e-6
+
+
+def assert_logged_alike(got: dict[str, float], expected: dict[str, float]) -> None:
+    """One step's logged values (rewards, losses, KL, ratios) of two runs that sum the same numbers in another order:
+    within 1e-5 of each value (float32 reduction order, ~1e-7) plus one unit of the logged rounding, since values a
+    hair apart can round to neighbouring 6th decimals (measured: policy_loss -0.028928 against -0.028929)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        # (1 + 1e-9): 0.028929 - 0.028928 is a hair above 1e-6 in binary floating point
+        tolerance = 1e-5 * abs(value) + LOGGED_UNIT * (1 + 1e-9)
+        assert abs(got[key] - value) <= tolerance, f"step {expected['step']}: {key}: {got[key]} against {value}"
+
+
 def _launch(algorithm: str, argv: list[str], processes: int, config: Path = CONFIG) -> str:
     """``resonance train`` in one process, or in ``processes`` through ``accelerate launch`` with ``config``."""
     launch = [
@@ -136,8 +151,6 @@ def test_ppo_under_fsdp_matches_data_parallel(tiny_checkpoint, tmp_path: Path, m
     fsdp_logs, ddp_logs = runs["fsdp"][1], runs["ddp"][1]
     assert [entry["step"] for entry in fsdp_logs] == [entry["step"] for entry in ddp_logs] == [1, 2]
     for fsdp, ddp in zip(fsdp_logs, ddp_logs, strict=True):
-        assert fsdp.keys() == ddp.keys()
-        for key, value in ddp.items():  # rewards, losses, KL, ratios: as logged (rounded to 6 digits)
-            assert fsdp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {ddp['step']}: {key}"
+        assert_logged_alike(fsdp, ddp)
     _assert_weights_match(tmp_path / "fsdp", tmp_path / "ddp", 1e-4)
     _assert_loads(tmp_path / "fsdp")
