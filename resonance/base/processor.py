@@ -63,6 +63,8 @@ class VideoSupport:
     num_frames: int | None = None
     frames_fps: float = 2.0  # the rate a list of frame images is taken to have been sampled at
     equal_frames: bool = False  # every video reaches the processor with exactly num_frames frames (stacked)
+    with_images: bool = True  # False: the processor takes images or videos in one call, not both (SmolVLM)
+    chat_template: str | None = None  # the template a conversation with a video renders with (SmolVLM), None: model's
 
     def sampling(self) -> dict[str, Any]:
         """The keyword arguments of the video processor's ``sample_frames`` the spec sets."""
@@ -131,6 +133,17 @@ def _load_hf_processor(
         return processor
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{folder}: cannot load the processor: {exc}") from exc
+
+
+def _pad_rows(values: list[torch.Tensor], pad: int, side: str) -> torch.Tensor:
+    """Tensors of rows (rows, n, ...) padded along their second axis to the longest with ``pad`` (on the ``side``
+    "right" or "left"), then stacked along the rows."""
+    width = max(value.shape[1] for value in values)
+    padded = []
+    for value in values:
+        filler = value.new_full((value.shape[0], width - value.shape[1], *value.shape[2:]), pad)
+        padded.append(torch.cat([value, filler] if side == "right" else [filler, value], dim=1))
+    return torch.cat(padded)
 
 
 class VLProcessor:
@@ -236,10 +249,22 @@ class VLProcessor:
         """The conversation as the family's chat template renders it (byte for byte what the HF processor's
         ``apply_chat_template`` returns), within a time and size budget (:mod:`resonance.base.chat_template`).
         Messages' ``train`` flags are not passed to the template."""
+        template = self._video_template() if video_parts(messages) else None
         messages = [_for_template(message, self.text_messages_as_string) for message in messages]
-        return self.chat_template_source().render(
+        return (template or self.chat_template_source()).render(
             messages, add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map
         )
+
+    def _video_template(self) -> ChatTemplate | None:
+        """The template a conversation holding a video renders with (spec video.chat_template: the one the HF
+        processor's apply_chat_template swaps in for such conversations), or None: the model's."""
+        if self.video is None or self.video.chat_template is None:
+            return None
+        if getattr(self, "_video_chat_template", None) is None:
+            self._video_chat_template = ChatTemplate(
+                self.video.chat_template, f"{spec_file(type(self))}: video.chat_template"
+            )
+        return self._video_chat_template
 
     def render_training(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """The conversation as training renders it: :meth:`render_conversation`, or with TRL's training variant of
@@ -395,6 +420,8 @@ class VLProcessor:
         metadata the processor derives timestamps from; passed with ``do_sample_frames=False``."""
         has_images = images is not None and any(images)
         has_videos = videos is not None and any(videos)
+        if has_images and has_videos and self.video is not None and not self.video.with_images:
+            return self._call_per_kind(text, images, videos, **kwargs)
         call_kwargs = {**self.processor_call_kwargs, **kwargs}
         if has_videos:
             if self.video is None:
@@ -425,6 +452,41 @@ class VLProcessor:
             self._video_outputs_checked = True
         batch.pop("video_metadata", None)  # the processor's echo of its input, no model input
         return batch
+
+    def _call_per_kind(
+        self, text: list[str], images: list[list[Any]], videos: list[list[LoadedVideo]], **kwargs: Any
+    ) -> BatchFeature:
+        """A batch of image rows and video rows for a processor that takes one kind per call (spec
+        video.with_images: false): one call for the rows with videos, one for the others, joined row by row in the
+        batch's order. Token sequences are padded as the processor pads them; the per_row image and video inputs with
+        zero frames, as the processor pads a row of fewer images (the model drops all-zero ones)."""
+        if any(row_images and row_videos for row_images, row_videos in zip(images, videos, strict=True)):
+            raise ValueError(
+                f"{type(self).__name__}: a row with images and videos, which its processor takes one or the other of "
+                f"({spec_file(type(self))}: video.with_images: false)"
+            )
+        with_videos = [index for index, row in enumerate(videos) if row]
+        others = [index for index, row in enumerate(videos) if not row]
+        parts = [
+            (with_videos, self(text=[text[i] for i in with_videos], videos=[videos[i] for i in with_videos], **kwargs)),
+            (others, self(text=[text[i] for i in others], images=[images[i] for i in others], **kwargs)),
+        ]
+        visual = self.visual_input_names()
+        side = kwargs.get("padding_side", self.padding_side)
+        joined = {}
+        for key in {key for _, batch in parts for key in batch}:
+            values = [batch.get(key) for _, batch in parts]
+            if key in visual:  # per_row: a part without any (text-only rows) gets one zero frame per row
+                like = next(value for value in values if value is not None)
+                values = [
+                    like.new_zeros((len(rows), 1, *like.shape[2:])) if value is None else value
+                    for (rows, _), value in zip(parts, values, strict=True)
+                ]
+                joined[key] = _pad_rows(values, 0, "right")
+            else:  # the token sequences: input_ids, attention_mask
+                joined[key] = _pad_rows(values, self.tokenizer.pad_token_id if key == "input_ids" else 0, side)
+            joined[key] = joined[key][torch.tensor(with_videos + others).argsort()]
+        return BatchFeature(joined)
 
     def frame_indices(self, metadata: Any, **kwargs: Any) -> Any:
         """Which frames of a video file the model sees: the family's video processor's own ``sample_frames`` with
@@ -502,7 +564,7 @@ class VLProcessor:
         problem = ImageCount.for_family(self).problem(image_count)
         if problem is not None:
             return problem
-        if (problem := self.video_problem(messages)) is not None:
+        if (problem := self.video_problem(messages, image_count)) is not None:
             return problem
         if (problem := self.system_problem(messages)) is not None:
             return problem
@@ -521,14 +583,15 @@ class VLProcessor:
             )
         return None
 
-    def video_problem(self, messages: list[Message]) -> str | None:
-        """A video where the family takes none (no spec video section), or where the answer goes to the processor as
-        a suffix (not done for videos yet), or None."""
+    def video_problem(self, messages: list[Message], image_count: int = 0) -> str | None:
+        """A video where the family takes none (no spec video section), or next to images where its processor takes
+        one or the other (spec video.with_images: false), or where the answer goes to the processor as a suffix (not
+        done for videos yet), or None."""
         count = video_parts(messages)
         if not count:
             return None
-        if self.video is None:
-            return ImageCount.for_family(self).video_problem(count)
+        if (problem := ImageCount.for_family(self).video_problem(count, image_count)) is not None:
+            return problem
         if self.answer_as_suffix:
             return f"{count} video(s); the suffix answer path (spec chat_template.answer: suffix) takes no video yet"
         return None

@@ -59,7 +59,7 @@ def _video(video: Any) -> Call | None:
     sampling_defaults = type(video.sampling).model_fields
     kwargs = [
         (name, getattr(video, name))
-        for name in ("placeholder", "grid_input", "frames_input", "processor_kwargs")
+        for name in ("placeholder", "grid_input", "frames_input", "processor_kwargs", "with_images", "chat_template")
         if getattr(video, name) != defaults[name].get_default(call_default_factory=True)
     ]
     kwargs += [

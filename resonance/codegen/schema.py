@@ -302,6 +302,22 @@ class Video(_Strict):
         default_factory=dict,
         description="Extra keyword arguments for the processor call with videos (e.g. the video processor's size).",
     )
+    with_images: bool = Field(
+        True,
+        description=(
+            "Whether the processor takes images and videos in one call. false for SmolVLM's, whose videos' frames "
+            "replace a call's images: a conversation holding both is a row error, and a batch with rows of each "
+            "kind is processed in one call per kind, joined row by row (image and video inputs laid out per_row)."
+        ),
+    )
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "The chat template a conversation holding a video renders with, where the HF processor's "
+            "apply_chat_template swaps one in for such conversations whatever the checkpoint's (SmolVLM's: "
+            "transformers' DEFAULT_CHAT_TEMPLATE in processing_smolvlm.py, verbatim); unset, the model's template."
+        ),
+    )
 
     @model_validator(mode="after")
     def _grid_for_patches(self) -> Video:
@@ -677,6 +693,18 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _video_inputs_shared_alike(self) -> ModelSpec:
+        if self.video is not None and not self.video.with_images:
+            layouts = sorted({i.layout for i in (*self.image.inputs, *self.video.inputs)} - {"per_row"})
+            if layouts:
+                raise ValueError(
+                    f"video.with_images: false joins a batch's image rows and video rows row by row, so every image "
+                    f"and video input must be laid out per_row; got {layouts}"
+                )
+        if self.video is not None and self.video.chat_template is not None and self.chat_template.training == "trl":
+            raise ValueError(
+                "video.chat_template: not with chat_template.training: trl (TRL's training variant is of the model's "
+                "template)"
+            )
         if self.video is not None:
             image_layouts = {i.name: i.layout for i in self.image.inputs}
             for index, item in enumerate(self.video.inputs):

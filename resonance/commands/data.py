@@ -121,7 +121,11 @@ def _family_report(family: _Family, rows: list[dict[str, Any]]) -> FamilyReport:
     problems = [
         (row["source"], p)
         for row in rows
-        if (p := count.problem(len(row["images"])) or count.video_problem(len(row.get("videos") or []))) is not None
+        if (
+            p := count.problem(len(row["images"]))
+            or count.video_problem(len(row.get("videos") or []), len(row["images"]))
+        )
+        is not None
     ]
     refused = {source for source, _ in problems}
     fit = [row for row in rows if row["source"] not in refused]

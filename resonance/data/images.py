@@ -54,6 +54,7 @@ class ImageCount:
     most: int | None = None
     no_videos: str | None = None  # why a conversation may carry no video (None: it may)
     least_frames: int | None = None  # the frames each video needs (spec video.sampling.equal_frames), None: any
+    videos_alone: bool = False  # a conversation with videos may hold no image (spec video.with_images: false)
 
     @classmethod
     def for_family(cls, family: Any, most: int | None = None, no_videos: str | None = None) -> ImageCount:
@@ -69,7 +70,8 @@ class ImageCount:
             name = owner.__module__.rpartition(".")[2]  # a generated adapter's package is named after its spec
             no_videos = f"the model family {name!r} takes no video (its spec has no video: section)"
         least_frames = video.num_frames if video is not None and video.equal_frames else None
-        return cls(1 if family.images_required else 0, family_most, no_videos, least_frames)
+        alone = video is not None and not video.with_images
+        return cls(1 if family.images_required else 0, family_most, no_videos, least_frames, alone)
 
     def problem(self, count: int) -> str | None:
         """Why a conversation with ``count`` images cannot be taken, or None."""
@@ -79,8 +81,14 @@ class ImageCount:
             return f"{count} images, but this model family takes at most {self.most} per conversation"
         return None
 
-    def video_problem(self, count: int) -> str | None:
-        """Why a conversation with ``count`` videos cannot be taken, or None."""
+    def video_problem(self, count: int, images: int = 0) -> str | None:
+        """Why a conversation with ``count`` videos (and ``images`` images) cannot be taken, or None."""
+        if count and images and self.videos_alone:
+            return (
+                f"{images} image(s) and {count} video(s), but this model family's processor takes images or videos "
+                "in one call, not both (spec video.with_images: false); split the row, or pass --skip_invalid_rows "
+                "to skip (and count) such rows"
+            )
         if not count or self.no_videos is None:
             return None
         return (

@@ -447,7 +447,10 @@ class _RowConverter:
             return None
         # A family (or algorithm) that takes no video refuses the row by name before any video file is looked at.
         parts = sum(p["type"] == "video" for ms in columns.values() for m in ms for p in m["content"])
-        video_problem = self.image_count.video_problem(max(len(given_videos), len(self._inline_videos), parts))
+        image_parts = sum(p["type"] == "image" for ms in columns.values() for m in ms for p in m["content"])
+        video_problem = self.image_count.video_problem(
+            max(len(given_videos), len(self._inline_videos), parts), max(len(images), len(self._inline), image_parts)
+        )
         if video_problem is not None:
             problems.append(video_problem)
             return None

@@ -370,6 +370,21 @@ def test_per_frame_video_inputs_need_their_frame_counts(frames_input: str | None
             "video.sampling",
             "equal_frames: needs num_frames, the number of frames every video reaches the processor with",
         ),
+        (
+            "internvl",
+            "  sampling: {num_frames: 8, equal_frames: true}",
+            "  sampling: {num_frames: 8, equal_frames: true}\n  with_images: false",
+            "",
+            "video.with_images: false joins a batch's image rows and video rows row by row, so every image and video "
+            "input must be laid out per_row; got ['per_tile']",
+        ),
+        (
+            "qwen3_5",
+            "  sampling: {fps: 2.0}",
+            "  sampling: {fps: 2.0}\n  chat_template: '{{ messages }}'",
+            "",
+            "video.chat_template: not with chat_template.training: trl",
+        ),
     ],
 )
 def test_invalid_video_sections_are_named(project: Path, name, old, new, field, message) -> None:
