@@ -197,15 +197,21 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     image = tmp_path / "cat.png"
     Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
     video = video_ref(write_clip(tmp_path, "clip.mp4", count=max(8, least_frames(family)), fps=4))
-    conversation = [
-        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "video", "text": None}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
-    ]
-    rows = [{"messages": conversation, "images": [str(image)], "videos": [video], "source": "d:1"}] * copies
-    batch = dict(mapper.sft_collator(processor)(rows))
-    once = dict(mapper.sft_collator(processor)(rows[:1]))
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}
+    image_part, video_part = {"type": "image", "text": None}, {"type": "video", "text": None}
+    if read_spec(family)["video"].get("with_images", True):  # the image and the video in one row
+        first = [{"messages": [{"role": "user", "content": [image_part, video_part]}, answer], "images": [str(image)]}]
+        first[0]["videos"] = [video]
+    else:  # a processor of one kind per call (spec video.with_images: false): a video row and an image row
+        first = [
+            {"messages": [{"role": "user", "content": [video_part]}, answer], "images": [], "videos": [video]},
+            {"messages": [{"role": "user", "content": [image_part]}, answer], "images": [str(image)], "videos": []},
+        ]
+    first = [{**row, "source": f"d:{n + 1}"} for n, row in enumerate(first)]
+    batch = dict(mapper.sft_collator(processor)(first * copies))
+    once = dict(mapper.sft_collator(processor)(first))
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
-        if key in batch:  # the rows' tokens, the visual inputs of one row (as DPO's collator holds them)
+        if key in batch:  # the rows' tokens, the visual inputs of the first copy (as DPO's collator holds them)
             once[key] = batch[key]
 
     with torch.no_grad(), _video_tokens_apart(model, processor, batch):

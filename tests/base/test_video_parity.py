@@ -42,20 +42,44 @@ def txt(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def _conversations() -> list[list[dict[str, Any]]]:
-    """Two rows of different lengths: one video; and an image, a video and two answers."""
-    return [
+def _conversations(family: str) -> list[list[dict[str, Any]]]:
+    """Rows of different lengths: one video; and an image, a video and two answers. Where the family's processor
+    takes images or videos in one call (spec video.with_images: false) the image is a third row's, so that the batch
+    holds rows of both kinds."""
+    together = read_spec(family)["video"].get("with_images", True)
+    rows = [
         [
             {"role": "user", "content": [VIDEO, txt("What happens in the clip?")]},
             {"role": "assistant", "content": [txt("A white square moves right.")]},
         ],
         [
-            {"role": "user", "content": [IMAGE, VIDEO, txt("Same colours?")]},
+            {"role": "user", "content": [*([IMAGE] if together else []), VIDEO, txt("Same colours?")]},
             {"role": "assistant", "content": [txt("No.")]},
             {"role": "user", "content": [txt("And the square?")]},
             {"role": "assistant", "content": [txt("It is white.")]},
         ],
     ]
+    if not together:
+        rows.append(
+            [
+                {"role": "user", "content": [IMAGE, txt("Which colour?")]},
+                {"role": "assistant", "content": [txt("Grey.")]},
+            ]
+        )
+    return rows
+
+
+def _joined(batches: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batches of the HF processor stacked row by row: token sequences padded with ``pad_id`` (the
+    attention mask with 0), the rows' images or frames (pixel_values, pixel_attention_mask) with zero frames."""
+    joined = {}
+    for key in batches[0]:
+        values = [torch.as_tensor(batch[key]) for batch in batches]
+        width = max(value.shape[1] for value in values)
+        fill = pad_id if key == "input_ids" else 0
+        padded = [torch.cat([v, v.new_full((len(v), width - v.shape[1], *v.shape[2:]), fill)], dim=1) for v in values]
+        joined[key] = torch.cat(padded)
+    return joined
 
 
 def _rows(tmp_path: Path, given: str, family: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -174,19 +198,31 @@ def test_video_batch_matches_the_hf_processor(
     mapper, processor = load_adapter(ckpt)
     hf = load_hf_processor(ckpt)
     videos, images = _rows(tmp_path, given, family)
-    conversations = _conversations()
+    conversations = _conversations(family)
+    row_images = [images if IMAGE in c[0]["content"] else [] for c in conversations]
+    row_videos = [[videos[0]], [videos[1]], []][: len(conversations)]
     rows = [
-        {"messages": conversations[0], "images": [], "videos": [videos[0]], "source": "a.jsonl:1"},
-        {"messages": conversations[1], "images": images, "videos": [videos[1]], "source": "a.jsonl:2"},
+        {"messages": c, "images": i, "videos": v, "source": f"a.jsonl:{n + 1}"}
+        for n, (c, i, v) in enumerate(zip(conversations, row_images, row_videos, strict=True))
     ]
     batch = mapper.sft_collator(processor)(rows)
 
-    opened = [Image.open(images[0]).convert("RGB")]
     hf_conversations = [
-        _to_hf(conversations[0], [_reference_inputs(videos[0], family)], [], processor.text_messages_as_string),
-        _to_hf(conversations[1], [_reference_inputs(videos[1], family)], opened, processor.text_messages_as_string),
+        _to_hf(
+            c,
+            [_reference_inputs(video, family) for video in v],
+            [Image.open(path).convert("RGB") for path in i],
+            processor.text_messages_as_string,
+        )
+        for c, i, v in zip(conversations, row_images, row_videos, strict=True)
     ]
-    reference = _hf_batch(hf, hf_conversations, family, given)
+    if len(conversations) == 2:
+        reference = _hf_batch(hf, hf_conversations, family, given)
+    else:  # the HF processor takes rows of one kind per call: the video rows, then the image row
+        reference = _joined(
+            [_hf_batch(hf, hf_conversations[:2], family, given), _hf_batch(hf, hf_conversations[2:], family, given)],
+            hf.tokenizer.pad_token_id,
+        )
     video_names = processor.video_input_names()
     assert set(video_names) <= set(reference) and set(video_names) <= set(batch)
     for key in reference:

@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 import pytest
-from helpers import write_jsonl
+from helpers import read_spec, write_jsonl
 from helpers.video import NO_VIDEO_FAMILY, VIDEO_FAMILIES, least_frames, write_clip, write_frames
 from PIL import Image
 
@@ -286,3 +286,27 @@ def test_a_family_of_a_fixed_frame_count_names_shorter_videos_where_rows_are_rea
         f"{path}:2: video: a list of {stacked}",
     ]
     assert len(read_rows(path, "sft").rows) == 4  # no family in mind: any count of 2 or more
+
+
+def test_a_family_of_one_kind_per_call_names_rows_with_images_and_videos(tmp_path: Path, clip: str) -> None:
+    """A family whose processor takes images or videos in one call (spec video.with_images: false, SmolVLM's) names
+    a conversation holding both, when rows are read; rows of one kind are taken (a batch may mix them)."""
+    family = next(name for name in VIDEO_FAMILIES if not read_spec(name)["video"].get("with_images", True))
+    processor = importlib.import_module(f"resonance.generated.{family}").core_mapper.processor
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    answer = {"role": "assistant", "content": "x"}
+    rows = [
+        {"messages": [{"role": "user", "content": "<image><video>What?"}, answer], "images": ["a.png"], "video": clip},
+        {"messages": [{"role": "user", "content": "<video>What?"}, answer], "video": clip},
+        {"messages": [{"role": "user", "content": "<image>What?"}, answer], "images": ["a.png"]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as excinfo:
+        read_rows(path, "sft", image_count=ImageCount.for_family(processor))
+    assert problems_of(excinfo) == [
+        f"{path}:1: 1 image(s) and 1 video(s), but this model family's processor takes images or videos in one call, "
+        "not both (spec video.with_images: false); split the row, or pass --skip_invalid_rows to skip (and count) "
+        "such rows"
+    ]
+    loaded = read_rows(path, "sft", image_count=ImageCount.for_family(processor), skip_invalid=True)
+    assert loaded.skipped == 1 and len(loaded.rows) == 2
