@@ -157,7 +157,7 @@ class ImageEncodingMixin:
         # Videos that expand into the image token, next to images: the forward would read every image token as an
         # image's, so the features go to it merged in token order, computed here (with gradients where they train).
         both = "pixel_values" in inputs and _VIDEO_PIXELS in inputs
-        merged = both and self.vl_processor.video_token_is_image_token() and self.vl_model.reuses_image_features(base)
+        merged = both and self.vl_processor.video_tokens_need_types() and self.vl_model.reuses_image_features(base)
         sharded = weights_sharded(getattr(self, "accelerator", None))
         if merged and sharded:
             raise ValueError(

@@ -173,7 +173,7 @@ def video_output_problems(vl_processor: Any, batch: Any) -> list[FieldProblem]:
     """Video inputs the processor did not produce for a batch with videos, and a missing video token."""
     items, token, token_id = vl_processor.video.inputs, vl_processor.video.token, vl_processor.video_token_id
     problems = _output_problems("video", items, token, token_id, batch)
-    if vl_processor.video_token_is_image_token() and "input_ids" in batch:
+    if vl_processor.video_tokens_need_types() and "input_ids" in batch:
         # Videos expand into the image token: only mm_token_type_ids tell a video's tokens from an image's.
         if "mm_token_type_ids" not in batch:
             why = "the processor returns no mm_token_type_ids to tell a video's tokens from an image's"

@@ -66,6 +66,11 @@ class VideoSupport:
     with_images: bool = True  # False: the processor takes images or videos in one call, not both (SmolVLM)
     chat_template: str | None = None  # the template a conversation with a video renders with (SmolVLM), None: model's
 
+    @property
+    def fixed_frames(self) -> int | None:
+        """The frames every video reaches the processor with (num_frames, where equal_frames), or None: any count."""
+        return self.num_frames if self.equal_frames else None
+
     def sampling(self) -> dict[str, Any]:
         """The keyword arguments of the video processor's ``sample_frames`` the spec sets."""
         return {k: v for k, v in (("fps", self.fps), ("num_frames", self.num_frames)) if v is not None}
@@ -699,7 +704,7 @@ class VLProcessor:
     def video_input_names(self) -> list[str]:
         return [] if self.video is None else [item.name for item in self.video.inputs]
 
-    def video_token_is_image_token(self) -> bool:
+    def video_tokens_need_types(self) -> bool:
         """Whether videos expand into the image token yet have inputs of their own (spec video.token: image.token;
         GLM-4.1V), so that only mm_token_type_ids tell a video's tokens from an image's. Where the videos' frames
         join the images' inputs (InternVL) their tokens are image tokens to the model too: False."""
@@ -711,7 +716,7 @@ class VLProcessor:
         """Where a batch's tokens stand for video features: its video tokens; where they are image tokens too, those
         its mm_token_type_ids mark as a video's (2, transformers' value for video tokens)."""
         mask = batch["input_ids"] == self.video_token_id
-        if self.video_token_is_image_token():
+        if self.video_tokens_need_types():
             mask &= torch.as_tensor(batch["mm_token_type_ids"]) == VIDEO_TOKEN_TYPE
         return mask
 

@@ -69,7 +69,7 @@ class ImageCount:
             owner = family if isinstance(family, type) else type(family)
             name = owner.__module__.rpartition(".")[2]  # a generated adapter's package is named after its spec
             no_videos = f"the model family {name!r} takes no video (its spec has no video: section)"
-        least_frames = video.num_frames if video is not None and video.equal_frames else None
+        least_frames = None if video is None else video.fixed_frames
         alone = video is not None and not video.with_images
         return cls(1 if family.images_required else 0, family_most, no_videos, least_frames, alone)
 

@@ -139,12 +139,6 @@ def _repeated_as_sampled(frames: Any, indices: Any) -> Any:
     return frames[np.searchsorted(unique, indices)]
 
 
-def least_frames(processor: Any) -> int | None:
-    """The frames every video of a family needs (spec video.sampling.num_frames where equal_frames), or None."""
-    video = getattr(processor, "video", None)
-    return video.num_frames if video is not None and video.equal_frames else None
-
-
 @dataclass(frozen=True)
 class LoadedVideo:
     """A decoded video: its frames as an array (frames, height, width, 3) of RGB bytes, transformers'
@@ -166,7 +160,7 @@ def load_row_videos(processor: Any, videos: list[dict[str, Any]], source: str) -
     from PIL import Image
     from transformers.video_utils import VideoMetadata, load_video
 
-    least = least_frames(processor)
+    least = None if processor.video is None else processor.video.fixed_frames
     loaded = []
     for video in videos:
         if video["path"] is not None:

@@ -158,7 +158,7 @@ def _video_tokens_apart(model: torch.nn.Module, processor: Any, batch: dict[str,
     token (spec video.token: image.token, GLM-4.1V), transformers' forward reads every image token as an image's and
     refuses such a batch: its placeholder masks are then told apart by the batch's mm_token_type_ids (transformers'
     processor marks an image's tokens 1, a video's 2)."""
-    if not processor.video_token_is_image_token():
+    if not processor.video_tokens_need_types():
         yield
         return
     inner = model.model
@@ -228,7 +228,7 @@ def test_video_features_encoded_once_give_the_forward_s_loss(
     assert len(calls) == 1 and encoded["pixel_values"] is None and encoded.get(pixels or "pixel_values") is None
     # videos expanded into the image token (with inputs of their own, or among the images') reach the forward with
     # the images' features, in token order
-    merged = processor.video_token_is_image_token() or not pixels
+    merged = processor.video_tokens_need_types() or not pixels
     assert set(encoded["mm_encoder_outputs"]) == ({"image"} if merged else {"image", "video"})
     with torch.no_grad():
         got = model(
