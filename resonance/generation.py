@@ -1,8 +1,13 @@
-"""Batched generation from prompt rows: what ``resonance generate``, PPO rollouts and evaluation share.
+"""Batched generation from prompt rows: what ``resonance generate``, PPO and GRPO rollouts and evaluation share.
 
 :func:`generate_batch` takes canonical prompt rows (``resonance.data``, kind ``"prompt"``) and returns the answers'
 texts and token ids. The processor runs in inference mode (left padding), so every row of a batch continues at the
 same position and a batch generates what each row would alone.
+
+The decoding itself is behind one small interface, :class:`RolloutEngine`; :class:`TransformersEngine` is the one
+there is: transformers' ``generate``, with its static KV cache and compiled decode step on a GPU
+(``cache_implementation``, see :func:`decode_settings`). An engine such as vLLM or SGLang would be another
+implementation of the same method, taking the processor's batch and returning a :class:`Generation`.
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
-from resonance.errors import RowError
+from resonance.errors import ConfigError, RowError
 
 logger = logging.getLogger("resonance")
 
@@ -82,9 +87,11 @@ def generate_from(
     model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
 ) -> Generation:
     """Generate from a prompt batch of :class:`~resonance.base.collator.VLPromptCollator` (its ``inputs`` are moved
-    to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call."""
+    to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call.
+    ``generation_kwargs["cache_implementation"]`` may also be ``"auto"`` (the default): see :func:`decode_settings`."""
     inputs = to_model_device(batch["inputs"], model)
     generation_kwargs = cap_new_tokens(model, batch, generation_kwargs)
+    generation_kwargs = decode_settings(model, inputs["input_ids"].shape[1], generation_kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -101,6 +108,81 @@ def generate_from(
     tokenizer = vl_processor.tokenizer
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
     return Generation(prompts=batch["prompts"], texts=texts, token_ids=token_ids, sequences=sequences, inputs=inputs)
+
+
+class RolloutEngine(Protocol):
+    """What turns a prompt batch into answers: PPO's rollouts, ``resonance generate`` and GRPO's completions (through
+    :func:`decode_settings`, as TRL's trainer calls ``generate`` itself) go through it."""
+
+    def generate(
+        self, model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
+    ) -> Generation:
+        """Answers for a :class:`~resonance.base.collator.VLPromptCollator` batch, sampled from ``model`` as
+        ``generation_kwargs`` say (transformers' ``GenerationConfig`` fields)."""
+        ...
+
+
+class TransformersEngine:
+    """:func:`generate_from`: transformers' ``generate`` on the training model itself (LoRA and all), with the static
+    cache and compiled decode step where :func:`decode_settings` chooses them."""
+
+    def generate(
+        self, model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
+    ) -> Generation:
+        return generate_from(model, vl_processor, batch, generation_kwargs)
+
+
+CACHE_CHOICES = ("auto", "static", "dynamic")
+CACHE_BUCKET = 256  # static cache lengths are rounded up to this: prompts of other lengths reuse the compiled step
+
+
+def check_cache_implementation(value: str | None) -> None:
+    """A :class:`ConfigError` unless ``value`` is one of :data:`CACHE_CHOICES` or a transformers cache
+    (``--cache_implementation``)."""
+    from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+
+    if value is not None and value not in (*CACHE_CHOICES, *ALL_CACHE_IMPLEMENTATIONS):
+        choices = ", ".join(dict.fromkeys((*CACHE_CHOICES, *ALL_CACHE_IMPLEMENTATIONS)))
+        raise ConfigError(f"--cache_implementation {value}: must be one of {choices}")
+
+
+def static_cache_by_default(model: Any, generation_kwargs: dict[str, Any]) -> bool:
+    """What ``cache_implementation="auto"`` picks: the static cache (and with it transformers' compiled decode step)
+    for a model on a CUDA device whose class says it compiles whole (``_can_compile_fullgraph``), unquantised,
+    and with whole weights (not in step with other processes, ``synced_gpus``, nor under FSDP or ZeRO-3, which
+    gather weights in every forward pass)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    if generation_kwargs.get("synced_gpus") or generation_kwargs.get("disable_compile"):
+        return False
+    if is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "hf_quantizer", None) is not None or not getattr(base, "_can_compile_fullgraph", False):
+        return False
+    device = next(base.parameters()).device
+    return device.type == "cuda"
+
+
+def decode_settings(model: Any, prompt_length: int, generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generation_kwargs`` with ``cache_implementation`` decided: ``"auto"`` (or absent) becomes ``"static"`` where
+    :func:`static_cache_by_default` says so and is dropped otherwise (transformers' dynamic cache); ``"dynamic"`` is
+    dropped too. A static cache is sized for the prompt and ``max_new_tokens`` rounded up to :data:`CACHE_BUCKET`
+    (transformers keeps the longest size a model has used, so the compiled decode step is reused by shorter
+    prompts). On a GPU transformers then compiles the decode step (``torch.compile``, CUDA graphs); on the CPU it
+    does not, and the static cache only changes where the keys and values are kept."""
+    cache = generation_kwargs.get("cache_implementation") or "auto"
+    if cache == "auto":
+        cache = "static" if static_cache_by_default(model, generation_kwargs) else "dynamic"
+    settings = {key: value for key, value in generation_kwargs.items() if key != "cache_implementation"}
+    if cache == "dynamic":
+        return settings
+    settings["cache_implementation"] = cache
+    new_tokens = generation_kwargs.get("max_new_tokens")
+    if new_tokens is not None and cache in ("static", "offloaded_static") and "max_cache_len" not in settings:
+        settings["max_cache_len"] = -(-(prompt_length + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    return settings
 
 
 def position_limit(model: Any) -> int | None:

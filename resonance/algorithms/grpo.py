@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
+from resonance.generation import check_cache_implementation, decode_settings
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -80,10 +81,19 @@ class VLGRPOConfig(GRPOConfig):
 
     reward_funcs: str | None = reward_funcs_field()
     reward_timeout: float = reward_timeout_field()
+    cache_implementation: str | None = field(
+        default="auto",
+        metadata={
+            "help": "The completions' KV cache: auto (static, with transformers' compiled decode step, on a GPU for "
+            "families that compile whole; dynamic elsewhere), static, dynamic, or another transformers "
+            "cache_implementation."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_reward_timeout(self.reward_timeout)
+        check_cache_implementation(self.cache_implementation)
 
 
 # ----------------------------------------------------------------------------------------------- family
@@ -161,7 +171,16 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                 {*(config.generation_kwargs or {}).get("suppress_tokens", []), *vl_processor.placeholder_token_ids()}
             )
             config.generation_kwargs = {**(config.generation_kwargs or {}), "suppress_tokens": suppress}
-        super().__init__(*args, **kwargs)
+        # TRL hands cache_implementation to transformers' GenerationConfig as it is, which knows no "auto": decided
+        # per call instead (_generate_single_turn), once the model is on its device.
+        self.cache_implementation = getattr(config, "cache_implementation", None)
+        if config is not None:
+            config.cache_implementation = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if config is not None:
+                config.cache_implementation = self.cache_implementation
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         rows = []
@@ -186,9 +205,30 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         return prompt_ids, images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        self._decode_settings(max(len(ids) for ids in prompt_ids))
         # prompts without images: the placeholder pass where generate encodes the others' images
         with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+
+    def _decode_settings(self, prompt_length: int) -> None:
+        """The KV cache for this call's prompts (:func:`~resonance.generation.decode_settings`) in TRL's generation
+        config and in the generation kwargs it lays over the model's (TRL turns transformers' compiled decode step
+        off; a static cache turns it back on, as it does for PPO and ``resonance generate``)."""
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return
+        multiple = self.pad_to_multiple_of or 1
+        prompt_length = -(-prompt_length // multiple) * multiple
+        chosen = {**self.generation_kwargs, "cache_implementation": self.cache_implementation}
+        model = self.accelerator.unwrap_model(self.model)
+        settings = decode_settings(model, prompt_length, chosen)
+        static = {key: settings.get(key) for key in ("cache_implementation", "max_cache_len")}
+        self.generation_kwargs.pop("max_cache_len", None)
+        self.generation_kwargs.update({key: value for key, value in static.items() if value is not None})
+        if static["cache_implementation"] is None:
+            self.generation_kwargs.pop("cache_implementation", None)
+        for key, value in static.items():
+            setattr(self.generation_config, key, value)
+        self.generation_config.disable_compile = static["cache_implementation"] is None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         # TRL passes every processor output of the prompts here for the old/reference log-probs (and only the ones

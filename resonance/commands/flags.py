@@ -548,6 +548,8 @@ def generation_problems(settings: Mapping[str, Any]) -> list[str]:
         )
     if problems:
         return problems
+    if settings.get("cache_implementation") == "auto":  # ours (resonance.generation.decode_settings), not transformers'
+        settings = {key: value for key, value in settings.items() if key != "cache_implementation"}
     try:
         GenerationConfig(**settings).validate()
     except (ValueError, TypeError) as exc:

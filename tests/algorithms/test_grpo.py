@@ -176,6 +176,31 @@ def test_one_step(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], 
     assert losses and all(math.isfinite(loss) for loss in losses)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_static_cache_completions(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """--cache_implementation static (what auto picks on a GPU, uncompiled here) samples the very completions of the
+    dynamic cache (same seed, same draws: same rewards and lengths logged, same loss); auto on the CPU is dynamic."""
+    ckpt = tiny_checkpoint(family)
+    logged = {}
+    for cache in ("static", "auto"):
+        (tmp_path / cache).mkdir()
+        argv = _argv(ckpt, tmp_path / cache, "completion_code", per_device_train_batch_size=8, num_generations=4)
+        trainer, _ = build_trainer("grpo", *parse("grpo", [*argv, "--cache_implementation", cache]))
+        trainer.train()
+        (logged[cache],) = [entry for entry in trainer.state.log_history if "reward" in entry]
+        base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
+        if cache == "static":
+            assert trainer.generation_config.cache_implementation == "static"
+            assert not trainer.generation_config.disable_compile  # TRL turns it off; on a GPU the decode step compiles
+            assert base._previous_max_cache_length % 256 == 0  # transformers' record of the static cache it made
+        else:
+            assert trainer.generation_config.cache_implementation is None
+            assert not hasattr(base, "_previous_max_cache_length")
+    for key in ("reward", "completions/mean_length", "completions/max_length"):
+        assert logged["static"][key] == logged["auto"][key], key
+    assert logged["static"]["loss"] == pytest.approx(logged["auto"]["loss"], abs=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))
 def test_unsupported_family(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)

@@ -111,26 +111,7 @@ def test_rollout_and_one_step(family: str, tmp_path: Path, tiny_checkpoint: Call
     ckpt = tiny_checkpoint(family)
     argv = _argv(ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", "token_sum_reward")
     trainer, processor = build_trainer("ppo", *parse("ppo", argv))
-
-    greedy = {**trainer.generation_kwargs, "do_sample": False, "min_new_tokens": 4}
-    sampling, trainer.generation_kwargs = trainer.generation_kwargs, greedy
-    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
-    rollout, counts = trainer.generate_and_score(rows)
-    trainer.generation_kwargs = sampling
-    batch = trainer.data_collator(rows)
-    inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
-    policy, training = trainer.policy.model, trainer.policy.model.training
-    policy.eval()  # as the rollout generates (resonance.generation): Molmo2 asks for training inputs in training
-    with torch.no_grad():
-        reference = policy.generate(**inputs, **greedy, output_logits=True, return_dict_in_generate=True)
-    policy.train(training)
-    assert torch.equal(reference.sequences, rollout.sequences)
-    response = rollout.sequences[:, inputs["input_ids"].shape[1] :]
-    logits = torch.stack(reference.logits, dim=1)
-    logits[..., trainer.suppressed_tokens] = -math.inf
-    torch.testing.assert_close(rollout.logprobs, token_log_probs(logits, response), rtol=0, atol=2e-4)
-    torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=0, atol=1e-5)
-    assert counts["rows"] == 2 and rollout.mask.all()
+    _check_rollout(trainer)
 
     model = trainer.policy
     tower = load_core_mapper(ckpt).model.get_vision_tower(unwrap(model))
@@ -147,6 +128,49 @@ def test_rollout_and_one_step(family: str, tmp_path: Path, tiny_checkpoint: Call
     for key in ("reward", "kl", "entropy", "clip_fraction", "value_error", "policy_loss", "value_loss"):
         assert math.isfinite(entry[key]), (key, entry)
     assert entry["entropy"] > 0 and entry["response_length"] == 4
+
+
+def _check_rollout(trainer) -> None:
+    """A greedy rollout of two rows through the trainer's engine and settings: its sequences and log-probs are those
+    of transformers' plain ``generate`` (dynamic cache) on the same batch, its reference's equal its own."""
+    greedy = {**trainer.generation_kwargs, "do_sample": False, "min_new_tokens": 4}
+    sampling, trainer.generation_kwargs = trainer.generation_kwargs, greedy
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    rollout, counts = trainer.generate_and_score(rows)
+    trainer.generation_kwargs = sampling
+    batch = trainer.data_collator(rows)
+    inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
+    plain = {k: v for k, v in greedy.items() if k != "cache_implementation"}
+    policy, training = trainer.policy.model, trainer.policy.model.training
+    policy.eval()  # as the rollout generates (resonance.generation): Molmo2 asks for training inputs in training
+    with torch.no_grad():
+        reference = policy.generate(**inputs, **plain, output_logits=True, return_dict_in_generate=True)
+    policy.train(training)
+    assert torch.equal(reference.sequences, rollout.sequences)
+    response = rollout.sequences[:, inputs["input_ids"].shape[1] :]
+    logits = torch.stack(reference.logits, dim=1)
+    logits[..., trainer.suppressed_tokens] = -math.inf
+    torch.testing.assert_close(rollout.logprobs, token_log_probs(logits, response), rtol=0, atol=2e-4)
+    torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=0, atol=1e-5)
+    assert counts["rows"] == 2 and rollout.mask.all()
+
+
+# Sliding-window and chunked attention (gemma4, llama4), linear attention (qwen3_5), 3-D rope (qwen2_5_vl),
+# cross-attention (mllama) and a plain decoder (llava): the static cache's layer kinds.
+STATIC_CACHE_FAMILIES = ["llava", "qwen2_5_vl", "gemma4", "llama4", "qwen3_5", "mllama"]
+
+
+@pytest.mark.parametrize("family", STATIC_CACHE_FAMILIES)
+def test_static_cache_rollout(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """--cache_implementation static (what auto picks on a GPU, uncompiled here): the rollout's tokens and log-probs
+    are those of the dynamic cache's ``generate``, the static cache sized for the prompt and response in buckets."""
+    ckpt = tiny_checkpoint(family)
+    argv = _argv(ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", "token_sum_reward")
+    trainer, _ = build_trainer("ppo", *parse("ppo", [*argv, "--cache_implementation", "static"]))
+    assert trainer.generation_kwargs["cache_implementation"] == "static"
+    _check_rollout(trainer)
+    base = trainer.policy.model.get_base_model()
+    assert base._previous_max_cache_length % 256 == 0  # transformers' record of the static cache it made
 
 
 # ------------------------------------------------------------------------------------------ reward models

@@ -10,6 +10,7 @@ from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.algorithms.arguments import router_aux_loss_coef_field
 from resonance.errors import ConfigError
+from resonance.generation import check_cache_implementation
 from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
 
 # TrainingArguments flags PPO's own loop does not read, and what it does instead: given, they are refused by name
@@ -93,6 +94,14 @@ class VLPPOConfig(TrlDefaults):
         default=None, metadata={"help": "Subtracted from the score of a response that does not end with EOS."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the policy to 0."})
+    cache_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "The rollouts' KV cache: auto (static, with transformers' compiled decode step, on a GPU for "
+            "families that compile whole; dynamic elsewhere), static, dynamic, or another transformers "
+            "cache_implementation."
+        },
+    )
     ds3_gather_for_generation: bool = field(
         default=True,
         metadata={
@@ -123,6 +132,7 @@ class VLPPOConfig(TrlDefaults):
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         check_reward_timeout(self.reward_timeout)
+        check_cache_implementation(self.cache_implementation)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         unsupported = [name for name in self.report_to if name not in accelerate_trackers()]

@@ -41,7 +41,7 @@ from resonance.base.registry import ModelCoreMapper
 from resonance.base.reward import router_loss_coefficient
 from resonance.base.value import VLModelWithValueHead
 from resonance.errors import CheckpointError, ConfigError
-from resonance.generation import generate_from, generation_kwargs
+from resonance.generation import RolloutEngine, TransformersEngine, generation_kwargs
 from resonance.reward_funcs import load_reward_funcs
 
 logger = logging.getLogger("resonance")
@@ -180,7 +180,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             "temperature": args.temperature,
             "max_new_tokens": args.response_length,
             "suppress_tokens": self.suppressed_tokens,
+            "cache_implementation": args.cache_implementation,
         }
+        self.engine: RolloutEngine = TransformersEngine()
 
         self.generation_kwargs = generation_kwargs(vl_model, unwrap(self.policy.model), overrides)
         if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.FSDP:
@@ -269,7 +271,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             self._whole_weights_for_generation(),
             self._idle_encoder(self.model, batch["inputs"], self.policy.model, generation=True),  # no images too
         ):
-            generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+            generation = self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
         inputs = generation.inputs
         prompt_length = inputs["input_ids"].shape[1]
         sequences = generation.sequences
@@ -480,7 +482,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             rows = [self.eval_dataset[i] for i in range(start, min(start + size, len(self.eval_dataset)))]
             batch = self.data_collator(rows)
             with self._idle_encoder(self.model, batch["inputs"], self.policy.model):
-                generation = generate_from(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+                generation = self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
             keep = [i for i, ids in enumerate(generation.token_ids) if not self._is_empty(ids)]
             empty += len(rows) - len(keep)
             if not keep:
