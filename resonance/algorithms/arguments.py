@@ -48,13 +48,14 @@ class ModelArguments:
         },
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision tower's weights."})
-    compile_layers: bool = field(
-        default=False,
+    compile_layers: str = field(
+        default="auto",
         metadata={
             "help": "Compile each decoder layer and vision block in place with torch.compile (one compile per "
-            "layer kind, reused by every layer): fuses the small kernels that bound steps on small models. The "
-            "first steps are slower while it compiles. Pads batches to a multiple of 8 tokens unless "
-            "--pad_to_multiple_of says otherwise. sft, dpo and rm only."
+            "layer kind, reused by every layer): fuses the small kernels that bound steps on small models. auto: "
+            "on a CUDA GPU for sft, dpo and rm (not with --load_in_4bit/--load_in_8bit), off on the CPU; true or "
+            "false. The first steps are slower while it compiles (the time is logged). Pads batches to a multiple "
+            "of 8 tokens unless --pad_to_multiple_of says otherwise."
         },
     )
     load_in_4bit: bool = field(
@@ -86,9 +87,38 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        self.compile_layers = compile_choice(self.compile_layers)
         problems = quantization_problems(vars(self))
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def compiles_layers(self, algorithm: str, use_cpu: bool) -> bool:
+        """Whether ``resonance train ALGORITHM`` compiles the layers: --compile_layers true, or auto on a CUDA GPU
+        for an algorithm that takes it (not the generating ones) with unquantised weights."""
+        if self.compile_layers != "auto":
+            return self.compile_layers == "true"
+        import torch
+
+        from resonance.algorithms import ALGORITHMS
+
+        quantised = self.load_in_4bit or self.load_in_8bit
+        return ALGORITHMS[algorithm].compile_layers and torch.cuda.is_available() and not use_cpu and not quantised
+
+
+def compile_choice(value: Any) -> str:
+    """``--compile_layers``'s value as ``"auto"``, ``"true"`` or ``"false"`` (a bool, or the words
+    transformers' parser takes for one: true/false, yes/no, 1/0, any case)."""
+    from transformers.hf_argparser import string_to_bool
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    try:
+        return "true" if string_to_bool(text) else "false"
+    except Exception:  # argparse.ArgumentTypeError
+        raise ConfigError(f"--compile_layers {value}: expected auto, true or false") from None
 
 
 @dataclass

@@ -52,7 +52,7 @@ def quantization_problems(values: Mapping[str, Any]) -> list[str]:
             f"{flag} with --lora_target_modules none: quantised weights cannot be trained; QLoRA trains LoRA on "
             "top of them (give auto or layer names), or leave the quantisation out for full training"
         )
-    if values.get("compile_layers"):
+    if compile_asked(values.get("compile_layers", "auto")):  # given: auto leaves quantised layers uncompiled
         # Seen on an H200 with torch 2.11 and bitsandbytes 0.50.2: inductor's partitioner fails in the first step
         # ("Node ... was invalid, but is output") on a quantised LLaVA; the same layers unquantised compile.
         problems.append(
@@ -63,6 +63,19 @@ def quantization_problems(values: Mapping[str, Any]) -> list[str]:
         problems.append(f"{flag} with --use_cpu: bitsandbytes' quantised layers train on a CUDA GPU only")
     problems += environment_problems(flag)
     return problems
+
+
+def compile_asked(value: Any) -> bool:
+    """Whether ``--compile_layers`` was given as true (a bool, or transformers' words for one), not ``auto`` or false;
+    a value of neither kind is the flag's own error (:func:`resonance.algorithms.arguments.compile_choice`)."""
+    from transformers.hf_argparser import string_to_bool
+
+    if isinstance(value, bool):
+        return value
+    try:
+        return bool(string_to_bool(str(value).strip().lower()))
+    except Exception:  # argparse.ArgumentTypeError: auto, or not a choice
+        return False
 
 
 def environment_problems(flag: str) -> list[str]:

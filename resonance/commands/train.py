@@ -18,10 +18,11 @@ from resonance.algorithms.guards import (
     resolve_resume,
     save_result,
 )
+from resonance.algorithms.quantization import compile_asked
 from resonance.base.registry import load_core_mapper, use_adapters
 from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError
-from resonance.patches.compile_layers import compile_blocks
+from resonance.patches.compile_layers import CompileTimeLog, compile_blocks
 from resonance.patches.fsdp_cpu import keep_fsdp_on_cpu
 
 logger = logging.getLogger("resonance")
@@ -65,7 +66,7 @@ def parse(algorithm: str, argv: list[str]):
     problems += flag_problems
     given_here = flags.given_flags(parser, argv)
     values = vars(namespace)
-    if values.get("compile_layers") and not ALGORITHMS[algorithm].compile_layers:
+    if compile_asked(values.get("compile_layers")) and not ALGORITHMS[algorithm].compile_layers:
         # Generation guards each layer on its own KV-cache entry, so every layer would compile separately.
         supported = [a.name for a in ALGORITHMS.values() if a.compile_layers]
         listed = ", ".join(supported[:-1]) + " and " + supported[-1]
@@ -85,7 +86,8 @@ def parse(algorithm: str, argv: list[str]):
     except ValueError as exc:  # what the configs' own __post_init__ refuse (TRL's combinations of flags)
         raise ConfigError(f"{parser.prog}: {exc}") from None
     given = given_here | set(file.values)
-    if model_args.compile_layers and hasattr(config, "pad_to_multiple_of") and "pad_to_multiple_of" not in given:
+    compiled = model_args.compiles_layers(algorithm, config.use_cpu)
+    if compiled and hasattr(config, "pad_to_multiple_of") and "pad_to_multiple_of" not in given:
         # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
         # lengths of both kinds would compile every layer twice, the second time deep into training.
         config.pad_to_multiple_of = 8
@@ -103,10 +105,17 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     trainer, processor = ALGORITHMS[algorithm].builder()(mapper, model_args, data_args, config)
     if hasattr(trainer, "add_callback"):  # transformers/TRL trainers; PPO's own loop runs the same checks
         trainer.add_callback(NonFiniteGuard())
-    if model_args.compile_layers:
+    if model_args.compiles_layers(algorithm, config.use_cpu):
         models = (trainer.model, getattr(trainer, "ref_model", None))  # DPO's separate reference: full training
         count = sum(compile_blocks(m) for m in models if m is not None)
-        logger.info("compiled %d layers in place (torch.compile, one compile per layer kind)", count)
+        how = "--compile_layers true"
+        if model_args.compile_layers == "auto":  # the default: a block torch.compile fails on runs eagerly instead
+            import torch
+
+            torch._dynamo.config.suppress_errors = True
+            how = "--compile_layers auto, on a CUDA GPU; a block that fails to compile runs eagerly, with a warning"
+        logger.info("compiling %d layers in place (%s; torch.compile, one compile per layer kind)", count, how)
+        trainer.add_callback(CompileTimeLog())
     return trainer, processor
 
 

@@ -22,9 +22,14 @@ adapter, or adapters disabled). The per-function recompile limit is raised to ho
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from accelerate.utils.other import is_repeated_blocks
 from torch import nn
+from transformers import TrainerCallback
+
+logger = logging.getLogger("resonance")
 
 RECOMPILE_LIMIT = 32  # variants per compiled code object: grad mode x adapter x layer kind, with room
 
@@ -51,3 +56,29 @@ def _compile(module: nn.Module, compile_kwargs: dict) -> int:
                 count += 1
         return count
     return sum(_compile(child, compile_kwargs) for child in module.children())
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (dynamo's own record, inductor's work included)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
+
+
+class CompileTimeLog(TrainerCallback):
+    """Logs, after each step in which something compiled, the seconds it took and the total so far: the compiled
+    layers' cost, paid in the first steps (and again where a new variant is met)."""
+
+    def __init__(self) -> None:
+        self.seen = compile_seconds()
+        self.total = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        now = compile_seconds()
+        if now > self.seen:
+            self.total += now - self.seen
+            logger.info(
+                "step %d: %.1f s compiling layers (torch.compile; %.1f s in all)", state.global_step, now - self.seen,
+                self.total,
+            )  # fmt: skip
+            self.seen = now

@@ -9,7 +9,9 @@ twin (marked gpu) compares in bf16 on CUDA, where inductor emits Triton kernels.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from helpers import train_argv, write_data
 from torch._dynamo.utils import counters
 
+from resonance.algorithms.arguments import ModelArguments
 from resonance.base.model import unwrap
 from resonance.commands.train import build_trainer, parse
 from resonance.errors import ConfigError
@@ -39,14 +42,16 @@ def _train(algorithm: str, ckpt: Path, data: Path, out: Path, compiled: bool):
 
 @pytest.mark.parametrize(("family", "algorithm"), [("qwen2_5_vl", "dpo"), ("llava", "sft")])
 def test_compiled_layers_train_like_eager(
-    family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+    family: str, algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], caplog
 ) -> None:
     ckpt = tiny_checkpoint(family)
     data = write_data(tmp_path, algorithm)
     _, eager_losses, eager_lora = _train(algorithm, ckpt, data, tmp_path / "eager", compiled=False)
     torch._dynamo.reset()
     counters.clear()
-    model, losses, lora = _train(algorithm, ckpt, data, tmp_path / "compiled", compiled=True)
+    with caplog.at_level(logging.INFO, logger="resonance"):
+        model, losses, lora = _train(algorithm, ckpt, data, tmp_path / "compiled", compiled=True)
+    assert re.search(r"step 1: [\d.]+ s compiling layers \(torch.compile; [\d.]+ s in all\)", caplog.text)
 
     base = unwrap(model)
     blocks = [m for m in base.modules() if getattr(m, "_compiled_call_impl", None) is not None]
@@ -60,6 +65,33 @@ def test_compiled_layers_train_like_eager(
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     for name, weight in eager_lora.items():
         assert (lora[name] - weight).norm() <= 1e-4 * weight.norm() + 1e-8, name
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dpo_reference_runs_as_the_policy_when_compiled(
+    compiled: bool, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """Compiled, the reference forward runs in the policy's compiled variant (gradients on, checkpointing kept), so
+    at step 0 it reproduces the policy's log-probs in any precision; eager, it runs under ``no_grad`` as TRL's does.
+    Either way the first loss is log 2 and the update is the same."""
+    argv = train_argv(
+        "dpo", tiny_checkpoint("qwen2_5_vl"), write_data(tmp_path, "dpo"), tmp_path / "out",
+        max_steps=1, lora_dropout=0, gradient_checkpointing=True, compile_layers=compiled,
+    )  # fmt: skip
+    torch._dynamo.reset()
+    trainer, _ = build_trainer("dpo", *parse("dpo", argv))
+    layer = unwrap(trainer.model).model.language_model.layers[0]
+    seen: list[tuple[bool, bool]] = []
+    layer.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_grad_enabled(), module.gradient_checkpointing))
+    )
+    trainer.train()
+    policy, reference = seen  # TRL runs the policy's forward first (checkpointing recomputes it without the hook)
+    assert policy == (True, True)
+    assert reference == ((True, True) if compiled else (False, False))
+    (loss,) = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+    assert not any(p.grad is not None for n, p in trainer.model.named_parameters() if ".ref." in n)
 
 
 def test_compile_blocks_is_idempotent(tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -81,6 +113,34 @@ def test_compile_layers_refused_for_generation(algorithm: str) -> None:
             ["--model_name_or_path", "m", "--data_path", "d", "--reward_funcs", "m:f", "--compile_layers", "True"],
         )
     assert exc.value.exit_code == 2
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm", "ppo", "grpo"])
+def test_compile_layers_auto(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default, auto: on a CUDA GPU for the algorithms that take it (padded to 8 as when asked), off on the CPU,
+    with --use_cpu and with quantised layers; never refused."""
+    argv = ["--model_name_or_path", "m", "--data_path", "d", "--reward_funcs", "m:f"]
+    argv = argv if algorithm in ("ppo", "grpo") else argv[:4]
+    model_args, _, config = parse(algorithm, argv)
+    assert model_args.compile_layers == "auto" and not model_args.compiles_layers(algorithm, use_cpu=False)
+    assert getattr(config, "pad_to_multiple_of", None) is None
+    takes = algorithm in ("sft", "dpo", "rm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_args.compiles_layers(algorithm, use_cpu=False) is takes
+    assert not model_args.compiles_layers(algorithm, use_cpu=True)
+    model_args.load_in_4bit = True
+    assert not model_args.compiles_layers(algorithm, use_cpu=False)
+    monkeypatch.undo()
+    if takes:  # compiled by auto, the batches are padded as when asked
+        monkeypatch.setattr(ModelArguments, "compiles_layers", lambda self, algorithm, use_cpu: True)
+        assert parse(algorithm, argv)[2].pad_to_multiple_of == 8
+
+
+@pytest.mark.parametrize(("value", "choice"), [(True, "true"), ("False", "false"), ("yes", "true"), ("0", "false")])
+def test_compile_layers_values(value: object, choice: str) -> None:
+    assert ModelArguments(model_name_or_path="m", compile_layers=value).compile_layers == choice
+    with pytest.raises(ConfigError, match="--compile_layers sometimes: expected auto, true or false"):
+        ModelArguments(model_name_or_path="m", compile_layers="sometimes")
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm"])

@@ -123,14 +123,59 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
         layout = self.pair_layout(model, inputs)
         with self._idle_encoder(model, inputs):  # no gradient here: only the other processes' collectives
             inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
-            with sharing(layout, model, self.ref_model):
+            with sharing(layout, model, self.ref_model), self._reference_as_trained(model):
                 return super().compute_ref_log_probs(model, inputs)
+
+    @contextlib.contextmanager
+    def _reference_as_trained(self, model: torch.nn.Module) -> Iterator[None]:
+        """With compiled layers and the reference an adapter of the policy, TRL's reference forwards (those it runs
+        under ``no_grad``) run as the policy's do: gradients on (their outputs then detached: nothing flows back) and
+        gradient checkpointing kept.
+
+        torch.compile makes one variant of each layer for forwards with gradients and one without; in bf16 their
+        kernels may round differently, so a reference pass under ``no_grad`` need not reproduce the policy's log-probs
+        at step 0, when the two are the same weights (on an H100, LLaVA-1.5-7B's first compiled DPO loss was 0.6711,
+        not log 2). In the policy's variant it does; the cost is the memory of a checkpointed forward while it runs."""
+        base = unwrap(model)
+        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules())
+        if not (compiled and self.ref_model is None and model.training):
+            yield
+            return
+        import trl.trainer.dpo_trainer as trl_dpo
+
+        switched: list[bool] = []
+
+        def enable_grad(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            switched.append(not torch.is_grad_enabled())  # the reference's pass; the policy's has gradients already
+            torch.set_grad_enabled(True)
+
+        def detach(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            if not switched.pop():
+                return output
+            torch.set_grad_enabled(False)
+            for key, value in output.items():
+                if isinstance(value, torch.Tensor):
+                    output[key] = value.detach()
+            return output
+
+        handles = [
+            model.register_forward_pre_hook(enable_grad, with_kwargs=True),
+            model.register_forward_hook(detach, with_kwargs=True),
+        ]
+        keep = trl_dpo.disable_gradient_checkpointing
+        trl_dpo.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            trl_dpo.disable_gradient_checkpointing = keep
+            for handle in handles:  # grad mode: TRL's no_grad restores it on leaving, whatever happened inside
+                handle.remove()
 
     def _compute_loss(self, model, inputs, return_outputs):
         layout = self.pair_layout(model, inputs)
         with self._idle_encoder(model, inputs) as idle:
             inputs = self._image_model_inputs(model, inputs, copies=1 if layout else 2)
-            with sharing(layout, model, self.ref_model):
+            with sharing(layout, model, self.ref_model), self._reference_as_trained(model):
                 result = super()._compute_loss(model, inputs, return_outputs)
         return add_to_loss(result, idle.term)
 

@@ -1,0 +1,35 @@
+"""The RL benchmark runs end to end on tiny models (``--tiny``, the CPU): every part measured, none failed. Its
+figures are not checked here (speed is the benchmark's output on a GPU, never a test's assertion)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_rl_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "bench_rl.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "bench_rl.py"), "--tiny", "--out", str(out),
+        "--decode_batches", "2", "--decode_repeats", "1", "--completions", "4", "--num_generations", "2",
+        "--warmup", "1", "--steps", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parts = {entry["part"]: entry for entry in report["results"]}
+    assert set(parts) == {"decode", "grpo", "ppo"}
+    assert not [entry["error"] for entry in report["results"] if "error" in entry]
+    decode = parts["decode"]["batches"]["2"]
+    assert decode["dynamic"]["cache"] == "dynamic" and decode["auto"]["cache"] == "dynamic"  # auto: static on a GPU
+    for side in ("ours", "trl"):
+        grpo = parts["grpo"][side]
+        assert grpo["completions_per_s"] > 0 and grpo["tokens_per_step"] > 0
+        assert math.isclose(grpo["generation_s"] + grpo["scoring_s"] + grpo["update_s"], grpo["step_s"])
+    ppo = parts["ppo"]["ours"]
+    assert ppo["rollouts_per_s"] > 0 and min(ppo["generation_s"], ppo["scoring_s"], ppo["update_s"]) > 0
