@@ -237,6 +237,28 @@ class StepTimer:
         return _Timer()
 
 
+def lora_model(bundle: dict[str, Any], device: str) -> torch.nn.Module:
+    """The bundle's model, built from its config with the seed 0 (bf16 on CUDA, fp32 on the CPU, sdpa), its vision
+    tower frozen, with LoRA r=16 (no dropout) on the spec's default targets: what both sides train."""
+    from peft import LoraConfig, get_peft_model
+
+    mapper, spec = bundle["mapper"], bundle["spec"]
+    model_cls = getattr(__import__("transformers"), spec.model_class)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = model_cls._from_config(bundle["config"], dtype=dtype, attn_implementation="sdpa")
+    mapper.model.freeze_vision_tower(model)
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=mapper.model.lora_target_modules(mapper.model.default_lora_target),
+    )
+    return get_peft_model(model, lora)
+
+
 def lm_linear_params(model: torch.nn.Module, language_model_path: str) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = base.get_submodule(language_model_path)
@@ -275,7 +297,6 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     if algorithm == "rm" and who == "trl":
         raise NotImplementedError("TRL 1.16's RewardTrainer is text-only: it has no image reward model to compare")
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from resonance.algorithms.dpo.config import VLDPOConfig
@@ -287,24 +308,11 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    mapper, spec = bundle["mapper"], bundle["spec"]
-    model_cls = getattr(__import__("transformers"), spec.model_class)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = model_cls._from_config(bundle["config"], dtype=dtype, attn_implementation="sdpa")
-    mapper.model.freeze_vision_tower(model)
+    mapper = bundle["mapper"]
+    model = lora_model(bundle, device)
     n_lm = lm_linear_params(model, mapper.model.language_model_path)
     text_config = bundle["config"].get_text_config(decoder=True)
     lm_head = text_config.vocab_size * text_config.hidden_size
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-        target_modules=mapper.model.lora_target_modules(mapper.model.default_lora_target),
-    )
-    model = get_peft_model(model, lora)
     if algorithm == "rm":  # the scalar head on the LoRA model, as `resonance train rm` builds it
         model = mapper.reward_model(model)
     common = dict(

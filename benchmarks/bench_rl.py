@@ -1,0 +1,460 @@
+#!/usr/bin/env python
+"""Online RL, in one process: rollout decoding, GRPO (ours against TRL's own GRPOTrainer) and PPO (ours: no peer has
+VLM PPO), on the same random-weight real-size model, prompts, LoRA and precision as bench_train.py builds them.
+
+* ``decode``: one ``generate`` call per setting on a batch of prompts (LoRA model, as rollouts run it): transformers'
+  dynamic cache (what TRL's trainer and ``resonance generate`` ran before) against ours (``cache_implementation``
+  auto: the static cache and compiled decode step on a GPU). Milliseconds per decode step (a full call less a
+  one-token call, over the tokens between), tokens/s, and the memory-bandwidth floor of one decode step (the
+  language model's weight bytes over a device-to-device copy's bandwidth measured in the same run).
+* ``grpo``: steps of ours and of TRL's GRPOTrainer, each on a freshly built model from the same seed: completions/s,
+  tokens/s (prompt + completion tokens per step, per GPU, as the published figures count them), the step split into
+  generation / scoring (rewards, log-probs of the old policy and reference where run) / update, peak memory, and the
+  MFU of the update (language model forward and backward through activations, over a bf16 matmul measured here).
+* ``ppo``: steps of ours with the same split, rollouts as many and as long as GRPO's.
+
+    python benchmarks/bench_rl.py --out results.json                  # GPU, real sizes
+    python benchmarks/bench_rl.py --tiny --out /tmp/bench_rl.json     # CPU smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_train import (  # noqa: E402
+    REAL_SHAPES,
+    build,
+    lm_linear_params,
+    log,
+    lora_model,
+    make_rows,
+    matmul_peak_tflops,
+    step_flops,
+)
+
+
+def bench_reward(completions: list, **kwargs: Any) -> list[float]:
+    """A reward that differs between completions (so advantages are not all zero): their length modulo 7."""
+    return [float(len(str(completion)) % 7) for completion in completions]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Split:
+    """Seconds spent in named methods, per call, the device synchronised at both ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    def wrap(self, owner: Any, method: str, name: str) -> None:
+        inner = getattr(owner, method)
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                sync()
+                self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+
+        setattr(owner, method, timed)
+
+    def per_step(self, name: str, steps: int, skip: int) -> float:
+        """The mean over timed steps of the seconds in ``name`` (calls spread evenly over the steps)."""
+        calls = self.seconds.get(name, [])
+        if not calls:
+            return 0.0
+        per = len(calls) // steps
+        return sum(calls[skip * per :]) / (steps - skip)
+
+
+def our_processor(bundle: dict[str, Any]) -> Any:
+    from resonance.base.processor import VLProcessor
+
+    processor = VLProcessor.__new__(bundle["mapper"].processor)
+    VLProcessor.__init__(processor, bundle["processor"])
+    return processor
+
+
+def copy_bandwidth() -> float | None:
+    """Bytes per second of a device-to-device copy (read plus write), the median of ten."""
+    if not torch.cuda.is_available():
+        return None
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * source.numel() / statistics.median(times[3:])
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> dict:
+    from resonance.algorithms.ppo.rollout import PLAIN_SAMPLING
+    from resonance.base.collator import VLPromptCollator
+    from resonance.generation import decode_settings, generate_from
+
+    free(device)
+    model = lora_model(bundle, device)
+    processor = our_processor(bundle)
+    processor.infer()
+    base = model.get_base_model()
+    language = base.get_submodule(bundle["mapper"].model.language_model_path)
+    weight_bytes = sum(p.numel() * p.element_size() for p in language.parameters())
+    head = base.get_output_embeddings()
+    if head is not None and all(head.weight is not p for p in language.parameters()):
+        weight_bytes += head.weight.numel() * head.weight.element_size()
+    bandwidth = copy_bandwidth()
+    result: dict[str, Any] = {
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "floor_ms": 1e3 * weight_bytes / (bandwidth / 2) if bandwidth else None,  # the weights read once per step
+        "batches": {},
+    }
+    new = args.completion
+    for size in args.decode_batches:
+        prompts = [rows[i % len(rows)] for i in range(size)]
+        entry: dict[str, Any] = {}
+        for mode in ("dynamic", "auto"):
+            kwargs = {
+                **PLAIN_SAMPLING,
+                "min_new_tokens": new,
+                "suppress_tokens": processor.placeholder_token_ids(),
+                "cache_implementation": mode,
+                "pad_token_id": processor.tokenizer.pad_token_id,
+            }
+
+            def call(tokens: int, kwargs: dict[str, Any] = kwargs, prompts: list = prompts) -> float:
+                batch = VLPromptCollator(processor)(prompts)
+                sync()
+                start = time.perf_counter()
+                settings = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
+                generate_from(model, processor, batch, settings)
+                sync()
+                return time.perf_counter() - start
+
+            begin = time.perf_counter()
+            call(new)  # compiles on the first call (auto on a GPU)
+            first_s = time.perf_counter() - begin
+            call(2)
+            full = statistics.median(call(new) for _ in range(args.decode_repeats))
+            short = statistics.median(call(2) for _ in range(args.decode_repeats))
+            step_ms = 1e3 * (full - short) / (new - 2)
+            batch = VLPromptCollator(processor)(prompts)
+            settings = decode_settings(model, batch["inputs"]["input_ids"].shape[1], kwargs)
+            entry[mode] = {
+                "cache": settings.get("cache_implementation", "dynamic"),
+                "step_ms": step_ms,
+                "decode_tokens_per_s": size / step_ms * 1e3,
+                "call_s": full,
+                "first_call_s": first_s,
+                "prompt_tokens": int(batch["inputs"]["attention_mask"].sum()),
+            }
+            log(bundle["key"], "decode batch", size, mode, f"{step_ms:.2f} ms/step", f"first call {first_s:.1f} s")
+        entry["speedup"] = entry["dynamic"]["step_ms"] / entry["auto"]["step_ms"]
+        if result["floor_ms"]:
+            entry["auto_over_floor"] = entry["auto"]["step_ms"] / result["floor_ms"]
+        result["batches"][str(size)] = entry
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> Any:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from resonance.algorithms.grpo import VLGRPOConfig
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.completions,
+        num_generations=args.num_generations,
+        max_completion_length=args.completion,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        gradient_checkpointing=True,
+        remove_unused_columns=False,
+        seed=0,
+        beta=args.beta,
+        disable_tqdm=True,
+    )
+    model = lora_model(bundle, device)
+    hf_processor = bundle["processor"]
+    prompts = args.completions // args.num_generations * (args.warmup + args.steps)
+    if who == "ours":
+        processor = our_processor(bundle)
+        dataset = Dataset.from_list(
+            [{k: rows_ours[i % len(rows_ours)][k] for k in ("prompt", "images", "source")} for i in range(prompts)]
+        )
+        config = VLGRPOConfig(**common)
+        return bundle["mapper"].grpo_trainer(
+            model=model,
+            reward_funcs=[bench_reward],
+            args=config,
+            train_dataset=dataset,
+            processing_class=hf_processor,
+            vl_model=bundle["mapper"].model,
+            vl_processor=processor,
+        )
+    dataset = Dataset.from_list(
+        [{k: rows_trl[i % len(rows_trl)][k] for k in ("prompt", "images")} for i in range(prompts)]
+    )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=[bench_reward],
+        args=GRPOConfig(**common),
+        train_dataset=dataset,
+        processing_class=hf_processor,
+    )
+
+
+def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: float | None) -> dict[str, Any]:
+    from bench_train import StepTimer
+
+    free(device)
+    built = time.perf_counter()
+    trainer = grpo_trainer(bundle, who, rows_ours, rows_trl, args, device)
+    setup_s = time.perf_counter() - built
+    split = Split()
+    split.wrap(trainer, "_generate_single_turn", "generation")
+    split.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    steps, skip = args.warmup + args.steps, args.warmup
+    step_s = statistics.mean(timer.times[skip:])
+    generation = split.per_step("generation", steps, skip)
+    scoring = split.per_step("generate_and_score", steps, skip) - generation
+    update = step_s - generation - scoring
+    history = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
+    totals = [0.0] + [entry["num_tokens"] for entry in history]
+    tokens = statistics.mean(b - a for a, b in zip(totals[skip:], totals[skip + 1 :], strict=False))
+    completion_tokens = statistics.mean(e["completions/mean_length"] for e in history[skip:]) * args.completions
+    n_lm = lm_linear_params(trainer.model, bundle["mapper"].model.language_model_path)
+    text = bundle["config"].get_text_config(decoder=True)
+    flops = step_flops(n_lm, text.vocab_size * text.hidden_size, tokens, completion_tokens, "sft")
+    result = {
+        "completions_per_s": args.completions / step_s,
+        "tokens_per_s": tokens / step_s,
+        "step_s": step_s,
+        "generation_s": generation,
+        "scoring_s": scoring,
+        "update_s": update,
+        "tokens_per_step": tokens,
+        "completion_tokens_per_step": completion_tokens,
+        "update_mfu": flops / update / (peak * 1e12) if peak and update > 0 else None,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "each_step_s": timer.times,
+        "setup_s": setup_s,
+        "cache": getattr(trainer.generation_config, "cache_implementation", None) or "dynamic",
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
+    log(bundle["key"], "grpo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "losses")})
+    del trainer
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- PPO
+
+
+def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[str, Any]:
+    from datasets import Dataset
+
+    from resonance.algorithms.ppo.config import VLPPOConfig
+    from resonance.reward_funcs import ensure_checked
+
+    free(device)
+    mapper = bundle["mapper"]
+    built = time.perf_counter()
+    policy = lora_model(bundle, device)
+    processor = our_processor(bundle)
+    micro = args.completions // args.ppo_mini_batches
+    config = VLPPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=micro,
+        num_mini_batches=args.ppo_mini_batches,
+        num_ppo_epochs=args.ppo_epochs,
+        response_length=args.completion,
+        max_steps=args.warmup + args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        gradient_checkpointing=True,
+        seed=0,
+        reward_funcs="bench_rl:bench_reward",  # named for the config's check; the trainer gets the function below
+    )
+    rows = Dataset.from_list([{k: r[k] for k in ("prompt", "images", "source")} for r in rows_ours])
+    trainer = mapper.ppo_trainer(
+        model=mapper.value_model(policy),
+        args=config,
+        train_dataset=rows,
+        vl_model=mapper.model,
+        vl_processor=processor,
+        reward_funcs=ensure_checked([bench_reward], 60.0),
+        data_collator=mapper.ppo_collator(processor),
+        processing_class=bundle["processor"],
+    )
+    setup_s = time.perf_counter() - built
+    split = Split()
+    split.wrap(trainer.engine, "generate", "generation")
+    split.wrap(trainer, "generate_and_score", "generate_and_score")
+    split.wrap(trainer, "step", "step")
+    tokens: list[int] = []
+    inner = trainer.generate_and_score
+
+    def counted(rows: list[dict[str, Any]]) -> Any:
+        rollout, counts = inner(rows)
+        tokens.append(int(rollout.attention_mask.sum()))
+        return rollout, counts
+
+    trainer.generate_and_score = counted
+    trainer.train()
+    steps, skip = args.warmup + args.steps, args.warmup
+    step_s = split.per_step("step", steps, skip)
+    generation = split.per_step("generation", steps, skip)
+    scoring = split.per_step("generate_and_score", steps, skip) - generation
+    per_step = len(tokens) // steps
+    step_tokens = sum(tokens[skip * per_step :]) / (steps - skip)
+    lengths = [entry["response_length"] for entry in trainer.log_history[skip:]]
+    completion_tokens = statistics.mean(lengths) * args.completions
+    n_lm = lm_linear_params(trainer.policy.model, mapper.model.language_model_path)
+    text = bundle["config"].get_text_config(decoder=True)
+    update = step_s - generation - scoring
+    flops = args.ppo_epochs * step_flops(
+        n_lm, text.vocab_size * text.hidden_size, step_tokens, completion_tokens, "sft"
+    )
+    result = {
+        "rollouts_per_s": args.completions / step_s,
+        "tokens_per_s": step_tokens / step_s,
+        "step_s": step_s,
+        "generation_s": generation,
+        "scoring_s": scoring,
+        "update_s": update,
+        "tokens_per_step": step_tokens,
+        "update_mfu": flops / update / (peak * 1e12) if peak and update > 0 else None,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "each_step_s": split.seconds["step"],
+        "setup_s": setup_s,
+        "ppo_epochs": args.ppo_epochs,
+        "mini_batches": args.ppo_mini_batches,
+    }
+    log(bundle["key"], "ppo", {k: v for k, v in result.items() if k != "each_step_s"})
+    del trainer, policy
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write (rewritten after each measurement).")
+    parser.add_argument("--tiny", action="store_true", help="Tiny models on the CPU: a smoke test of the script.")
+    parser.add_argument("--models", default="qwen2_5_vl_3b", help=f"Comma-separated, of {', '.join(REAL_SHAPES)}.")
+    parser.add_argument("--parts", default="decode,grpo,ppo", help="Comma-separated: decode, grpo, ppo.")
+    parser.add_argument("--order", default="trl,ours", help="GRPO: which side runs first.")
+    parser.add_argument("--completions", type=int, default=16, help="Completions (rollouts) per step.")
+    parser.add_argument("--num_generations", type=int, default=4, help="GRPO: completions per prompt.")
+    parser.add_argument("--completion", type=int, default=128, help="New tokens per completion.")
+    parser.add_argument("--prompt_tokens", type=int, default=64, help="Text tokens per prompt (plus the image).")
+    parser.add_argument("--beta", type=float, default=0.0, help="GRPO's KL weight (TRL's default: 0, no reference).")
+    parser.add_argument("--ppo_epochs", type=int, default=2)
+    parser.add_argument("--ppo_mini_batches", type=int, default=2)
+    parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
+    parser.add_argument("--decode_repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="Steps not timed (the first compiles).")
+    parser.add_argument("--steps", type=int, default=2, help="Steps timed.")
+    args = parser.parse_args()
+    args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tiny:
+        args.completion = min(args.completion, 8)
+        args.prompt_tokens = min(args.prompt_tokens, 8)
+    import transformers
+    import trl
+
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": [],
+    }
+    peak = matmul_peak_tflops()
+    report["bf16_matmul_tflops"] = peak
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    parts = args.parts.split(",")
+    for key in args.models.split(","):
+        bundle = build(key, args.tiny)
+        folder = Path(tempfile.mkdtemp())
+        rows_ours, rows_trl = make_rows(bundle, 32, args.prompt_tokens, 4, folder)
+        for part in parts:
+            entry: dict[str, Any] = {"model": key, "part": part}
+            report["results"].append(entry)
+            try:
+                if part == "decode":
+                    entry.update(bench_decode(bundle, rows_ours, args, device))
+                elif part == "grpo":
+                    for who in args.order.split(","):
+                        entry[who] = bench_grpo(bundle, who, rows_ours, rows_trl, args, device, peak)
+                        save()
+                    entry["ratio_completions_per_s"] = (
+                        entry["ours"]["completions_per_s"] / entry["trl"]["completions_per_s"]
+                    )
+                elif part == "ppo":
+                    entry["ours"] = bench_ppo(bundle, rows_ours, args, device, peak)
+                    grpo = next((e for e in report["results"] if e["model"] == key and e["part"] == "grpo"), None)
+                    if grpo and "ours" in grpo:
+                        entry["ppo_step_over_our_grpo_step"] = entry["ours"]["step_s"] / grpo["ours"]["step_s"]
+            except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                log(key, part, "failed:", entry["error"])
+            save()
+    log("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
