@@ -137,6 +137,15 @@ def _counts_tiles(image_processor: Any) -> bool:
     return "num_patches" in counted
 
 
+def _group_size(rows: list[dict[str, Any]], size: int) -> int:
+    """``size`` where ``rows`` are groups of ``size`` copies of one row each (the prompt, its images and source), in a
+    row, as TRL's sampler repeats a prompt for its ``num_generations`` completions; else 1."""
+    if size <= 1 or len(rows) % size:
+        return 1
+    keys = [(row.get("source"), repr(row.get("prompt")), repr(row.get("images"))) for row in rows]
+    return size if all(keys[i] == keys[i - i % size] for i in range(len(keys))) else 1
+
+
 def max_images_for_grpo(vl_processor: type[VLProcessor]) -> int | None:
     """How GRPO narrows the family's image count (:class:`~resonance.data.images.ImageCount`), or None.
 
@@ -176,6 +185,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         self.cache_implementation = getattr(config, "cache_implementation", None)
         if config is not None:
             config.cache_implementation = None
+        self._copies = self._generating_copies = 1  # prompt copies per group in this batch (_group_size)
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -183,8 +193,12 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                 config.cache_implementation = self.cache_implementation
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._copies = _group_size(inputs, self.num_generations if self.model.training else self.num_generations_eval)
         rows = []
-        for row in inputs:
+        for index, row in enumerate(inputs):
+            if index % self._copies:  # a copy of the group's first row: the same prompt and images
+                rows.append(rows[-1])
+                continue
             source = row.get("source") or "<row>"
             images = load_row_images(self.vl_processor, list(row.get("images") or []), source)
             rows.append({**row, "prompt": [conversational_message(m) for m in row["prompt"]], "images": images})
@@ -197,18 +211,35 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         return super()._generate_and_score_completions(rows)
 
     def _tokenize_prompts(self, prompts: list) -> tuple[Any, Any, Any]:
+        # A group's prompt (num_generations copies in a row, as TRL's sampler lays them out) is processed once, and
+        # its images with it: the generation inputs hold each group once (_generate_single_turn samples the copies).
+        copies = self._copies if len(prompts) % self._copies == 0 else 1
+        self._generating_copies = copies
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts[::copies])
         # TRL 1.16 marks a prompt without images None among prompts with some, and later passes that list to the
         # processor for the scoring inputs, which refuses None: such a prompt gets no images ([]) instead.
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
-            images = [row_images or [] for row_images in images]
-        return prompt_ids, images, multimodal_fields
+            images = [row_images or [] for row_images in images for _ in range(copies)]
+        return [ids for ids in prompt_ids for _ in range(copies)], images, multimodal_fields
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        copies, self._generating_copies = self._generating_copies, 1  # the first turn's; tool turns are per row
         self._decode_settings(max(len(ids) for ids in prompt_ids))
-        # prompts without images: the placeholder pass where generate encodes the others' images
-        with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+        if copies > 1:
+            # transformers' generate encodes the group's images once, then samples num_return_sequences completions
+            # of its prompt, in the rows' order (each group's copies together)
+            prompt_ids, images = prompt_ids[::copies], (images[::copies] if images is not None else None)
+        self.generation_config.num_return_sequences = copies
+        self.generation_kwargs["num_return_sequences"] = copies
+        try:
+            # prompts without images: the placeholder pass where generate encodes the others' images
+            with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
+                return super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+                )
+        finally:
+            self.generation_config.num_return_sequences = 1
+            self.generation_kwargs.pop("num_return_sequences", None)
 
     def _decode_settings(self, prompt_length: int) -> None:
         """The KV cache for this call's prompts (:func:`~resonance.generation.decode_settings`) in TRL's generation

@@ -201,6 +201,43 @@ def test_static_cache_completions(family: str, tmp_path: Path, tiny_checkpoint: 
     assert logged["static"]["loss"] == pytest.approx(logged["auto"]["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])
+def test_group_prompt_encoded_once(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's prompt and images go through generation once (its num_generations completions sampled from one
+    copy): the vision tower sees a quarter of the images it sees row by row, and the completions, rewards and loss are
+    those of the row-by-row path (same seed, same draws)."""
+    import resonance.algorithms.grpo as grpo
+
+    ckpt = tiny_checkpoint(family)
+    logged, encoded = {}, {}
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(grpo, "_group_size", lambda rows, size: 1)
+        (tmp_path / str(grouped)).mkdir()
+        argv = _argv(ckpt, tmp_path / str(grouped), "completion_code", per_device_train_batch_size=8, num_generations=4)
+        trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+        tower = load_core_mapper(ckpt).model.get_vision_tower(trainer.model)
+        sizes: list[int] = []
+        tower.register_forward_pre_hook(
+            lambda module, args, kwargs: sizes.append(_images_in(args, kwargs)), with_kwargs=True
+        )
+        trainer.train()
+        (logged[grouped],) = [entry for entry in trainer.state.log_history if "reward" in entry]
+        encoded[grouped] = sizes[0]  # generation's pass comes first
+    assert encoded[True] * 4 == encoded[False]
+    for key in ("reward", "completions/mean_length", "completions/max_length"):
+        assert logged[True][key] == logged[False][key], key
+    assert logged[True]["loss"] == pytest.approx(logged[False]["loss"], abs=1e-5)
+
+
+def _images_in(args: tuple, kwargs: dict) -> int:
+    """The leading size of the pixels a vision tower's forward gets (images, tiles or patch rows)."""
+    pixels = kwargs.get("pixel_values", args[0] if args else None)
+    return int(pixels.shape[0])
+
+
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))
 def test_unsupported_family(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     ckpt = tiny_checkpoint(family)

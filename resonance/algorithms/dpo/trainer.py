@@ -134,7 +134,7 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
 
         torch.compile makes one variant of each layer for forwards with gradients and one without; in bf16 their
         kernels may round differently, so a reference pass under ``no_grad`` need not reproduce the policy's log-probs
-        at step 0, when the two are the same weights (on an H100, LLaVA-1.5-7B's first compiled DPO loss was 0.6711,
+        at step 0, when the two are the same weights (on an H200, LLaVA-1.5-7B's first compiled DPO loss was 0.6711,
         not log 2). In the policy's variant it does; the cost is the memory of a checkpointed forward while it runs."""
         base = unwrap(model)
         compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules())
