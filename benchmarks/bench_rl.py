@@ -140,7 +140,8 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
     result: dict[str, Any] = {
         "weight_bytes": weight_bytes,
         "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
-        "floor_ms": 1e3 * weight_bytes / (bandwidth / 2) if bandwidth else None,  # the weights read once per step
+        # the weights read once per step, at the copy's rate of bytes moved (read plus write)
+        "floor_ms": 1e3 * weight_bytes / bandwidth if bandwidth else None,
         "batches": {},
     }
     new = args.completion

@@ -201,6 +201,22 @@ def test_static_cache_completions(family: str, tmp_path: Path, tiny_checkpoint: 
     assert logged["static"]["loss"] == pytest.approx(logged["auto"]["loss"], abs=1e-5)
 
 
+def test_auto_cache_is_dynamic_for_grpo(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRPO's auto keeps transformers' dynamic cache even where PPO's would be static (a GPU): measured slower inside
+    TRL's trainer (benchmarks/NOTES.md, section 10); static must be asked for."""
+    import resonance.generation as generation
+
+    monkeypatch.setattr(generation, "static_cache_by_default", lambda model, kwargs: True)  # as on a GPU
+    argv = _argv(tiny_checkpoint("qwen2_5_vl"), tmp_path, "completion_code")
+    for given, expected in (("auto", None), ("static", "static")):
+        trainer, _ = build_trainer("grpo", *parse("grpo", [*argv, "--cache_implementation", given]))
+        trainer._decode_settings(40)
+        assert trainer.generation_config.cache_implementation == expected
+        assert generation.decode_settings(trainer.model, 40, {"max_new_tokens": 8})["cache_implementation"] == "static"
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])
 def test_group_prompt_encoded_once(
     family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
@@ -221,7 +237,7 @@ def test_group_prompt_encoded_once(
         tower = load_core_mapper(ckpt).model.get_vision_tower(trainer.model)
         sizes: list[int] = []
         tower.register_forward_pre_hook(
-            lambda module, args, kwargs: sizes.append(_images_in(args, kwargs)), with_kwargs=True
+            lambda module, args, kwargs, sizes=sizes: sizes.append(_images_in(args, kwargs)), with_kwargs=True
         )
         trainer.train()
         (logged[grouped],) = [entry for entry in trainer.state.log_history if "reward" in entry]
