@@ -17,7 +17,7 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
 from resonance.algorithms.guards import WholeCheckpoints
-from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss
+from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss, weights_sharded
 from resonance.algorithms.setup import build_offline_trainer
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
@@ -138,9 +138,13 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
         not log 2). In the policy's variant it does; the cost is the memory of a checkpointed forward while it runs."""
         base = unwrap(model)
         compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules())
-        if not (compiled and self.ref_model is None and model.training):
+        sharded = weights_sharded(self.accelerator)  # FSDP and ZeRO-3 hook gradients into every forward with them
+        if not (compiled and self.ref_model is None and model.training) or sharded:
             yield
             return
+        # the hooks go on the model inside any DDP wrapper: DDP's own forward stays under TRL's no_grad, so it does
+        # not wait for a backward pass through the reference
+        inner = self.accelerator.unwrap_model(model)
         import trl.trainer.dpo_trainer as trl_dpo
 
         switched: list[bool] = []
@@ -159,8 +163,8 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
             return output
 
         handles = [
-            model.register_forward_pre_hook(enable_grad, with_kwargs=True),
-            model.register_forward_hook(detach, with_kwargs=True),
+            inner.register_forward_pre_hook(enable_grad, with_kwargs=True),
+            inner.register_forward_hook(detach, with_kwargs=True),
         ]
         keep = trl_dpo.disable_gradient_checkpointing
         trl_dpo.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
