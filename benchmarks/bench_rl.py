@@ -118,6 +118,37 @@ def free(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def step_figures(
+    bundle: dict[str, Any],
+    model: torch.nn.Module,
+    times: tuple[float, float, float],
+    tokens: float,
+    completion_tokens: float,
+    passes: int,
+    peak: float | None,
+    device: str,
+) -> dict[str, Any]:
+    """An RL step's figures from its seconds ``(step, generation, scoring)`` (the update is the rest) and tokens:
+    throughput, the split, peak memory, and the MFU of the update, whose ``passes`` over the rollout each run the
+    language model forward and backward through activations (vision and recompute not counted)."""
+    step_s, generation, scoring = times
+    update = step_s - generation - scoring
+    n_lm = lm_linear_params(model, bundle["mapper"].model.language_model_path)
+    text = bundle["config"].get_text_config(decoder=True)
+    flops = passes * step_flops(n_lm, text.vocab_size * text.hidden_size, tokens, completion_tokens, "sft")
+    return {
+        "tokens_per_s": tokens / step_s,
+        "step_s": step_s,
+        "generation_s": generation,
+        "scoring_s": scoring,
+        "update_s": update,
+        "tokens_per_step": tokens,
+        "completion_tokens_per_step": completion_tokens,
+        "update_mfu": flops / update / (peak * 1e12) if peak and update > 0 else None,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- decode
 
 
@@ -265,25 +296,14 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
     step_s = statistics.mean(timer.times[skip:])
     generation = split.per_step("generation", steps, skip)
     scoring = split.per_step("generate_and_score", steps, skip) - generation
-    update = step_s - generation - scoring
     history = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
     totals = [0.0] + [entry["num_tokens"] for entry in history]
     tokens = statistics.mean(b - a for a, b in zip(totals[skip:], totals[skip + 1 :], strict=False))
     completion_tokens = statistics.mean(e["completions/mean_length"] for e in history[skip:]) * args.completions
-    n_lm = lm_linear_params(trainer.model, bundle["mapper"].model.language_model_path)
-    text = bundle["config"].get_text_config(decoder=True)
-    flops = step_flops(n_lm, text.vocab_size * text.hidden_size, tokens, completion_tokens, "sft")
+    times = (step_s, generation, scoring)
     result = {
         "completions_per_s": args.completions / step_s,
-        "tokens_per_s": tokens / step_s,
-        "step_s": step_s,
-        "generation_s": generation,
-        "scoring_s": scoring,
-        "update_s": update,
-        "tokens_per_step": tokens,
-        "completion_tokens_per_step": completion_tokens,
-        "update_mfu": flops / update / (peak * 1e12) if peak and update > 0 else None,
-        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        **step_figures(bundle, trainer.model, times, tokens, completion_tokens, 1, peak, device),
         "each_step_s": timer.times,
         "setup_s": setup_s,
         "cache": getattr(trainer.generation_config, "cache_implementation", None) or "dynamic",
@@ -359,22 +379,12 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     step_tokens = sum(tokens[skip * per_step :]) / (steps - skip)
     lengths = [entry["response_length"] for entry in trainer.log_history[skip:]]
     completion_tokens = statistics.mean(lengths) * args.completions
-    n_lm = lm_linear_params(trainer.policy.model, mapper.model.language_model_path)
-    text = bundle["config"].get_text_config(decoder=True)
-    update = step_s - generation - scoring
-    flops = args.ppo_epochs * step_flops(
-        n_lm, text.vocab_size * text.hidden_size, step_tokens, completion_tokens, "sft"
-    )
+    times = (step_s, generation, scoring)
     result = {
         "rollouts_per_s": args.completions / step_s,
-        "tokens_per_s": step_tokens / step_s,
-        "step_s": step_s,
-        "generation_s": generation,
-        "scoring_s": scoring,
-        "update_s": update,
-        "tokens_per_step": step_tokens,
-        "update_mfu": flops / update / (peak * 1e12) if peak and update > 0 else None,
-        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        **step_figures(
+            bundle, trainer.policy.model, times, step_tokens, completion_tokens, args.ppo_epochs, peak, device
+        ),
         "each_step_s": split.seconds["step"],
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,

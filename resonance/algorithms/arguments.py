@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from resonance.algorithms.compile_flag import compile_choice
 from resonance.algorithms.quantization import quantization_problems
 from resonance.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from resonance.errors import ConfigError
@@ -103,22 +104,6 @@ class ModelArguments:
 
         quantised = self.load_in_4bit or self.load_in_8bit
         return ALGORITHMS[algorithm].compile_layers and torch.cuda.is_available() and not use_cpu and not quantised
-
-
-def compile_choice(value: Any) -> str:
-    """``--compile_layers``'s value as ``"auto"``, ``"true"`` or ``"false"`` (a bool, or the words
-    transformers' parser takes for one: true/false, yes/no, 1/0, any case)."""
-    from transformers.hf_argparser import string_to_bool
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower()
-    if text == "auto":
-        return text
-    try:
-        return "true" if string_to_bool(text) else "false"
-    except Exception:  # argparse.ArgumentTypeError
-        raise ConfigError(f"--compile_layers {value}: expected auto, true or false") from None
 
 
 @dataclass

@@ -11,6 +11,8 @@ import importlib.util
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from resonance.algorithms.compile_flag import compile_asked
+
 if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig, TrainingArguments
@@ -63,19 +65,6 @@ def quantization_problems(values: Mapping[str, Any]) -> list[str]:
         problems.append(f"{flag} with --use_cpu: bitsandbytes' quantised layers train on a CUDA GPU only")
     problems += environment_problems(flag)
     return problems
-
-
-def compile_asked(value: Any) -> bool:
-    """Whether ``--compile_layers`` was given as true (a bool, or transformers' words for one), not ``auto`` or false;
-    a value of neither kind is the flag's own error (:func:`resonance.algorithms.arguments.compile_choice`)."""
-    from transformers.hf_argparser import string_to_bool
-
-    if isinstance(value, bool):
-        return value
-    try:
-        return bool(string_to_bool(str(value).strip().lower()))
-    except Exception:  # argparse.ArgumentTypeError: auto, or not a choice
-        return False
 
 
 def environment_problems(flag: str) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.compile_flag import compile_asked
 from resonance.algorithms.guards import (
     NonFiniteGuard,
     check_checkpoint_strategy,
@@ -18,7 +19,6 @@ from resonance.algorithms.guards import (
     resolve_resume,
     save_result,
 )
-from resonance.algorithms.quantization import compile_asked
 from resonance.base.registry import load_core_mapper, use_adapters
 from resonance.commands import flags, run_config
 from resonance.errors import ConfigError, ResonanceError

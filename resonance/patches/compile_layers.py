@@ -70,15 +70,13 @@ class CompileTimeLog(TrainerCallback):
     layers' cost, paid in the first steps (and again where a new variant is met)."""
 
     def __init__(self) -> None:
-        self.seen = compile_seconds()
-        self.total = 0.0
+        self.start = self.seen = compile_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
         now = compile_seconds()
         if now > self.seen:
-            self.total += now - self.seen
             logger.info(
                 "step %d: %.1f s compiling layers (torch.compile; %.1f s in all)", state.global_step, now - self.seen,
-                self.total,
+                now - self.start,
             )  # fmt: skip
             self.seen = now
