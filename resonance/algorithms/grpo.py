@@ -46,6 +46,7 @@ from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
 from resonance.generation import check_cache_implementation, decode_settings
+from resonance.patches import input_grad_hooks
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -84,8 +85,9 @@ class VLGRPOConfig(GRPOConfig):
     cache_implementation: str | None = field(
         default="auto",
         metadata={
-            "help": "The completions' KV cache: auto (for GRPO, transformers' dynamic cache: see the README), static "
-            "(transformers' compiled decode step on a GPU), dynamic, or another transformers cache_implementation."
+            "help": "The completions' KV cache: auto (static on a GPU where the model compiles whole, else "
+            "dynamic), static (transformers' compiled decode step on a GPU), dynamic, or another transformers "
+            "cache_implementation."
         },
     )
 
@@ -163,6 +165,9 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             raise UnsupportedModelError(f"GRPO: {reason}")
         self.vl_model = vl_model
         self.vl_processor = vl_processor
+        # TRL switches gradient checkpointing off and on around each generation: one embedding hook more each time,
+        # and a recompiled decode step each time, without this patch (a model not loaded through Resonance too)
+        input_grad_hooks.install()
         # TRL pads prompts on the left; its processor call for the image inputs (and Gemma 3's token_type_ids,
         # which must line up with the left-padded prompt ids) follows the tokenizer's padding side.
         vl_processor.infer()
@@ -248,12 +253,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             return
         multiple = self.pad_to_multiple_of or 1
         prompt_length = -(-prompt_length // multiple) * multiple
-        # auto is the dynamic cache here, not PPO's and generate's static one: on an H200 (Qwen2.5-VL-3B shape, 16
-        # completions of 128 tokens) TRL's generate with a static cache took 26 s a step against 9.6 s dynamic, and
-        # logged no compile or recompile; the compiled step (17.7 ms a token for PPO's rollouts) was not reached
-        # inside TRL's train-mode generation, for reasons not yet found. static stays for trying it.
-        cache = "dynamic" if self.cache_implementation in (None, "auto") else self.cache_implementation
-        chosen = {**self.generation_kwargs, "cache_implementation": cache}
+        chosen = {**self.generation_kwargs, "cache_implementation": self.cache_implementation}
         model = self.accelerator.unwrap_model(self.model)
         settings = decode_settings(model, prompt_length, chosen)
         static = {key: settings.get(key) for key in ("cache_implementation", "max_cache_len")}

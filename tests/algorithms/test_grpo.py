@@ -201,20 +201,40 @@ def test_static_cache_completions(family: str, tmp_path: Path, tiny_checkpoint: 
     assert logged["static"]["loss"] == pytest.approx(logged["auto"]["loss"], abs=1e-5)
 
 
-def test_auto_cache_is_dynamic_for_grpo(
+def test_auto_cache_is_static_on_a_gpu(
     tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GRPO's auto keeps transformers' dynamic cache even where PPO's would be static (a GPU): measured slower inside
-    TRL's trainer (benchmarks/NOTES.md, section 10); static must be asked for."""
+    """GRPO's auto is PPO's and ``resonance generate``'s: the static cache (and transformers' compiled decode step)
+    where :func:`~resonance.generation.static_cache_by_default` says so (a GPU), dynamic where it does not."""
     import resonance.generation as generation
 
-    monkeypatch.setattr(generation, "static_cache_by_default", lambda model, kwargs: True)  # as on a GPU
     argv = _argv(tiny_checkpoint("qwen2_5_vl"), tmp_path, "completion_code")
-    for given, expected in (("auto", None), ("static", "static")):
+    for on_gpu, given, expected in ((True, "auto", "static"), (False, "auto", None), (True, "dynamic", None)):
+        monkeypatch.setattr(generation, "static_cache_by_default", lambda model, kwargs, on_gpu=on_gpu: on_gpu)
         trainer, _ = build_trainer("grpo", *parse("grpo", [*argv, "--cache_implementation", given]))
         trainer._decode_settings(40)
         assert trainer.generation_config.cache_implementation == expected
-        assert generation.decode_settings(trainer.model, 40, {"max_new_tokens": 8})["cache_implementation"] == "static"
+        assert trainer.generation_config.disable_compile == (expected is None)
+
+
+def test_one_embedding_hook_across_steps(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """TRL switches gradient checkpointing off and on around each generation; the input embeddings keep one hook
+    (transformers 5.24 adds one per switch, and a compiled decode step recompiles for each: patches.input_grad_hooks),
+    and the LoRA weights still get gradients through the checkpointed layers."""
+    argv = _argv(tiny_checkpoint("qwen2_5_vl"), tmp_path, "completion_code", max_steps=3)
+    trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+    embeddings = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
+    counts = []
+
+    class _Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+            counts.append(len(embeddings._forward_hooks))
+
+    trainer.add_callback(_Count())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert counts == [1, 1, 1]
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])

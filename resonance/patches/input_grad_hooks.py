@@ -1,0 +1,36 @@
+"""transformers 5.24: every ``gradient_checkpointing_enable`` adds one more hook to the input embeddings.
+
+``PreTrainedModel.activation_checkpointing_enable`` calls ``enable_input_require_grads``, which registers a forward
+hook (``make_inputs_require_grads``) on the input embeddings and keeps only the newest handles; the matching disable
+removes them only on a model with transformers' own PEFT integration (``_hf_peft_config_loaded``), not on one that a
+``peft.PeftModel`` wraps. TRL's GRPOTrainer switches checkpointing off and on around each generation
+(``unwrap_model_for_generation``), so a LoRA run gains a hook per step. Each hook changes what transformers' compiled
+decode step guards on (the number of forward hooks of ``embed_tokens``), so under a static cache every generation
+recompiled it, until torch gave up and ran the step eagerly (measured on an H200: 26 s of generation a GRPO step,
+against 9.6 s with the dynamic cache; benchmarks/NOTES.md section 10).
+
+Here ``enable_input_require_grads`` first removes the hooks its previous call registered on that model, so the
+embeddings keep one hook however often checkpointing is switched back on. A no-op when installed twice.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+def install() -> None:
+    from transformers import PreTrainedModel
+
+    enable = PreTrainedModel.enable_input_require_grads
+    if getattr(enable, "_resonance_one_hook", False):
+        return
+
+    @functools.wraps(enable)
+    def enable_once(self: Any) -> None:
+        for handle in getattr(self, "_require_grads_hooks", None) or ():
+            handle.remove()
+        enable(self)
+
+    enable_once._resonance_one_hook = True  # type: ignore[attr-defined]
+    PreTrainedModel.enable_input_require_grads = enable_once
