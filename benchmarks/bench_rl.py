@@ -77,13 +77,14 @@ class Split:
 
         setattr(owner, method, timed)
 
-    def per_step(self, name: str, steps: int, skip: int) -> float:
-        """The mean over timed steps of the seconds in ``name`` (calls spread evenly over the steps)."""
+    def per_step(self, name: str, steps: int, skip: int, ran: int | None = None) -> float:
+        """The mean over the timed steps (after ``skip``, up to ``steps``, of the ``ran`` that ran) of the seconds
+        in ``name`` (calls spread evenly over the steps)."""
         calls = self.seconds.get(name, [])
         if not calls:
             return 0.0
-        per = len(calls) // steps
-        return sum(calls[skip * per :]) / (steps - skip)
+        per = len(calls) // (ran or steps)
+        return sum(calls[skip * per : steps * per]) / (steps - skip)
 
 
 def our_processor(bundle: dict[str, Any]) -> Any:
@@ -236,7 +237,7 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
         per_device_train_batch_size=args.completions,
         num_generations=args.num_generations,
         max_completion_length=args.completion,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + args.profile,
         learning_rate=1e-6,
         logging_steps=1,
         save_strategy="no",
@@ -251,7 +252,7 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
     )
     model = lora_model(bundle, device)
     hf_processor = bundle["processor"]
-    prompts = args.completions // args.num_generations * (args.warmup + args.steps)
+    prompts = args.completions // args.num_generations * (args.warmup + args.steps + args.profile)
     if who == "ours":
         processor = our_processor(bundle)
         dataset = Dataset.from_list(
@@ -279,6 +280,31 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
     )
 
 
+def last_step_profiler(steps: int) -> Any:
+    """A TrainerCallback that runs torch's profiler over the last of ``steps`` steps; ``table`` is then its operators
+    by self device time (CPU time on the CPU), the 25 costliest (``--profile``: where the step's time goes)."""
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        table = ""
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102
+            if state.global_step == steps - 1:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+            if state.global_step == steps and hasattr(self, "profiler"):
+                self.profiler.__exit__(None, None, None)
+                sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                self.table = self.profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+
+    return _Profile()
+
+
 def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: float | None) -> dict[str, Any]:
     from bench_train import StepTimer
 
@@ -291,12 +317,16 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
     split.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
     timer = StepTimer()
     trainer.add_callback(timer)
-    trainer.train()
     steps, skip = args.warmup + args.steps, args.warmup
-    step_s = statistics.mean(timer.times[skip:])
-    generation = split.per_step("generation", steps, skip)
-    scoring = split.per_step("generate_and_score", steps, skip) - generation
-    history = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
+    ran = trainer.args.max_steps  # one more than steps with --profile: that step is profiled, not timed
+    profile = last_step_profiler(ran) if args.profile else None
+    if profile is not None:
+        trainer.add_callback(profile)
+    trainer.train()
+    step_s = statistics.mean(timer.times[skip:steps])
+    generation = split.per_step("generation", steps, skip, ran)
+    scoring = split.per_step("generate_and_score", steps, skip, ran) - generation
+    history = [entry for entry in trainer.state.log_history if "num_tokens" in entry][:steps]
     totals = [0.0] + [entry["num_tokens"] for entry in history]
     tokens = statistics.mean(b - a for a, b in zip(totals[skip:], totals[skip + 1 :], strict=False))
     completion_tokens = statistics.mean(e["completions/mean_length"] for e in history[skip:]) * args.completions
@@ -310,6 +340,9 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
     log(bundle["key"], "grpo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "losses")})
+    if profile is not None:
+        result["profile_last_step"] = profile.table
+        print(profile.table, flush=True)
     del trainer
     return result
 
@@ -416,6 +449,7 @@ def main() -> None:
     parser.add_argument("--decode_repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="Steps not timed (the first compiles).")
     parser.add_argument("--steps", type=int, default=2, help="Steps timed.")
+    parser.add_argument("--profile", action="store_true", help="GRPO: torch's profiler over the last step (slows it).")
     args = parser.parse_args()
     args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -246,8 +246,10 @@ def lora_model(bundle: dict[str, Any], device: str) -> torch.nn.Module:
     model_cls = getattr(__import__("transformers"), spec.model_class)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # a copy of the config: transformers' Trainer sets use_cache=False on its model's config, which a later model
+    # built from the same object would then generate with (no KV cache at all)
     with torch.device(device):
-        model = model_cls._from_config(bundle["config"], dtype=dtype, attn_implementation="sdpa")
+        model = model_cls._from_config(copy.deepcopy(bundle["config"]), dtype=dtype, attn_implementation="sdpa")
     mapper.model.freeze_vision_tower(model)
     lora = LoraConfig(
         r=16,
