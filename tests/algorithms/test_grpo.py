@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,34 @@ def test_group_prompt_encoded_once(
     for key in ("reward", "completions/mean_length", "completions/max_length"):
         assert logged[True][key] == logged[False][key], key
     assert logged[True]["loss"] == pytest.approx(logged[False]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])
+def test_loss_pass_images_encoded_once(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss pass takes the frozen tower's features encoded without gradients (TRL's forward would run the tower in
+    the autograd graph, forward and backward): no tower call with gradients on, and the loss and gradient norm those of
+    TRL's own path (which does run it with gradients: the test can tell them apart)."""
+    from resonance.algorithms.grpo import VLGRPOTrainer
+
+    ckpt = tiny_checkpoint(family)
+    logged, with_grad = {}, {}
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(VLGRPOTrainer, "_images_encoded_once_each_forward", lambda self, model: nullcontext())
+        (tmp_path / str(once)).mkdir()
+        argv = _argv(ckpt, tmp_path / str(once), "completion_code", per_device_train_batch_size=8, num_generations=4)
+        trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+        tower = load_core_mapper(ckpt).model.get_vision_tower(trainer.model)
+        modes: list[bool] = []
+        tower.register_forward_pre_hook(lambda module, args, modes=modes: modes.append(torch.is_grad_enabled()))
+        trainer.train()
+        (logged[once],) = [entry for entry in trainer.state.log_history if "loss" in entry]
+        with_grad[once] = any(modes)
+    assert not with_grad[True] and with_grad[False]
+    assert logged[True]["loss"] == pytest.approx(logged[False]["loss"], abs=1e-5)
+    assert logged[True]["grad_norm"] == pytest.approx(logged[False]["grad_norm"], rel=1e-4)
 
 
 def _images_in(args: tuple, kwargs: dict) -> int:
