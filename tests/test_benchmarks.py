@@ -33,3 +33,15 @@ def test_bench_rl_tiny(tmp_path: Path) -> None:
         assert math.isclose(grpo["generation_s"] + grpo["scoring_s"] + grpo["update_s"], grpo["step_s"])
     ppo = parts["ppo"]["ours"]
     assert ppo["rollouts_per_s"] > 0 and min(ppo["generation_s"], ppo["scoring_s"], ppo["update_s"]) > 0
+
+
+def test_bench_models_have_their_own_config() -> None:
+    """Each benchmarked model is built from its own copy of the config: transformers' Trainer sets ``use_cache=False``
+    on its model's config, and a model built after it from the same object generated with no KV cache at all."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import build, lora_model
+
+    bundle = build("qwen2_5_vl_3b", True)
+    first = lora_model(bundle, "cpu").get_base_model()
+    first.config.get_text_config().use_cache = False
+    assert lora_model(bundle, "cpu").get_base_model().config.get_text_config().use_cache
