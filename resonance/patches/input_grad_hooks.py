@@ -4,10 +4,10 @@
 hook (``make_inputs_require_grads``) on the input embeddings and keeps only the newest handles; the matching disable
 removes them only on a model with transformers' own PEFT integration (``_hf_peft_config_loaded``), not on one that a
 ``peft.PeftModel`` wraps. TRL's GRPOTrainer switches checkpointing off and on around each generation
-(``unwrap_model_for_generation``), so a LoRA run gains a hook per step. Each hook changes what transformers' compiled
-decode step guards on (the number of forward hooks of ``embed_tokens``), so under a static cache every generation
-recompiled it, until torch gave up and ran the step eagerly (measured on an H200: 26 s of generation a GRPO step,
-against 9.6 s with the dynamic cache; benchmarks/NOTES.md section 10).
+(``unwrap_model_for_generation``), so a LoRA run gains a hook or two per step. Each changes what transformers'
+compiled decode step guards on (the number of forward hooks of ``embed_tokens``), so under a static cache every
+generation recompiled it (``TORCH_LOGS=recompiles``; benchmarks/NOTES.md section 11), and every forward pass runs
+one hook more.
 
 Here ``enable_input_require_grads`` first removes the hooks its previous call registered on that model, so the
 embeddings keep one hook however often checkpointing is switched back on. A no-op when installed twice.
