@@ -287,9 +287,9 @@ def _train_command(algorithm: Algorithm) -> None:
     """``resonance train <algorithm>``: its flags are parsed by the algorithm's config (``--help`` lists them)."""
 
     def command(ctx: typer.Context) -> None:
-        from resonance.commands.train import main
+        from resonance.commands.train import leave, main
 
-        sys.exit(main(algorithm.name, list(ctx.args)))
+        leave(main(algorithm.name, list(ctx.args)))
 
     command.__doc__ = algorithm.help
     train_app.command(algorithm.name, context_settings=_TRAIN_CONTEXT, add_help_option=False)(command)
