@@ -4,9 +4,10 @@ VLM PPO), on the same random-weight real-size model, prompts, LoRA and precision
 
 * ``decode``: one ``generate`` call per setting on a batch of prompts (LoRA model, as rollouts run it): transformers'
   dynamic cache (what TRL's trainer and ``resonance generate`` ran before) against ours (``cache_implementation``
-  auto: the static cache and compiled decode step on a GPU). Milliseconds per decode step (a full call less a
-  one-token call, over the tokens between), tokens/s, and the memory-bandwidth floor of one decode step (the
-  language model's weight bytes over a device-to-device copy's bandwidth measured in the same run).
+  auto: the static cache and compiled decode step on a GPU), through PEFT's adapter layers and with the adapters
+  merged (``--rollout_adapters``). Milliseconds per decode step (a full call less a two-token call, over the tokens
+  between), tokens/s, and the memory-bandwidth floor of one decode step (the language model's weight bytes over a
+  device-to-device copy's bandwidth measured in the same run).
 * ``grpo``: steps of ours and of TRL's GRPOTrainer, each on a freshly built model from the same seed: completions/s,
   tokens/s (prompt + completion tokens per step, per GPU, as the published figures count them), the step split into
   generation / scoring (rewards, log-probs of the old policy and reference where run) / update, peak memory, and the
@@ -156,7 +157,7 @@ def step_figures(
 def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> dict:
     from resonance.algorithms.ppo.rollout import PLAIN_SAMPLING
     from resonance.base.collator import VLPromptCollator
-    from resonance.generation import decode_settings, generate_from
+    from resonance.generation import adapters_merged, decode_settings, generate_from
 
     free(device)
     model = lora_model(bundle, device)
@@ -180,21 +181,27 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
     for size in args.decode_batches:
         prompts = [rows[i % len(rows)] for i in range(size)]
         entry: dict[str, Any] = {}
-        for mode in ("dynamic", "auto"):
+        # (label, cache_implementation, --rollout_adapters)
+        for mode, cache, adapters in (
+            ("dynamic", "dynamic", "separate"),
+            ("auto", "auto", "separate"),
+            ("merged", "auto", "auto"),
+        ):
             kwargs = {
                 **PLAIN_SAMPLING,
                 "min_new_tokens": new,
                 "suppress_tokens": processor.placeholder_token_ids(),
-                "cache_implementation": mode,
+                "cache_implementation": cache,
                 "pad_token_id": processor.tokenizer.pad_token_id,
             }
 
-            def call(tokens: int, kwargs: dict[str, Any] = kwargs, prompts: list = prompts) -> float:
+            def call(tokens: int, kwargs: dict[str, Any] = kwargs, prompts: list = prompts, adapters=adapters) -> float:
                 batch = VLPromptCollator(processor)(prompts)
                 sync()
                 start = time.perf_counter()
                 settings = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
-                generate_from(model, processor, batch, settings)
+                with adapters_merged(model, adapters):
+                    generate_from(model, processor, batch, settings)
                 sync()
                 return time.perf_counter() - start
 
@@ -217,8 +224,10 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
             }
             log(bundle["key"], "decode batch", size, mode, f"{step_ms:.2f} ms/step", f"first call {first_s:.1f} s")
         entry["speedup"] = entry["dynamic"]["step_ms"] / entry["auto"]["step_ms"]
+        entry["merged_speedup"] = entry["auto"]["step_ms"] / entry["merged"]["step_ms"]
         if result["floor_ms"]:
             entry["auto_over_floor"] = entry["auto"]["step_ms"] / result["floor_ms"]
+            entry["merged_over_floor"] = entry["merged"]["step_ms"] / result["floor_ms"]
         result["batches"][str(size)] = entry
     return result
 
@@ -337,6 +346,7 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
         "each_step_s": timer.times,
         "setup_s": setup_s,
         "cache": getattr(trainer.generation_config, "cache_implementation", None) or "dynamic",
+        "rollout_adapters": getattr(trainer.args, "rollout_adapters", "separate"),  # TRL's: through PEFT's layers
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
     log(bundle["key"], "grpo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "losses")})
@@ -486,9 +496,10 @@ def main() -> None:
                     for who in args.order.split(","):
                         entry[who] = bench_grpo(bundle, who, rows_ours, rows_trl, args, device, peak)
                         save()
-                    entry["ratio_completions_per_s"] = (
-                        entry["ours"]["completions_per_s"] / entry["trl"]["completions_per_s"]
-                    )
+                    if "ours" in entry and "trl" in entry:
+                        entry["ratio_completions_per_s"] = (
+                            entry["ours"]["completions_per_s"] / entry["trl"]["completions_per_s"]
+                        )
                 elif part == "ppo":
                     entry["ours"] = bench_ppo(bundle, rows_ours, args, device, peak)
                     grpo = next((e for e in report["results"] if e["model"] == key and e["part"] == "grpo"), None)

@@ -12,9 +12,10 @@ implementation of the same method, taking the processor's batch and returning a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -123,13 +124,137 @@ class RolloutEngine(Protocol):
 
 
 class TransformersEngine:
-    """:func:`generate_from`: transformers' ``generate`` on the training model itself (LoRA and all), with the static
-    cache and compiled decode step where :func:`decode_settings` chooses them."""
+    """:func:`generate_from`: transformers' ``generate`` on the training model itself, with the static cache and
+    compiled decode step where :func:`decode_settings` chooses them, and LoRA adapters as ``rollout_adapters`` says
+    (:func:`adapters_merged`)."""
+
+    def __init__(self, rollout_adapters: str = "auto"):
+        check_rollout_adapters(rollout_adapters)
+        self.rollout_adapters = rollout_adapters
 
     def generate(
         self, model: Any, vl_processor: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]
     ) -> Generation:
-        return generate_from(model, vl_processor, batch, generation_kwargs)
+        with adapters_merged(model, self.rollout_adapters):
+            return generate_from(model, vl_processor, batch, generation_kwargs)
+
+
+ROLLOUT_ADAPTERS = ("auto", "merged", "separate")
+
+
+def rollout_adapters_field() -> Any:
+    """The dataclass field of ``--rollout_adapters`` (PPO's and GRPO's configs)."""
+    return field(
+        default="auto",
+        metadata={
+            "help": "LoRA rollouts: merged (sampled from the base weights with the adapters added in, which are put "
+            "back exactly afterwards; a copy of the adapted weights is held meanwhile), separate (through PEFT's "
+            "adapter layers: a few small kernels more per layer and token), or auto (merged where the weights "
+            "allow: plain LoRA on whole, unquantised linear weights and room for the copy; separate elsewhere, "
+            "saying why once in the log). Merged rollouts sample without LoRA dropout, as vLLM rollouts do.",
+            "choices": list(ROLLOUT_ADAPTERS),
+        },
+    )
+
+
+def check_rollout_adapters(value: str) -> None:
+    """A :class:`ConfigError` unless ``value`` is one of :data:`ROLLOUT_ADAPTERS` (``--rollout_adapters``)."""
+    if value not in ROLLOUT_ADAPTERS:
+        raise ConfigError(f"--rollout_adapters {value}: must be one of {', '.join(ROLLOUT_ADAPTERS)}")
+
+
+def _adapted_layers(model: Any) -> tuple[list[tuple[Any, list[str]]], str | None]:
+    """The LoRA layers of ``model`` whose adapters its forward pass adds now, each with those adapters, and why they
+    cannot be merged into their base weights (None where they can)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor
+
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+            continue
+        adapters = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
+        if not adapters:
+            continue
+        if type(module) is not LoraLinear:
+            return layers, f"{name} is a {type(module).__name__} (quantised or not a linear layer)"
+        weight = module.get_base_layer().weight
+        if any(adapter in module.lora_variant for adapter in adapters):
+            return layers, f"{name} is not plain LoRA (DoRA or another variant)"
+        if any(module.lora_bias[adapter] for adapter in adapters):
+            return layers, f"{name}'s adapter has a bias (lora_bias)"
+        if getattr(weight, "ds_id", None) is not None:
+            return layers, "DeepSpeed ZeRO-3 partitions the weights"
+        if isinstance(weight, DTensor) or weight.numel() != module.in_features * module.out_features:
+            return layers, "the weights are sharded (FSDP)"
+        if not weight.is_floating_point():
+            return layers, f"{name}'s weight is {weight.dtype}"
+        layers.append((module, adapters))
+    return layers, None
+
+
+def _room_for(tensors: list[torch.Tensor]) -> str | None:
+    """Why a copy of ``tensors`` would not fit on their GPU beside a tenth of its memory kept free, or None."""
+    device = tensors[0].device
+    if device.type != "cuda":
+        return None
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if size + total // 10 <= free:
+        return None
+    return (
+        f"no room on {device} for a copy of the adapted weights ({size / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free)"
+    )
+
+
+_said: set[str] = set()  # reasons auto kept the adapters separate, already logged
+
+
+@contextlib.contextmanager
+def adapters_merged(model: Any, how: str = "auto") -> Iterator[bool]:
+    """``model`` with its active LoRA adapters added into the base weights for the block (yields whether they are):
+    each layer's forward is then one matrix product instead of PEFT's three (the adapter's two and the base
+    weight's), what decoding many tokens one at a time pays for most. The base weights are copied first and copied
+    back on leaving, so training resumes on exactly the weights it left (PEFT's ``unmerge`` subtracts the product
+    again, which in bf16 does not give the same weights back). Each merged weight is rounded once: base + B @ A *
+    scale computed in float32 (or the weight's dtype, where wider).
+
+    ``how`` is ``--rollout_adapters``: ``"separate"`` leaves the model as it is; ``"merged"`` raises a
+    :class:`ConfigError` where the layers cannot be merged; ``"auto"`` merges where :func:`_adapted_layers` and
+    :func:`_room_for` allow and says once in the log why not elsewhere. A model without active LoRA layers is left
+    as it is."""
+    check_rollout_adapters(how)
+    layers, reason = _adapted_layers(model) if how != "separate" else ([], None)
+    weights = [module.get_base_layer().weight for module, _ in layers]
+    if reason is None and weights and how == "auto":
+        reason = _room_for(weights)
+    if reason is not None:
+        if how == "merged":
+            raise ConfigError(f"--rollout_adapters merged: {reason}; pass --rollout_adapters auto or separate")
+        if reason not in _said:
+            _said.add(reason)
+            logger.info("Rollouts go through the LoRA adapters' own layers: %s", reason)
+    if reason is not None or not layers:
+        yield False
+        return
+    originals: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for (module, adapters), weight in zip(layers, weights, strict=True):
+                originals.append(weight.detach().clone())
+                merged = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+                for adapter in adapters:
+                    merged += module.get_delta_weight(adapter).to(merged.dtype)
+                weight.copy_(merged)
+                module.merged_adapters = list(adapters)
+        yield True
+    finally:
+        with torch.no_grad():
+            for (module, _), weight, original in zip(layers, weights, originals, strict=False):
+                weight.copy_(original)
+                module.merged_adapters = []
 
 
 CACHE_CHOICES = ("auto", "static", "dynamic")

@@ -45,7 +45,13 @@ from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
 from resonance.errors import RewardFunctionError, UnsupportedModelError
-from resonance.generation import check_cache_implementation, decode_settings
+from resonance.generation import (
+    adapters_merged,
+    check_cache_implementation,
+    check_rollout_adapters,
+    decode_settings,
+    rollout_adapters_field,
+)
 from resonance.patches import input_grad_hooks
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
@@ -90,11 +96,13 @@ class VLGRPOConfig(GRPOConfig):
             "cache_implementation."
         },
     )
+    rollout_adapters: str = rollout_adapters_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_reward_timeout(self.reward_timeout)
         check_cache_implementation(self.cache_implementation)
+        check_rollout_adapters(self.rollout_adapters)
 
 
 # ----------------------------------------------------------------------------------------------- family
@@ -235,9 +243,13 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             prompt_ids, images = prompt_ids[::copies], (images[::copies] if images is not None else None)
         self.generation_config.num_return_sequences = copies
         self.generation_kwargs["num_return_sequences"] = copies
+        adapters = getattr(self.args, "rollout_adapters", "auto")
         try:
             # prompts without images: the placeholder pass where generate encodes the others' images
-            with self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True):
+            with (
+                adapters_merged(self.accelerator.unwrap_model(self.model), adapters),
+                self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True),
+            ):
                 return super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
                 )

@@ -10,7 +10,7 @@ from trl.trainer.base_config import _BaseConfig as TrlDefaults
 
 from resonance.algorithms.arguments import router_aux_loss_coef_field
 from resonance.errors import ConfigError
-from resonance.generation import check_cache_implementation
+from resonance.generation import check_cache_implementation, check_rollout_adapters, rollout_adapters_field
 from resonance.reward_funcs import check_reward_timeout, reward_funcs_field, reward_timeout_field
 
 # TrainingArguments flags PPO's own loop does not read, and what it does instead: given, they are refused by name
@@ -102,6 +102,7 @@ class VLPPOConfig(TrlDefaults):
             "cache_implementation."
         },
     )
+    rollout_adapters: str = rollout_adapters_field()
     ds3_gather_for_generation: bool = field(
         default=True,
         metadata={
@@ -133,6 +134,7 @@ class VLPPOConfig(TrlDefaults):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         check_reward_timeout(self.reward_timeout)
         check_cache_implementation(self.cache_implementation)
+        check_rollout_adapters(self.rollout_adapters)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         unsupported = [name for name in self.report_to if name not in accelerate_trackers()]

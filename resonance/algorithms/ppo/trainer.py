@@ -182,7 +182,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             "suppress_tokens": self.suppressed_tokens,
             "cache_implementation": args.cache_implementation,
         }
-        self.engine: RolloutEngine = TransformersEngine()
+        self.engine: RolloutEngine = TransformersEngine(args.rollout_adapters)
 
         self.generation_kwargs = generation_kwargs(vl_model, unwrap(self.policy.model), overrides)
         if self.accelerator.num_processes > 1 and self.accelerator.distributed_type == DistributedType.FSDP:
