@@ -402,13 +402,13 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     setup_s = time.perf_counter() - built
     split = Split()
     split.wrap(trainer.engine, "generate", "generation")
-    split.wrap(trainer, "generate_and_score", "generate_and_score")
+    split.wrap(trainer, "update", "update")
     split.wrap(trainer, "step", "step")
     tokens: list[int] = []
     inner = trainer.generate_and_score
 
-    def counted(rows: list[dict[str, Any]]) -> Any:
-        rollout, counts = inner(rows)
+    def counted(*args: Any) -> Any:
+        rollout, counts = inner(*args)
         tokens.append(int(rollout.attention_mask.sum()))
         return rollout, counts
 
@@ -417,7 +417,8 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     steps, skip = args.warmup + args.steps, args.warmup
     step_s = split.per_step("step", steps, skip)
     generation = split.per_step("generation", steps, skip)
-    scoring = split.per_step("generate_and_score", steps, skip) - generation
+    # the rest of the rollout: collating, the policy's, value's and reference's passes, rewards, advantages
+    scoring = step_s - generation - split.per_step("update", steps, skip)
     per_step = len(tokens) // steps
     step_tokens = sum(tokens[skip * per_step :]) / (steps - skip)
     lengths = [entry["response_length"] for entry in trainer.log_history[skip:]]

@@ -20,8 +20,10 @@ from helpers import (
     FAMILIES,
     REWARDS,
     TARGET,
+    make_image,
     one_bf16_step,
     run_resonance,
+    save_png,
     train_argv,
     write_data,
     write_jsonl,
@@ -153,6 +155,56 @@ def _check_rollout(trainer) -> None:
     torch.testing.assert_close(rollout.logprobs, token_log_probs(logits, response), rtol=0, atol=2e-4)
     torch.testing.assert_close(rollout.ref_logprobs, rollout.logprobs, rtol=0, atol=1e-5)
     assert counts["rows"] == 2 and rollout.mask.all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "idefics3"])
+def test_step_rollouts_in_one_generate_call(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's rows are sampled in one generate call (decoding 4 rows takes about as long as 2) and scored per
+    micro-batch: greedy, each micro-batch's sequences, log-probs, values and reference log-probs are those of
+    generating it alone (its own prompt padding, its responses cut to its longest); --generation_batch_size 2 is
+    one call per micro-batch again."""
+    ckpt = tiny_checkpoint(family)
+    questions = ["What is it?", "Why?", "Describe the colours of this picture, one by one.", "Count the shapes."]
+    for i in range(4):
+        save_png(tmp_path, f"p{i}.png", make_image(24 + 8 * i, 32, seed=i))
+    data = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"<image>\n{q}", "images": [f"p{i}.png"]} for i, q in enumerate(questions)]
+    )
+    argv = _argv(ckpt, data, tmp_path / "out", "token_sum_reward", num_mini_batches=2)
+    trainer, _ = build_trainer("ppo", *parse("ppo", argv))
+    trainer.generation_kwargs = {**trainer.generation_kwargs, "do_sample": False}
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    lengths = [trainer.data_collator([row])["inputs"]["input_ids"].shape[1] for row in rows]
+    assert max(lengths[:2]) != max(lengths)  # the first micro-batch's prompts are padded less alone
+    calls: list[int] = []
+    generate = trainer.engine.generate
+    monkeypatch.setattr(trainer.engine, "generate", lambda *a: calls.append(len(a[2]["prompts"])) or generate(*a))
+    _, whole = trainer.generate(rows)
+    for start in (0, 2):
+        alone, _ = trainer.generate_and_score(rows[start : start + 2])
+        shared, _ = trainer.generate_and_score(rows[start : start + 2], (whole, start))
+        assert torch.equal(shared.sequences, alone.sequences) and torch.equal(shared.mask, alone.mask)
+        for key in ("logprobs", "values", "ref_logprobs", "scores"):
+            torch.testing.assert_close(getattr(shared, key), getattr(alone, key), rtol=0, atol=1e-6)
+    assert calls == [4, 2, 2]
+
+    calls.clear()
+    trainer.step()
+    assert calls == [4]
+    trainer.args.generation_batch_size = 2
+    calls.clear()
+    trainer.step()
+    assert calls == [2, 2]
+    with pytest.raises(ConfigError, match="--generation_batch_size 3: must be a multiple of"):
+        VLPPOConfig(
+            output_dir=str(tmp_path),
+            reward_funcs="x:y",
+            per_device_train_batch_size=2,
+            generation_batch_size=3,
+            bf16=False,
+        )
 
 
 # Sliding-window and chunked attention (gemma4, llama4), linear attention (qwen3_5), 3-D rope (qwen2_5_vl),

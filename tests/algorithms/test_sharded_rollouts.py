@@ -112,8 +112,15 @@ def argv(algorithm: str, ckpt: Path, data: Path, out: Path) -> list[str]:
             "shuffle_dataset": False,
             "beta": 0.04,
         },
-        # test_deepspeed_cpu's PPO (runs under ZeRO-3 too): one optimizer step a minibatch of two micro-batches
-        "ppo": {"response_length": MAX_NEW_TOKENS, "num_mini_batches": 1, "gradient_accumulation_steps": 2},
+        # test_deepspeed_cpu's PPO (runs under ZeRO-3 too): one optimizer step a minibatch of two micro-batches,
+        # each generated in its own call (generation_batch_size; by default a step's rows are one call, whose 4
+        # responses end at about the same longest length on both processes: no uneven call to test)
+        "ppo": {
+            "response_length": MAX_NEW_TOKENS,
+            "num_mini_batches": 1,
+            "gradient_accumulation_steps": 2,
+            "generation_batch_size": 2,
+        },
     }
     return train_argv(
         algorithm, ckpt, data, out, reward_funcs=f"{REWARDS}:token_sum_reward",

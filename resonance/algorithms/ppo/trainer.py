@@ -41,7 +41,7 @@ from resonance.base.registry import ModelCoreMapper
 from resonance.base.reward import router_loss_coefficient
 from resonance.base.value import VLModelWithValueHead
 from resonance.errors import CheckpointError, ConfigError
-from resonance.generation import RolloutEngine, TransformersEngine, generation_kwargs
+from resonance.generation import Generation, RolloutEngine, TransformersEngine, generation_kwargs, to_model_device
 from resonance.reward_funcs import load_reward_funcs
 
 logger = logging.getLogger("resonance")
@@ -262,25 +262,48 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
                 add_hooks(self.model)
 
     @torch.no_grad()
-    def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
-        """Generate responses for ``rows`` (one micro-batch) and score them: a :class:`Rollout` without
-        rewards and advantages yet, and the micro-batch's counts."""
-
+    def generate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], Generation]:
+        """The collated ``rows`` and a response sampled for each, in one engine call."""
         batch = self.data_collator(rows)
         with (
             self._whole_weights_for_generation(),
             self._idle_encoder(self.model, batch["inputs"], self.policy.model, generation=True),  # no images too
         ):
-            generation = self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
-        inputs = generation.inputs
+            return batch, self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+
+    @torch.no_grad()
+    def generate_and_score(
+        self, rows: list[dict[str, Any]], sampled: tuple[Generation, int] | None = None
+    ) -> tuple[Rollout, dict[str, float]]:
+        """Score a response for each of ``rows`` (one micro-batch): a :class:`Rollout` without rewards and advantages
+        yet, and the micro-batch's counts. The responses are generated here, or taken from ``sampled``: a generation
+        these rows are part of (from their first row's index on; :meth:`step` samples a whole step's rows at once),
+        each response cut to the micro-batch's longest and set after the micro-batch's own left-padded prompts, as
+        generating the micro-batch alone would give them."""
+        if sampled is None:
+            batch, generation = self.generate(rows)
+            inputs, sequences, token_ids, texts = (
+                generation.inputs,
+                generation.sequences,
+                generation.token_ids,
+                generation.texts,
+            )
+        else:
+            generation, first = sampled
+            token_ids = generation.token_ids[first : first + len(rows)]
+            texts = generation.texts[first : first + len(rows)]
+            start = generation.inputs["input_ids"].shape[1]
+            responses = generation.sequences[first : first + len(rows), start : start + max(map(len, token_ids))]
+            batch = self.data_collator(rows)
+            inputs = to_model_device(batch["inputs"], self.policy.model)
+            sequences = torch.cat([inputs["input_ids"], responses], dim=1)
         prompt_length = inputs["input_ids"].shape[1]
-        sequences = generation.sequences
         response_length = sequences.shape[1] - prompt_length
         device = sequences.device
-        lengths = torch.tensor([len(ids) for ids in generation.token_ids], device=device)
+        lengths = torch.tensor([len(ids) for ids in token_ids], device=device)
         eos = set(self._eos_ids())
-        ended = torch.tensor([bool(ids) and ids[-1] in eos for ids in generation.token_ids], device=device)
-        empty = torch.tensor([self._is_empty(ids) for ids in generation.token_ids], device=device)
+        ended = torch.tensor([bool(ids) and ids[-1] in eos for ids in token_ids], device=device)
+        empty = torch.tensor([self._is_empty(ids) for ids in token_ids], device=device)
         positions = torch.arange(response_length, device=device)
         generated = positions[None, :] < lengths[:, None]  # through the first EOS; generate's padding after it
         mask = generated & ~empty[:, None]
@@ -301,12 +324,12 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         scores = torch.zeros(len(rows), dtype=torch.float32)
         if keep:
             kept_rows = [rows[i] for i in keep]
-            texts = [generation.texts[i] for i in keep]
-            token_ids = [generation.token_ids[i] for i in keep]
+            kept_texts = [texts[i] for i in keep]
+            kept_ids = [token_ids[i] for i in keep]
             images = [batch["images"][i] for i in keep]
             total = torch.zeros(len(keep), dtype=torch.float32)
             for reward in self.rewards:
-                total += reward(kept_rows, texts, token_ids, images)
+                total += reward(kept_rows, kept_texts, kept_ids, images)
             scores[keep] = total
         scores = scores.to(device)
         if self.args.missing_eos_penalty is not None:
@@ -433,13 +456,17 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
     def step(self) -> dict[str, float]:
         """Rollout ``global_step``, its update, and the step's metrics."""
         indices = self._row_indices(self.global_step)
+        rows = [self.train_dataset[i] for i in indices]
+        chunk = self.args.generation_batch_size or len(rows)  # a multiple of the micro-batch (VLPPOConfig)
         rollouts, totals = [], defaultdict(float)
-        for start in range(0, len(indices), self.micro_batch):
-            rows = [self.train_dataset[i] for i in indices[start : start + self.micro_batch]]
-            rollout, counts = self.generate_and_score(rows)
-            rollouts.append(rollout)
-            for name, value in counts.items():
-                totals[name] += value
+        for begin in range(0, len(rows), chunk):
+            sampled = self.generate(rows[begin : begin + chunk])[1] if chunk > self.micro_batch else None
+            for start in range(begin, min(begin + chunk, len(rows)), self.micro_batch):
+                part = rows[start : start + self.micro_batch]
+                rollout, counts = self.generate_and_score(part, None if sampled is None else (sampled, start - begin))
+                rollouts.append(rollout)
+                for name, value in counts.items():
+                    totals[name] += value
         self.counters["empty_generations"] += int(totals["empty"])
         used = [r for r in rollouts if r.mask.any()]
         scored = torch.cat([r.scores[r.mask.any(dim=1)] for r in used]) if used else torch.zeros(0)
