@@ -178,3 +178,19 @@ def test_rollouts_decode_merged(algorithm: str, tmp_path: Path, tiny_checkpoint:
     assert {merged for generating, merged in seen if generating} == {True}
     assert {merged for generating, merged in seen if not generating} == {False}
     assert all(torch.equal(p, before[n]) for n, p in _base_weights(model).items() if n in before)
+
+
+def test_expert_weights_stay_separate(tiny_checkpoint: Callable[[str], Path]) -> None:
+    """LoRA on a mixture-of-experts decoder's 3-D expert weights (--lora_target_parameters auto) is PEFT's parameter
+    wrapper, not a linear layer: refused by name under merged."""
+    from resonance.algorithms.arguments import ModelArguments
+    from resonance.algorithms.setup import apply_lora
+
+    ckpt = tiny_checkpoint("qwen3_5_moe")
+    vl_model = load_core_mapper(ckpt).model
+    model = apply_lora(vl_model.from_pretrained(ckpt), vl_model, ModelArguments(model_name_or_path=str(ckpt)))
+    with pytest.raises(ConfigError, match=r"--rollout_adapters merged: \S+ is a ParamWrapper"):
+        with adapters_merged(model, "merged"):
+            pass
+    with adapters_merged(model, "auto") as merged:
+        assert not merged
