@@ -28,7 +28,13 @@ from resonance.commands.flags import generation_problems, parse_generation_overr
 from resonance.data.images import ImageCount
 from resonance.data.rows import read_rows
 from resonance.errors import EXIT_OK, ConfigError, OutputExistsError, ResonanceError
-from resonance.generation import Generation, generate_from, generation_kwargs, load_for_generation
+from resonance.generation import (
+    Generation,
+    adapters_merged,
+    generate_from,
+    generation_kwargs,
+    load_for_generation,
+)
 
 logger = logging.getLogger("resonance")
 
@@ -347,11 +353,12 @@ def _generate_batch(
     model: Any, processor: Any, encoder: _SharedEncoder, rows: list[dict[str, Any]], kwargs: dict[str, Any]
 ) -> Generation:
     """:func:`~resonance.generation.generate_batch`, with the image encoder run where the batch has no image and
-    other processes may be running it (sharded weights)."""
+    other processes may be running it (sharded weights), and a LoRA output folder's adapters merged into the weights
+    for the call where they can be (:func:`~resonance.generation.adapters_merged`, as rollouts decode)."""
     from resonance.base.collator import VLPromptCollator
 
     batch = VLPromptCollator(processor)(rows)
-    with encoder.around(model, batch["inputs"]):
+    with encoder.around(model, batch["inputs"]), adapters_merged(model, "auto"):
         return generate_from(model, processor, batch, kwargs)
 
 

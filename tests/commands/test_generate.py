@@ -249,15 +249,27 @@ def _lora_folder(ckpt: Path, folder: Path) -> Path:
     return folder
 
 
-def test_cli_lora_output_folder(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_cli_lora_output_folder(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
 
     ckpt = tiny_checkpoint("llava")
     lora = _lora_folder(ckpt, tmp_path / "lora")
     data = _prompt_file(tmp_path)
     output = tmp_path / "answers.jsonl"
+    merged: list[bool] = []
+    generate_from = gen.generate_from
+
+    def watched(model, *args):
+        merged.append(all(m.merged for m in model.modules() if isinstance(m, LoraLinear)))
+        return generate_from(model, *args)
+
+    monkeypatch.setattr(gen, "generate_from", watched)
     result = _invoke(*generate_argv(lora, data, output, max_new_tokens=4, min_new_tokens=4))
     assert result.exit_code == 0, result.output
+    assert merged and all(merged)
     records = _read_jsonl(output)
 
     vl_model, model, processor = load_for_generation(lora, device="cpu")
@@ -265,6 +277,7 @@ def test_cli_lora_output_folder(tmp_path: Path, tiny_checkpoint: Callable[[str],
     rows = _rows(data, processor)
     kwargs = {"max_new_tokens": 4, "min_new_tokens": 4}
     with_adapter = generate_batch(model, processor, vl_model, rows, kwargs)
+    # the command decodes with the adapters merged into the weights; here through PEFT's adapter layers
     assert [r["answer"] for r in records] == with_adapter.texts
     _, base_model, base_processor = load_for_generation(ckpt, device="cpu")
     without = generate_batch(base_model, base_processor, vl_model, rows, kwargs)
