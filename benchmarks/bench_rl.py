@@ -407,8 +407,8 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     tokens: list[int] = []
     inner = trainer.generate_and_score
 
-    def counted(*args: Any) -> Any:
-        rollout, counts = inner(*args)
+    def counted(rows: list[dict[str, Any]]) -> Any:
+        rollout, counts = inner(rows)
         tokens.append(int(rollout.attention_mask.sum()))
         return rollout, counts
 

@@ -184,7 +184,9 @@ def test_step_rollouts_in_one_generate_call(
     _, whole = trainer.generate(rows)
     for start in (0, 2):
         alone, _ = trainer.generate_and_score(rows[start : start + 2])
-        shared, _ = trainer.generate_and_score(rows[start : start + 2], (whole, start))
+        trainer.sampled = (whole, start)
+        shared, _ = trainer.generate_and_score(rows[start : start + 2])
+        assert trainer.sampled is None
         assert torch.equal(shared.sequences, alone.sequences) and torch.equal(shared.mask, alone.mask)
         for key in ("logprobs", "values", "ref_logprobs", "scores"):
             torch.testing.assert_close(getattr(shared, key), getattr(alone, key), rtol=0, atol=1e-6)
@@ -194,6 +196,15 @@ def test_step_rollouts_in_one_generate_call(
     trainer.step()
     assert calls == [4]
     trainer.args.generation_batch_size = 2
+    calls.clear()
+    trainer.step()
+    assert calls == [2, 2]
+    # a project's own generate_and_score (PPOTrainerHooks) gets each micro-batch to sample itself, as before
+    trainer.args.generation_batch_size = None
+    base = type(trainer)
+    trainer.__class__ = type(
+        "Hooked", (base,), {"generate_and_score": lambda self, rows: base.generate_and_score(self, rows)}
+    )
     calls.clear()
     trainer.step()
     assert calls == [2, 2]

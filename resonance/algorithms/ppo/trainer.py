@@ -190,6 +190,12 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             # keeps joining their gathers (transformers 5.24 turns this on by itself for modules under FSDP or
             # ZeRO-3; said here so that it holds whatever generate is called on)
             self.generation_kwargs["synced_gpus"] = True
+        self.sampled: tuple[Generation, int] | None = None  # what step sampled for generate_and_score's next rows
+        if args.generation_batch_size is not None and not self._samples_by_step():
+            raise ConfigError(
+                "--generation_batch_size: the project's PPOTrainerHooks.generate_and_score samples each micro-batch "
+                "itself; leave the flag out"
+            )
         self.global_step = 0
         self.log_history: list[dict[str, float]] = []
         self.counters = {"empty_generations": 0, "skipped_updates": 0}
@@ -261,6 +267,11 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             finally:
                 add_hooks(self.model)
 
+    def _samples_by_step(self) -> bool:
+        """Whether :meth:`step` samples its rows in calls of ``--generation_batch_size`` for :meth:`generate_and_score`
+        to score: not where a project's hooks (``PPOTrainerHooks``) replace that method."""
+        return type(self).generate_and_score is VLPPOTrainer.generate_and_score
+
     @torch.no_grad()
     def generate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], Generation]:
         """The collated ``rows`` and a response sampled for each, in one engine call."""
@@ -272,14 +283,13 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             return batch, self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
 
     @torch.no_grad()
-    def generate_and_score(
-        self, rows: list[dict[str, Any]], sampled: tuple[Generation, int] | None = None
-    ) -> tuple[Rollout, dict[str, float]]:
+    def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
         """Score a response for each of ``rows`` (one micro-batch): a :class:`Rollout` without rewards and advantages
-        yet, and the micro-batch's counts. The responses are generated here, or taken from ``sampled``: a generation
-        these rows are part of (from their first row's index on; :meth:`step` samples a whole step's rows at once),
-        each response cut to the micro-batch's longest and set after the micro-batch's own left-padded prompts, as
-        generating the micro-batch alone would give them."""
+        yet, and the micro-batch's counts. The responses are generated here, or taken from ``self.sampled``: a
+        generation these rows are part of, from their first row's index on (:meth:`step` samples a whole step's rows
+        at once), each response cut to the micro-batch's longest and set after the micro-batch's own left-padded
+        prompts, as generating the micro-batch alone would give them."""
+        sampled, self.sampled = self.sampled, None
         if sampled is None:
             batch, generation = self.generate(rows)
             inputs, sequences, token_ids, texts = (
@@ -457,13 +467,15 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         """Rollout ``global_step``, its update, and the step's metrics."""
         indices = self._row_indices(self.global_step)
         rows = [self.train_dataset[i] for i in indices]
-        chunk = self.args.generation_batch_size or len(rows)  # a multiple of the micro-batch (VLPPOConfig)
+        # a multiple of the micro-batch (VLPPOConfig); a project's own generate_and_score samples per micro-batch
+        chunk = (self.args.generation_batch_size or len(rows)) if self._samples_by_step() else self.micro_batch
         rollouts, totals = [], defaultdict(float)
         for begin in range(0, len(rows), chunk):
             sampled = self.generate(rows[begin : begin + chunk])[1] if chunk > self.micro_batch else None
             for start in range(begin, min(begin + chunk, len(rows)), self.micro_batch):
                 part = rows[start : start + self.micro_batch]
-                rollout, counts = self.generate_and_score(part, None if sampled is None else (sampled, start - begin))
+                self.sampled = None if sampled is None else (sampled, start - begin)
+                rollout, counts = self.generate_and_score(part)
                 rollouts.append(rollout)
                 for name, value in counts.items():
                     totals[name] += value
