@@ -19,6 +19,8 @@ to it with completions that end at different lengths per process. Resonance adds
   ImageEncodingMixin`): in ``generate`` and in every forward pass that takes log-probs;
 * TRL 1.16's gather of the prompts' images for its completion logs (``log_multimodal``), which only processes whose
   prompts hold images join, turned off for a step where some process has none (the others would wait in it);
+* the inputs TRL's trainer does not pass to its log-prob passes (Mllama's cross-attention mask and aspect ratios,
+  InstructBLIP's Q-Former prompt) carried with each row to every pass (:meth:`VLGRPOTrainer._carried_tensors`);
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
   completion tokens attend to later completion tokens).
@@ -27,6 +29,7 @@ to it with completions that end at different lengths per process. Resonance adds
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import apply_lora, load_data_and_model
-from resonance.base.model import VLModel
+from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
@@ -53,6 +56,7 @@ from resonance.generation import (
     rollout_adapters_field,
 )
 from resonance.patches import input_grad_hooks
+from resonance.patches.fused_head import fused_head_backbone
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -110,19 +114,10 @@ class VLGRPOConfig(GRPOConfig):
 
 def unsupported_reason(vl_model: type[VLModel], vl_processor: type[VLProcessor] | VLProcessor) -> str | None:
     """Why TRL's GRPOTrainer cannot train this family correctly, or None when it can."""
-    inputs = {item.name for item in vl_processor.image_inputs}
-    if vl_model.image_features_input is not None:
-        return (
-            f"{vl_model.hf_model_class} reads images through cross-attention (spec image.features_input); TRL's "
-            "GRPOTrainer does not pass or extend its cross-attention inputs for the completion"
-        )
-    from_prompt = sorted(item.name for item in vl_processor.image_inputs if item.from_prompt)
-    if from_prompt:
-        return (
-            f"{vl_model.hf_model_class} takes {', '.join(from_prompt)} computed from the prompt (spec "
-            "image.inputs[].source: prompt); TRL's GRPOTrainer drops them in its loss forward"
-        )
-    missing = sorted(inputs - TRL_IMAGE_INPUTS)
+    # inputs of one row each (Mllama's aspect ratios, InstructBLIP's Q-Former prompt) are carried past TRL's
+    # trainer with the rows (VLGRPOTrainer._carried_inputs_each_forward); others it drops would need splitting
+    carried = {item.name for item in vl_processor.image_inputs if item.layout == "per_row"}
+    missing = sorted({item.name for item in vl_processor.image_inputs} - TRL_IMAGE_INPUTS - carried)
     if missing:
         return f"{vl_model.hf_model_class} needs {', '.join(missing)}, which TRL's GRPOTrainer does not pass to forward"
     tiled = sorted(item.name for item in vl_processor.image_inputs if item.layout == "per_tile")
@@ -198,11 +193,15 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         if config is not None:
             config.cache_implementation = None
         self._copies = self._generating_copies = 1  # prompt copies per group in this batch (_group_size)
+        self._carried: dict[str, torch.Tensor] = {}  # _carried_tensors of the batch at hand
+        self._trl_inputs = set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
         try:
             super().__init__(*args, **kwargs)
         finally:
             if config is not None:
                 config.cache_implementation = self.cache_implementation
+        fused_head_backbone(unwrap(self.model))  # TRL's fused LM head on InstructBLIP, as SFT and DPO
+        fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._copies = _group_size(inputs, self.num_generations if self.model.training else self.num_generations_eval)
@@ -220,7 +219,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             # only when every process has images.
             has_images = torch.tensor([any(row["images"] for row in rows)], device=self.accelerator.device)
             self.log_multimodal = bool(self.accelerator.gather(has_images).all())
-        return super()._generate_and_score_completions(rows)
+        output = super()._generate_and_score_completions(rows)
+        return {**output, **self._carried}  # TRL shuffles and splits them with the rows for its loss passes
 
     def _tokenize_prompts(self, prompts: list) -> tuple[Any, Any, Any]:
         # A group's prompt (num_generations copies in a row, as TRL's sampler lays them out) is processed once, and
@@ -228,11 +228,71 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         copies = self._copies if len(prompts) % self._copies == 0 else 1
         self._generating_copies = copies
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts[::copies])
+        carried = self._carried_tensors(multimodal_fields, prompt_ids)
+        multimodal_fields = {**multimodal_fields, **carried}  # generation takes them as they are
+        self._carried = {name: value.repeat_interleave(copies, dim=0) for name, value in carried.items()}
         # TRL 1.16 marks a prompt without images None among prompts with some, and later passes that list to the
         # processor for the scoring inputs, which refuses None: such a prompt gets no images ([]) instead.
         if images is not None:
             images = [row_images or [] for row_images in images for _ in range(copies)]
         return [ids for ids in prompt_ids for _ in range(copies)], images, multimodal_fields
+
+    def _carried_tensors(self, fields: dict[str, Any], prompt_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The processor outputs TRL's trainer does not pass to its log-prob forward passes, as tensors of one row per
+        prompt: inputs of one row each (spec layout per_row: Mllama's aspect ratios, InstructBLIP's Q-Former prompt,
+        padded on the right) and the text's own per-token inputs (Mllama's cross_attention_mask), left-padded like
+        TRL's prompt ids (the processor, called without padding, aligns them with each prompt from its start)."""
+        from trl.trainer.utils import pad
+
+        names = {item.name: item for item in self.vl_processor.image_inputs}
+        width = max(len(ids) for ids in prompt_ids)
+        carried = {}
+        for name, value in fields.items():
+            per_row = name in names and names[name].layout == "per_row"
+            if name in self._trl_inputs or name in ("labels", "batch_num_images") or not (per_row or name not in names):
+                continue  # TRL's own, dropped on purpose (the forward_kwargs comment below), or split by TRL
+            rows = [torch.as_tensor(row) for row in value]
+            if per_row:
+                carried[name] = pad(rows, padding_value=0, padding_side="right")
+                continue
+            if any(row.shape[0] not in (len(ids), width) for row, ids in zip(rows, prompt_ids, strict=True)):
+                raise ValueError(f"GRPO: {name} has a length that matches neither the prompt's tokens nor the longest")
+            rows = [row[: len(ids)] for row, ids in zip(rows, prompt_ids, strict=True)]
+            carried[name] = pad(rows, padding_value=0, padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
+        return carried
+
+    def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        self._carried = {name: inputs[name] for name in self._carried if name in inputs}  # this batch's rows
+        return super()._compute_loss(model, inputs)
+
+    @contextlib.contextmanager
+    def _carried_inputs_each_forward(self, model: torch.nn.Module, completion: int) -> Iterator[None]:
+        """Each forward pass of ``model`` gets its rows of the carried inputs (:meth:`_carried_tensors`; TRL takes
+        log-probs in chunks of rows, a forward pass each, in order), the per-token ones extended over ``completion``
+        tokens as ``generate`` extends them (Mllama's cross-attention mask repeats the prompt's last position)."""
+        if not self._carried:
+            yield
+            return
+        names = set(self.vl_processor.image_input_names())
+        carried = {}
+        for name, value in self._carried.items():
+            if name not in names:
+                value = torch.cat([value, value[:, -1:].expand(-1, completion, *value.shape[2:])], dim=1)
+            carried[name] = value
+        start = [0]
+
+        def add(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            rows = inputs["input_ids"].shape[0]
+            device = inputs["input_ids"].device
+            part = {name: value[start[0] : start[0] + rows].to(device) for name, value in carried.items()}
+            start[0] += rows
+            return args, {**inputs, **part}
+
+        handle = model.register_forward_pre_hook(add, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         copies, self._generating_copies = self._generating_copies, 1  # the first turn's; tool turns are per row
@@ -284,6 +344,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         # max_images_for_grpo allows.
         kwargs.pop("labels", None)
         kwargs.pop("batch_num_images", None)
+        for name in self._carried:
+            kwargs.pop(name, None)  # the processor's own (padded its way): the carried tensors go in instead
         token_type_ids = kwargs.get("token_type_ids")
         if self.vl_processor.prefix_lm and token_type_ids is not None:
             # Prefix-LM (PaliGemma): 0 = the bidirectional prefix, 1 = causal. TRL extends the prompt's ids with 0
@@ -292,7 +354,11 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             token_type_ids[:, -logits_to_keep:] = 1
             kwargs["token_type_ids"] = token_type_ids
         terms: list[torch.Tensor] = []
-        with self._idle_encoder_each_forward(model, terms), self._images_encoded_once_each_forward(model):
+        with (
+            self._carried_inputs_each_forward(model, logits_to_keep),
+            self._idle_encoder_each_forward(model, terms),
+            self._images_encoded_once_each_forward(model),
+        ):
             logps, *rest = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )

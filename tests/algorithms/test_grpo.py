@@ -25,6 +25,7 @@ from helpers import (
     train_argv,
     write_data,
 )
+from PIL import Image
 from transformers import TrainerCallback
 
 from resonance.algorithms.grpo import RewardFunctionError, load_reward_funcs
@@ -34,7 +35,7 @@ from resonance.errors import UnsupportedModelError
 
 # The families GRPO refuses, each for the reason resonance.algorithms.grpo.unsupported_reason gives (Molmo2: it
 # needs image_grids and image_token_pooling, which TRL's GRPOTrainer does not pass to forward).
-UNSUPPORTED = {"instructblip", "llama4", "mllama", "molmo2", "ovis2"}
+UNSUPPORTED = {"llama4", "molmo2", "ovis2"}
 
 
 def _argv(ckpt: Path, tmp_path: Path, reward: str, **overrides: object) -> list[str]:
@@ -340,6 +341,84 @@ def test_paligemma_completion_is_causal(tmp_path: Path, tiny_checkpoint: Callabl
             )
         logps.append(out)
     torch.testing.assert_close(logps[0][:, :2], logps[1][:, :2])
+
+
+@pytest.mark.parametrize("family", ["mllama", "instructblip"])
+def test_inputs_trl_drops_are_carried(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Mllama's cross-attention mask and aspect ratios and InstructBLIP's Q-Former prompt, which TRL's trainer does not
+    pass to its log-prob forward passes, reach them with each row (shuffled and split as TRL splits the batch): for
+    prompts of different lengths, the loss pass's log-probs of each completion are those of a forward pass of its
+    row alone, unpadded, on the processor's own inputs (the cross-attention mask extended over the completion as
+    generate extends it)."""
+    save_png(tmp_path, "a.png", make_image(40, 30, seed=1))
+    save_png(tmp_path, "b.png", make_image(24, 48, seed=2))
+    rows = [
+        {"image": "a.png", "prompt": "<image>\nWhat shape is it?"},
+        {"image": "b.png", "prompt": "<image>\nName every colour in this picture, then count the shapes in it."},
+    ]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = train_argv(
+        "grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=f"{REWARDS}:completion_code",
+        per_device_train_batch_size=4, num_generations=2, max_steps=1, beta=0.04, learning_rate="1e-30",
+    )  # fmt: skip
+    trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+    seen: list[tuple[dict, torch.Tensor]] = []
+    compute_loss = trainer._compute_loss
+
+    def spied(model, inputs):
+        per_token = trainer._get_per_token_logps_and_entropies
+
+        def record(*args, **kwargs):
+            out = per_token(*args, **kwargs)
+            seen.append((dict(inputs), out[0].detach()))
+            return out
+
+        trainer._get_per_token_logps_and_entropies = record
+        try:
+            return compute_loss(model, inputs)
+        finally:
+            del trainer._get_per_token_logps_and_entropies
+
+    trainer._compute_loss = spied
+    trainer.train()
+    ((inputs, logps),) = seen
+    (entry,) = [e for e in trainer.state.log_history if "kl" in e]
+    assert entry["kl"] == pytest.approx(0, abs=1e-6)  # the reference pass (TRL's scoring inputs) agrees too
+
+    hf, model = trainer.processing_class, trainer.model
+    lengths = set()
+    for row in range(inputs["prompt_ids"].shape[0]):
+        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+        completion = inputs["completion_ids"][row][inputs["completion_mask"][row].bool()]
+        alone = None
+        for source in rows:
+            image = Image.open(tmp_path / source["image"]).convert("RGB")
+            text = source["prompt"].replace("<image>\n", "")
+            content = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+            candidate = hf.apply_chat_template(
+                [{"role": "user", "content": content}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+            if torch.equal(candidate["input_ids"][0], prompt):
+                alone = candidate
+        assert alone is not None, "no prompt row renders to this row's prompt ids"
+        lengths.add(len(prompt))
+        forward = {k: v for k, v in alone.items() if k not in ("input_ids", "attention_mask")}
+        if "cross_attention_mask" in forward:
+            mask = forward["cross_attention_mask"]
+            forward["cross_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, len(completion), -1, -1)], 1)
+        ids = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **forward).logits[
+                0, len(prompt) - 1 : -1
+            ]
+        expected = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None])[:, 0]
+        torch.testing.assert_close(logps[row, : len(completion)], expected, rtol=0, atol=2e-4)
+    assert len(lengths) == 2  # prompts of two lengths in the batch: the padding was exercised
 
 
 # one family per layout of the image inputs (per image, per patch, per row, per tile) and Gemma 3's token_type_ids
