@@ -143,7 +143,11 @@ def test_ppo_resumes_under_data_parallel_with_each_process_random_stream(
     monkeypatch.setenv("PYTHONPATH", str(TESTS), prepend=os.pathsep)  # --reward_funcs helpers.rewards:...
     ckpt = uneven_checkpoint(tiny_checkpoint("llava"), tmp_path)
     two = lambda argv: _launch("ppo", argv, 2, DATA_PARALLEL)  # noqa: E731
-    straight, resumed = resume_twice("ppo", ckpt, tmp_path, two, response_length=MAX_NEW_TOKENS)
+    # each micro-batch sampled in its own call (a step's rows in one call end at the same longest length on both
+    # processes more often: the streams would seldom part)
+    straight, resumed = resume_twice(
+        "ppo", ckpt, tmp_path, two, response_length=MAX_NEW_TOKENS, generation_batch_size=GLOBAL_BATCH // 2
+    )
     checkpoint = straight / f"checkpoint-{SAVED}"
     streams = [torch.load(checkpoint / name, weights_only=False)["rng"]["torch"] for name in (STATE, "rng_state_1.pt")]
     assert not streams[0].equal(streams[1]), "the processes' random streams never parted: the test would prove nothing"
