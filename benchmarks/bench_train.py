@@ -302,8 +302,8 @@ def run_one(bundle, algorithm: str, who: str, rows_ours, rows_trl, args, device:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from resonance.algorithms.dpo.config import VLDPOConfig
-    from resonance.algorithms.dpo.shared_prompt import plan_pairs
     from resonance.algorithms.rm import VLRewardConfig
+    from resonance.algorithms.shared_prompt import plan_pairs
     from resonance.base.processor import VLProcessor
 
     gc.collect()

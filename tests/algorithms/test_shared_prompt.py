@@ -1,4 +1,4 @@
-"""The shared-prompt layout of a DPO batch (resonance.algorithms.dpo.shared_prompt), on hand-made batches.
+"""The shared-prompt layout of a DPO batch (resonance.algorithms.shared_prompt), on hand-made batches.
 
 Each family's loss, log-probs and gradients with the layout are checked against TRL's two-row DPOTrainer
 in test_dpo_loss_parity; here the bookkeeping itself: which tokens a row holds, what each sees, its
@@ -7,9 +7,10 @@ positions and labels, and the map back.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from resonance.algorithms.dpo.shared_prompt import plan_pairs
+from resonance.algorithms.shared_prompt import _representatives_of, plan_groups, plan_pairs
 
 IMAGE = 99
 PAD = 0
@@ -73,7 +74,7 @@ def test_each_answer_sees_the_prompt_and_itself_only() -> None:
 def test_positions_and_labels_are_those_of_each_own_row() -> None:
     ids, attention, completion = _pairs()
     layout = plan_pairs(ids, attention, completion, [IMAGE])
-    plain = torch.arange(layout.shared_length).expand(layout.pairs, -1)
+    plain = torch.arange(layout.shared_length).expand(layout.groups, -1)
     positions = layout.positions(plain)
     assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5]
     # 3-D (M-RoPE) positions: every axis restarts the same way.
@@ -115,3 +116,81 @@ def test_batches_that_cannot_share_run_as_two_rows() -> None:
     assert plan_pairs(*_batch([([5, 10], 1), ([6, 11], 1)]), [IMAGE]) is None
     # Not a chosen-then-rejected batch.
     assert plan_pairs(*_batch([([5, 10], 1)]), [IMAGE]) is None
+
+
+# ---------------------------------------------------------------------------------------------- GRPO groups
+
+
+def _grpo(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, completion columns) of (prompt, completion) rows as TRL lays them out: prompts
+    padded on the left, completions on the right."""
+    width = max(len(prompt) for prompt, _ in rows)
+    keep = max(len(completion) for _, completion in rows)
+    ids = torch.full((len(rows), width + keep), PAD)
+    attention = torch.zeros(len(rows), width + keep, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        ids[i, width - len(prompt) : width] = torch.tensor(prompt)
+        ids[i, width : width + len(completion)] = torch.tensor(completion)
+        attention[i, width - len(prompt) : width + len(completion)] = 1
+    return ids, attention, keep
+
+
+# Two groups of a shuffled batch: prompt A (4 tokens) for rows 0, 2, 3 and prompt B (3 tokens) for rows 1, 4.
+A, B = [IMAGE, IMAGE, 5, 6], [IMAGE, 7, 8]
+GROUP_ROWS = [(A, [10, 11]), (B, [20, 21, 22]), (A, [12]), (A, [13, 14, 15]), (B, [23])]
+GROUPS = torch.tensor([0, 1, 0, 0, 1])
+
+
+def test_a_group_holds_its_prompt_once_then_each_completion() -> None:
+    ids, attention, keep = _grpo(GROUP_ROWS)
+    layout = plan_groups(ids, attention, keep, GROUPS, [IMAGE])
+    assert layout is not None and layout.groups == 2 and layout.representatives == [0, 1]
+    shared = layout.gather(ids, fill=layout.pad_token_id)
+    # prompt | completion of row 0 | copy of the last prompt token, completion of row 2 | the same for row 3
+    assert shared[0].tolist() == [IMAGE, IMAGE, 5, 6, 10, 11, 6, 12, 6, 13, 14, 15]
+    assert shared[1].tolist()[: int(layout.segment[1].ge(0).sum())] == [IMAGE, 7, 8, 20, 21, 22, 8, 23]
+    assert layout.segment[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert layout.tokens == 12 + 8 < int(attention.sum())
+    positions = layout.positions(torch.arange(layout.shared_length).expand(2, -1))
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 6]
+    mask = layout.attention_mask(torch.float32, additive=False)[0, 0]
+    assert set(mask[9].nonzero().flatten().tolist()) == {0, 1, 2, 8, 9}  # row 3's 1st token: never rows 0 or 2
+
+
+def test_group_outputs_map_back_to_the_rows() -> None:
+    ids, attention, keep = _grpo(GROUP_ROWS)
+    layout = plan_groups(ids, attention, keep, GROUPS, [IMAGE])
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :-keep] = -100  # TRL's GRPO: only the completion is scored
+    scored = layout.unpack(layout.shift_labels(labels).float())
+    expected = labels[:, 1:].float()
+    assert scored.shape == expected.shape
+    assert torch.equal(scored.masked_fill(expected < 0, 0), expected.clamp(min=0))
+
+
+def test_batches_whose_groups_cannot_share_run_as_rows() -> None:
+    ids, attention, keep = _grpo(GROUP_ROWS)
+    assert plan_groups(ids, attention, keep, torch.arange(5), [IMAGE]) is None  # no prompt twice
+    assert plan_groups(ids, attention, keep, torch.zeros(5, dtype=torch.long), [IMAGE]) is None  # one id, two prompts
+    ids, attention, keep = _grpo([(A, [10, IMAGE]), (A, [11])])
+    assert plan_groups(ids, attention, keep, torch.zeros(2, dtype=torch.long), [IMAGE]) is None  # placeholder
+    ids, attention, keep = _grpo([(A, [10, 12]), (A, [11, 13])])
+    attention[0, -2] = 0  # a hole in a completion: neither left nor right padding
+    assert plan_groups(ids, attention, keep, torch.zeros(2, dtype=torch.long), [IMAGE]) is None
+
+
+def test_each_shared_row_takes_its_first_rows_other_inputs() -> None:
+    ids, attention, keep = _grpo(GROUP_ROWS)
+    images, tiles = [1, 2, 1, 1, 2], [2, 1, 2, 2, 1]  # rows 0, 2, 3: one image of two tiles; rows 1, 4: two of one
+    layout = plan_groups(ids, attention, keep, GROUPS, [IMAGE], [images, tiles])
+    per_row = torch.arange(5)
+    per_image = torch.arange(7)  # row 1's images are 1 and 2
+    per_tile = torch.arange(8) + 100  # row 0's tiles 100, 101; row 1's 102
+    assert _representatives_of(per_row, layout).tolist() == [0, 1]
+    assert _representatives_of(per_image, layout).tolist() == [0, 1, 2]
+    assert _representatives_of(per_tile, layout).tolist() == [100, 101, 102]
+    features = {"image": {"pooler_output": tuple(torch.full((2,), i) for i in range(7))}}
+    picked = _representatives_of(features, layout)["image"]["pooler_output"]
+    assert [int(t[0]) for t in picked] == [0, 1, 2]
+    with pytest.raises(NotImplementedError, match="neither per row nor per image"):
+        _representatives_of(torch.arange(9), layout)  # e.g. every image's patches in one run

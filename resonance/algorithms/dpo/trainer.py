@@ -1,5 +1,5 @@
 """DPO's trainer: TRL's DPOTrainer sharing one vision pass between chosen, rejected and the reference, each pair
-run as one row over a single copy of its prompt (:mod:`resonance.algorithms.dpo.shared_prompt`)."""
+run as one row over a single copy of its prompt (:mod:`resonance.algorithms.shared_prompt`)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from trl.trainer.utils import hash_module
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.dpo.config import VLDPOConfig
-from resonance.algorithms.dpo.shared_prompt import PairLayout, install_shared_prompt, plan_pairs, sharing
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss, weights_sharded
 from resonance.algorithms.setup import build_offline_trainer
+from resonance.algorithms.shared_prompt import SharedLayout, install_shared_prompt, plan_pairs, sharing
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -48,7 +48,7 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
     """DPO on TRL's DPOTrainer (same losses and metrics), with one vision pass per step.
 
     Each pair runs as one row over its shared prompt where the family allows it (see
-    :mod:`resonance.algorithms.dpo.shared_prompt`), for the policy and the reference alike.
+    :mod:`resonance.algorithms.shared_prompt`), for the policy and the reference alike.
 
     ``precompute_ref_log_probs=True`` works for image datasets too (TRL refuses it for them): the
     reference log-probs of every row are computed once before training, with TRL's own cached pass
@@ -102,7 +102,7 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
         with saving_only_trained_adapter(self.accelerator.unwrap_model(self.model)):
             super().save_model(output_dir, _internal_call)
 
-    def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> PairLayout | None:
+    def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> SharedLayout | None:
         """The shared-prompt layout of this batch, or ``None`` to run it as chosen rows then rejected rows."""
         base = unwrap(model)
         if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
