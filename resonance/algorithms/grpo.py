@@ -55,7 +55,7 @@ from resonance.generation import (
     decode_settings,
     rollout_adapters_field,
 )
-from resonance.patches import input_grad_hooks
+from resonance.patches import input_grad_hooks, paligemma_labels
 from resonance.patches.fused_head import fused_head_backbone
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
@@ -171,6 +171,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         # TRL switches gradient checkpointing off and on around each generation: one embedding hook more each time,
         # and a recompiled decode step each time, without this patch (a model not loaded through Resonance too)
         input_grad_hooks.install()
+        paligemma_labels.install()  # TRL tokenizes the prompts unpadded: PaliGemma's processor failed on two lengths
         # TRL pads prompts on the left; its processor call for the image inputs (and Gemma 3's token_type_ids,
         # which must line up with the left-padded prompt ids) follows the tokenizer's padding side.
         vl_processor.infer()

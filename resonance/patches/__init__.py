@@ -4,5 +4,6 @@
 segment attention as one batched call), ``compile_layers`` (torch.compile per decoder layer and vision block),
 ``fsdp_cpu`` (accelerate's FSDP plugin kept on CPU processes, which accelerate turns into plain data parallel), and
 ``llama4_outputs`` (transformers 5.24's Llama 4 forward, which reads a field its language model does not return),
-and ``input_grad_hooks`` (transformers 5.24's input-embedding hook, added again each time checkpointing is switched on).
+``input_grad_hooks`` (transformers 5.24's input-embedding hook, added again each time checkpointing is switched on),
+and ``paligemma_labels`` (transformers 5.24's PaliGemma processor, which fails on unpadded rows of two lengths).
 """
