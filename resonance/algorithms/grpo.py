@@ -21,6 +21,9 @@ to it with completions that end at different lengths per process. Resonance adds
   prompts hold images join, turned off for a step where some process has none (the others would wait in it);
 * the inputs TRL's trainer does not pass to its log-prob passes (Mllama's cross-attention mask and aspect ratios,
   InstructBLIP's Q-Former prompt) carried with each row to every pass (:meth:`VLGRPOTrainer._carried_tensors`);
+* a group's completions run as one row over one copy of their prompt in the log-prob and loss passes
+  (``--shared_prompt``, :mod:`resonance.algorithms.shared_prompt`): each row's group goes with it through TRL's
+  shuffle and split, and each forward pass plans its rows' layout;
 * the families TRL's trainer cannot drive are refused up front (:func:`unsupported_reason`), and PaliGemma's
   prefix-LM ``token_type_ids`` are set right for the completion (TRL extends them with zeros, which would make
   completion tokens attend to later completion tokens).
@@ -31,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,7 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import apply_lora, load_data_and_model
+from resonance.algorithms.shared_prompt import install_shared_prompt, plan_groups, sharing
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -86,6 +90,10 @@ TRL_IMAGE_INPUTS = {
 }
 
 
+# The batch's rows' prompt groups (one id per group in a batch), shuffled and split with the rows by TRL
+GROUP_KEY = "resonance_prompt_group"
+
+
 @dataclass
 class VLGRPOConfig(GRPOConfig):
     """TRL's GRPOConfig plus the reward functions, named on the command line, and their time limit."""
@@ -101,6 +109,15 @@ class VLGRPOConfig(GRPOConfig):
         },
     )
     rollout_adapters: str = rollout_adapters_field()
+    shared_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each group's completions in one row over a single copy of their prompt (and its image "
+            "tokens) in the log-prob and loss passes, with an attention mask that keeps them apart: the same "
+            "log-probs as a row each, for fewer tokens. Needs sdpa or eager attention; families whose attention is "
+            "not plain causal (spec shared_prompt: false) always run a row per completion."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,6 +212,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             config.cache_implementation = None
         self._copies = self._generating_copies = 1  # prompt copies per group in this batch (_group_size)
         self._carried: dict[str, torch.Tensor] = {}  # _carried_tensors of the batch at hand
+        self._groups = torch.zeros(0, dtype=torch.long)  # the batch's rows' prompt groups (_tokenize_prompts)
         self._trl_inputs = set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
         try:
             super().__init__(*args, **kwargs)
@@ -203,6 +221,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                 config.cache_implementation = self.cache_implementation
         fused_head_backbone(unwrap(self.model))  # TRL's fused LM head on InstructBLIP, as SFT and DPO
         fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
+        install_shared_prompt(self.model, vl_model.position_ids_kind)
+        install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._copies = _group_size(inputs, self.num_generations if self.model.training else self.num_generations_eval)
@@ -221,7 +241,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             has_images = torch.tensor([any(row["images"] for row in rows)], device=self.accelerator.device)
             self.log_multimodal = bool(self.accelerator.gather(has_images).all())
         output = super()._generate_and_score_completions(rows)
-        return {**output, **self._carried}  # TRL shuffles and splits them with the rows for its loss passes
+        # TRL shuffles and splits them with the rows for its loss passes
+        return {**output, **self._carried, GROUP_KEY: self._groups}
 
     def _tokenize_prompts(self, prompts: list) -> tuple[Any, Any, Any]:
         # A group's prompt (num_generations copies in a row, as TRL's sampler lays them out) is processed once, and
@@ -232,6 +253,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         carried = self._carried_tensors(multimodal_fields, prompt_ids)
         multimodal_fields = {**multimodal_fields, **carried}  # generation takes them as they are
         self._carried = {name: value.repeat_interleave(copies, dim=0) for name, value in carried.items()}
+        self._groups = torch.arange(len(prompts) // copies).repeat_interleave(copies)
         # TRL 1.16 marks a prompt without images None among prompts with some, and later passes that list to the
         # processor for the scoring inputs, which refuses None: such a prompt gets no images ([]) instead.
         if images is not None:
@@ -264,7 +286,47 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         self._carried = {name: inputs[name] for name in self._carried if name in inputs}  # this batch's rows
+        self._groups = inputs.get(GROUP_KEY, torch.zeros(0, dtype=torch.long))
         return super()._compute_loss(model, inputs)
+
+    def _shares_prompts(self, model: torch.nn.Module) -> bool:
+        """Whether log-prob passes of ``model`` run each group over one copy of its prompt (``--shared_prompt``)."""
+        if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
+            return False
+        if unwrap(model).config._attn_implementation not in ("sdpa", "eager"):
+            return False  # flash-attention takes no custom mask
+        return not self.aux_loss_enabled  # the router loss reads the rows' 2-D mask: shared rows have none
+
+    @contextlib.contextmanager
+    def _shared_prompts_each_forward(
+        self, model: torch.nn.Module, completion: int, units: list[list[int] | None]
+    ) -> Iterator[None]:
+        """Each forward pass of ``model`` (TRL takes log-probs in chunks of rows, a forward pass each, in order) runs
+        its rows of one prompt group as one row over that prompt (:func:`~resonance.algorithms.shared_prompt.
+        plan_groups`), where the batch allows it. ``units``: TRL's counts per row of images and tiles."""
+        if not self._shares_prompts(model) or len(self._groups) == 0:
+            yield
+            return
+        start = [0]
+        placeholders = self.vl_processor.placeholder_token_ids()
+
+        def shared(inputs: dict[str, Any]) -> sharing:
+            ids = inputs["input_ids"]
+            rows = slice(start[0], start[0] + ids.shape[0])
+            start[0] += ids.shape[0]
+            layout = plan_groups(
+                ids,
+                inputs["attention_mask"],
+                completion,
+                self._groups[rows],
+                placeholders,
+                [counts[rows] for counts in units if counts is not None],
+                multiple_of=self.pad_to_multiple_of or 1,
+            )
+            return sharing(layout, model)
+
+        with _each_forward(model, shared):
+            yield
 
     @contextlib.contextmanager
     def _carried_inputs_each_forward(self, model: torch.nn.Module, completion: int) -> Iterator[None]:
@@ -359,6 +421,9 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             self._carried_inputs_each_forward(model, logits_to_keep),
             self._idle_encoder_each_forward(model, terms),
             self._images_encoded_once_each_forward(model),
+            self._shared_prompts_each_forward(
+                model, logits_to_keep, [kwargs.get("num_images"), kwargs.get("num_tiles")]
+            ),
         ):
             logps, *rest = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -390,29 +455,46 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         """:meth:`_idle_encoder` around each forward pass of ``model`` whose inputs hold no image (TRL takes log-probs
         in chunks of rows, a forward pass each, each with its own rows' images); ``terms`` gets the terms to add to
         what the passes compute."""
-        entered: list[tuple[Any, Any]] = []
 
-        def enter(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> None:
-            context = self._idle_encoder(model, inputs)
-            entered.append((context, context.__enter__()))
-
-        def leave(module: torch.nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
-            context, idle = entered.pop()
-            context.__exit__(None, None, None)
+        def keep_term(idle: Any) -> None:
             if idle.term is not None:
                 terms.append(idle.term)
 
-        handles = [
-            model.register_forward_pre_hook(enter, with_kwargs=True),
-            model.register_forward_hook(leave, with_kwargs=True),
-        ]
-        try:
+        with _each_forward(model, lambda inputs: self._idle_encoder(model, inputs), keep_term):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            while entered:  # a forward pass that raised
-                entered.pop()[0].__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _each_forward(
+    model: torch.nn.Module,
+    context_for: Callable[[dict[str, Any]], contextlib.AbstractContextManager],
+    on_leave: Callable[[Any], None] | None = None,
+) -> Iterator[None]:
+    """``context_for(inputs)`` entered before each forward pass of ``model`` and left after it (``on_leave`` gets what
+    entering it gave), and left too where a forward pass raised."""
+    entered: list[tuple[contextlib.AbstractContextManager, Any]] = []
+
+    def enter(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> None:
+        context = context_for(inputs)
+        entered.append((context, context.__enter__()))
+
+    def leave(module: torch.nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
+        context, value = entered.pop()
+        context.__exit__(None, None, None)
+        if on_leave is not None:
+            on_leave(value)
+
+    handles = [
+        model.register_forward_pre_hook(enter, with_kwargs=True),
+        model.register_forward_hook(leave, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while entered:  # a forward pass that raised
+            entered.pop()[0].__exit__(None, None, None)
 
 
 def build(

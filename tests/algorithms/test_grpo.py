@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ from helpers import (
 from PIL import Image
 from transformers import TrainerCallback
 
+from resonance.algorithms import grpo
 from resonance.algorithms.grpo import RewardFunctionError, load_reward_funcs
+from resonance.base.model import unwrap
 from resonance.base.registry import load_core_mapper
 from resonance.commands.train import build_trainer, main, parse
 from resonance.errors import UnsupportedModelError
@@ -285,7 +288,12 @@ def test_loss_pass_images_encoded_once(
         if not once:
             monkeypatch.setattr(VLGRPOTrainer, "_images_encoded_once_each_forward", lambda self, model: nullcontext())
         (tmp_path / str(once)).mkdir()
-        argv = _argv(ckpt, tmp_path / str(once), "completion_code", per_device_train_batch_size=8, num_generations=4)
+        # no LoRA dropout: the two runs may lay out the loss pass differently (Qwen's pixels run as rows, the
+        # features over shared prompts), so they draw different dropout masks
+        argv = _argv(
+            ckpt, tmp_path / str(once), "completion_code", per_device_train_batch_size=8, num_generations=4,
+            lora_dropout=0.0,
+        )  # fmt: skip
         trainer, _ = build_trainer("grpo", *parse("grpo", argv))
         tower = load_core_mapper(ckpt).model.get_vision_tower(trainer.model)
         modes: list[bool] = []
@@ -343,6 +351,19 @@ def test_paligemma_completion_is_causal(tmp_path: Path, tiny_checkpoint: Callabl
     torch.testing.assert_close(logps[0][:, :2], logps[1][:, :2])
 
 
+def _two_prompts(folder: Path) -> tuple[list[dict[str, str]], Path]:
+    """Two prompt rows of different lengths, each with an image of its own size, and their data file."""
+    save_png(folder, "a.png", make_image(40, 30, seed=1))
+    save_png(folder, "b.png", make_image(24, 48, seed=2))
+    rows = [
+        {"image": "a.png", "prompt": "<image>\nWhat shape is it?"},
+        {"image": "b.png", "prompt": "<image>\nName every colour in this picture, then count the shapes in it."},
+    ]
+    data = folder / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows, data
+
+
 @pytest.mark.parametrize("family", ["mllama", "instructblip"])
 def test_inputs_trl_drops_are_carried(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     """Mllama's cross-attention mask and aspect ratios and InstructBLIP's Q-Former prompt, which TRL's trainer does not
@@ -350,14 +371,7 @@ def test_inputs_trl_drops_are_carried(family: str, tmp_path: Path, tiny_checkpoi
     prompts of different lengths, the loss pass's log-probs of each completion are those of a forward pass of its
     row alone, unpadded, on the processor's own inputs (the cross-attention mask extended over the completion as
     generate extends it)."""
-    save_png(tmp_path, "a.png", make_image(40, 30, seed=1))
-    save_png(tmp_path, "b.png", make_image(24, 48, seed=2))
-    rows = [
-        {"image": "a.png", "prompt": "<image>\nWhat shape is it?"},
-        {"image": "b.png", "prompt": "<image>\nName every colour in this picture, then count the shapes in it."},
-    ]
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rows, data = _two_prompts(tmp_path)
     argv = train_argv(
         "grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=f"{REWARDS}:completion_code",
         per_device_train_batch_size=4, num_generations=2, max_steps=1, beta=0.04, learning_rate="1e-30",
@@ -460,3 +474,79 @@ def test_one_bf16_step_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> 
     data = write_data(tmp_path, "prompt")
     reward = f"{REWARDS}:token_sum_reward"
     one_bf16_step("grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=reward, learning_rate="1e-3")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_groups_share_their_prompt(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """A group's completions run as one row over one copy of their prompt in the log-prob and loss passes
+    (``--shared_prompt``, families whose attention is plain causal): in float64, the loss pass's log-probs and
+    entropies of a shuffled batch of two groups, prompts of two lengths, equal those of a row per completion, for
+    fewer tokens. The others (spec shared_prompt: false) run a row per completion."""
+    _, data = _two_prompts(tmp_path)
+    argv = train_argv(
+        "grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=f"{REWARDS}:completion_code",
+        per_device_train_batch_size=6, num_generations=3, max_steps=1, learning_rate="1e-30",
+    )  # fmt: skip
+    trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+    calls: list[tuple[tuple, dict]] = []
+    per_token = trainer._get_per_token_logps_and_entropies
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return per_token(*args, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = record
+    trainer.train()
+    del trainer._get_per_token_logps_and_entropies
+    (model, ids, mask, keep), kwargs = calls[-1]  # the loss pass, on TRL's shuffled rows
+    assert len(set(trainer._groups.tolist())) == 2 and trainer._groups.tolist() != sorted(trainer._groups.tolist())
+    layouts = []
+    plan = grpo.plan_groups
+
+    def planned(*args, **kw):
+        layouts.append(plan(*args, **kw))
+        return layouts[-1]
+
+    def log_probs(shared: bool) -> tuple:
+        trainer.args.shared_prompt = shared
+        model.zero_grad(set_to_none=True)
+        with patch.object(grpo, "plan_groups", planned):
+            logps, entropy, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, **kwargs)
+        (logps.double() * weights).sum().backward()  # the gradient of a loss that weighs each completion token
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), entropy.detach(), grads
+
+    weights = torch.randn(mask.shape[0], keep, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = weights * mask[:, -keep:]
+    if not trainer.vl_model.shares_prompt or trainer.aux_loss_enabled:  # (the router loss reads the rows' mask)
+        log_probs(True)
+        assert layouts == []
+        return
+    model.double()
+    for module in model.modules():  # LoRA dropout: the same masks for both layouts' gradients
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    trainer._carried = {k: v.double() if v.is_floating_point() else v for k, v in trainer._carried.items()}
+    rows_seen: list[int] = []  # the rows each forward pass embeds: the shared rows, not the batch's
+    hook = unwrap(model).get_input_embeddings().register_forward_hook(lambda m, i, o: rows_seen.append(o.shape[0]))
+    results = {shared: log_probs(shared) for shared in (False, True)}
+    hook.remove()
+    assert rows_seen == [len(ids), 2]
+    (layout,) = layouts
+    assert layout is not None, "every row of the batch shares its prompt with its group"
+    assert layout.groups == 2 and layout.tokens < int(mask.sum())
+    (rows_logps, rows_entropy, rows_grads), (shared_logps, shared_entropy, shared_grads) = results[False], results[True]
+    completion = mask[:, -keep:].bool()
+    assert bool((rows_logps[completion] != 0).all()) and bool((rows_entropy[completion] != 0).all())
+    # The model runs in float64; TRL's fused head returns float32: the two layouts' hidden states agree to float64
+    # rounding, so their log-probs to float32's, within a few units in the last place.
+    tolerance = 4 * torch.finfo(rows_logps.dtype).eps
+    torch.testing.assert_close(shared_logps[completion], rows_logps[completion], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(shared_entropy[completion], rows_entropy[completion], rtol=tolerance, atol=tolerance)
+    # The gradients go back through the fused head's float32 log-probs: equal to float32's precision, as whole
+    # tensors relative to their norm (the shared prompt adds its completions' gradients in another order).
+    assert rows_grads.keys() == shared_grads.keys() and any(".lora_B." in name for name in rows_grads)
+    for name, grad in rows_grads.items():
+        error, norm = (shared_grads[name] - grad).norm().item(), grad.norm().item()
+        assert norm > 0 and error <= 100 * tolerance * norm, f"{name}: {error / norm:.1e} of its norm"
