@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -299,19 +300,48 @@ def last_step_profiler(steps: int) -> Any:
 
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102
             if state.global_step == steps - 1:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler = profiler()
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
             if state.global_step == steps and hasattr(self, "profiler"):
                 self.profiler.__exit__(None, None, None)
-                sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                self.table = self.profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+                self.table = profile_table(self.profiler)
 
     return _Profile()
+
+
+def profile_table(profiler: Any) -> str:
+    """The profiled operators by self device time (CPU time on the CPU), the 25 costliest."""
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+
+
+def profiler() -> Any:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def profile_last_call(owner: Any, method: str, calls: int) -> Any:
+    """``owner.method`` wrapped so that its ``calls``-th call runs under torch's profiler; the returned object's
+    ``table`` is then :func:`profile_table` of it (PPO's ``--profile``)."""
+    inner = getattr(owner, method)
+    record = types.SimpleNamespace(table="", calls=0)
+
+    @functools.wraps(inner)
+    def profiled(*args: Any, **kwargs: Any) -> Any:
+        record.calls += 1
+        if record.calls != calls:
+            return inner(*args, **kwargs)
+        with profiler() as running:
+            result = inner(*args, **kwargs)
+        record.table = profile_table(running)
+        return result
+
+    setattr(owner, method, profiled)
+    return record
 
 
 def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: float | None) -> dict[str, Any]:
@@ -378,7 +408,7 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
         num_mini_batches=args.ppo_mini_batches,
         num_ppo_epochs=args.ppo_epochs,
         response_length=args.completion,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + args.profile,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -400,10 +430,16 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
         processing_class=bundle["processor"],
     )
     setup_s = time.perf_counter() - built
+    steps, skip = args.warmup + args.steps, args.warmup
+    ran = config.max_steps  # one more than steps with --profile: that step is profiled, not timed
+    profile = profile_last_call(trainer, "step", ran) if args.profile else None
     split = Split()
     split.wrap(trainer.engine, "generate", "generation")
     split.wrap(trainer, "update", "update")
     split.wrap(trainer, "step", "step")
+    # inside scoring: each micro-batch's whole scoring, its reference pass, its image encoding, collations
+    for method in ("generate_and_score", "_reference_log_probs", "_image_model_inputs", "data_collator"):
+        split.wrap(trainer, method, method)
     tokens: list[int] = []
     inner = trainer.generate_and_score
 
@@ -414,11 +450,10 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
 
     trainer.generate_and_score = counted
     trainer.train()
-    steps, skip = args.warmup + args.steps, args.warmup
-    step_s = split.per_step("step", steps, skip)
-    generation = split.per_step("generation", steps, skip)
+    step_s = split.per_step("step", steps, skip, ran)
+    generation = split.per_step("generation", steps, skip, ran)
     # the rest of the rollout: collating, the policy's, value's and reference's passes, rewards, advantages
-    scoring = step_s - generation - split.per_step("update", steps, skip)
+    scoring = step_s - generation - split.per_step("update", steps, skip, ran)
     per_step = len(tokens) // steps
     step_tokens = sum(tokens[skip * per_step :]) / (steps - skip)
     lengths = [entry["response_length"] for entry in trainer.log_history[skip:]]
@@ -430,11 +465,18 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
             bundle, trainer.policy.model, times, step_tokens, completion_tokens, args.ppo_epochs, peak, device
         ),
         "each_step_s": split.seconds["step"],
+        "scoring_parts_s": {
+            name: split.per_step(name, steps, skip, ran)
+            for name in ("generate_and_score", "_reference_log_probs", "_image_model_inputs", "data_collator")
+        },
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,
         "mini_batches": args.ppo_mini_batches,
     }
     log(bundle["key"], "ppo", {k: v for k, v in result.items() if k != "each_step_s"})
+    if profile is not None:
+        result["profile_last_step"] = profile.table
+        print(profile.table, flush=True)
     del trainer, policy
     return result
 
@@ -460,7 +502,9 @@ def main() -> None:
     parser.add_argument("--decode_repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="Steps not timed (the first compiles).")
     parser.add_argument("--steps", type=int, default=2, help="Steps timed.")
-    parser.add_argument("--profile", action="store_true", help="GRPO: torch's profiler over the last step (slows it).")
+    parser.add_argument(
+        "--profile", action="store_true", help="GRPO and PPO: torch's profiler over one more step, not timed."
+    )
     args = parser.parse_args()
     args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
