@@ -24,6 +24,7 @@ import torch
 from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
 from resonance.errors import ConfigError, RowError
+from resonance.patches import deferred_stop
 
 logger = logging.getLogger("resonance")
 
@@ -90,6 +91,7 @@ def generate_from(
     """Generate from a prompt batch of :class:`~resonance.base.collator.VLPromptCollator` (its ``inputs`` are moved
     to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call.
     ``generation_kwargs["cache_implementation"]`` may also be ``"auto"`` (the default): see :func:`decode_settings`."""
+    deferred_stop.install()  # on CUDA the host queues the next token's step before this one's stop check is read
     inputs = to_model_device(batch["inputs"], model)
     generation_kwargs = cap_new_tokens(model, batch, generation_kwargs)
     generation_kwargs = decode_settings(model, inputs["input_ids"].shape[1], generation_kwargs)
