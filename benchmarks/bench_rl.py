@@ -184,9 +184,13 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
         entry: dict[str, Any] = {}
         # (label, cache_implementation, --rollout_adapters)
         for mode, cache, adapters in (
-            ("dynamic", "dynamic", "separate"),
-            ("auto", "auto", "separate"),
-            ("merged", "auto", "auto"),
+            (mode, cache, adapters)
+            for mode, cache, adapters in (
+                ("dynamic", "dynamic", "separate"),
+                ("auto", "auto", "separate"),
+                ("merged", "auto", "auto"),
+            )
+            if mode in args.decode_modes
         ):
             kwargs = {
                 **PLAIN_SAMPLING,
@@ -224,11 +228,13 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
                 "prompt_tokens": int(batch["inputs"]["attention_mask"].sum()),
             }
             log(bundle["key"], "decode batch", size, mode, f"{step_ms:.2f} ms/step", f"first call {first_s:.1f} s")
-        entry["speedup"] = entry["dynamic"]["step_ms"] / entry["auto"]["step_ms"]
-        entry["merged_speedup"] = entry["auto"]["step_ms"] / entry["merged"]["step_ms"]
-        if result["floor_ms"]:
-            entry["auto_over_floor"] = entry["auto"]["step_ms"] / result["floor_ms"]
-            entry["merged_over_floor"] = entry["merged"]["step_ms"] / result["floor_ms"]
+        if "dynamic" in entry and "auto" in entry:
+            entry["speedup"] = entry["dynamic"]["step_ms"] / entry["auto"]["step_ms"]
+        if "auto" in entry and "merged" in entry:
+            entry["merged_speedup"] = entry["auto"]["step_ms"] / entry["merged"]["step_ms"]
+        for mode in ("auto", "merged"):
+            if result["floor_ms"] and mode in entry:
+                entry[f"{mode}_over_floor"] = entry[mode]["step_ms"] / result["floor_ms"]
         result["batches"][str(size)] = entry
     return result
 
@@ -500,6 +506,7 @@ def main() -> None:
     parser.add_argument("--ppo_mini_batches", type=int, default=2)
     parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
     parser.add_argument("--decode_repeats", type=int, default=3)
+    parser.add_argument("--decode_modes", default="dynamic,auto,merged", help="Decode: of dynamic, auto, merged.")
     parser.add_argument("--warmup", type=int, default=1, help="Steps not timed (the first compiles).")
     parser.add_argument("--steps", type=int, default=2, help="Steps timed.")
     parser.add_argument(
@@ -507,6 +514,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
+    args.decode_modes = args.decode_modes.split(",")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
         args.completion = min(args.completion, 8)
