@@ -15,9 +15,10 @@ first token. Position ids are the model's own for ``prompt + answer 1`` (Qwen's 
 later answer continues from the prompt's last position.
 
 The per-token log-probs (and any other per-token output of TRL's fused LM head) are mapped back to the rows' layout,
-so TRL's losses and metrics run unchanged. Where a batch cannot be shared this way (:func:`plan_pairs`,
-:func:`plan_groups`: a family whose attention is not plain causal, an image placeholder in an answer, ...) the
-planners return ``None`` and the batch runs as rows.
+so TRL's losses and metrics run unchanged. Where a batch cannot be shared this way (an image placeholder in an
+answer, padding other than the planner expects, ...) :func:`plan_pairs` and :func:`plan_groups` return ``None`` and
+the batch runs as rows; the trainers plan nothing for a family whose attention is not plain causal (spec
+``shared_prompt: false``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from resonance.base.model import unwrap
 
-_LAYOUT_ATTR = "_resonance_pair_layout"
+_LAYOUT_ATTR = "_resonance_shared_layout"
 _SAID: set[str] = set()  # reasons logged once each: a batch whose inputs cannot be shared
 logger = logging.getLogger("resonance")
 
