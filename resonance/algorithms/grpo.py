@@ -46,7 +46,7 @@ from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin
 from resonance.algorithms.setup import apply_lora, load_data_and_model
-from resonance.algorithms.shared_prompt import install_shared_prompt, plan_groups, sharing
+from resonance.algorithms.shared_prompt import install_shared_prompt, may_share, plan_groups, sharing
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -290,14 +290,6 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         self._groups = inputs.get(GROUP_KEY, torch.zeros(0, dtype=torch.long))
         return super()._compute_loss(model, inputs)
 
-    def _shares_prompts(self, model: torch.nn.Module) -> bool:
-        """Whether log-prob passes of ``model`` run each group over one copy of its prompt (``--shared_prompt``)."""
-        if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
-            return False
-        if unwrap(model).config._attn_implementation not in ("sdpa", "eager"):
-            return False  # flash-attention takes no custom mask
-        return not self.aux_loss_enabled  # the router loss reads the rows' 2-D mask: shared rows have none
-
     @contextlib.contextmanager
     def _shared_prompts_each_forward(
         self, model: torch.nn.Module, completion: int, units: list[list[int] | None]
@@ -305,7 +297,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         """Each forward pass of ``model`` (TRL takes log-probs in chunks of rows, a forward pass each, in order) runs
         its rows of one prompt group as one row over that prompt (:func:`~resonance.algorithms.shared_prompt.
         plan_groups`), where the batch allows it. ``units``: TRL's counts per row of images and tiles."""
-        if not self._shares_prompts(model) or len(self._groups) == 0:
+        if not may_share(self.args, self.vl_model, model, self.aux_loss_enabled) or len(self._groups) == 0:
             yield
             return
         start = [0]

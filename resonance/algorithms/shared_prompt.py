@@ -175,6 +175,15 @@ def _pack(
     )
 
 
+def may_share(config: Any, vl_model: Any, model: torch.nn.Module, router_loss: bool) -> bool:
+    """Whether a trainer may plan shared rows for ``model``'s passes: ``--shared_prompt`` on (``config``), a family
+    whose attention is plain causal (spec ``shared_prompt``), sdpa or eager attention (flash-attention takes no custom
+    mask), and no router loss (TRL's, in every pass, reads the rows' 2-D mask: shared rows have none)."""
+    if not getattr(config, "shared_prompt", True) or not vl_model.shares_prompt:
+        return False
+    return unwrap(model).config._attn_implementation in ("sdpa", "eager") and not router_loss
+
+
 def _pad_token(ids: torch.Tensor, attended: torch.Tensor, placeholder_ids: list[int]) -> int:
     """A padding token id for the shared rows' padding: the batch's own, else any id that is no placeholder."""
     unused = ids[~attended]

@@ -46,8 +46,6 @@ def install() -> None:
         def __eq__(self, other: Any) -> Any:  # types == 0: a mask per row
             return _Rows([[item == other for item in row] for row in self])
 
-        __hash__ = None  # type: ignore[assignment]
-
         def __setitem__(self, mask: Any, value: Any) -> None:
             if not isinstance(mask, _Rows):
                 return super().__setitem__(mask, value)

@@ -18,7 +18,7 @@ from resonance.algorithms.dpo.config import VLDPOConfig
 from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss, weights_sharded
 from resonance.algorithms.setup import build_offline_trainer
-from resonance.algorithms.shared_prompt import SharedLayout, install_shared_prompt, plan_pairs, sharing
+from resonance.algorithms.shared_prompt import SharedLayout, install_shared_prompt, may_share, plan_pairs, sharing
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
@@ -104,12 +104,7 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
 
     def pair_layout(self, model: torch.nn.Module, inputs: dict[str, Any]) -> SharedLayout | None:
         """The shared-prompt layout of this batch, or ``None`` to run it as chosen rows then rejected rows."""
-        base = unwrap(model)
-        if not getattr(self.args, "shared_prompt", True) or not self.vl_model.shares_prompt:
-            return None
-        if base.config._attn_implementation not in ("sdpa", "eager"):
-            return None  # flash-attention takes no custom mask
-        if self.aux_loss_enabled:  # TRL's router loss, in every pass, reads the rows' 2-D mask: shared rows have none
+        if not may_share(self.args, self.vl_model, model, self.aux_loss_enabled):
             return None
         return plan_pairs(
             inputs["input_ids"],
