@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from resonance.algorithms.batch_rows import entries_of
 from resonance.base.model import unwrap
 
 _LAYOUT_ATTR = "_resonance_shared_layout"
@@ -306,29 +307,7 @@ def _representatives_of(value: Any, layout: SharedLayout) -> Any:
     the entries of each shared row's first row (:attr:`SharedLayout.representatives`), where its first dimension
     has one entry per row or per unit of :attr:`SharedLayout.units` (images, tiles). :class:`NotImplementedError`
     where it has neither, or several that choose differently (a family's patches of all images in one run)."""
-    if isinstance(value, dict):  # mm_encoder_outputs and the encoders' outputs (ModelOutput is a dict)
-        out = type(value)()
-        for key, item in value.items():
-            out[key] = _representatives_of(item, layout)
-        return out
-    tensors = isinstance(value, tuple | list) and value and all(isinstance(v, torch.Tensor) for v in value)
-    if isinstance(value, tuple | list) and value and not tensors:
-        return type(value)(_representatives_of(item, layout) for item in value)  # per layer (deepstack features)
-    if not (tensors or (isinstance(value, torch.Tensor) and value.dim() >= 1)):
-        return value
-    size = len(value) if tensors else value.shape[0]
-    choices = {tuple(layout.representatives)} if size == layout.rows else set()
-    for counts in layout.units:
-        if sum(counts) == size:
-            starts = [sum(counts[:row]) for row in range(len(counts))]
-            choices.add(
-                tuple(i for row in layout.representatives for i in range(starts[row], starts[row] + counts[row]))
-            )
-    if len(choices) != 1:
-        shape = f"{len(value)} tensors" if tensors else f"shape {tuple(value.shape)}"
-        raise NotImplementedError(f"an input of {shape} is neither per row nor per image")
-    (keep,) = choices
-    return type(value)(value[i] for i in keep) if tensors else value[list(keep)]
+    return entries_of(value, layout.rows, layout.representatives, layout.units)
 
 
 def _shared_inputs(kwargs: dict[str, Any], layout: SharedLayout) -> dict[str, Any]:
