@@ -157,15 +157,9 @@ def _check_rollout(trainer) -> None:
     assert counts["rows"] == 2 and rollout.mask.all()
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "idefics3"])
-def test_step_rollouts_in_one_generate_call(
-    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A step's rows are sampled in one generate call (decoding 4 rows takes about as long as 2) and scored per
-    micro-batch: greedy, each micro-batch's sequences, log-probs, values and reference log-probs are those of
-    generating it alone (its own prompt padding, its responses cut to its longest); --generation_batch_size 2 is
-    one call per micro-batch again."""
-    ckpt = tiny_checkpoint(family)
+def _four_prompts(tmp_path: Path, ckpt: Path):
+    """A PPO trainer (two micro-batches of two rows, greedy) and four prompt rows of different lengths and image
+    sizes, the first micro-batch's prompts padded less alone than with the others."""
     questions = ["What is it?", "Why?", "Describe the colours of this picture, one by one.", "Count the shapes."]
     for i in range(4):
         save_png(tmp_path, f"p{i}.png", make_image(24 + 8 * i, 32, seed=i))
@@ -177,29 +171,64 @@ def test_step_rollouts_in_one_generate_call(
     trainer.generation_kwargs = {**trainer.generation_kwargs, "do_sample": False}
     rows = [trainer.train_dataset[i] for i in range(4)]
     lengths = [trainer.data_collator([row])["inputs"]["input_ids"].shape[1] for row in rows]
-    assert max(lengths[:2]) != max(lengths)  # the first micro-batch's prompts are padded less alone
-    calls: list[int] = []
-    generate = trainer.engine.generate
-    monkeypatch.setattr(trainer.engine, "generate", lambda *a: calls.append(len(a[2]["prompts"])) or generate(*a))
-    _, whole = trainer.generate(rows)
+    assert max(lengths[:2]) != max(lengths)
+    return trainer, rows
+
+
+# Families whose step's batch does not split by row, so that each micro-batch is collated (and its images encoded)
+# again for scoring: InstructBLIP's query tokens come before the left padding; InternVL's features are per tile,
+# Ovis2's and Molmo2's in runs that are neither per row nor per image.
+COLLATED_AGAIN = ["instructblip", "internvl", "molmo2", "ovis2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_rollouts_equal_micro_batches_alone(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's rows are sampled in one generate call and scored per micro-batch: greedy, each micro-batch's
+    sequences, log-probs, values and reference log-probs are those of generating it alone (its own prompt padding,
+    its responses cut to its longest). Where the batch splits by row (all but COLLATED_AGAIN), the images are encoded
+    once for the step, before generation, and no micro-batch is collated again."""
+    trainer, rows = _four_prompts(tmp_path, tiny_checkpoint(family))
+    collated: list[int] = []
+    collate = trainer.data_collator
+    monkeypatch.setattr(trainer, "data_collator", lambda batch: collated.append(len(batch)) or collate(batch))
+    base = unwrap(trainer.policy.model)
+    encodings: list[int] = []
+    encode = getattr(base, "get_image_features", None)  # Mllama encodes through its spec's features_input
+    if encode is not None:
+        monkeypatch.setattr(base, "get_image_features", lambda *a, **k: encodings.append(1) or encode(*a, **k))
+    whole = trainer.generate(rows)
     for start in (0, 2):
-        alone, _ = trainer.generate_and_score(rows[start : start + 2])
         trainer.sampled = (whole, start)
         shared, _ = trainer.generate_and_score(rows[start : start + 2])
         assert trainer.sampled is None
+        alone, _ = trainer.generate_and_score(rows[start : start + 2])
         assert torch.equal(shared.sequences, alone.sequences) and torch.equal(shared.mask, alone.mask)
         for key in ("logprobs", "values", "ref_logprobs", "scores"):
             torch.testing.assert_close(getattr(shared, key), getattr(alone, key), rtol=0, atol=1e-6)
-    assert calls == [4, 2, 2]
+    if family in COLLATED_AGAIN:
+        assert collated == [4, 2, 2, 2, 2], collated
+    else:  # the step's batch collated once and its images encoded once; each micro-batch alone: once each
+        assert collated == [4, 2, 2], collated
+        assert len(encodings) == (0 if encode is None else 3), encodings
 
-    calls.clear()
+
+def test_step_samples_in_one_generate_call(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step samples its rows in one generate call (decoding 4 rows takes about as long as 2); --generation_batch_size
+    2 is one call per micro-batch again, and so is a project's own generate_and_score (PPOTrainerHooks)."""
+    trainer, _ = _four_prompts(tmp_path, tiny_checkpoint("qwen2_5_vl"))
+    calls: list[int] = []
+    generate = trainer.engine.generate
+    monkeypatch.setattr(trainer.engine, "generate", lambda *a: calls.append(len(a[2]["prompts"])) or generate(*a))
     trainer.step()
     assert calls == [4]
     trainer.args.generation_batch_size = 2
     calls.clear()
     trainer.step()
     assert calls == [2, 2]
-    # a project's own generate_and_score (PPOTrainerHooks) gets each micro-batch to sample itself, as before
     trainer.args.generation_batch_size = None
     base = type(trainer)
     trainer.__class__ = type(

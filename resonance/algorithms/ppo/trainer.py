@@ -16,9 +16,11 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from transformers import GenerationMixin
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
+from resonance.algorithms.batch_rows import rows_of
 from resonance.algorithms.guards import check_finite
 from resonance.algorithms.image_features import ImageEncodingMixin, add_to_loss, weights_sharded
 from resonance.algorithms.ppo.checkpoint import PPOCheckpointing
@@ -190,12 +192,14 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             # keeps joining their gathers (transformers 5.24 turns this on by itself for modules under FSDP or
             # ZeRO-3; said here so that it holds whatever generate is called on)
             self.generation_kwargs["synced_gpus"] = True
-        self.sampled: tuple[Generation, int] | None = None  # what step sampled for generate_and_score's next rows
+        # what step sampled (generate's batch and answers) and where generate_and_score's next rows begin in it
+        self.sampled: tuple[tuple[dict[str, Any], Generation], int] | None = None
         if args.generation_batch_size is not None and not self._samples_by_step():
             raise ConfigError(
                 "--generation_batch_size: the project's PPOTrainerHooks.generate_and_score samples each micro-batch "
                 "itself; leave the flag out"
             )
+        self._said: set[str] = set()  # reasons a step's batch did not split by row, logged once each
         self.global_step = 0
         self.log_history: list[dict[str, float]] = []
         self.counters = {"empty_generations": 0, "skipped_updates": 0}
@@ -274,13 +278,48 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
 
     @torch.no_grad()
     def generate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], Generation]:
-        """The collated ``rows`` and a response sampled for each, in one engine call."""
+        """The collated ``rows`` and a response sampled for each, in one engine call. Where the images' features
+        serve generation and scoring alike (:meth:`_encoded_for_rollout`), the images are encoded before the call,
+        the engine gets the features in place of the pixels, and the batch's ``model_inputs`` hold them for
+        scoring; elsewhere ``model_inputs`` is None and generation encodes the images itself."""
         batch = self.data_collator(rows)
         with (
             self._whole_weights_for_generation(),
             self._idle_encoder(self.model, batch["inputs"], self.policy.model, generation=True),  # no images too
         ):
-            return batch, self.engine.generate(self.policy.model, self.vl_processor, batch, self.generation_kwargs)
+            batch["model_inputs"] = self._encoded_for_rollout(batch["inputs"])
+            sent = batch
+            if batch["model_inputs"] is not None:  # generate takes an input's presence for a value: no Nones
+                sent = {**batch, "inputs": {k: v for k, v in batch["model_inputs"].items() if v is not None}}
+            return batch, self.engine.generate(self.policy.model, self.vl_processor, sent, self.generation_kwargs)
+
+    def _encoded_for_rollout(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """``inputs`` (moved to the model's device) with the images encoded once for the whole rollout, where the
+        features serve every pass over it: the frozen tower's (:meth:`_image_model_inputs` gives transformers'
+        ``mm_encoder_outputs``), the reference the policy without its adapters (a frozen copy encodes the images
+        with its own tower), and transformers' own ``generate``, which then skips its encoding. None elsewhere."""
+        if self.ref_model is not None or type(unwrap(self.policy.model)).generate is not GenerationMixin.generate:
+            return None
+        inputs = to_model_device(inputs, self.policy.model)
+        raw = {k: v for k, v in inputs.items() if k != "labels"}  # PaliGemma's processor adds labels
+        encoded = self._image_model_inputs(self.policy.model, raw, copies=1)
+        return encoded if "mm_encoder_outputs" in encoded else None
+
+    def _rows_inputs(self, batch: dict[str, Any], part: range, rows: list[dict[str, Any]]) -> tuple[dict, bool]:
+        """The inputs of the rows ``part`` of a sampled ``batch`` as their own batch, on the model's device, and
+        whether their images are encoded already: taken from the batch (:func:`rows_of`; its encoded features too),
+        or where its inputs cannot be split by row, ``rows`` collated again."""
+        encoded = batch.get("model_inputs")
+        inputs = encoded if encoded is not None else to_model_device(batch["inputs"], self.policy.model)
+        if len(part) == len(batch["rows"]):
+            return inputs, encoded is not None
+        try:
+            return rows_of(inputs, part, [[len(images) for images in batch["images"]]]), encoded is not None
+        except NotImplementedError as reason:
+            if str(reason) not in self._said:
+                self._said.add(str(reason))
+                logger.info("PPO: each micro-batch is collated again for scoring (%s)", reason)
+            return to_model_device(self.data_collator(rows)["inputs"], self.policy.model), False
 
     @torch.no_grad()
     def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
@@ -288,25 +327,17 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         yet, and the micro-batch's counts. The responses are generated here, or taken from ``self.sampled``: a
         generation these rows are part of, from their first row's index on (:meth:`step` samples a whole step's rows
         at once), each response cut to the micro-batch's longest and set after the micro-batch's own left-padded
-        prompts, as generating the micro-batch alone would give them."""
+        prompts, as generating the micro-batch alone would give them. Its inputs, and the images' features where
+        generation had them, come from the generation's batch (:meth:`_rows_inputs`)."""
         sampled, self.sampled = self.sampled, None
-        if sampled is None:
-            batch, generation = self.generate(rows)
-            inputs, sequences, token_ids, texts = (
-                generation.inputs,
-                generation.sequences,
-                generation.token_ids,
-                generation.texts,
-            )
-        else:
-            generation, first = sampled
-            token_ids = generation.token_ids[first : first + len(rows)]
-            texts = generation.texts[first : first + len(rows)]
-            start = generation.inputs["input_ids"].shape[1]
-            responses = generation.sequences[first : first + len(rows), start : start + max(map(len, token_ids))]
-            batch = self.data_collator(rows)
-            inputs = to_model_device(batch["inputs"], self.policy.model)
-            sequences = torch.cat([inputs["input_ids"], responses], dim=1)
+        (batch, generation), first = (self.generate(rows), 0) if sampled is None else sampled
+        part = range(first, first + len(rows))
+        token_ids, texts = generation.token_ids[part.start : part.stop], generation.texts[part.start : part.stop]
+        images = batch["images"][part.start : part.stop]
+        inputs, encoded_already = self._rows_inputs(batch, part, rows)
+        start = batch["inputs"]["input_ids"].shape[1]
+        responses = generation.sequences[part.start : part.stop, start : start + max(map(len, token_ids))]
+        sequences = torch.cat([inputs["input_ids"], responses], dim=1)
         prompt_length = inputs["input_ids"].shape[1]
         response_length = sequences.shape[1] - prompt_length
         device = sequences.device
@@ -323,7 +354,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         image_names = set(self.vl_processor.image_input_names())
         per_token = extend_per_token_inputs(inputs, response_length, image_names, self.vl_processor.prefix_lm)
         raw = {k: v for k, v in inputs.items() if k != "labels"}  # PaliGemma's processor adds labels
-        encoded = self._image_model_inputs(self.policy.model, dict(raw), copies=1)  # frozen tower: encoded once
+        encoded = raw if encoded_already else self._image_model_inputs(self.policy.model, dict(raw), copies=1)
         model_inputs = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
         model_inputs.update(per_token)
         rollout_inputs = {"input_ids": sequences, "attention_mask": attention_mask, **model_inputs}
@@ -336,10 +367,10 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             kept_rows = [rows[i] for i in keep]
             kept_texts = [texts[i] for i in keep]
             kept_ids = [token_ids[i] for i in keep]
-            images = [batch["images"][i] for i in keep]
+            kept_images = [images[i] for i in keep]
             total = torch.zeros(len(keep), dtype=torch.float32)
             for reward in self.rewards:
-                total += reward(kept_rows, kept_texts, kept_ids, images)
+                total += reward(kept_rows, kept_texts, kept_ids, kept_images)
             scores[keep] = total
         scores = scores.to(device)
         if self.args.missing_eos_penalty is not None:
@@ -471,7 +502,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         chunk = (self.args.generation_batch_size or len(rows)) if self._samples_by_step() else self.micro_batch
         rollouts, totals = [], defaultdict(float)
         for begin in range(0, len(rows), chunk):
-            sampled = self.generate(rows[begin : begin + chunk])[1] if chunk > self.micro_batch else None
+            sampled = self.generate(rows[begin : begin + chunk]) if chunk > self.micro_batch else None
             for start in range(begin, min(begin + chunk, len(rows)), self.micro_batch):
                 part = rows[start : start + self.micro_batch]
                 self.sampled = None if sampled is None else (sampled, start - begin)
