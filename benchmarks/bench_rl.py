@@ -242,6 +242,11 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
+# GRPO's sides of ours: each name's --shared_prompt (ours_rows: a row per completion in the loss pass, to measure the
+# shared prompt's own effect in the same run)
+OURS = {"ours": True, "ours_rows": False}
+
+
 def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> Any:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -269,12 +274,12 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
     model = lora_model(bundle, device)
     hf_processor = bundle["processor"]
     prompts = args.completions // args.num_generations * (args.warmup + args.steps + args.profile)
-    if who == "ours":
+    if who in OURS:
         processor = our_processor(bundle)
         dataset = Dataset.from_list(
             [{k: rows_ours[i % len(rows_ours)][k] for k in ("prompt", "images", "source")} for i in range(prompts)]
         )
-        config = VLGRPOConfig(**common)
+        config = VLGRPOConfig(**common, shared_prompt=OURS[who])
         return bundle["mapper"].grpo_trainer(
             model=model,
             reward_funcs=[bench_reward],
@@ -396,6 +401,15 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
 # ---------------------------------------------------------------------------------------------- PPO
 
 
+SCORING_PARTS = (
+    "generate_and_score",
+    "_reference_log_probs",
+    "_encoded_for_rollout",
+    "_image_model_inputs",
+    "data_collator",
+)
+
+
 def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[str, Any]:
     from datasets import Dataset
 
@@ -443,8 +457,9 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     split.wrap(trainer.engine, "generate", "generation")
     split.wrap(trainer, "update", "update")
     split.wrap(trainer, "step", "step")
-    # inside scoring: each micro-batch's whole scoring, its reference pass, its image encoding, collations
-    for method in ("generate_and_score", "_reference_log_probs", "_image_model_inputs", "data_collator"):
+    # inside scoring: each micro-batch's whole scoring, its reference pass, image encodings (the step's before
+    # generation among them), collations
+    for method in SCORING_PARTS:
         split.wrap(trainer, method, method)
     tokens: list[int] = []
     inner = trainer.generate_and_score
@@ -471,10 +486,7 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
             bundle, trainer.policy.model, times, step_tokens, completion_tokens, args.ppo_epochs, peak, device
         ),
         "each_step_s": split.seconds["step"],
-        "scoring_parts_s": {
-            name: split.per_step(name, steps, skip, ran)
-            for name in ("generate_and_score", "_reference_log_probs", "_image_model_inputs", "data_collator")
-        },
+        "scoring_parts_s": {name: split.per_step(name, steps, skip, ran) for name in SCORING_PARTS},
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,
         "mini_batches": args.ppo_mini_batches,
@@ -496,7 +508,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="Tiny models on the CPU: a smoke test of the script.")
     parser.add_argument("--models", default="qwen2_5_vl_3b", help=f"Comma-separated, of {', '.join(REAL_SHAPES)}.")
     parser.add_argument("--parts", default="decode,grpo,ppo", help="Comma-separated: decode, grpo, ppo.")
-    parser.add_argument("--order", default="trl,ours", help="GRPO: which side runs first.")
+    parser.add_argument(
+        "--order",
+        default="trl,ours",
+        help="GRPO: the sides to run, in order: trl, ours, ours_rows (ours with --shared_prompt False).",
+    )
     parser.add_argument("--completions", type=int, default=16, help="Completions (rollouts) per step.")
     parser.add_argument("--num_generations", type=int, default=4, help="GRPO: completions per prompt.")
     parser.add_argument("--completion", type=int, default=128, help="New tokens per completion.")
@@ -553,6 +569,8 @@ def main() -> None:
                         entry["ratio_completions_per_s"] = (
                             entry["ours"]["completions_per_s"] / entry["trl"]["completions_per_s"]
                         )
+                    if "ours" in entry and "ours_rows" in entry:  # the shared prompt's own effect
+                        entry["update_rows_over_shared"] = entry["ours_rows"]["update_s"] / entry["ours"]["update_s"]
                 elif part == "ppo":
                     entry["ours"] = bench_ppo(bundle, rows_ours, args, device, peak)
                     grpo = next((e for e in report["results"] if e["model"] == key and e["part"] == "grpo"), None)
