@@ -24,7 +24,7 @@ import torch
 from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
 from resonance.errors import ConfigError, RowError
-from resonance.patches import deferred_stop
+from resonance.patches import deferred_stop, packed_gqa
 
 logger = logging.getLogger("resonance")
 
@@ -92,6 +92,7 @@ def generate_from(
     to the model's device and dtype in place). The model runs in eval mode and under ``no_grad`` for the call.
     ``generation_kwargs["cache_implementation"]`` may also be ``"auto"`` (the default): see :func:`decode_settings`."""
     deferred_stop.install()  # on CUDA the host queues the next token's step before this one's stop check is read
+    packed_gqa.install()  # the compiled decode step reads grouped key/value heads without copying them
     inputs = to_model_device(batch["inputs"], model)
     generation_kwargs = cap_new_tokens(model, batch, generation_kwargs)
     generation_kwargs = decode_settings(model, inputs["input_ids"].shape[1], generation_kwargs)

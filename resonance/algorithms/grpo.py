@@ -59,7 +59,7 @@ from resonance.generation import (
     decode_settings,
     rollout_adapters_field,
 )
-from resonance.patches import deferred_stop, input_grad_hooks, paligemma_labels
+from resonance.patches import deferred_stop, input_grad_hooks, packed_gqa, paligemma_labels
 from resonance.patches.fused_head import fused_head_backbone
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
@@ -190,6 +190,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         input_grad_hooks.install()
         paligemma_labels.install()  # TRL tokenizes the prompts unpadded: PaliGemma's processor failed on two lengths
         deferred_stop.install()  # on CUDA the host queues the next token's step before this one's stop check is read
+        packed_gqa.install()  # the compiled decode step reads grouped key/value heads without copying them
         # TRL pads prompts on the left; its processor call for the image inputs (and Gemma 3's token_type_ids,
         # which must line up with the left-padded prompt ids) follows the tokenizer's padding side.
         vl_processor.infer()

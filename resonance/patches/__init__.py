@@ -5,6 +5,7 @@ segment attention as one batched call), ``compile_layers`` (torch.compile per de
 ``fsdp_cpu`` (accelerate's FSDP plugin kept on CPU processes, which accelerate turns into plain data parallel), and
 ``llama4_outputs`` (transformers 5.24's Llama 4 forward, which reads a field its language model does not return),
 ``input_grad_hooks`` (transformers 5.24's input-embedding hook, added again each time checkpointing is switched on),
-``paligemma_labels`` (transformers 5.24's PaliGemma processor, which fails on unpadded rows of two lengths), and
-``deferred_stop`` (transformers 5.24's decode loop, which on CUDA waits for the device after every token).
+``paligemma_labels`` (transformers 5.24's PaliGemma processor, which fails on unpadded rows of two lengths),
+``deferred_stop`` (transformers 5.24's decode loop, which on CUDA waits for the device after every token), and
+``packed_gqa`` (transformers 5.24's compiled decode step, which copies grouped key/value heads once per query head).
 """
