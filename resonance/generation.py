@@ -36,7 +36,8 @@ class Generation:
     ``token_ids`` are the answer's tokens: the new tokens through the first end-of-sequence token, without
     the padding ``generate`` adds after it. ``texts`` are those tokens decoded with special tokens skipped,
     stripped of surrounding white space. ``sequences`` is ``generate``'s output (the left-padded prompts,
-    then the new tokens) and ``inputs`` the processor's batch, on the model's device: what PPO scores.
+    then the new tokens) and ``inputs`` what ``generate`` was given, on the model's device: the processor's batch, or
+    with the images' features in place of the pixels (PPO encodes them before generating).
     """
 
     prompts: list[str]
