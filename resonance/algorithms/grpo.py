@@ -414,7 +414,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         with (
             self._carried_inputs_each_forward(model, logits_to_keep),
             self._idle_encoder_each_forward(model, terms),
-            self._images_encoded_once_each_forward(model),
+            self._images_encoded_once_each_forward(model, kwargs.get("num_images")),
             self._shared_prompts_each_forward(
                 model, logits_to_keep, [kwargs.get("num_images"), kwargs.get("num_tiles")]
             ),
@@ -426,17 +426,24 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         return (logps + sum(terms) if terms else logps, *rest)
 
     @contextlib.contextmanager
-    def _images_encoded_once_each_forward(self, model: torch.nn.Module) -> Iterator[None]:
+    def _images_encoded_once_each_forward(self, model: torch.nn.Module, images: Any) -> Iterator[None]:
         """Each forward pass of ``model`` takes its images' features, encoded under ``no_grad``, where no weight that
         encodes images trains (:meth:`~resonance.algorithms.image_features.ImageEncodingMixin._image_model_inputs`,
         as SFT, DPO and PPO do). TRL passes the pixels, and the forward would run the frozen tower in the autograd
         graph: the inputs that gradient checkpointing makes require gradients include the tower's patch embeddings
         (transformers' ``enable_input_require_grads`` hooks every input embedding), so the tower ran forward again
         and backward in every loss pass (an H200 profile of a GRPO step: 7,268 attention backward calls, 36 of them
-        the language model's)."""
+        the language model's). A prompt group's images are encoded once for its rows (``images``: TRL's count per
+        row of the batch, None without images; :meth:`_image_model_inputs_by_group`)."""
+        start = [0]
 
         def encode(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            return args, self._image_model_inputs(model, inputs, copies=1)
+            rows = slice(start[0], start[0] + inputs["input_ids"].shape[0])
+            start[0] = rows.stop
+            groups = self._groups[rows].tolist()
+            if images is None or len(groups) != rows.stop - rows.start:
+                return args, self._image_model_inputs(model, inputs, copies=1)
+            return args, self._image_model_inputs_by_group(model, inputs, groups, [int(n) for n in images[rows]])
 
         handle = model.register_forward_pre_hook(encode, with_kwargs=True)
         try:

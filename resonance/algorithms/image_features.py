@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
 
+from resonance.algorithms.batch_rows import expanded, image_inputs_of
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 
@@ -108,6 +110,8 @@ def _placeholder_conversation() -> list[dict[str, Any]]:
     ]
 
 
+logger = logging.getLogger("resonance")
+
 # The videos' pixels as transformers' video forwards name them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Gemma 4).
 _VIDEO_PIXELS = "pixel_values_videos"
 
@@ -142,10 +146,57 @@ class ImageEncodingMixin:
     vl_model: type[VLModel]
     vl_processor: VLProcessor
     _placeholder_inputs: dict[str, Any] | None = None
+    _by_group_refused: str | None = None  # why a batch's images could not be encoded once per group (said once)
 
     def _bind_adapter(self, vl_model: type[VLModel], vl_processor: VLProcessor) -> None:
         self.vl_model = vl_model
         self.vl_processor = vl_processor
+
+    def _encoder_frozen_and_reused(self, base: torch.nn.Module) -> bool:
+        """Whether no weight that encodes images trains and the family's forward takes their features."""
+        return self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
+
+    def _image_model_inputs_by_group(
+        self, model: torch.nn.Module, inputs: dict[str, Any], groups: Sequence[int], images: Sequence[int]
+    ) -> dict[str, Any]:
+        """:meth:`_image_model_inputs` (one copy) for a batch whose rows of one group hold the same images (a GRPO
+        group's completions): ``groups`` gives each row's group, ``images`` its image count. Only the first row of
+        each group has its images encoded, and the group's other rows get its features. Where the images' inputs
+        cannot be taken by row (spec image.inputs layouts: tiles), or the features are not one entry per image,
+        every row's images are encoded, from then on (the reason said once in the log)."""
+        first: dict[int, int] = {}
+        source = [first.setdefault(group, row) for row, group in enumerate(groups)]
+        keep = sorted(first.values())
+        base = unwrap(model)
+        if (
+            self._by_group_refused is not None
+            or len(keep) == len(groups)
+            or "pixel_values" not in inputs
+            or _VIDEO_PIXELS in inputs
+            or self.vl_model.image_features_input is not None
+            or not self._encoder_frozen_and_reused(base)
+            or weights_sharded(getattr(self, "accelerator", None))
+        ):
+            return self._image_model_inputs(model, inputs, copies=1)
+        processor = self.vl_processor
+        try:
+            if any(images[row] != images[source[row]] for row in range(len(groups))):
+                raise NotImplementedError("rows of one group hold different numbers of images")
+            layouts = {item.name: item.layout for item in processor.image_inputs}
+            picked = image_inputs_of(inputs, layouts, processor.image_grid_input, keep, images)
+            with torch.no_grad():
+                encoded = _reusable_features(_encode(self.vl_model, base, picked), 1)
+            starts = {row: sum(images[kept] for kept in keep if kept < row) for row in keep}
+            index = [starts[source[row]] + i for row in range(len(groups)) for i in range(images[row])]
+            features = expanded(encoded, index, sum(images[row] for row in keep))
+        except NotImplementedError as reason:
+            self._by_group_refused = str(reason)
+            logger.info("%s: each row's images are encoded, not each group's (%s)", type(base).__name__, reason)
+            return self._image_model_inputs(model, inputs, copies=1)
+        model_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        model_inputs["pixel_values"] = None  # explicitly, as _image_model_inputs gives it
+        model_inputs["mm_encoder_outputs"] = {"image": features}
+        return model_inputs
 
     def _image_model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], copies: int) -> dict[str, Any]:
         """Inputs for ``copies`` repetitions of the batch's images and videos (chosen + rejected: 2)."""
@@ -153,7 +204,7 @@ class ImageEncodingMixin:
         if "pixel_values" not in inputs and _VIDEO_PIXELS not in inputs:
             return inputs
         base = unwrap(model)
-        encoded_once = self.vl_model.image_encoder_frozen(base) and self.vl_model.reuses_image_features(base)
+        encoded_once = self._encoder_frozen_and_reused(base)
         # Videos that expand into the image token, next to images: the forward would read every image token as an
         # image's, so the features go to it merged in token order, computed here (with gradients where they train).
         both = "pixel_values" in inputs and _VIDEO_PIXELS in inputs

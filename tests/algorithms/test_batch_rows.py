@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resonance.algorithms.batch_rows import entries_of, rows_of
+from resonance.algorithms.batch_rows import entries_of, expanded, image_inputs_of, rows_of
 
 # Three left-padded rows of 2, 4 and 3 tokens; row 1 has two images, the others one.
 MASK = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
@@ -56,3 +56,39 @@ def test_refused_where_rows_cannot_be_told_apart() -> None:
     query_first = {**_inputs(), "attention_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1]])}
     with pytest.raises(NotImplementedError, match="padding is not all on its left"):
         rows_of(query_first, range(0, 1), [IMAGES])  # InstructBLIP: query tokens, then the padding
+
+
+def test_image_inputs_by_declared_layout() -> None:
+    """Rows 0 and 2 of three (images 1, 2, 1): per_row inputs by row, per_image ones by image, per_patch ones by each
+    image's patches (the grid's product: 2, 3, 1 and 4 patches)."""
+    grid = torch.tensor([[1, 1, 2], [1, 3, 1], [1, 1, 1], [1, 2, 2]])
+    inputs = {
+        "pixel_values": torch.arange(10),  # per patch
+        "image_grid_thw": grid,
+        "pixel_attention_mask": torch.tensor([7, 8, 9]),  # per row
+    }
+    layouts = {"pixel_values": "per_patch", "image_grid_thw": "per_image", "pixel_attention_mask": "per_row"}
+    picked = image_inputs_of(inputs, layouts, "image_grid_thw", [0, 2], IMAGES)
+    assert picked["pixel_values"].tolist() == [0, 1, 6, 7, 8, 9]
+    assert picked["image_grid_thw"].tolist() == [[1, 1, 2], [1, 2, 2]]
+    assert picked["pixel_attention_mask"].tolist() == [7, 9]
+    with pytest.raises(NotImplementedError, match="laid out per_tile"):
+        image_inputs_of({"pixel_values": torch.zeros(6)}, {"pixel_values": "per_tile"}, None, [0], IMAGES)
+    with pytest.raises(NotImplementedError, match="not one per image"):
+        image_inputs_of({"pixel_values": torch.zeros(5)}, {"pixel_values": "per_image"}, None, [0], IMAGES)
+
+
+def test_features_expanded_to_the_rows_that_share_them() -> None:
+    """Two encoded images (one group's row each) given to four rows: a tensor per image, a tensor over the images, and
+    per layer a tensor per image (Qwen3-VL's deepstack features); features of another count are refused."""
+    features = {
+        "pooler_output": (torch.tensor([0]), torch.tensor([1])),
+        "last_hidden_state": torch.tensor([[3], [4]]),
+        "deepstack": [(torch.tensor([5]), torch.tensor([6]))],
+    }
+    rows = expanded(features, [0, 1, 1, 0], 2)
+    assert [int(t) for t in rows["pooler_output"]] == [0, 1, 1, 0]
+    assert rows["last_hidden_state"].flatten().tolist() == [3, 4, 4, 3]
+    assert [int(t) for t in rows["deepstack"][0]] == [5, 6, 6, 5]
+    with pytest.raises(NotImplementedError, match="not one entry per image of 3"):
+        expanded(features, [0, 1, 2], 3)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 from unittest.mock import patch
 
 import pytest
@@ -286,7 +287,7 @@ def test_loss_pass_images_encoded_once(
     logged, with_grad = {}, {}
     for once in (True, False):
         if not once:
-            monkeypatch.setattr(VLGRPOTrainer, "_images_encoded_once_each_forward", lambda self, model: nullcontext())
+            monkeypatch.setattr(VLGRPOTrainer, "_images_encoded_once_each_forward", lambda *args: nullcontext())
         (tmp_path / str(once)).mkdir()
         # no LoRA dropout: the two runs may lay out the loss pass differently (Qwen's pixels run as rows, the
         # features over shared prompts), so they draw different dropout masks
@@ -476,16 +477,12 @@ def test_one_bf16_step_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> 
     one_bf16_step("grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=reward, learning_rate="1e-3")
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
-def test_groups_share_their_prompt(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
-    """A group's completions run as one row over one copy of their prompt in the log-prob and loss passes
-    (``--shared_prompt``, families whose attention is plain causal): in float64, the loss pass's log-probs,
-    entropies and LoRA gradients for TRL's shuffled batch of two groups, prompts of two lengths, equal those of a row
-    per completion, for fewer tokens. The others (spec shared_prompt: false, or a router loss) run a row per
-    completion. (Groups that TRL's shuffle interleaves: test_shared_prompt.)"""
+def _loss_pass_of_two_groups(tmp_path: Path, ckpt: Path) -> tuple[Any, tuple, dict]:
+    """A GRPO trainer after one step on two prompts of different lengths, three completions each, and the
+    positional and keyword arguments of its loss pass's log-prob call (on TRL's shuffled rows)."""
     _, data = _two_prompts(tmp_path)
     argv = train_argv(
-        "grpo", tiny_checkpoint(family), data, tmp_path / "out", reward_funcs=f"{REWARDS}:completion_code",
+        "grpo", ckpt, data, tmp_path / "out", reward_funcs=f"{REWARDS}:completion_code",
         per_device_train_batch_size=6, num_generations=3, max_steps=1, learning_rate="1e-30",
     )  # fmt: skip
     trainer, _ = build_trainer("grpo", *parse("grpo", argv))
@@ -499,7 +496,17 @@ def test_groups_share_their_prompt(family: str, tmp_path: Path, tiny_checkpoint:
     trainer._get_per_token_logps_and_entropies = record
     trainer.train()
     del trainer._get_per_token_logps_and_entropies
-    (model, ids, mask, keep), kwargs = calls[-1]  # the loss pass, on TRL's shuffled rows
+    return trainer, *calls[-1]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_groups_share_their_prompt(family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """A group's completions run as one row over one copy of their prompt in the log-prob and loss passes
+    (``--shared_prompt``, families whose attention is plain causal): in float64, the loss pass's log-probs,
+    entropies and LoRA gradients for TRL's shuffled batch of two groups, prompts of two lengths, equal those of a row
+    per completion, for fewer tokens. The others (spec shared_prompt: false, or a router loss) run a row per
+    completion. (Groups that TRL's shuffle interleaves: test_shared_prompt.)"""
+    trainer, (model, ids, mask, keep), kwargs = _loss_pass_of_two_groups(tmp_path, tiny_checkpoint(family))
     assert sorted(trainer._groups.tolist()) == [0, 0, 0, 1, 1, 1]  # TRL's shuffled rows (interleaved or not)
     layouts = []
     plan = grpo.plan_groups
@@ -551,3 +558,52 @@ def test_groups_share_their_prompt(family: str, tmp_path: Path, tiny_checkpoint:
     for name, grad in rows_grads.items():
         error, norm = (shared_grads[name] - grad).norm().item(), grad.norm().item()
         assert norm > 0 and error <= 100 * tolerance * norm, f"{name}: {error / norm:.1e} of its norm"
+
+
+# Families whose loss pass encodes every row's images, not each group's once: their image inputs are laid out per tile
+# (InternVL), their features are not one entry per image (Ovis2's, Molmo2's; Idefics3's and SmolVLM's too where an
+# image is split into sub-images, which the tiny test images are not), or the spec gives the tower's output to the
+# forward itself (Mllama's image.features_input).
+EACH_ROW_ENCODED = ["internvl", "mllama", "molmo2", "ovis2"]
+# Mixture-of-experts families, whose grouped matrix products take no float64: compared in float32.
+FLOAT32_ONLY = ["qwen3_5_moe", "qwen3_vl_moe"]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_loss_pass_encodes_each_groups_images_once(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """In the log-prob and loss passes a group's images are encoded once, for its first row, and its other rows take
+    those features: in float64, for TRL's shuffled batch of two groups of three run a row per completion (so that
+    every row reads its copy), the log-probs and entropies equal those of every row's images encoded, and the vision
+    tower sees a third of the images (or patches). The families of EACH_ROW_ENCODED encode every row's."""
+    trainer, (model, ids, mask, keep), kwargs = _loss_pass_of_two_groups(tmp_path, tiny_checkpoint(family))
+    dtype = torch.float32 if family in FLOAT32_ONLY else torch.float64
+    model.to(dtype)
+    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    trainer._carried = {k: v.to(dtype) if v.is_floating_point() else v for k, v in trainer._carried.items()}
+    tower = load_core_mapper(tiny_checkpoint(family)).model.get_vision_tower(unwrap(model))
+    seen: list[int] = []
+    tower.register_forward_pre_hook(lambda module, args, kw: seen.append(_images_in(args, kw)), with_kwargs=True)
+    trainer.args.shared_prompt = False  # a row per completion: each row reads its own copy of the group's features
+    results, images = {}, {}
+    for by_group in (False, True):
+        seen.clear()
+        each_row = patch.object(
+            type(trainer),
+            "_image_model_inputs_by_group",
+            lambda self, model, inputs, groups, images: self._image_model_inputs(model, inputs, copies=1),
+        )
+        with torch.no_grad(), nullcontext() if by_group else each_row:
+            results[by_group] = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, **kwargs)[:2]
+        images[by_group] = sum(seen)
+    assert sorted(trainer._groups.tolist()) == [0, 0, 0, 1, 1, 1]
+    if family in EACH_ROW_ENCODED:
+        assert images[True] == images[False] > 0
+    else:
+        assert images[True] * 3 == images[False] > 0
+    completion = mask[:, -keep:].bool()
+    tolerance = 4 * torch.finfo(torch.float32).eps  # TRL's fused head returns float32
+    for ours, theirs in zip(results[True], results[False], strict=True):
+        assert bool((theirs[completion] != 0).all())
+        torch.testing.assert_close(ours[completion], theirs[completion], rtol=tolerance, atol=tolerance)
