@@ -34,6 +34,7 @@ from resonance.algorithms.ppo.config import VLPPOConfig
 from resonance.algorithms.ppo.math import masked_whiten
 from resonance.algorithms.ppo.rewards import REWARD_ADAPTER
 from resonance.algorithms.ppo.rollout import extend_per_token_inputs, whiten_across
+from resonance.algorithms.ppo.trainer import VLPPOTrainer
 from resonance.algorithms.setup import apply_lora
 from resonance.base.logprobs import token_log_probs
 from resonance.base.model import unwrap
@@ -157,7 +158,7 @@ def _check_rollout(trainer) -> None:
     assert counts["rows"] == 2 and rollout.mask.all()
 
 
-def _four_prompts(tmp_path: Path, ckpt: Path):
+def _four_prompts(tmp_path: Path, ckpt: Path) -> tuple[VLPPOTrainer, list[dict]]:
     """A PPO trainer (two micro-batches of two rows, greedy) and four prompt rows of different lengths and image
     sizes, the first micro-batch's prompts padded less alone than with the others."""
     questions = ["What is it?", "Why?", "Describe the colours of this picture, one by one.", "Count the shapes."]
