@@ -523,7 +523,12 @@ def main() -> None:
     parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
     parser.add_argument("--decode_repeats", type=int, default=3)
     parser.add_argument("--decode_modes", default="dynamic,auto,merged", help="Decode: of dynamic, auto, merged.")
-    parser.add_argument("--warmup", type=int, default=1, help="Steps not timed (the first compiles).")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="Steps not timed: the first compiles, and GRPO's second was slow in every H200 run (NOTES section 14).",
+    )
     parser.add_argument("--steps", type=int, default=2, help="Steps timed.")
     parser.add_argument(
         "--profile", action="store_true", help="GRPO and PPO: torch's profiler over one more step, not timed."
