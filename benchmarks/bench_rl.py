@@ -245,6 +245,7 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
 # GRPO's sides of ours: each name's --shared_prompt (ours_rows: a row per completion in the loss pass, to measure the
 # shared prompt's own effect in the same run)
 OURS = {"ours": True, "ours_rows": False}
+PARTS = ("decode", "grpo", "ppo")  # --parts
 
 
 def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> Any:
@@ -534,6 +535,9 @@ def main() -> None:
         "--profile", action="store_true", help="GRPO and PPO: torch's profiler over one more step, not timed."
     )
     args = parser.parse_args()
+    for flag, value, known in (("--parts", args.parts, PARTS), ("--order", args.order, ("trl", *OURS))):
+        if unknown := set(value.split(",")) - set(known):
+            parser.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
     args.decode_modes = args.decode_modes.split(",")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
