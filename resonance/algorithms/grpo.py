@@ -225,6 +225,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
         install_shared_prompt(self.model, vl_model.position_ids_kind)
         install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
+        vl_model.batch_vision_attention(self.model, self.ref_model)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._copies = _group_size(inputs, self.num_generations if self.model.training else self.num_generations_eval)

@@ -78,6 +78,7 @@ class VLRewardTrainer(WholeCheckpoints, ImageEncodingMixin, Trainer):
         self._metric_counts = {"train": 0, "eval": 0}
         super().__init__(*args, **kwargs)
         backbone = self._reward_model(self.model).model
+        vl_model.batch_vision_attention(backbone)
         self.router_aux_loss_coef = router_loss_coefficient(backbone, self.args.router_aux_loss_coef)
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0  # TRL's trainers' name
         self.router_loss: torch.Tensor | None = None  # the last rewards() call's (see there)

@@ -171,11 +171,14 @@ class VLModel:
         return model
 
     @classmethod
-    def batch_vision_attention(cls, model: nn.Module) -> None:
-        """Where the spec says so (image.batched_attention), run the vision tower's per-segment attention as one
-        batched sdpa call (:mod:`resonance.patches.vision_attention`); idempotent."""
+    def batch_vision_attention(cls, *models: nn.Module | None) -> None:
+        """Where the spec says so (image.batched_attention), run each model's vision tower's per-segment attention
+        as one batched sdpa call (:mod:`resonance.patches.vision_attention`); idempotent, Nones skipped. Loading
+        does it, and each trainer again for a model it is given built elsewhere."""
         if cls.batched_vision_attention:
-            install_batched_vision_attention(cls.get_vision_tower(unwrap(model)))
+            for model in models:
+                if model is not None:
+                    install_batched_vision_attention(cls.get_vision_tower(unwrap(model)))
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:

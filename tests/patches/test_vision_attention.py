@@ -86,3 +86,34 @@ def test_tower_features_match_per_segment_attention(family: str, tiny_checkpoint
     assert batched_calls == len(patched)  # one call per block
     assert calls["sdpa"] > len(patched)  # transformers: one per image or window
     assert install_batched_vision_attention(tower) == len(patched)
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm", "grpo", "ppo"])
+def test_every_trainer_batches_the_tower_of_a_model_built_elsewhere(
+    algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that reaches the trainer without Resonance's loading (the Python API, the benchmarks) gets the batched
+    tower too: the trainers install it, as loading does."""
+    from helpers import train_argv, write_data
+
+    from resonance.algorithms import setup
+    from resonance.commands.train import build_trainer, parse
+
+    load_model = setup.load_model
+
+    def unbatched(*args, **kwargs):
+        model, dtype = load_model(*args, **kwargs)
+        for module in model.modules():
+            module.__dict__.pop("forward", None)  # transformers' own per-segment forward again
+        return model, dtype
+
+    monkeypatch.setattr(setup, "load_model", unbatched)
+    kind = "prompt" if algorithm in ("grpo", "ppo") else algorithm
+    argv = train_argv(algorithm, tiny_checkpoint("qwen2_5_vl"), write_data(tmp_path, kind), tmp_path / "out")
+    if algorithm in ("grpo", "ppo"):
+        argv += ["--reward_funcs", "helpers.rewards:token_sum_reward"]
+    trainer, _ = build_trainer(algorithm, *parse(algorithm, argv))
+    modules = list(trainer.model.modules())
+    batched = [m for m in modules if getattr(m.__dict__.get("forward"), "_resonance_batched", False)]
+    attention = [m for m in modules if type(m).__name__.endswith("VisionAttention")]
+    assert attention and len(batched) == len(attention)

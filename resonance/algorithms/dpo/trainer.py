@@ -66,9 +66,7 @@ class VLDPOTrainer(WholeCheckpoints, ImageEncodingMixin, DPOTrainer):
         fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
         install_shared_prompt(self.model, vl_model.position_ids_kind)
         install_shared_prompt(self.ref_model, vl_model.position_ids_kind)
-        for model in (self.model, self.ref_model):
-            if model is not None:
-                vl_model.batch_vision_attention(model)
+        vl_model.batch_vision_attention(self.model, self.ref_model)
         if precompute:
             config.precompute_ref_log_probs = True
             self._precompute_images()

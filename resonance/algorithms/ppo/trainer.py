@@ -114,6 +114,7 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         if len(train_dataset) == 0:
             raise ValueError("PPO: the training data has no rows")
 
+        vl_model.batch_vision_attention(model.model, ref_model)
         if args.disable_dropout:
             _disable_dropout(model)
         if args.gradient_checkpointing:
