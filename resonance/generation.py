@@ -25,6 +25,7 @@ from resonance.base.collator import VLPromptCollator
 from resonance.base.registry import load_core_mapper, processor_checkpoint
 from resonance.errors import ConfigError, RowError
 from resonance.patches import deferred_stop, packed_gqa
+from resonance.patches.compile_layers import blocks_eager
 
 logger = logging.getLogger("resonance")
 
@@ -100,7 +101,7 @@ def generate_from(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), blocks_eager(model):  # training's compiled blocks (--compile_layers)
             sequences = model.generate(**inputs, **generation_kwargs)
     finally:
         model.train(was_training)

@@ -22,7 +22,6 @@ class Algorithm:
     build: str  # module:function(mapper, model_args, data_args, config) -> (trainer, processor)
     data: Literal["sft", "preference", "prompt"]  # the row kind it reads (resonance.data)
     slots: tuple[str, ...]  # the core_mapper classes it uses
-    compile_layers: bool  # whether --compile_layers applies (generation would compile every layer separately)
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -46,7 +45,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "resonance.algorithms.sft:build",
             "sft",
             ("model", "processor", "sft_collator", "sft_trainer"),
-            compile_layers=True,
         ),
         Algorithm(
             "dpo",
@@ -55,7 +53,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "resonance.algorithms.dpo.trainer:build",
             "preference",
             ("model", "processor", "dpo_collator", "dpo_trainer"),
-            compile_layers=True,
         ),
         Algorithm(
             "rm",
@@ -64,7 +61,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "resonance.algorithms.rm:build",
             "preference",
             ("model", "processor", "reward_model", "reward_collator", "reward_trainer"),
-            compile_layers=True,
         ),
         Algorithm(
             "grpo",
@@ -73,7 +69,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "resonance.algorithms.grpo:build",
             "prompt",
             ("model", "processor", "grpo_trainer"),
-            compile_layers=False,
         ),
         Algorithm(
             "ppo",
@@ -82,7 +77,6 @@ ALGORITHMS: dict[str, Algorithm] = {
             "resonance.algorithms.ppo.trainer:build",
             "prompt",
             ("model", "processor", "value_model", "ppo_collator", "ppo_trainer", "reward_model"),
-            compile_layers=False,
         ),
     )
 }

@@ -53,10 +53,10 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "Compile each decoder layer and vision block in place with torch.compile (one compile per "
-            "layer kind, reused by every layer): fuses the small kernels that bound steps on small models. auto: "
-            "on a CUDA GPU for sft, dpo and rm (not with --load_in_4bit/--load_in_8bit), off on the CPU; true or "
-            "false. The first steps are slower while it compiles (the time is logged). Pads batches to a multiple "
-            "of 8 tokens unless --pad_to_multiple_of says otherwise."
+            "layer kind, reused by every layer): fuses the small kernels that bound steps on small models; grpo and "
+            "ppo generate with the blocks eager. auto: on a CUDA GPU (not with --load_in_4bit/--load_in_8bit), off "
+            "on the CPU; true or false. The first steps are slower while it compiles (the time is logged). Pads "
+            "batches to a multiple of 8 tokens unless --pad_to_multiple_of says otherwise."
         },
     )
     load_in_4bit: bool = field(
@@ -93,17 +93,15 @@ class ModelArguments:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def compiles_layers(self, algorithm: str, use_cpu: bool) -> bool:
-        """Whether ``resonance train ALGORITHM`` compiles the layers: --compile_layers true, or auto on a CUDA GPU
-        for an algorithm that takes it (not the generating ones) with unquantised weights."""
+    def compiles_layers(self, use_cpu: bool) -> bool:
+        """Whether ``resonance train`` compiles the layers: --compile_layers true, or auto on a CUDA GPU with
+        unquantised weights."""
         if self.compile_layers != "auto":
             return self.compile_layers == "true"
         import torch
 
-        from resonance.algorithms import ALGORITHMS
-
         quantised = self.load_in_4bit or self.load_in_8bit
-        return ALGORITHMS[algorithm].compile_layers and torch.cuda.is_available() and not use_cpu and not quantised
+        return torch.cuda.is_available() and not use_cpu and not quantised
 
 
 @dataclass

@@ -60,6 +60,7 @@ from resonance.generation import (
     rollout_adapters_field,
 )
 from resonance.patches import deferred_stop, input_grad_hooks, packed_gqa, paligemma_labels
+from resonance.patches.compile_layers import blocks_eager
 from resonance.patches.fused_head import fused_head_backbone
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
@@ -367,6 +368,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             with (
                 adapters_merged(self.accelerator.unwrap_model(self.model), adapters),
                 self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True),
+                blocks_eager(self.model),  # training's compiled blocks (--compile_layers)
             ):
                 return super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs

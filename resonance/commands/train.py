@@ -10,7 +10,6 @@ from pathlib import Path
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
-from resonance.algorithms.compile_flag import compile_asked
 from resonance.algorithms.guards import (
     NonFiniteGuard,
     check_checkpoint_strategy,
@@ -66,13 +65,6 @@ def parse(algorithm: str, argv: list[str]):
     problems += flag_problems
     given_here = flags.given_flags(parser, argv)
     values = vars(namespace)
-    if compile_asked(values.get("compile_layers")) and not ALGORITHMS[algorithm].compile_layers:
-        # Generation guards each layer on its own KV-cache entry, so every layer would compile separately.
-        supported = [a.name for a in ALGORITHMS.values() if a.compile_layers]
-        listed = ", ".join(supported[:-1]) + " and " + supported[-1]
-        problems.append(
-            f"--compile_layers: {listed} only, not {algorithm} (generation would compile every layer separately)"
-        )
     # the config's own list of flags it accepts but does not honour (PPO's loop reads fewer than the Trainer)
     not_honoured = getattr(config_class, "flag_problems", lambda _: [])(values)
     problems += file.locate(flags.train_problems(algorithm, values) + not_honoured, given_here)
@@ -86,7 +78,7 @@ def parse(algorithm: str, argv: list[str]):
     except ValueError as exc:  # what the configs' own __post_init__ refuse (TRL's combinations of flags)
         raise ConfigError(f"{parser.prog}: {exc}") from None
     given = given_here | set(file.values)
-    compiled = model_args.compiles_layers(algorithm, config.use_cpu)
+    compiled = model_args.compiles_layers(config.use_cpu)
     if compiled and hasattr(config, "pad_to_multiple_of") and "pad_to_multiple_of" not in given:
         # sdpa's attention mask wants a length that is a multiple of 8; compiled code specialises on it, so
         # lengths of both kinds would compile every layer twice, the second time deep into training.
@@ -105,7 +97,7 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
     trainer, processor = ALGORITHMS[algorithm].builder()(mapper, model_args, data_args, config)
     if hasattr(trainer, "add_callback"):  # transformers/TRL trainers; PPO's own loop runs the same checks
         trainer.add_callback(NonFiniteGuard())
-    if model_args.compiles_layers(algorithm, config.use_cpu):
+    if model_args.compiles_layers(config.use_cpu):
         models = (trainer.model, getattr(trainer, "ref_model", None))  # DPO's separate reference: full training
         count = sum(compile_blocks(m) for m in models if m is not None)
         how = "--compile_layers true"
@@ -115,7 +107,8 @@ def build_trainer(algorithm: str, model_args: ModelArguments, data_args: DataArg
             torch._dynamo.config.suppress_errors = True
             how = "--compile_layers auto, on a CUDA GPU; a block that fails to compile runs eagerly, with a warning"
         logger.info("compiling %d layers in place (%s; torch.compile, one compile per layer kind)", count, how)
-        trainer.add_callback(CompileTimeLog())
+        if hasattr(trainer, "add_callback"):  # PPO's own loop logs its compile time itself
+            trainer.add_callback(CompileTimeLog())
     return trainer, processor
 
 

@@ -18,11 +18,16 @@ remains: inductor guards on whether the length is a multiple of 8 (sdpa's mask a
 ``--compile_layers`` pads batches to a multiple of 8. Each block still compiles a few variants: with and
 without grad (the reference pass runs under ``no_grad``) and per active LoRA adapter (TRL's reference
 adapter, or adapters disabled). The per-function recompile limit is raised to hold them.
+
+Rollouts (PPO, GRPO) generate with the blocks eager (:func:`blocks_eager`): their scoring and update passes run
+the compiled blocks, and the decode step is transformers' own compiled whole-model step where the cache is static.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from accelerate.utils.other import is_repeated_blocks
@@ -58,6 +63,23 @@ def _compile(module: nn.Module, compile_kwargs: dict) -> int:
     return sum(_compile(child, compile_kwargs) for child in module.children())
 
 
+@contextlib.contextmanager
+def blocks_eager(model: nn.Module) -> Iterator[None]:
+    """``model``'s compiled blocks run eagerly inside the block (rollouts): generation passes each layer its own
+    KV-cache entry, on which a compiled block would guard, compiling once per layer; transformers' compiled decode
+    step (``cache_implementation="static"``) compiles the model whole instead. Training's passes, before and after,
+    keep the compiled blocks."""
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    calls = [m._compiled_call_impl for m in compiled]
+    for module in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in zip(compiled, calls, strict=True):
+            module._compiled_call_impl = call
+
+
 def compile_seconds() -> float:
     """Seconds torch.compile has spent compiling in this process (dynamo's own record, inductor's work included)."""
     from torch._dynamo.utils import compilation_time_metrics
@@ -67,16 +89,20 @@ def compile_seconds() -> float:
 
 class CompileTimeLog(TrainerCallback):
     """Logs, after each step in which something compiled, the seconds it took and the total so far: the compiled
-    layers' cost, paid in the first steps (and again where a new variant is met)."""
+    layers' cost, paid in the first steps (and again where a new variant is met), and the decode step's where
+    rollouts compile it. PPO's own loop calls :meth:`after_step`."""
 
     def __init__(self) -> None:
         self.start = self.seen = compile_seconds()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+    def after_step(self, step: int) -> None:
+        """Log what compiled since the last call, if anything."""
         now = compile_seconds()
         if now > self.seen:
             logger.info(
-                "step %d: %.1f s compiling layers (torch.compile; %.1f s in all)", state.global_step, now - self.seen,
-                now - self.start,
-            )  # fmt: skip
+                "step %d: %.1f s compiling (torch.compile; %.1f s in all)", step, now - self.seen, now - self.start
+            )
             self.seen = now
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        self.after_step(state.global_step)

@@ -24,7 +24,9 @@ from resonance.algorithms.arguments import ModelArguments
 from resonance.base.model import unwrap
 from resonance.commands.train import build_trainer, parse
 from resonance.errors import ConfigError
-from resonance.patches.compile_layers import compile_blocks
+from resonance.patches.compile_layers import blocks_eager, compile_blocks
+
+COMPILED_LOG = r"step 1: [\d.]+ s compiling \(torch.compile; [\d.]+ s in all\)"  # CompileTimeLog's line
 
 
 def _train(algorithm: str, ckpt: Path, data: Path, out: Path, compiled: bool):
@@ -51,7 +53,7 @@ def test_compiled_layers_train_like_eager(
     counters.clear()
     with caplog.at_level(logging.INFO, logger="resonance"):
         model, losses, lora = _train(algorithm, ckpt, data, tmp_path / "compiled", compiled=True)
-    assert re.search(r"step 1: [\d.]+ s compiling layers \(torch.compile; [\d.]+ s in all\)", caplog.text)
+    assert re.search(COMPILED_LOG, caplog.text)
 
     base = unwrap(model)
     blocks = [m for m in base.modules() if getattr(m, "_compiled_call_impl", None) is not None]
@@ -105,35 +107,88 @@ def test_compile_blocks_is_idempotent(tiny_checkpoint: Callable[[str], Path]) ->
     assert compile_blocks(model) == 0
 
 
+def test_blocks_eager_restores_the_compiled_blocks(tiny_checkpoint: Callable[[str], Path]) -> None:
+    from resonance.base.registry import load_core_mapper
+
+    ckpt = tiny_checkpoint("qwen2_5_vl")
+    model = load_core_mapper(ckpt).model.from_pretrained(ckpt, dtype=torch.float32)
+    compile_blocks(model)
+    calls = {name: m._compiled_call_impl for name, m in model.named_modules() if m._compiled_call_impl is not None}
+    assert calls
+    with pytest.raises(RuntimeError, match="inside"), blocks_eager(model):
+        assert all(m._compiled_call_impl is None for m in model.modules())
+        raise RuntimeError("inside")
+    assert {name: m._compiled_call_impl for name, m in model.named_modules() if m._compiled_call_impl} == calls
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_compile_layers_refused_for_generation(algorithm: str) -> None:
-    with pytest.raises(ConfigError, match=f"--compile_layers: sft, dpo and rm only, not {algorithm}") as exc:
-        parse(
-            algorithm,
-            ["--model_name_or_path", "m", "--data_path", "d", "--reward_funcs", "m:f", "--compile_layers", "True"],
-        )
-    assert exc.value.exit_code == 2
+def test_rollouts_generate_eager_and_train_compiled(
+    algorithm: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """PPO and GRPO with --compile_layers: generation runs every block eagerly (a compiled block would compile once
+    per layer, guarding on its KV-cache entry), the scoring and update passes run the compiled blocks, and the run
+    samples the same answers and takes the same update as an eager one."""
+    from transformers import GenerationMixin
+
+    ckpt, data = tiny_checkpoint("qwen2_5_vl"), write_data(tmp_path, "prompt")
+    generate = GenerationMixin.generate
+    compiled_in_generate: list[int] = []
+
+    def counted(self, *args, **kwargs):
+        compiled_in_generate.append(sum(m._compiled_call_impl is not None for m in self.modules()))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", counted)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        argv = train_argv(
+            algorithm, ckpt, data, tmp_path / f"out{compiled}",
+            lora_dropout=0, gradient_checkpointing=True, compile_layers=compiled,
+            learning_rate="1e-3", reward_funcs="helpers.rewards:token_sum_reward",
+        )  # fmt: skip
+        trainer, _ = build_trainer(algorithm, *parse(algorithm, argv))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="resonance"):
+            trainer.train()
+        assert bool(re.search(COMPILED_LOG, caplog.text)) is compiled  # PPO's own loop logs it too
+        history = trainer.log_history if algorithm == "ppo" else trainer.state.log_history
+        losses = [entry[key] for entry in history for key in ("loss", "policy_loss", "value_loss") if key in entry]
+        lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".lora_B." in n}
+        runs[compiled] = losses, lora
+        if compiled:
+            assert counters["stats"]["unique_graphs"] > 0, "the blocks ran eagerly in training too"
+            assert not counters["recompile_limit"]
+            blocks = [m for m in unwrap(trainer.model).modules() if m._compiled_call_impl is not None]
+            assert len(blocks) >= unwrap(trainer.model).config.get_text_config().num_hidden_layers
+    assert compiled_in_generate and not any(compiled_in_generate)
+    (losses, lora), (eager_losses, eager_lora) = runs[True], runs[False]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-6)
+    assert lora.keys() == eager_lora.keys() and any(weight.norm() > 0 for weight in eager_lora.values())  # trained
+    for name, weight in eager_lora.items():
+        assert (lora[name] - weight).norm() <= 1e-4 * weight.norm() + 1e-8, name
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "rm", "ppo", "grpo"])
 def test_compile_layers_auto(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default, auto: on a CUDA GPU for the algorithms that take it (padded to 8 as when asked), off on the CPU,
-    with --use_cpu and with quantised layers; never refused."""
+    """The default, auto: on a CUDA GPU (padded to 8 as when asked, where the config pads), off on the CPU, with
+    --use_cpu and with quantised layers; never refused."""
     argv = ["--model_name_or_path", "m", "--data_path", "d", "--reward_funcs", "m:f"]
     argv = argv if algorithm in ("ppo", "grpo") else argv[:4]
     model_args, _, config = parse(algorithm, argv)
-    assert model_args.compile_layers == "auto" and not model_args.compiles_layers(algorithm, use_cpu=False)
+    assert model_args.compile_layers == "auto" and not model_args.compiles_layers(use_cpu=False)
     assert getattr(config, "pad_to_multiple_of", None) is None
-    takes = algorithm in ("sft", "dpo", "rm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_args.compiles_layers(algorithm, use_cpu=False) is takes
-    assert not model_args.compiles_layers(algorithm, use_cpu=True)
+    assert model_args.compiles_layers(use_cpu=False)
+    assert not model_args.compiles_layers(use_cpu=True)
     model_args.load_in_4bit = True
-    assert not model_args.compiles_layers(algorithm, use_cpu=False)
+    assert not model_args.compiles_layers(use_cpu=False)
     monkeypatch.undo()
-    if takes:  # compiled by auto, the batches are padded as when asked
-        monkeypatch.setattr(ModelArguments, "compiles_layers", lambda self, algorithm, use_cpu: True)
-        assert parse(algorithm, argv)[2].pad_to_multiple_of == 8
+    # compiled by auto, the batches are padded as when asked (PPO's config has no such flag)
+    monkeypatch.setattr(ModelArguments, "compiles_layers", lambda self, use_cpu: True)
+    assert getattr(parse(algorithm, argv)[2], "pad_to_multiple_of", 8) == 8
 
 
 @pytest.mark.parametrize(("value", "choice"), [(True, "true"), ("False", "false"), ("yes", "true"), ("0", "false")])

@@ -44,6 +44,7 @@ from resonance.base.reward import router_loss_coefficient
 from resonance.base.value import VLModelWithValueHead
 from resonance.errors import CheckpointError, ConfigError
 from resonance.generation import Generation, RolloutEngine, TransformersEngine, generation_kwargs, to_model_device
+from resonance.patches.compile_layers import CompileTimeLog
 from resonance.reward_funcs import load_reward_funcs
 
 logger = logging.getLogger("resonance")
@@ -601,11 +602,13 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         columns = (TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.accelerator.init_trackers(TRACKER_RUN, config=self.args.to_sanitized_dict())
         started, first_step = time.perf_counter(), self.global_step
+        compiling = CompileTimeLog()  # the compiled layers (--compile_layers) and the decode step
         with contextlib.closing(self), Progress(*columns, disable=disable, transient=False) as progress:
             task = progress.add_task("ppo", total=self.total_steps, completed=self.global_step)
             while self.global_step < self.total_steps:
                 metrics = self.step()
                 self.global_step += 1
+                compiling.after_step(self.global_step)
                 losses = {name: metrics[name] for name in ("policy_loss", "value_loss") if name in metrics}
                 check_finite(self.global_step, self.policy.named_parameters(), losses)  # before it can be saved
                 progress.update(task, completed=self.global_step)
