@@ -248,6 +248,30 @@ def test_step_samples_in_one_generate_call(
         )
 
 
+def test_workers_collate_the_steps_ahead(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """--dataloader_num_workers 2: each step's rows are read and collated in worker processes, ahead of the step (the
+    training process collates none of them), and the run is the same as with the rows collated in the training
+    process (the default, 0)."""
+    ckpt, data = tiny_checkpoint("qwen2_5_vl"), write_data(tmp_path, "prompt")
+    runs = {}
+    for workers in (0, 2):
+        argv = _argv(
+            ckpt, data, tmp_path / str(workers), "token_sum_reward", max_steps=3, dataloader_num_workers=workers
+        )
+        trainer, _ = build_trainer("ppo", *parse("ppo", argv))
+        collated: list[int] = []  # in this process
+        collate = trainer.data_collator
+        trainer.data_collator = lambda rows, collate=collate, collated=collated: (
+            collated.append(len(rows)) or collate(rows)
+        )
+        trainer.train()
+        assert collated == ([] if workers else [4, 4, 4])
+        runs[workers] = trainer
+    assert [e["reward"] for e in runs[2].log_history] == [e["reward"] for e in runs[0].log_history]
+    for (name, a), (_, b) in zip(runs[0].policy.named_parameters(), runs[2].policy.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 # Sliding-window and chunked attention (gemma4, llama4), linear attention (qwen3_5), 3-D rope (qwen2_5_vl),
 # cross-attention (mllama) and a plain decoder (llava): the static cache's layer kinds.
 STATIC_CACHE_FAMILIES = ["llava", "qwen2_5_vl", "gemma4", "llama4", "qwen3_5", "mllama"]

@@ -35,6 +35,7 @@ from resonance.algorithms.ppo.math import (
 )
 from resonance.algorithms.ppo.rewards import FunctionRewards, ModelRewards, load_reward_model
 from resonance.algorithms.ppo.rollout import PLAIN_SAMPLING, Rollout, extend_per_token_inputs, whiten_across
+from resonance.algorithms.ppo.steps import Chunks, RolloutSteps, RowStream, step_loader
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.base.collator import VLPromptCollator
 from resonance.base.model import VLModel, unwrap
@@ -202,27 +203,24 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
                 "itself; leave the flag out"
             )
         self._said: set[str] = set()  # reasons a step's batch did not split by row, logged once each
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        self.row_stream = RowStream(len(train_dataset), self.rollout_rows, world, self.accelerator.process_index, seed)
         self.global_step = 0
         self.log_history: list[dict[str, float]] = []
         self.counters = {"empty_generations": 0, "skipped_updates": 0}
 
     # -- data ----------------------------------------------------------------------------------------
 
-    def _row_indices(self, step: int) -> list[int]:
-        """This process's rows of rollout ``step``: positions of an endless stream of shuffled passes over the
-        data (one permutation per pass, seeded by ``seed`` and the pass), so a resumed run draws the same rows."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        size = len(self.train_dataset)
-        start = (step * world + rank) * self.rollout_rows
-        indices, permutations = [], {}
-        for position in range(start, start + self.rollout_rows):
-            epoch, offset = divmod(position, size)
-            if epoch not in permutations:
-                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                generator = torch.Generator().manual_seed(seed + epoch)
-                permutations[epoch] = torch.randperm(size, generator=generator).tolist()
-            indices.append(permutations[epoch][offset])
-        return indices
+    def _rollout_steps(self, first: int, last: int) -> RolloutSteps:
+        """Steps ``first`` up to ``last``'s rows, in the chunks each step samples at once (``--generation_batch_size``
+        rows, a multiple of the micro-batch, VLPPOConfig; all its rows by default), collated; uncollated micro-batches
+        where a project's own ``generate_and_score`` samples them."""
+        if self._samples_by_step():
+            chunk = self.args.generation_batch_size or self.rollout_rows
+        else:
+            chunk = self.micro_batch
+        collator = self.data_collator if chunk > self.micro_batch else None
+        return RolloutSteps(self.train_dataset, self.row_stream, chunk, collator, first, last)
 
     # -- rollouts ------------------------------------------------------------------------------------
 
@@ -279,12 +277,15 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         return type(self).generate_and_score is VLPPOTrainer.generate_and_score
 
     @torch.no_grad()
-    def generate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], Generation]:
-        """The collated ``rows`` and a response sampled for each, in one engine call. Where the images' features
-        serve generation and scoring alike (:meth:`_encoded_for_rollout`), the images are encoded before the call,
-        the engine gets the features in place of the pixels, and the batch's ``model_inputs`` hold them for
-        scoring; elsewhere ``model_inputs`` is None and generation encodes the images itself."""
-        batch = self.data_collator(rows)
+    def generate(
+        self, rows: list[dict[str, Any]], batch: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], Generation]:
+        """The collated ``rows`` (``batch``, or collated here) and a response sampled for each, in one engine call.
+        Where the images' features serve generation and scoring alike (:meth:`_encoded_for_rollout`), the images
+        are encoded before the call, the engine gets the features in place of the pixels, and the batch's
+        ``model_inputs`` hold them for scoring; elsewhere ``model_inputs`` is None and generation encodes the images
+        itself."""
+        batch = self.data_collator(rows) if batch is None else batch
         with (
             self._whole_weights_for_generation(),
             self._idle_encoder(self.model, batch["inputs"], self.policy.model, generation=True),  # no images too
@@ -496,18 +497,17 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
 
     # -- one step ------------------------------------------------------------------------------------
 
-    def step(self) -> dict[str, float]:
-        """Rollout ``global_step``, its update, and the step's metrics."""
-        indices = self._row_indices(self.global_step)
-        rows = [self.train_dataset[i] for i in indices]
-        # a multiple of the micro-batch (VLPPOConfig); a project's own generate_and_score samples per micro-batch
-        chunk = (self.args.generation_batch_size or len(rows)) if self._samples_by_step() else self.micro_batch
+    def step(self, chunks: Chunks | None = None) -> dict[str, float]:
+        """Rollout ``global_step``, its update, and the step's metrics. ``chunks``: the step's rows, as
+        :meth:`train`'s loader reads them ahead (:class:`RolloutSteps`); None reads and collates them here."""
+        if chunks is None:
+            chunks = self._rollout_steps(self.global_step, self.global_step + 1)[0]
         rollouts, totals = [], defaultdict(float)
-        for begin in range(0, len(rows), chunk):
-            sampled = self.generate(rows[begin : begin + chunk]) if chunk > self.micro_batch else None
-            for start in range(begin, min(begin + chunk, len(rows)), self.micro_batch):
+        for rows, batch in chunks:
+            sampled = None if batch is None else self.generate(rows, batch)
+            for start in range(0, len(rows), self.micro_batch):
                 part = rows[start : start + self.micro_batch]
-                self.sampled = None if sampled is None else (sampled, start - begin)
+                self.sampled = None if sampled is None else (sampled, start)
                 rollout, counts = self.generate_and_score(part)
                 rollouts.append(rollout)
                 for name, value in counts.items():
@@ -603,10 +603,11 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         self.accelerator.init_trackers(TRACKER_RUN, config=self.args.to_sanitized_dict())
         started, first_step = time.perf_counter(), self.global_step
         compiling = CompileTimeLog()  # the compiled layers (--compile_layers) and the decode step
+        ahead = iter(step_loader(self._rollout_steps(self.global_step, self.total_steps), self.args))
         with contextlib.closing(self), Progress(*columns, disable=disable, transient=False) as progress:
             task = progress.add_task("ppo", total=self.total_steps, completed=self.global_step)
             while self.global_step < self.total_steps:
-                metrics = self.step()
+                metrics = self.step(next(ahead))
                 self.global_step += 1
                 compiling.after_step(self.global_step)
                 losses = {name: metrics[name] for name in ("policy_loss", "value_loss") if name in metrics}
