@@ -54,7 +54,7 @@ def bench_reward(completions: list, **kwargs: Any) -> list[float]:
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # not in a data loader's forked worker
         torch.cuda.synchronize()
 
 
@@ -242,10 +242,27 @@ def bench_decode(bundle: dict[str, Any], rows: list[dict[str, Any]], args: argpa
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
-# GRPO's sides of ours: each name's --shared_prompt (ours_rows: a row per completion in the loss pass, to measure the
-# shared prompt's own effect in the same run)
-OURS = {"ours": True, "ours_rows": False}
+# The sides of ours: each name's --shared_prompt (GRPO; ours_rows: a row per completion in the loss pass, to measure
+# the shared prompt's own effect in the same run) and --compile_layers (ours_eager: the blocks not compiled, as before
+# auto took in GRPO and PPO). PPO runs the sides that differ for it: ours and ours_eager.
+OURS = {
+    "ours": {"shared_prompt": True, "compiled": True},
+    "ours_rows": {"shared_prompt": False, "compiled": True},
+    "ours_eager": {"shared_prompt": True, "compiled": False},
+}
+PPO_SIDES = ("ours", "ours_eager")
 PARTS = ("decode", "grpo", "ppo")  # --parts
+
+
+def compiled_as_flag(trainer: Any, who: str) -> dict[str, Any]:
+    """What ``resonance train --compile_layers`` does to the side ``who``'s trainer (its blocks compiled in place, the
+    CPU's tiny runs included), and the side's figures of it (torch.compile's seconds are added at the end)."""
+    from resonance.patches.compile_layers import compile_blocks, compile_seconds
+
+    compiled = OURS[who]["compiled"] if who in OURS else False
+    if compiled:
+        compile_blocks(trainer.model)
+    return {"compiled_layers": compiled, "compile_s": -compile_seconds()}
 
 
 def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> Any:
@@ -271,6 +288,7 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
         seed=0,
         beta=args.beta,
         disable_tqdm=True,
+        dataloader_num_workers=args.dataloader_num_workers,
     )
     model = lora_model(bundle, device)
     hf_processor = bundle["processor"]
@@ -280,7 +298,8 @@ def grpo_trainer(bundle, who: str, rows_ours, rows_trl, args, device: str) -> An
         dataset = Dataset.from_list(
             [{k: rows_ours[i % len(rows_ours)][k] for k in ("prompt", "images", "source")} for i in range(prompts)]
         )
-        config = VLGRPOConfig(**common, shared_prompt=OURS[who])
+        padding = {"pad_to_multiple_of": 8} if OURS[who]["compiled"] else {}  # as --compile_layers pads
+        config = VLGRPOConfig(**common, **padding, shared_prompt=OURS[who]["shared_prompt"])
         return bundle["mapper"].grpo_trainer(
             model=model,
             reward_funcs=[bench_reward],
@@ -359,9 +378,12 @@ def profile_last_call(owner: Any, method: str, calls: int) -> Any:
 def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: float | None) -> dict[str, Any]:
     from bench_train import StepTimer
 
+    from resonance.patches.compile_layers import compile_seconds
+
     free(device)
     built = time.perf_counter()
     trainer = grpo_trainer(bundle, who, rows_ours, rows_trl, args, device)
+    compiling = compiled_as_flag(trainer, who)
     setup_s = time.perf_counter() - built
     split = Split()
     split.wrap(trainer, "_generate_single_turn", "generation")
@@ -390,7 +412,9 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
         "cache": getattr(trainer.generation_config, "cache_implementation", None) or "dynamic",
         "rollout_adapters": getattr(trainer.args, "rollout_adapters", "separate"),  # TRL's: through PEFT's layers
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        **compiling,
     }
+    result["compile_s"] += compile_seconds()
     log(bundle["key"], "grpo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "losses")})
     if profile is not None:
         result["profile_last_step"] = profile.table
@@ -411,10 +435,11 @@ SCORING_PARTS = (
 )
 
 
-def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[str, Any]:
+def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None) -> dict[str, Any]:
     from datasets import Dataset
 
     from resonance.algorithms.ppo.config import VLPPOConfig
+    from resonance.patches.compile_layers import compile_seconds
     from resonance.reward_funcs import ensure_checked
 
     free(device)
@@ -437,6 +462,7 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
         use_cpu=device != "cuda",
         gradient_checkpointing=True,
         seed=0,
+        dataloader_num_workers=args.dataloader_num_workers,  # PPO: its steps collated ahead in these
         reward_funcs="bench_rl:bench_reward",  # named for the config's check; the trainer gets the function below
     )
     rows = Dataset.from_list([{k: r[k] for k in ("prompt", "images", "source")} for r in rows_ours])
@@ -450,6 +476,7 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
         data_collator=mapper.ppo_collator(processor),
         processing_class=bundle["processor"],
     )
+    compiling = compiled_as_flag(trainer, who)
     setup_s = time.perf_counter() - built
     steps, skip = args.warmup + args.steps, args.warmup
     ran = config.max_steps  # one more than steps with --profile: that step is profiled, not timed
@@ -459,7 +486,7 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
     split.wrap(trainer, "update", "update")
     split.wrap(trainer, "step", "step")
     # inside scoring: each micro-batch's whole scoring, its reference pass, image encodings (the step's before
-    # generation among them), collations
+    # generation among them), collations in this process (none where --dataloader_num_workers collate ahead)
     for method in SCORING_PARTS:
         split.wrap(trainer, method, method)
     tokens: list[int] = []
@@ -491,8 +518,10 @@ def bench_ppo(bundle, rows_ours, args, device: str, peak: float | None) -> dict[
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,
         "mini_batches": args.ppo_mini_batches,
+        **compiling,
     }
-    log(bundle["key"], "ppo", {k: v for k, v in result.items() if k != "each_step_s"})
+    result["compile_s"] += compile_seconds()
+    log(bundle["key"], "ppo", who, {k: v for k, v in result.items() if k != "each_step_s"})
     if profile is not None:
         result["profile_last_step"] = profile.table
         print(profile.table, flush=True)
@@ -512,13 +541,20 @@ def main() -> None:
     parser.add_argument(
         "--order",
         default="trl,ours",
-        help="GRPO: the sides to run, in order: trl, ours, ours_rows (ours with --shared_prompt False).",
+        help="The sides to run, in order: trl, ours, ours_rows (ours with --shared_prompt False), ours_eager (ours "
+        "with --compile_layers false). PPO runs ours and ours_eager of them (ours where neither is named).",
     )
     parser.add_argument("--completions", type=int, default=16, help="Completions (rollouts) per step.")
     parser.add_argument("--num_generations", type=int, default=4, help="GRPO: completions per prompt.")
     parser.add_argument("--completion", type=int, default=128, help="New tokens per completion.")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="Text tokens per prompt (plus the image).")
     parser.add_argument("--beta", type=float, default=0.0, help="GRPO's KL weight (TRL's default: 0, no reference).")
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=2,
+        help="Every side's: PPO reads and collates its steps' rows ahead in these; GRPO's trainers read rows in them.",
+    )
     parser.add_argument("--ppo_epochs", type=int, default=2)
     parser.add_argument("--ppo_mini_batches", type=int, default=2)
     parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
@@ -581,10 +617,13 @@ def main() -> None:
                     if "ours" in entry and "ours_rows" in entry:  # the shared prompt's own effect
                         entry["update_rows_over_shared"] = entry["ours_rows"]["update_s"] / entry["ours"]["update_s"]
                 elif part == "ppo":
-                    entry["ours"] = bench_ppo(bundle, rows_ours, args, device, peak)
+                    for who in [who for who in args.order.split(",") if who in PPO_SIDES] or ["ours"]:
+                        entry[who] = bench_ppo(bundle, who, rows_ours, args, device, peak)
+                        save()
                     grpo = next((e for e in report["results"] if e["model"] == key and e["part"] == "grpo"), None)
-                    if grpo and "ours" in grpo:
-                        entry["ppo_step_over_our_grpo_step"] = entry["ours"]["step_s"] / grpo["ours"]["step_s"]
+                    for who in PPO_SIDES:  # against our GRPO step with the same --compile_layers
+                        if who in entry and grpo and who in grpo:
+                            entry[f"ppo_step_over_grpo_step_{who}"] = entry[who]["step_s"] / grpo[who]["step_s"]
             except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 log(key, part, "failed:", entry["error"])
