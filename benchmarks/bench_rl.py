@@ -259,7 +259,7 @@ def compiled_as_flag(trainer: Any, who: str) -> dict[str, Any]:
     CPU's tiny runs included), and the side's figures of it (torch.compile's seconds are added at the end)."""
     from resonance.patches.compile_layers import compile_blocks, compile_seconds
 
-    compiled = OURS[who]["compiled"] if who in OURS else False
+    compiled = OURS.get(who, {}).get("compiled", False)  # TRL's side: never
     if compiled:
         compile_blocks(trainer.model)
     return {"compiled_layers": compiled, "compile_s": -compile_seconds()}

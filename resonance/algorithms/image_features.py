@@ -28,6 +28,8 @@ from resonance.algorithms.batch_rows import expanded, image_inputs_of
 from resonance.base.model import VLModel, unwrap
 from resonance.base.processor import VLProcessor
 
+logger = logging.getLogger("resonance")
+
 
 def _repeat(value: Any, copies: int) -> Any:
     if copies == 1:
@@ -109,8 +111,6 @@ def _placeholder_conversation() -> list[dict[str, Any]]:
         {"role": "assistant", "content": [{"type": "text", "text": "."}]},
     ]
 
-
-logger = logging.getLogger("resonance")
 
 # The videos' pixels as transformers' video forwards name them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, Gemma 4).
 _VIDEO_PIXELS = "pixel_values_videos"
