@@ -70,17 +70,26 @@ class ScalarHeadModel(nn.Module):
     def is_lora(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """As the wrapped model's (Trainer passes transformers' own options, e.g. ``every_n_layers``)."""
         base = unwrap(self.model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         if self.is_lora:  # frozen embeddings: checkpointed blocks need an input that requires grad
             base.enable_input_require_grads()
 
+    def activation_checkpointing_disable(self) -> None:
+        unwrap(self.model).activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """transformers' name before 5.25, which TRL still calls."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def gradient_checkpointing_disable(self) -> None:
-        unwrap(self.model).gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     # -- save / load ---------------------------------------------------------------------------------
 

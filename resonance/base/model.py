@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from resonance.base.checks import module_problems, raise_problems
 from resonance.base.registry import base_model_checkpoint, check_weights, lora_base_checkpoint, read_json_object
 from resonance.errors import CheckpointError
-from resonance.patches import input_grad_hooks, llama4_outputs
+from resonance.patches import input_grad_hooks
 from resonance.patches.vision_attention import install_batched_vision_attention
 
 logger = logging.getLogger("resonance")
@@ -73,8 +73,7 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
 
     read_json_object(folder / "config.json")
     check_weights(folder)
-    llama4_outputs.install()  # a transformers 5.24 bug that stops every Llama 4 forward
-    input_grad_hooks.install()  # and one that adds an embedding hook each time checkpointing is switched on
+    input_grad_hooks.install()  # a transformers bug that adds an embedding hook each time checkpointing is switched on
     try:
         if isinstance(kwargs.get("attn_implementation"), str):
             config = model_class.config_class.from_pretrained(str(folder))

@@ -29,7 +29,6 @@ from resonance.errors import (
     SpecMismatchError,
     SpecProblem,
 )
-from resonance.patches import llama4_outputs
 from resonance.tiny import build_tiny, tiny_from_spec
 
 
@@ -126,7 +125,6 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         # The model as Resonance loads it (VLModel.from_pretrained), without raising at the first bad field
         model_class = getattr(transformers, vl_model.hf_model_class)
         config = model_class.config_class.from_pretrained(str(checkpoint))
-        llama4_outputs.install()
         model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))

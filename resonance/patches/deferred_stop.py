@@ -1,4 +1,4 @@
-"""transformers 5.24: on CUDA, ``generate`` makes the host wait for the device after every token.
+"""transformers 5.24-5.25: on CUDA, ``generate`` makes the host wait for the device after every token.
 
 Its sampling loop reads ``unfinished_sequences.max() == 0`` each step (``StopCheck``), which blocks the host until the
 GPU has run the step, so the host cannot queue the next step meanwhile. transformers has the remedy,

@@ -1,4 +1,4 @@
-"""transformers 5.24: every ``gradient_checkpointing_enable`` adds one more hook to the input embeddings.
+"""transformers 5.24-5.25: every ``gradient_checkpointing_enable`` adds one more hook to the input embeddings.
 
 ``PreTrainedModel.activation_checkpointing_enable`` calls ``enable_input_require_grads``, which registers a forward
 hook (``make_inputs_require_grads``) on the input embeddings and keeps only the newest handles; the matching disable

@@ -1,4 +1,4 @@
-"""transformers 5.24: a compiled decode step copies every layer's keys and values once per query head of a group.
+"""transformers 5.24-5.25: a compiled decode step copies every layer's keys and values once per query head of a group.
 
 With grouped-query attention (fewer key/value heads than query heads) and an attention mask, which the static cache
 always brings, transformers' SDPA function cannot let SDPA broadcast the key/value heads (``enable_gqa`` sends a

@@ -24,6 +24,7 @@ def test_unpadded_rows_of_two_lengths(tiny_checkpoint: Callable[[str], Path]) ->
     ids, types, labels = out["input_ids"], out["token_type_ids"], out["labels"]
     assert len(ids[0]) != len(ids[1])
     for row_ids, row_types, row_labels in zip(ids, types, labels, strict=True):
+        assert isinstance(row_labels, list)  # as the ids are: TRL pads lists of lists, stacks anything else
         assert row_labels == [-100 if kind == 0 else token for token, kind in zip(row_ids, row_types, strict=True)]
         assert -100 not in row_ids and any(kind == 1 for kind in row_types)  # the suffix is kept as labels
     padded = processor(images=images, text=texts, suffix=["yes", "no"], padding=True, return_tensors="np")

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from resonance.codegen.project import load_specs
 from resonance.codegen.schema import ModelSpec
-from resonance.patches import llama4_outputs
 from resonance.tiny import TinyRecipe, build_tiny, tiny_from_spec
 
 
@@ -60,7 +59,6 @@ def conversation(
 
 
 def load(out_dir: Path) -> tuple[Any, Any]:
-    llama4_outputs.install()  # transformers 5.24's Llama 4 forward fails without it (resonance loads install it)
     processor = transformers.AutoProcessor.from_pretrained(out_dir)
     model = transformers.AutoModelForImageTextToText.from_pretrained(out_dir)
     return processor, model
