@@ -21,6 +21,9 @@ to it with completions that end at different lengths per process. Resonance adds
   prompts hold images join, turned off for a step where some process has none (the others would wait in it);
 * the inputs TRL's trainer does not pass to its log-prob passes (Mllama's cross-attention mask and aspect ratios,
   InstructBLIP's Q-Former prompt) carried with each row to every pass (:meth:`VLGRPOTrainer._carried_tensors`);
+* a step's images encoded once where no weight that encodes them trains: before generation, which takes the
+  features (:meth:`VLGRPOTrainer._images_encoded_for_rollout`), and the step's old-policy, reference and loss passes
+  take them too (each row's group goes with it through TRL's shuffle and split);
 * a group's completions run as one row over one copy of their prompt in the log-prob and loss passes
   (``--shared_prompt``, :mod:`resonance.algorithms.shared_prompt`): each row's group goes with it through TRL's
   shuffle and split, and each forward pass plans its rows' layout;
@@ -39,12 +42,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import GenerationMixin
 from trl import GRPOConfig, GRPOTrainer
 
 from resonance.algorithms import ALGORITHMS
 from resonance.algorithms.arguments import DataArguments, ModelArguments
 from resonance.algorithms.guards import WholeCheckpoints
-from resonance.algorithms.image_features import ImageEncodingMixin
+from resonance.algorithms.image_features import GroupFeatures, ImageEncodingMixin, weights_sharded
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.algorithms.shared_prompt import install_shared_prompt, may_share, plan_groups, sharing
 from resonance.base.model import VLModel, unwrap
@@ -189,7 +193,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         # TRL switches gradient checkpointing off and on around each generation: one embedding hook more each time,
         # and a recompiled decode step each time, without this patch (a model not loaded through Resonance too)
         input_grad_hooks.install()
-        paligemma_labels.install()  # TRL tokenizes the prompts unpadded: PaliGemma's processor failed on two lengths
+        paligemma_labels.install()  # TRL tokenizes the prompts unpadded: it failed on PaliGemma's labels of two lengths
         deferred_stop.install()  # on CUDA the host queues the next token's step before this one's stop check is read
         packed_gqa.install()  # the compiled decode step reads grouped key/value heads without copying them
         # TRL pads prompts on the left; its processor call for the image inputs (and Gemma 3's token_type_ids,
@@ -216,6 +220,9 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         self._copies = self._generating_copies = 1  # prompt copies per group in this batch (_group_size)
         self._carried: dict[str, torch.Tensor] = {}  # _carried_tensors of the batch at hand
         self._groups = torch.zeros(0, dtype=torch.long)  # the batch's rows' prompt groups (_tokenize_prompts)
+        self._next_group = 0  # group ids run on across batches: a pass never takes another batch's features
+        self._rollout_features: GroupFeatures | None = None  # the last batch's images as generation encoded them
+        self._encoding_for_rollout = False  # the next _generate_single_turn is a batch's first
         self._trl_inputs = set(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
         try:
             super().__init__(*args, **kwargs)
@@ -257,7 +264,10 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         carried = self._carried_tensors(multimodal_fields, prompt_ids)
         multimodal_fields = {**multimodal_fields, **carried}  # generation takes them as they are
         self._carried = {name: value.repeat_interleave(copies, dim=0) for name, value in carried.items()}
-        self._groups = torch.arange(len(prompts) // copies).repeat_interleave(copies)
+        groups = len(prompts) // copies
+        self._groups = torch.arange(self._next_group, self._next_group + groups).repeat_interleave(copies)
+        self._next_group += groups
+        self._rollout_features, self._encoding_for_rollout = None, True
         # TRL 1.16 marks a prompt without images None among prompts with some, and later passes that list to the
         # processor for the scoring inputs, which refuses None: such a prompt gets no images ([]) instead.
         if images is not None:
@@ -355,6 +365,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         copies, self._generating_copies = self._generating_copies, 1  # the first turn's; tool turns are per row
+        first_turn, self._encoding_for_rollout = self._encoding_for_rollout, False
         self._decode_settings(max(len(ids) for ids in prompt_ids))
         if copies > 1:
             # transformers' generate encodes the group's images once, then samples num_return_sequences completions
@@ -369,6 +380,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                 adapters_merged(self.accelerator.unwrap_model(self.model), adapters),
                 self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True),
                 blocks_eager(self.model),  # training's compiled blocks (--compile_layers)
+                self._images_encoded_for_rollout(images if first_turn else None),
             ):
                 return super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
@@ -376,6 +388,52 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         finally:
             self.generation_config.num_return_sequences = 1
             self.generation_kwargs.pop("num_return_sequences", None)
+
+    @contextlib.contextmanager
+    def _images_encoded_for_rollout(self, images: list[list[Any]] | None) -> Iterator[None]:
+        """Around the generation of a batch's first turn (``images``: each group's, one prompt per group): the images
+        are encoded before ``generate``, which takes the features in place of the pixels (as PPO's rollouts do), and
+        the features are kept for the step's later passes over the batch's rows (old policy, reference, loss:
+        :meth:`_images_encoded_once_each_forward`), so that each image goes through the vision tower once a step.
+        Where no weight that encodes images trains and the family's forward takes the features; not with sharded
+        weights (they gather in the forward's order), nor for a family with its own ``generate``."""
+        model = self.accelerator.unwrap_model(self.model)
+        base = unwrap(model)
+        if (
+            not images
+            or self.use_vllm
+            or self.use_transformers_continuous_batching
+            or type(base).generate is not GenerationMixin.generate
+            or self.vl_model.image_features_input is not None
+            or not self._encoder_frozen_and_reused(base)
+            or weights_sharded(self.accelerator)
+        ):
+            yield
+            return
+        groups = self._groups.unique_consecutive().tolist()  # the generated prompts': one per group, in order
+        if len(groups) != len(images):
+            yield
+            return
+        counts = [len(group_images or []) for group_images in images]
+        first = dict(zip(groups, [sum(counts[:i]) for i in range(len(counts))], strict=True))
+        count = dict(zip(groups, counts, strict=True))
+        generate = base.generate
+
+        def encoded_then_generate(*args: Any, **inputs: Any) -> Any:
+            encoded = self._image_model_inputs(model, inputs, copies=1)
+            if "mm_encoder_outputs" not in encoded:
+                return generate(*args, **inputs)
+            features = encoded["mm_encoder_outputs"]["image"]
+            self._rollout_features = GroupFeatures(base, features, first, count)
+            # generate repeats its features for the num_return_sequences in place: it gets its own copy
+            encoded["mm_encoder_outputs"] = {"image": type(features)(**features)}
+            return generate(*args, **{k: v for k, v in encoded.items() if v is not None})  # presence means a value
+
+        base.generate = encoded_then_generate  # the call TRL makes, through PEFT's wrapper
+        try:
+            yield
+        finally:
+            del base.generate
 
     def _decode_settings(self, prompt_length: int) -> None:
         """The KV cache for this call's prompts (:func:`~resonance.generation.decode_settings`) in TRL's generation
@@ -436,8 +494,9 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         graph: the inputs that gradient checkpointing makes require gradients include the tower's patch embeddings
         (transformers' ``enable_input_require_grads`` hooks every input embedding), so the tower ran forward again
         and backward in every loss pass (an H200 profile of a GRPO step: 7,268 attention backward calls, 36 of them
-        the language model's). A prompt group's images are encoded once for its rows (``images``: TRL's count per
-        row of the batch, None without images; :meth:`_image_model_inputs_by_group`)."""
+        the language model's). The rows take their groups' features as generation encoded them
+        (:meth:`_images_encoded_for_rollout`), else a prompt group's images are encoded once for its rows (``images``:
+        TRL's count per row of the batch, None without images; :meth:`_image_model_inputs_by_group`)."""
         start = [0]
 
         def encode(module: torch.nn.Module, args: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -446,7 +505,12 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             groups = self._groups[rows].tolist()
             if images is None or len(groups) != rows.stop - rows.start:
                 return args, self._image_model_inputs(model, inputs, copies=1)
-            return args, self._image_model_inputs_by_group(model, inputs, groups, [int(n) for n in images[rows]])
+            counts = [int(n) for n in images[rows]]
+            if self._rollout_features is not None:
+                encoded = self._rollout_features.inputs_of_rows(unwrap(model), inputs, groups, counts)
+                if encoded is not None:
+                    return args, encoded
+            return args, self._image_model_inputs_by_group(model, inputs, groups, counts)
 
         handle = model.register_forward_pre_hook(encode, with_kwargs=True)
         try:

@@ -90,6 +90,45 @@ def _encode(vl_model: type[VLModel], base: torch.nn.Module, image_kwargs: dict[s
     return base.get_image_features(**image_kwargs, return_dict=True)
 
 
+def _with_image_features(inputs: dict[str, Any], features: ModelOutput) -> dict[str, Any]:
+    """``inputs`` with the images' pixels replaced by their encoded ``features`` (transformers' ``mm_encoder_outputs``);
+    their other inputs stay (Qwen's image_grid_thw places the rope positions)."""
+    model_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    model_inputs["pixel_values"] = None  # explicitly, as _image_model_inputs gives it
+    model_inputs["mm_encoder_outputs"] = {"image": features}
+    return model_inputs
+
+
+@dataclass
+class GroupFeatures:
+    """Prompt groups' images encoded once, for every later pass over their rows (a GRPO step's old-policy, reference
+    and loss passes): the model whose encoder ran, its output (one entry per image: the groups' images in order),
+    and each group's first image in it and number of images."""
+
+    base: torch.nn.Module
+    features: ModelOutput
+    first: dict[int, int]
+    count: dict[int, int]
+
+    def inputs_of_rows(
+        self, base: torch.nn.Module, inputs: dict[str, Any], groups: Sequence[int], images: Sequence[int]
+    ) -> dict[str, Any] | None:
+        """``inputs`` of rows of these groups (``groups``: each row's, ``images``: its image count) with their
+        groups' features, or None where they cannot serve: another model's encoder, a group not among these or a
+        row whose image count is not its group's (a tool's images), videos, or features that are not one entry per
+        image."""
+        if base is not self.base or "pixel_values" not in inputs or _VIDEO_PIXELS in inputs:
+            return None
+        if any(self.count.get(group) != count for group, count in zip(groups, images, strict=True)):
+            return None
+        index = [self.first[group] + i for group, count in zip(groups, images, strict=True) for i in range(count)]
+        try:
+            features = expanded(self.features, index, sum(self.count.values()))
+        except NotImplementedError:
+            return None
+        return _with_image_features(inputs, features)
+
+
 def weights_sharded(accelerator: Any) -> bool:
     """Whether the accelerator's weights are shards (FSDP, in one process too, as DTensors; DeepSpeed ZeRO-3); None:
     no accelerator. Sharded strategies gather a module's weights as it runs, in the order the model's forward runs
@@ -193,10 +232,7 @@ class ImageEncodingMixin:
             self._by_group_refused = str(reason)
             logger.info("%s: each row's images are encoded, not each group's (%s)", type(base).__name__, reason)
             return self._image_model_inputs(model, inputs, copies=1)
-        model_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        model_inputs["pixel_values"] = None  # explicitly, as _image_model_inputs gives it
-        model_inputs["mm_encoder_outputs"] = {"image": features}
-        return model_inputs
+        return _with_image_features(inputs, features)
 
     def _image_model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], copies: int) -> dict[str, Any]:
         """Inputs for ``copies`` repetitions of the batch's images and videos (chosen + rejected: 2)."""

@@ -307,6 +307,44 @@ def test_loss_pass_images_encoded_once(
     assert logged[True]["grad_norm"] == pytest.approx(logged[False]["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])
+def test_images_encoded_once_a_step(
+    family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a reference pass (beta > 0) and an old-policy pass (two iterations over each generation batch), the
+    images go through the vision tower once, for generation: the old-policy, reference and loss passes of both
+    steps take the features generation encoded. The rewards, KL and losses are those of passes that encode their
+    own, which run the tower in every pass (the test can tell them apart). The families of EACH_ROW_ENCODED encode
+    in every pass."""
+    ckpt = tiny_checkpoint(family)
+    logged, calls = {}, {}
+    for kept in (True, False):
+        if not kept:
+            monkeypatch.setattr(grpo.GroupFeatures, "inputs_of_rows", lambda *args: None)
+        (tmp_path / str(kept)).mkdir()
+        argv = _argv(
+            ckpt, tmp_path / str(kept), "completion_code", per_device_train_batch_size=8, num_generations=4,
+            beta=0.1, num_iterations=2, max_steps=2, lora_dropout=0.0,
+        )  # fmt: skip
+        trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+        tower = load_core_mapper(ckpt).model.get_vision_tower(trainer.model)
+        seen: list[int] = []
+        tower.register_forward_pre_hook(lambda module, args, kw, seen=seen: seen.append(1), with_kwargs=True)
+        trainer.train()
+        logged[kept] = [entry for entry in trainer.state.log_history if "loss" in entry]
+        calls[kept] = len(seen)
+    if family in EACH_ROW_ENCODED:  # features per tile: each pass encodes its rows' images
+        assert calls[True] == calls[False] > 3
+    else:
+        assert calls[True] == 1 and calls[False] > 3  # generation; then old policy, reference and two loss passes
+    assert len(logged[True]) == len(logged[False]) == 2
+    assert logged[True][0]["reward"] == logged[False][0]["reward"]  # one generation batch, for both steps
+    assert logged[False][1]["kl"] > 0  # the second step's policy is not the reference
+    for ours, theirs in zip(logged[True], logged[False], strict=True):
+        for key in ("loss", "kl", "entropy", "grad_norm"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+
+
 def _images_in(args: tuple, kwargs: dict) -> int:
     """The leading size of the pixels a vision tower's forward gets (images, tiles or patch rows)."""
     pixels = kwargs.get("pixel_values", args[0] if args else None)
@@ -496,6 +534,7 @@ def _loss_pass_of_two_groups(tmp_path: Path, ckpt: Path) -> tuple[Any, tuple, di
     trainer._get_per_token_logps_and_entropies = record
     trainer.train()
     del trainer._get_per_token_logps_and_entropies
+    trainer._rollout_features = None  # the tests call the passes on the recorded pixels, in their own dtype
     return trainer, *calls[-1]
 
 
