@@ -49,6 +49,12 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     compile_kwargs.setdefault("dynamic", True)
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    # transformers 5.25 depends on kernels (0.19), whose hub-kernel layers (the decoder layers of most families) set
+    # a context variable before each forward and reset it after. Under gradient checkpointing dynamo refused that
+    # side effect (the backward's recomputation would not replay it) and ran every such block eagerly. The pair
+    # leaves nothing behind, so the recomputation needs no replay of it.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     return _compile(model, compile_kwargs)
 
 
