@@ -21,8 +21,9 @@ to it with completions that end at different lengths per process. Resonance adds
   prompts hold images join, turned off for a step where some process has none (the others would wait in it);
 * the inputs TRL's trainer does not pass to its log-prob passes (Mllama's cross-attention mask and aspect ratios,
   InstructBLIP's Q-Former prompt) carried with each row to every pass (:meth:`VLGRPOTrainer._carried_tensors`);
+* a group's prompt prefilled once for its completions (:mod:`resonance.patches.shared_prefill`);
 * a step's images encoded once where no weight that encodes them trains: before generation, which takes the
-  features (:meth:`VLGRPOTrainer._images_encoded_for_rollout`), and the step's old-policy, reference and loss passes
+  features (:meth:`VLGRPOTrainer._rollout_generate`), and the step's old-policy, reference and loss passes
   take them too (each row's group goes with it through TRL's shuffle and split);
 * a group's completions run as one row over one copy of their prompt in the log-prob and loss passes
   (``--shared_prompt``, :mod:`resonance.algorithms.shared_prompt`): each row's group goes with it through TRL's
@@ -66,6 +67,7 @@ from resonance.generation import (
 from resonance.patches import deferred_stop, input_grad_hooks, packed_gqa, paligemma_labels
 from resonance.patches.compile_layers import blocks_eager
 from resonance.patches.fused_head import fused_head_backbone
+from resonance.patches.shared_prefill import prefill_once
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -368,8 +370,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         first_turn, self._encoding_for_rollout = self._encoding_for_rollout, False
         self._decode_settings(max(len(ids) for ids in prompt_ids))
         if copies > 1:
-            # transformers' generate encodes the group's images once, then samples num_return_sequences completions
-            # of its prompt, in the rows' order (each group's copies together)
+            # the group's prompt is processed, prefilled and its images encoded once (_rollout_generate), then
+            # generate samples num_return_sequences completions of it, in the rows' order (each group's together)
             prompt_ids, images = prompt_ids[::copies], (images[::copies] if images is not None else None)
         self.generation_config.num_return_sequences = copies
         self.generation_kwargs["num_return_sequences"] = copies
@@ -380,7 +382,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                 adapters_merged(self.accelerator.unwrap_model(self.model), adapters),
                 self._idle_encoder(self.model_wrapped, multimodal_fields, generation=True),
                 blocks_eager(self.model),  # training's compiled blocks (--compile_layers)
-                self._images_encoded_for_rollout(images if first_turn else None),
+                self._rollout_generate(images if first_turn else None, copies),
             ):
                 return super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
@@ -390,46 +392,59 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
             self.generation_kwargs.pop("num_return_sequences", None)
 
     @contextlib.contextmanager
-    def _images_encoded_for_rollout(self, images: list[list[Any]] | None) -> Iterator[None]:
-        """Around the generation of a batch's first turn (``images``: each group's, one prompt per group): the images
-        are encoded before ``generate``, which takes the features in place of the pixels (as PPO's rollouts do), and
-        the features are kept for the step's later passes over the batch's rows (old policy, reference, loss:
-        :meth:`_images_encoded_once_each_forward`), so that each image goes through the vision tower once a step.
-        Where no weight that encodes images trains and the family's forward takes the features; not with sharded
-        weights (they gather in the forward's order), nor for a family with its own ``generate``."""
+    def _rollout_generate(self, images: list[list[Any]] | None, copies: int) -> Iterator[None]:
+        """Around the generation of a batch's first turn (``images``: each group's, one prompt per group, None for
+        later turns; ``copies``: completions per prompt), transformers' ``generate`` is wrapped so that:
+
+        * each prompt is prefilled once, not once per completion (:func:`~resonance.patches.shared_prefill.
+          prefill_once`);
+        * the images are encoded before ``generate``, which takes the features in place of the pixels (as PPO's
+          rollouts do), and the features are kept for the step's later passes over the batch's rows (old policy,
+          reference, loss: :meth:`_images_encoded_once_each_forward`), so that each image goes through the vision
+          tower once a step. Where no weight that encodes images trains and the family's forward takes the
+          features; not with sharded weights (they gather in the forward's order).
+
+        Not for a family with its own ``generate``, nor with vLLM or continuous batching."""
         model = self.accelerator.unwrap_model(self.model)
         base = unwrap(model)
         if (
-            not images
-            or self.use_vllm
+            self.use_vllm
             or self.use_transformers_continuous_batching
             or type(base).generate is not GenerationMixin.generate
-            or self.vl_model.image_features_input is not None
-            or not self._encoder_frozen_and_reused(base)
-            or weights_sharded(self.accelerator)
+            or (not images and copies < 2)
         ):
             yield
             return
         groups = self._groups.unique_consecutive().tolist()  # the generated prompts': one per group, in order
-        if len(groups) != len(images):
-            yield
-            return
-        counts = [len(group_images or []) for group_images in images]
-        first = dict(zip(groups, [sum(counts[:i]) for i in range(len(counts))], strict=True))
-        count = dict(zip(groups, counts, strict=True))
+        encode = (
+            bool(images)
+            and len(groups) == len(images)
+            and self.vl_model.image_features_input is None
+            and self._encoder_frozen_and_reused(base)
+            and not weights_sharded(self.accelerator)
+        )
+        first: dict[int, int] = {}  # each group's first image among the batch's, and its number of images
+        count: dict[int, int] = {}
+        if encode:
+            counts = [len(group_images or []) for group_images in images]
+            first = dict(zip(groups, [sum(counts[:i]) for i in range(len(counts))], strict=True))
+            count = dict(zip(groups, counts, strict=True))
         generate = base.generate
 
-        def encoded_then_generate(*args: Any, **inputs: Any) -> Any:
-            encoded = self._image_model_inputs(model, inputs, copies=1)
-            if "mm_encoder_outputs" not in encoded:
+        def rollout_generate(*args: Any, **inputs: Any) -> Any:
+            features = None
+            if encode:
+                encoded = self._image_model_inputs(model, inputs, copies=1)
+                if "mm_encoder_outputs" in encoded:
+                    features = encoded["mm_encoder_outputs"]["image"]
+                    self._rollout_features = GroupFeatures(base, features, first, count)
+                    inputs = {k: v for k, v in encoded.items() if v is not None}  # generate: present means a value
+            with prefill_once(base, copies):
+                if features is not None:  # generate repeats its features for each completion in place: a copy
+                    inputs = {**inputs, "mm_encoder_outputs": {"image": type(features)(**features)}}
                 return generate(*args, **inputs)
-            features = encoded["mm_encoder_outputs"]["image"]
-            self._rollout_features = GroupFeatures(base, features, first, count)
-            # generate repeats its features for the num_return_sequences in place: it gets its own copy
-            encoded["mm_encoder_outputs"] = {"image": type(features)(**features)}
-            return generate(*args, **{k: v for k, v in encoded.items() if v is not None})  # presence means a value
 
-        base.generate = encoded_then_generate  # the call TRL makes, through PEFT's wrapper
+        base.generate = rollout_generate  # the call TRL makes, through PEFT's wrapper
         try:
             yield
         finally:
@@ -495,7 +510,7 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         (transformers' ``enable_input_require_grads`` hooks every input embedding), so the tower ran forward again
         and backward in every loss pass (an H200 profile of a GRPO step: 7,268 attention backward calls, 36 of them
         the language model's). The rows take their groups' features as generation encoded them
-        (:meth:`_images_encoded_for_rollout`), else a prompt group's images are encoded once for its rows (``images``:
+        (:meth:`_rollout_generate`), else a prompt group's images are encoded once for its rows (``images``:
         TRL's count per row of the batch, None without images; :meth:`_image_model_inputs_by_group`)."""
         start = [0]
 

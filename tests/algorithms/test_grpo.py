@@ -244,16 +244,16 @@ def test_one_embedding_hook_across_steps(tmp_path: Path, tiny_checkpoint: Callab
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "gemma3", "idefics3", "internvl"])
-def test_group_prompt_encoded_once(
+def test_group_prompt_encoded_and_prefilled_once(
     family: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A group's prompt and images go through generation once (its num_generations completions sampled from one
-    copy): the vision tower sees a quarter of the images it sees row by row, and the completions, rewards and loss are
-    those of the row-by-row path (same seed, same draws)."""
+    copy): the vision tower sees a quarter of the images it sees row by row, the prefill embeds a quarter of the
+    rows, and the completions, rewards and loss are those of the row-by-row path (same seed, same draws)."""
     import resonance.algorithms.grpo as grpo
 
     ckpt = tiny_checkpoint(family)
-    logged, encoded = {}, {}
+    logged, encoded, prefilled = {}, {}, {}
     for grouped in (True, False):
         if not grouped:
             monkeypatch.setattr(grpo, "_group_size", lambda rows, size: 1)
@@ -265,10 +265,14 @@ def test_group_prompt_encoded_once(
         tower.register_forward_pre_hook(
             lambda module, args, kwargs, sizes=sizes: sizes.append(_images_in(args, kwargs)), with_kwargs=True
         )
+        rows: list[int] = []
+        embeddings = unwrap(trainer.model).get_input_embeddings()
+        embeddings.register_forward_hook(lambda module, args, output, rows=rows: rows.append(output.shape[0]))
         trainer.train()
         (logged[grouped],) = [entry for entry in trainer.state.log_history if "reward" in entry]
-        encoded[grouped] = sizes[0]  # generation's pass comes first
+        encoded[grouped], prefilled[grouped] = sizes[0], rows[0]  # generation's passes come first
     assert encoded[True] * 4 == encoded[False]
+    assert prefilled[True] * 4 == prefilled[False] == 8
     for key in ("reward", "completions/mean_length", "completions/max_length"):
         assert logged[True][key] == logged[False][key], key
     assert logged[True]["loss"] == pytest.approx(logged[False]["loss"], abs=1e-5)
