@@ -408,6 +408,7 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
         "completions_per_s": args.completions / step_s,
         **step_figures(bundle, trainer.model, times, tokens, completion_tokens, 1, peak, device),
         "each_step_s": timer.times,
+        "each_call_s": split.seconds,  # per call, warm-up steps included: a slow step's generation or scoring
         "setup_s": setup_s,
         "cache": getattr(trainer.generation_config, "cache_implementation", None) or "dynamic",
         "rollout_adapters": getattr(trainer.args, "rollout_adapters", "separate"),  # TRL's: through PEFT's layers
@@ -415,7 +416,12 @@ def bench_grpo(bundle, who: str, rows_ours, rows_trl, args, device: str, peak: f
         **compiling,
     }
     result["compile_s"] += compile_seconds()
-    log(bundle["key"], "grpo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "losses")})
+    log(
+        bundle["key"],
+        "grpo",
+        who,
+        {k: v for k, v in result.items() if k not in ("each_step_s", "each_call_s", "losses")},
+    )
     if profile is not None:
         result["profile_last_step"] = profile.table
         print(profile.table, flush=True)
@@ -514,6 +520,7 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
             bundle, trainer.policy.model, times, step_tokens, completion_tokens, args.ppo_epochs, peak, device
         ),
         "each_step_s": split.seconds["step"],
+        "each_call_s": split.seconds,  # per call, warm-up steps included
         "scoring_parts_s": {name: split.per_step(name, steps, skip, ran) for name in SCORING_PARTS},
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,
@@ -521,7 +528,7 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
         **compiling,
     }
     result["compile_s"] += compile_seconds()
-    log(bundle["key"], "ppo", who, {k: v for k, v in result.items() if k != "each_step_s"})
+    log(bundle["key"], "ppo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "each_call_s")})
     if profile is not None:
         result["profile_last_step"] = profile.table
         print(profile.table, flush=True)

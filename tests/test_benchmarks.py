@@ -32,10 +32,12 @@ def test_bench_rl_tiny(tmp_path: Path) -> None:
         grpo = parts["grpo"][side]
         assert grpo["completions_per_s"] > 0 and grpo["tokens_per_step"] > 0
         assert math.isclose(grpo["generation_s"] + grpo["scoring_s"] + grpo["update_s"], grpo["step_s"])
+        assert len(grpo["each_call_s"]["generation"]) >= 2  # every step's split, the warm-up's included
     assert parts["grpo"]["update_rows_over_shared"] > 0
     for side in ("ours", "ours_eager"):
         ppo = parts["ppo"][side]
         assert ppo["rollouts_per_s"] > 0 and min(ppo["generation_s"], ppo["scoring_s"], ppo["update_s"]) > 0
+        assert len(ppo["each_call_s"]["update"]) >= 2
         assert ppo["compiled_layers"] is parts["grpo"][side]["compiled_layers"] is (side == "ours")
         assert parts["ppo"][f"ppo_step_over_grpo_step_{side}"] > 0
     assert parts["ppo"]["ours"]["compile_s"] > 0 and parts["grpo"]["ours"]["compile_s"] > 0
