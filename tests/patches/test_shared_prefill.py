@@ -29,12 +29,14 @@ FLOAT32_ONLY = ["qwen3_5_moe", "qwen3_vl_moe"]
 COPIES = 3
 
 
-def _generate(model, inputs: dict, shared: bool, **kwargs) -> tuple[list[int], torch.Tensor, tuple]:
-    """The rows each forward pass embeds, the sequences and the logits of a sampling ``generate`` (seed 0) of
-    COPIES sequences per prompt, its prompts prefilled once each or not."""
+def _generate(model, inputs: dict, shared: bool, rows: bool = True, **kwargs) -> tuple[list[int], torch.Tensor, tuple]:
+    """The rows each forward pass embeds (``rows``: counted, with a hook a compiled step would guard on), the
+    sequences and the logits of a sampling ``generate`` (seed 0) of COPIES sequences per prompt, its prompts
+    prefilled once each or not."""
     embedded: list[int] = []
     embeddings = unwrap(model).get_input_embeddings()
-    hook = embeddings.register_forward_hook(lambda module, args, output: embedded.append(output.shape[0]))
+    count = (lambda module, args, output: embedded.append(output.shape[0])) if rows else (lambda *args: None)
+    hook = embeddings.register_forward_hook(count)
     settings = dict(max_new_tokens=3, do_sample=True, num_return_sequences=COPIES, return_dict_in_generate=True)
     torch.manual_seed(0)
     try:
@@ -78,6 +80,31 @@ def test_static_cache_prefilled_once(family: str, tmp_path: Path, tiny_checkpoin
     every, every_sequences, every_logits = _generate(model, inputs, shared=False, cache_implementation="static")
     once, once_sequences, once_logits = _generate(model, inputs, shared=True, cache_implementation="static")
     assert every[0] == 2 * COPIES and once[0] == 2
+    assert torch.equal(once_sequences, every_sequences)
+    for ours, theirs in zip(once_logits, every_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_decode_step_reads_the_shared_prefill(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """transformers' compiled decode step (a GPU's default for rollouts with the static cache; compiled on the CPU
+    here) decodes from the cache the one prefill wrote as from a prefill of every copy, and compiles nothing more
+    for it."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    _, model, processor = load_for_generation(tiny_checkpoint("qwen2_5_vl"), device="cpu")
+    model.double()
+    rows = read_rows(write_data(tmp_path, "prompt"), "prompt", image_placeholder=processor.image_placeholder).rows
+    inputs = to_model_device(VLPromptCollator(processor)(rows)["inputs"], model)
+    compiled = CompileConfig(fullgraph=False, dynamic=False)
+    compiled._compile_all_devices = True  # transformers compiles the decode step on accelerators only
+    torch._dynamo.reset()
+    counters.clear()
+    settings = dict(rows=False, cache_implementation="static", compile_config=compiled)
+    _, every_sequences, every_logits = _generate(model, inputs, shared=False, **settings)
+    graphs = counters["stats"]["unique_graphs"]
+    _, once_sequences, once_logits = _generate(model, inputs, shared=True, **settings)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs  # compiled, and not again
     assert torch.equal(once_sequences, every_sequences)
     for ours, theirs in zip(once_logits, every_logits, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
