@@ -67,7 +67,7 @@ from resonance.generation import (
 from resonance.patches import deferred_stop, input_grad_hooks, packed_gqa, paligemma_labels
 from resonance.patches.compile_layers import blocks_eager
 from resonance.patches.fused_head import fused_head_backbone
-from resonance.patches.shared_prefill import prefill_once
+from resonance.patches.shared_prefill import encoder_outputs_copy, prefill_once
 from resonance.reward_funcs import (
     DEFAULT_REWARD_TIMEOUT,
     check_reward_timeout,
@@ -440,8 +440,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
                     self._rollout_features = GroupFeatures(base, features, first, count)
                     inputs = {k: v for k, v in encoded.items() if v is not None}  # generate: present means a value
             with prefill_once(base, copies):
-                if features is not None:  # generate repeats its features for each completion in place: a copy
-                    inputs = {**inputs, "mm_encoder_outputs": {"image": type(features)(**features)}}
+                if features is not None:  # kept for the passes: generate gets a copy it may repeat in place
+                    inputs = {**inputs, "mm_encoder_outputs": encoder_outputs_copy({"image": features})}
                 return generate(*args, **inputs)
 
         base.generate = rollout_generate  # the call TRL makes, through PEFT's wrapper

@@ -62,13 +62,18 @@ def _writing_copies(cache: Any, copies: int) -> Any:
     return view
 
 
+def encoder_outputs_copy(encoded: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``mm_encoder_outputs`` (modality -> encoder output) for ``generate``, which repeats each output's
+    fields for its sequences in place: the given outputs stay as they are."""
+    return {modality: type(out)(**out) for modality, out in encoded.items()}
+
+
 def _unexpanded(model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``generate``'s model inputs before it repeats them for each sequence: the multimodal encoder outputs copied,
-    which it repeats in place."""
+    """``generate``'s model inputs before it repeats them for each sequence, the multimodal encoder outputs copied."""
     kept = dict(model_kwargs)
     encoded = kept.get("mm_encoder_outputs")
     if isinstance(encoded, dict):
-        kept["mm_encoder_outputs"] = {modality: type(out)(**out) for modality, out in encoded.items()}
+        kept["mm_encoder_outputs"] = encoder_outputs_copy(encoded)
     return kept
 
 

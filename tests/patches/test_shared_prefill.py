@@ -6,6 +6,7 @@ one."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -34,16 +35,18 @@ def _generate(model, inputs: dict, shared: bool, rows: bool = True, **kwargs) ->
     sequences and the logits of a sampling ``generate`` (seed 0) of COPIES sequences per prompt, its prompts
     prefilled once each or not."""
     embedded: list[int] = []
-    embeddings = unwrap(model).get_input_embeddings()
-    count = (lambda module, args, output: embedded.append(output.shape[0])) if rows else (lambda *args: None)
-    hook = embeddings.register_forward_hook(count)
+    hook = None
+    if rows:
+        embeddings = unwrap(model).get_input_embeddings()
+        hook = embeddings.register_forward_hook(lambda module, args, output: embedded.append(output.shape[0]))
     settings = dict(max_new_tokens=3, do_sample=True, num_return_sequences=COPIES, return_dict_in_generate=True)
     torch.manual_seed(0)
     try:
-        with torch.no_grad(), prefill_once(model, COPIES) if shared else torch.no_grad():
+        with torch.no_grad(), prefill_once(model, COPIES) if shared else nullcontext():
             out = model.generate(**inputs, **settings, output_logits=True, **kwargs)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     return embedded, out.sequences, out.logits
 
 
