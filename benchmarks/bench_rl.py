@@ -459,6 +459,7 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
         per_device_train_batch_size=micro,
         num_mini_batches=args.ppo_mini_batches,
         num_ppo_epochs=args.ppo_epochs,
+        kl_coef=args.ppo_kl_coef,
         response_length=args.completion,
         max_steps=args.warmup + args.steps + args.profile,
         logging_steps=1,
@@ -524,6 +525,7 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
         "scoring_parts_s": {name: split.per_step(name, steps, skip, ran) for name in SCORING_PARTS},
         "setup_s": setup_s,
         "ppo_epochs": args.ppo_epochs,
+        "kl_coef": args.ppo_kl_coef,
         "mini_batches": args.ppo_mini_batches,
         **compiling,
     }
@@ -563,6 +565,9 @@ def main() -> None:
         help="Every side's: PPO reads and collates its steps' rows ahead in these; GRPO's trainers read rows in them.",
     )
     parser.add_argument("--ppo_epochs", type=int, default=2)
+    parser.add_argument(
+        "--ppo_kl_coef", type=float, default=0.05, help="PPO's KL weight (its default; 0: no reference pass)."
+    )
     parser.add_argument("--ppo_mini_batches", type=int, default=2)
     parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
     parser.add_argument("--decode_repeats", type=int, default=3)

@@ -62,9 +62,9 @@ def _trainable(trainer) -> dict[str, torch.Tensor]:
 def test_reward_rises(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
     """The mean reward (share of one token in the responses) climbs from a few percent to most tokens.
 
-    Full training (the reference is a frozen copy). The target is the token the untrained model samples most,
-    about 1 token in 70. Negating the policy advantages keeps the share at 0-1% over the same 40 steps (checked
-    by hand), so an update of the wrong sign fails this test.
+    Full training with kl_coef 0 (no reference, so no frozen copy). The target is the token the untrained model
+    samples most, about 1 token in 70. Negating the policy advantages keeps the share at 0-1% over the same 40
+    steps (checked by hand), so an update of the wrong sign fails this test.
     """
     ckpt = tiny_checkpoint("llava")
     overrides = {
@@ -81,7 +81,7 @@ def test_reward_rises(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) ->
         "ppo",
         *parse("ppo", _argv(ckpt, write_data(tmp_path, "prompt"), tmp_path / "out", "share_of_target", **overrides)),
     )
-    assert trainer.ref_model is not None
+    assert trainer.ref_model is None  # kl_coef 0: no frozen copy
     torch.manual_seed(123)
     rows = [trainer.train_dataset[i % 2] for i in range(32)]
     sample = generate_batch(trainer.policy.model, processor, None, rows, trainer.generation_kwargs)
@@ -174,6 +174,42 @@ def _four_prompts(tmp_path: Path, ckpt: Path) -> tuple[VLPPOTrainer, list[dict]]
     lengths = [trainer.data_collator([row])["inputs"]["input_ids"].shape[1] for row in rows]
     assert max(lengths[:2]) != max(lengths)
     return trainer, rows
+
+
+def test_no_reference_without_a_kl_penalty(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--kl_coef 0 scores no reference: under LoRA the adapters are never disabled, the rollouts hold no reference
+    log-probs, no ``kl`` is logged, and the step still trains. A frozen copy passed for nothing is refused."""
+    ckpt = tiny_checkpoint("qwen2_5_vl")
+    data = write_data(tmp_path, "prompt")
+    trainer, _ = build_trainer("ppo", *parse("ppo", _argv(ckpt, data, tmp_path / "out", "token_sum_reward", kl_coef=0)))
+    assert trainer.policy.is_lora and trainer.ref_model is None
+    disabled: list[int] = []
+    disable = trainer.policy.model.disable_adapter
+    monkeypatch.setattr(trainer.policy.model, "disable_adapter", lambda: disabled.append(1) or disable())
+    scored: list = []
+    score = trainer.generate_and_score
+    monkeypatch.setattr(trainer, "generate_and_score", lambda rows: scored.append(score(rows)) or scored[-1])
+    before = _trainable(trainer)
+    metrics = trainer.step()
+    assert not disabled and scored and all(rollout.ref_logprobs is None for rollout, _ in scored)
+    assert "kl" not in metrics and math.isfinite(metrics["policy_loss"])
+    assert any(not torch.equal(before[n], p) for n, p in _trainable(trainer).items())
+    trainer.args.kl_coef = 0.05  # the same trainer with a penalty disables the adapters for its reference
+    trainer.step()
+    assert disabled
+    config = VLPPOConfig(output_dir=str(tmp_path / "other"), reward_funcs="x:y", kl_coef=0.0, bf16=False)
+    with pytest.raises(ValueError, match="kl_coef 0 nothing reads a reference"):
+        VLPPOTrainer(
+            trainer.policy,
+            config,
+            trainer.train_dataset,
+            vl_model=trainer.vl_model,
+            vl_processor=trainer.vl_processor,
+            reward_funcs=[lambda *a, **k: [0.0]],
+            ref_model=torch.nn.Linear(1, 1),
+        )
 
 
 # Families whose step's batch does not split by row, so that each micro-batch is collated (and its images encoded)

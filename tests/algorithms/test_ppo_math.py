@@ -157,6 +157,20 @@ def test_kl_penalized_rewards() -> None:
         kl_penalized_rewards(scores[:2], logprobs, ref, mask, kl_coef=0.1)
 
 
+def test_kl_penalized_rewards_without_a_reference() -> None:
+    """kl_coef 0 reads no reference: its rewards are those with any reference at weight 0, the KL is 0; a weight
+    other than 0 without the reference's log-probs is refused."""
+    scores = torch.tensor([2.0, -1.0, 5.0])
+    logprobs = torch.tensor([[0.5, -1.0, 0.2], [0.3, 9.0, 9.0], [4.0, 4.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    with_ref, _ = kl_penalized_rewards(scores, logprobs, torch.randn(3, 3), mask, kl_coef=0.0)
+    rewards, kl = kl_penalized_rewards(scores, logprobs, None, mask, kl_coef=0.0)
+    close(rewards, [[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.equal(rewards, with_ref) and not kl.any()
+    with pytest.raises(ValueError, match="needs the reference"):
+        kl_penalized_rewards(scores, logprobs, None, mask, kl_coef=0.1)
+
+
 # -- GAE -------------------------------------------------------------------------------------------
 
 

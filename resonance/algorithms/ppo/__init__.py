@@ -12,7 +12,8 @@ One PPO step (``state.global_step``) is one rollout and its update:
    at its first end-of-sequence token (included); what ``generate`` pads after it is masked.
 2. **Scoring.** The prompt+response sequences are scored once without gradients: the policy's log-probs and
    values (:class:`~resonance.base.value.VLModelWithValueHead`) and the reference's log-probs (under LoRA the
-   same model with its adapters disabled, else a frozen copy). Per-token inputs are extended over the response:
+   same model with its adapters disabled, else a frozen copy; with ``kl_coef`` 0 there is no reference, neither
+   its pass nor a frozen copy). Per-token inputs are extended over the response:
    PaliGemma's prefix-LM ``token_type_ids`` with 1 (causal), Mllama's ``cross_attention_mask`` with the last
    prompt token's, others (Gemma 3 ``token_type_ids``, Qwen ``mm_token_type_ids``) with 0. With a frozen
    vision tower each image is encoded once per rollout and the features serve every later forward.
@@ -31,7 +32,8 @@ Empty generations (an end-of-sequence token first) are not scored and not traine
 in ``skipped_updates``). A reward function that raises or returns a non-finite value stops training before any
 weight moves (:class:`~resonance.reward_funcs.RewardFunctionError`).
 
-Logged per step: ``reward`` (mean score), ``reward_std``, ``kl`` (mean per-response sum of the KL estimate),
+Logged per step: ``reward`` (mean score), ``reward_std``, ``kl`` (mean per-response sum of the KL estimate; not
+with ``kl_coef`` 0),
 ``entropy``, ``clip_fraction``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``value_error``,
 ``value_clip_fraction``, ``response_length``, ``empty_generations``, ``no_eos``, ``learning_rate``; with an eval set,
 ``eval_reward``, ``eval_response_length`` and ``eval_empty_generations``.

@@ -82,7 +82,13 @@ class VLPPOConfig(TrlDefaults):
     num_mini_batches: int = field(
         default=1, metadata={"help": "Optimizer steps per pass; each takes gradient_accumulation_steps micro-batches."}
     )
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
+    kl_coef: float = field(
+        default=0.05,
+        metadata={
+            "help": "Weight of the per-token KL penalty to the reference. 0: no penalty and no reference (no "
+            "reference pass; in full training no frozen copy is loaded)."
+        },
+    )
     kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2 or k3 (Schulman)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})

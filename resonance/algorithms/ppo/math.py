@@ -139,7 +139,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 def kl_penalized_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
     mask: torch.Tensor,
     kl_coef: float,
     kind: KLEstimator = "k1",
@@ -148,12 +148,18 @@ def kl_penalized_rewards(
 
     ``r_t = m_t * (-kl_coef * k_t + [t = T] * score)`` where ``k_t`` is :func:`kl_estimate` of kind ``kind`` and
     ``T`` the last unmasked position of the row. Returns ``(rewards, kl)``, both 0 at masked positions. A row
-    without response tokens gets no reward at all (its score has no token to land on).
+    without response tokens gets no reward at all (its score has no token to land on). ``ref_logprobs`` None (no
+    reference, ``kl_coef`` 0): ``k_t`` is 0.
     """
     mask = _bool(mask, logprobs)
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"scores {tuple(scores.shape)}: expected one per row, ({logprobs.shape[0]},)")
-    kl = _masked(kl_estimate(logprobs, ref_logprobs, kind), mask)
+    if ref_logprobs is None and kl_coef != 0:
+        raise ValueError(f"kl_coef {kl_coef} needs the reference's log-probs; got None")
+    if ref_logprobs is None:
+        kl = torch.zeros_like(logprobs)
+    else:
+        kl = _masked(kl_estimate(logprobs, ref_logprobs, kind), mask)
     rewards = -kl_coef * kl
     last = last_token_index(mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)

@@ -60,7 +60,7 @@ class Rollout:
     mask: torch.Tensor
     logprobs: torch.Tensor
     values: torch.Tensor
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # None with kl_coef 0: no reference is scored
     scores: torch.Tensor
     rewards: torch.Tensor | None = None
     kl: torch.Tensor | None = None

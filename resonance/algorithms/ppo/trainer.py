@@ -63,8 +63,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
     """PPO on accelerate for a :class:`~resonance.base.value.VLModelWithValueHead` (see the module docstring).
 
     ``ref_model`` is required when the policy is not a PEFT model (full training) and must be ``None`` with
-    LoRA (the reference is the adapter disabled). ``reward_funcs`` are checked functions
-    (:func:`resonance.reward_funcs.load_reward_funcs`); ``reward_model`` a :class:`ModelRewards`.
+    LoRA (the reference is the adapter disabled) and with ``kl_coef`` 0 (no reference is read). ``reward_funcs``
+    are checked functions (:func:`resonance.reward_funcs.load_reward_funcs`); ``reward_model`` a
+    :class:`ModelRewards`.
     """
 
     def __init__(
@@ -87,7 +88,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
 
         if not isinstance(model, VLModelWithValueHead):
             raise TypeError(f"VLPPOTrainer trains a VLModelWithValueHead, got {type(model).__name__}")
-        if model.is_lora == (ref_model is not None):
+        if args.kl_coef == 0 and ref_model is not None:
+            raise ValueError("VLPPOTrainer: with kl_coef 0 nothing reads a reference; pass no ref_model")
+        if args.kl_coef != 0 and model.is_lora == (ref_model is not None):
             raise ValueError(
                 "VLPPOTrainer: with LoRA the reference is the policy with its adapters disabled (pass no ref_model); "
                 "with full training pass a frozen copy as ref_model"
@@ -362,7 +365,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
         model_inputs.update(per_token)
         rollout_inputs = {"input_ids": sequences, "attention_mask": attention_mask, **model_inputs}
         out = self._score(self.policy, rollout_inputs, response_length, return_logits=False)
-        ref_logprobs = self._reference_log_probs(rollout_inputs, raw, per_token, response_length)
+        ref_logprobs = None
+        if self.args.kl_coef != 0:
+            ref_logprobs = self._reference_log_probs(rollout_inputs, raw, per_token, response_length)
 
         keep = [i for i in range(len(rows)) if not empty[i]]
         scores = torch.zeros(len(rows), dtype=torch.float32)
@@ -532,8 +537,9 @@ class VLPPOTrainer(PPOCheckpointing, ImageEncodingMixin):
             metrics["skipped_updates"] = float(self.counters["skipped_updates"])
             return metrics
         self.compute_advantages(used)
-        kl = torch.cat([r.kl.sum(dim=1)[r.mask.any(dim=1)] for r in used])
-        metrics["kl"] = float(kl.mean())
+        if self.args.kl_coef != 0:
+            kl = torch.cat([r.kl.sum(dim=1)[r.mask.any(dim=1)] for r in used])
+            metrics["kl"] = float(kl.mean())
         generator = torch.Generator().manual_seed(self.args.seed + self.global_step)
         metrics.update(self.update(used, generator))
         metrics["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
@@ -656,7 +662,7 @@ def build(
     )
     policy = apply_lora(model, mapper.model, model_args)
     ref_model = None
-    if policy is model:  # full training: a frozen copy is the reference
+    if policy is model and config.kl_coef != 0:  # full training: a frozen copy is the reference
         ref_model = mapper.model.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
     reward_model = None
