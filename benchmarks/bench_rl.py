@@ -441,7 +441,9 @@ SCORING_PARTS = (
 )
 
 
-def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None) -> dict[str, Any]:
+def bench_ppo(
+    bundle, who: str, rows_ours, args, device: str, peak: float | None, epochs: int, kl_coef: float
+) -> dict[str, Any]:
     from datasets import Dataset
 
     from resonance.algorithms.ppo.config import VLPPOConfig
@@ -458,8 +460,8 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=micro,
         num_mini_batches=args.ppo_mini_batches,
-        num_ppo_epochs=args.ppo_epochs,
-        kl_coef=args.ppo_kl_coef,
+        num_ppo_epochs=epochs,
+        kl_coef=kl_coef,
         response_length=args.completion,
         max_steps=args.warmup + args.steps + args.profile,
         logging_steps=1,
@@ -517,20 +519,19 @@ def bench_ppo(bundle, who: str, rows_ours, args, device: str, peak: float | None
     times = (step_s, generation, scoring)
     result = {
         "rollouts_per_s": args.completions / step_s,
-        **step_figures(
-            bundle, trainer.policy.model, times, step_tokens, completion_tokens, args.ppo_epochs, peak, device
-        ),
+        **step_figures(bundle, trainer.policy.model, times, step_tokens, completion_tokens, epochs, peak, device),
         "each_step_s": split.seconds["step"],
         "each_call_s": split.seconds,  # per call, warm-up steps included
         "scoring_parts_s": {name: split.per_step(name, steps, skip, ran) for name in SCORING_PARTS},
         "setup_s": setup_s,
-        "ppo_epochs": args.ppo_epochs,
-        "kl_coef": args.ppo_kl_coef,
+        "ppo_epochs": epochs,
+        "kl_coef": kl_coef,
         "mini_batches": args.ppo_mini_batches,
         **compiling,
     }
     result["compile_s"] += compile_seconds()
-    log(bundle["key"], "ppo", who, {k: v for k, v in result.items() if k not in ("each_step_s", "each_call_s")})
+    shown = {k: v for k, v in result.items() if k not in ("each_step_s", "each_call_s")}
+    log(bundle["key"], "ppo", who, f"{epochs} epochs, kl_coef {kl_coef}", shown)
     if profile is not None:
         result["profile_last_step"] = profile.table
         print(profile.table, flush=True)
@@ -564,9 +565,11 @@ def main() -> None:
         default=2,
         help="Every side's: PPO reads and collates its steps' rows ahead in these; GRPO's trainers read rows in them.",
     )
-    parser.add_argument("--ppo_epochs", type=int, default=2)
     parser.add_argument(
-        "--ppo_kl_coef", type=float, default=0.05, help="PPO's KL weight (its default; 0: no reference pass)."
+        "--ppo_runs",
+        default="2:0.05",
+        help="PPO's runs in one process, comma-separated EPOCHS:KL_COEF (num_ppo_epochs, kl_coef; kl_coef 0 runs no "
+        "reference pass). The first is the side's own key (ours); the others ours_epochsE_klK.",
     )
     parser.add_argument("--ppo_mini_batches", type=int, default=2)
     parser.add_argument("--decode_batches", default="8,32", help="Decode: batch sizes.")
@@ -586,6 +589,10 @@ def main() -> None:
     for flag, value, known in (("--parts", args.parts, PARTS), ("--order", args.order, ("trl", *OURS))):
         if unknown := set(value.split(",")) - set(known):
             parser.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    try:
+        args.ppo_runs = [(int(e), float(k)) for e, k in (run.split(":") for run in args.ppo_runs.split(","))]
+    except ValueError:
+        parser.error(f"--ppo_runs {args.ppo_runs}: expected EPOCHS:KL_COEF[,EPOCHS:KL_COEF...], e.g. 2:0.05,1:0")
     args.decode_batches = [int(size) for size in args.decode_batches.split(",")]
     args.decode_modes = args.decode_modes.split(",")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -629,13 +636,15 @@ def main() -> None:
                     if "ours" in entry and "ours_rows" in entry:  # the shared prompt's own effect
                         entry["update_rows_over_shared"] = entry["ours_rows"]["update_s"] / entry["ours"]["update_s"]
                 elif part == "ppo":
-                    for who in [who for who in args.order.split(",") if who in PPO_SIDES] or ["ours"]:
-                        entry[who] = bench_ppo(bundle, who, rows_ours, args, device, peak)
-                        save()
                     grpo = next((e for e in report["results"] if e["model"] == key and e["part"] == "grpo"), None)
-                    for who in PPO_SIDES:  # against our GRPO step with the same --compile_layers
-                        if who in entry and grpo and who in grpo:
-                            entry[f"ppo_step_over_grpo_step_{who}"] = entry[who]["step_s"] / grpo[who]["step_s"]
+                    for who in [who for who in args.order.split(",") if who in PPO_SIDES] or ["ours"]:
+                        for run, (epochs, kl_coef) in enumerate(args.ppo_runs):
+                            name = who if run == 0 else f"{who}_epochs{epochs}_kl{kl_coef:g}"
+                            entry[name] = bench_ppo(bundle, who, rows_ours, args, device, peak, epochs, kl_coef)
+                            if grpo and who in grpo:  # against our GRPO step with the same --compile_layers
+                                ratio = entry[name]["step_s"] / grpo[who]["step_s"]
+                                entry[f"ppo_step_over_grpo_step_{name}"] = ratio
+                            save()
             except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 log(key, part, "failed:", entry["error"])
