@@ -32,7 +32,8 @@ logger = logging.getLogger("resonance")
 
 @dataclass
 class Generation:
-    """What :func:`generate_batch` returns, one entry per row in the order given.
+    """What :func:`generate_batch` returns, one entry per row in the order given (``prompts``), and per answer
+    (the others): ``num_return_sequences`` answers per row, each row's together.
 
     ``token_ids`` are the answer's tokens: the new tokens through the first end-of-sequence token, without
     the padding ``generate`` adds after it. ``texts`` are those tokens decoded with special tokens skipped,

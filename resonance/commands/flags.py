@@ -128,7 +128,7 @@ GENERATION_RANGES: dict[str, Range] = {
     "typical_p": _between(0, 1, "(0, 1]"),
     "repetition_penalty": POSITIVE,
     "length_penalty": FINITE,
-    "num_return_sequences": Range(lambda v: v == 1, "1 (generate writes one answer per row)"),
+    "num_return_sequences": AT_LEAST_1,
 }
 
 
@@ -529,14 +529,16 @@ def parse_generation_overrides(args: Sequence[str], command_flags: Iterable[str]
         else:
             overrides[name] = _parse_value(value)
     where = "resonance generate (transformers.GenerationConfig fields)"
-    problems = unknown_problems(unknown, [*fields, *command_flags], where) + problems + generation_problems(overrides)
+    problems += generation_problems(overrides, complete=False)  # the family's defaults are checked with them later
+    problems = unknown_problems(unknown, [*fields, *command_flags], where) + problems
     raise_problems(problems, "resonance generate")
     return overrides
 
 
-def generation_problems(settings: Mapping[str, Any]) -> list[str]:
-    """Generation settings out of range, sampling at a temperature <= 0, and what ``GenerationConfig.validate``
-    refuses."""
+def generation_problems(settings: Mapping[str, Any], complete: bool = True) -> list[str]:
+    """Generation settings out of range, sampling at a temperature <= 0, and where ``settings`` are all the call's
+    (``complete``: the family's defaults with the flags, not the flags alone) several answers from greedy decoding
+    and what ``GenerationConfig.validate`` refuses."""
     from transformers import GenerationConfig
 
     problems = range_problems(settings, GENERATION_RANGES)
@@ -545,6 +547,14 @@ def generation_problems(settings: Mapping[str, Any]) -> list[str]:
         problems.append(
             f"--temperature {temperature}: sampling needs a finite temperature > 0; for the most likely answer use "
             "greedy decoding (--do_sample false)"
+        )
+    if not complete:
+        return problems
+    copies = settings.get("num_return_sequences")
+    if _number(copies) and copies > 1 and not settings.get("do_sample") and (settings.get("num_beams") or 1) < 2:
+        problems.append(
+            f"--num_return_sequences {copies}: greedy decoding has one answer per prompt; add --do_sample true to "
+            f"sample {copies} of them (or --num_beams {copies} for the {copies} best beams)"
         )
     if problems:
         return problems

@@ -1,5 +1,10 @@
 """``resonance generate``: answers for every row of a prompt file, written atomically as JSON Lines.
 
+With ``--num_return_sequences N`` (sampling, or N of the beams) each line holds the prompt's N answers (``answers``,
+a list) instead of one (``answer``); transformers' ``generate`` samples them side by side. It repeats each prompt once
+per answer (per beam in beam search) before the first forward pass; here each prompt is prefilled once for all of
+them (:func:`~resonance.patches.shared_prefill.prefill_once`), as GRPO's groups are.
+
 Started by ``accelerate launch`` (or torchrun) it runs on every process: the rows are dealt out in turn (row ``i`` to
 process ``i % N``), every process runs as many batches (the last padded with a copy of a row, whose answer is
 dropped), and after each batch the first process gathers the answers and writes them in the input's order. Under
@@ -329,6 +334,7 @@ def _generate(
         from accelerate.utils import set_seed
 
         set_seed(seed, device_specific=processes.count > 1)  # one process: transformers' set_seed, as before
+    copies = int(kwargs.get("num_return_sequences") or 1)
     encoder = _SharedEncoder(processes, vl_model, processor)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False, disable=not processes.main) as progress:
@@ -336,9 +342,10 @@ def _generate(
         for positions in processes.rows(rows, batch_size):
             batch = [rows[max(position, 0)] for position in positions]
             result = _generate_batch(model, processor, encoder, batch, kwargs)
+            texts = [result.texts[i * copies : (i + 1) * copies] for i in range(len(batch))]  # each prompt's, in order
             answers = [
-                (position, _record(row, prompt, text))
-                for position, row, prompt, text in zip(positions, batch, result.prompts, result.texts, strict=True)
+                (position, _record(row, prompt, answers))
+                for position, row, prompt, answers in zip(positions, batch, result.prompts, texts, strict=True)
                 if position >= 0
             ]
             answers = processes.gather(answers)
@@ -353,21 +360,36 @@ def _generate_batch(
     model: Any, processor: Any, encoder: _SharedEncoder, rows: list[dict[str, Any]], kwargs: dict[str, Any]
 ) -> Generation:
     """:func:`~resonance.generation.generate_batch`, with the image encoder run where the batch has no image and
-    other processes may be running it (sharded weights), and a LoRA output folder's adapters merged into the weights
-    for the call where they can be (:func:`~resonance.generation.adapters_merged`, as rollouts decode)."""
+    other processes may be running it (sharded weights), a LoRA output folder's adapters merged into the weights
+    for the call where they can be (:func:`~resonance.generation.adapters_merged`, as rollouts decode), and each
+    prompt prefilled once for its ``num_return_sequences`` answers or ``num_beams`` beams."""
     from resonance.base.collator import VLPromptCollator
+    from resonance.base.model import unwrap
+    from resonance.patches.shared_prefill import prefill_once
 
     batch = VLPromptCollator(processor)(rows)
-    with encoder.around(model, batch["inputs"]), adapters_merged(model, "auto"):
+    # generate repeats each prompt once per beam, or once per answer when it samples
+    copies = int(kwargs.get("num_beams") or 1)
+    copies = copies if copies > 1 else int(kwargs.get("num_return_sequences") or 1)
+    with (
+        encoder.around(model, batch["inputs"]),
+        adapters_merged(model, "auto"),
+        prefill_once(unwrap(model), copies),
+    ):
         return generate_from(model, processor, batch, kwargs)
 
 
-def _record(row: dict[str, Any], prompt: str, text: str) -> dict[str, Any]:
-    """One output line: the row's source, its id when it has one, the prompt as rendered and the answer."""
+def _record(row: dict[str, Any], prompt: str, texts: list[str]) -> dict[str, Any]:
+    """One output line: the row's source, its id when it has one, the prompt as rendered and its answer
+    (``answer``), or its answers with ``--num_return_sequences`` above 1 (``answers``, a list)."""
     record: dict[str, Any] = {"source": row["source"]}
     if row.get("id") is not None:
         record["id"] = json.loads(row["id"])
-    record.update(prompt=prompt, answer=text)
+    record["prompt"] = prompt
+    if len(texts) == 1:
+        record["answer"] = texts[0]
+    else:
+        record["answers"] = texts
     return record
 
 

@@ -376,6 +376,47 @@ def test_seed_makes_sampling_repeatable(tmp_path: Path, tiny_checkpoint: Callabl
     assert answers[0] != answers[2]
 
 
+def test_several_answers_per_prompt(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--num_return_sequences 3 with sampling: each line holds its prompt's 3 answers (``answers``), in input order,
+    and each prompt is prefilled once (2 rows in the first forward pass for 2 prompts, 6 in every decode step); so
+    with 3 beams, 2 of them returned. Greedy decoding is refused before the model loads; 1 keeps the one
+    ``answer``."""
+    ckpt, data = str(tiny_checkpoint("llava")), str(_prompt_file(tmp_path))
+    embedded: list[int] = []
+    load = gen.load_for_generation
+
+    def counted(checkpoint: str) -> Any:
+        vl_model, model, processor = load(checkpoint)
+        embeddings = model.get_input_embeddings()
+        embeddings.register_forward_hook(lambda module, args, output: embedded.append(output.shape[0]))
+        return vl_model, model, processor
+
+    monkeypatch.setattr(gen, "load_for_generation", counted)
+    sampling = {"do_sample": True, "temperature": 5.0, "max_new_tokens": 4, "min_new_tokens": 4}
+    gen.run(ckpt, data, tmp_path / "three.jsonl", seed=0, overrides={**sampling, "num_return_sequences": 3})
+    records = _read_jsonl(tmp_path / "three.jsonl")
+    assert [r["id"] for r in records] == [1, "second"] and all("answer" not in r for r in records)
+    assert [len(r["answers"]) for r in records] == [3, 3]
+    assert all(isinstance(a, str) and a for r in records for a in r["answers"])
+    assert len({a for r in records for a in r["answers"]}) > 1  # sampled at temperature 5: not one answer repeated
+    assert embedded[0] == 2 and set(embedded[1:]) == {6}, embedded
+    embedded.clear()
+    beams = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 4, "min_new_tokens": 4}
+    gen.run(ckpt, data, tmp_path / "beams.jsonl", overrides=beams)
+    assert [len(r["answers"]) for r in _read_jsonl(tmp_path / "beams.jsonl")] == [2, 2]
+    assert embedded[0] == 2 and set(embedded[1:]) == {6}, embedded  # a prompt per beam, prefilled once
+    gen.run(ckpt, data, tmp_path / "one.jsonl", seed=0, overrides={**sampling, "num_return_sequences": 1})
+    assert all(isinstance(r["answer"], str) and "answers" not in r for r in _read_jsonl(tmp_path / "one.jsonl"))
+    embedded.clear()
+    with pytest.raises(ConfigError, match="--num_return_sequences 3: greedy decoding .* add --do_sample true"):
+        gen.run(ckpt, data, tmp_path / "greedy.jsonl", overrides={"num_return_sequences": 3, "max_new_tokens": 4})
+    assert not embedded and not (tmp_path / "greedy.jsonl").exists()
+    with pytest.raises(ConfigError, match="--num_return_sequences 0: must be"):
+        gen.run(ckpt, data, tmp_path / "none.jsonl", overrides={**sampling, "num_return_sequences": 0})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_generation_on_cuda(family: str, tiny_checkpoint, tmp_path: Path) -> None:

@@ -111,3 +111,27 @@ def test_compiled_decode_step_reads_the_shared_prefill(tmp_path: Path, tiny_chec
     assert torch.equal(once_sequences, every_sequences)
     for ours, theirs in zip(once_logits, every_logits, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("returned", [1, COPIES])
+def test_beam_search_prefilled_once(returned: int, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Beam search repeats each prompt once per beam (``resonance generate --num_beams 3``, returning the best beam or
+    all 3): prefilled once, it returns the same beams, in float64."""
+    _, model, processor = load_for_generation(tiny_checkpoint("qwen2_5_vl"), device="cpu")
+    model.double()
+    rows = read_rows(write_data(tmp_path, "prompt"), "prompt", image_placeholder=processor.image_placeholder).rows
+    inputs = to_model_device(VLPromptCollator(processor)(rows)["inputs"], model)
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=COPIES, num_return_sequences=returned)
+    embedded: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, output: embedded.append(output.shape[0]))
+    try:
+        with torch.no_grad():
+            every = model.generate(**inputs, **settings)
+            first = len(embedded)
+            with prefill_once(model, COPIES):
+                once = model.generate(**inputs, **settings)
+    finally:
+        hook.remove()
+    assert embedded[0] == 2 * COPIES and embedded[first] == 2
+    assert once.shape == (2 * returned, once.shape[1]) and once.shape[1] > inputs["input_ids"].shape[1]
+    assert torch.equal(once, every)
