@@ -344,8 +344,8 @@ def _generate(
             result = _generate_batch(model, processor, encoder, batch, kwargs)
             texts = [result.texts[i * copies : (i + 1) * copies] for i in range(len(batch))]  # each prompt's, in order
             answers = [
-                (position, _record(row, prompt, answers))
-                for position, row, prompt, answers in zip(positions, batch, result.prompts, texts, strict=True)
+                (position, _record(row, prompt, row_texts))
+                for position, row, prompt, row_texts in zip(positions, batch, result.prompts, texts, strict=True)
                 if position >= 0
             ]
             answers = processes.gather(answers)

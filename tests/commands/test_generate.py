@@ -380,8 +380,8 @@ def test_several_answers_per_prompt(
     tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--num_return_sequences 3 with sampling: each line holds its prompt's 3 answers (``answers``), in input order,
-    and each prompt is prefilled once (2 rows in the first forward pass for 2 prompts, 6 in every decode step); so
-    with 3 beams, 2 of them returned. Greedy decoding is refused before the model loads; 1 keeps the one
+    and each prompt is prefilled once (2 rows in the first forward pass for 2 prompts, 6 in every decode step), as
+    it is for 3 beams (2 of them returned). Greedy decoding is refused before the model loads; 1 keeps the one
     ``answer``."""
     ckpt, data = str(tiny_checkpoint("llava")), str(_prompt_file(tmp_path))
     embedded: list[int] = []
