@@ -154,9 +154,9 @@ def kl_penalized_rewards(
     mask = _bool(mask, logprobs)
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"scores {tuple(scores.shape)}: expected one per row, ({logprobs.shape[0]},)")
-    if ref_logprobs is None and kl_coef != 0:
-        raise ValueError(f"kl_coef {kl_coef} needs the reference's log-probs; got None")
     if ref_logprobs is None:
+        if kl_coef != 0:
+            raise ValueError(f"kl_coef {kl_coef} needs the reference's log-probs; got None")
         kl = torch.zeros_like(logprobs)
     else:
         kl = _masked(kl_estimate(logprobs, ref_logprobs, kind), mask)
