@@ -129,7 +129,7 @@ class ScalarHeadModel(nn.Module):
     def load_backbone(self, path: str | Path) -> None:
         """Load full backbone weights saved by :meth:`save_pretrained` (not a LoRA adapter) into this model."""
         base = unwrap(self.model)
-        loaded = type(base).from_pretrained(str(path), dtype=base.dtype)
+        loaded = self.family.from_pretrained(path, dtype=base.dtype)
         base.load_state_dict(loaded.state_dict())
 
     def load_head(self, path: str | Path) -> None:

@@ -74,6 +74,10 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
     read_json_object(folder / "config.json")
     check_weights(folder)
     input_grad_hooks.install()  # a transformers bug that adds an embedding hook each time checkpointing is switched on
+    # transformers 5.25 turns hub kernels on by default where the kernels package is installed (it depends on it): each
+    # later model.train() or .eval() on a GPU then fetches layer code from the Hub and runs it. Nobody asked for that
+    # code, and offline the fetch fails mid-step. Resonance's own compiled layers (--compile_layers) need none of it.
+    kwargs = {"use_kernels": False, **kwargs}
     try:
         if isinstance(kwargs.get("attn_implementation"), str):
             config = model_class.config_class.from_pretrained(str(folder))
