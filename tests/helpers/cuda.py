@@ -17,12 +17,17 @@ ONLINE = ("ppo", "grpo")
 
 
 def one_bf16_step(algorithm: str, ckpt: Path, data: Path, output_dir: Path, **overrides: Any) -> None:
-    """One ``resonance train ALGORITHM`` step in bf16 with gradient checkpointing on CUDA (``train_argv``'s quick
-    settings plus ``overrides``): the model is on the GPU, the frozen vision tower is unchanged (and, for sft, dpo and
-    rm, ran once: its features are reused for every pass of the step), the logged losses are finite."""
+    """One ``resonance train ALGORITHM`` step in bf16 with gradient checkpointing and eager layers on CUDA
+    (``train_argv``'s quick settings plus ``overrides``): the model is on the GPU, the frozen vision tower is unchanged
+    (and, for sft, dpo and rm, ran once: its features are reused for every pass of the step), the logged losses are
+    finite."""
     from resonance.commands.train import build_trainer, parse
 
     assert torch.cuda.is_available(), "a GPU test: run it on the device machine with -m gpu"
+    # eager layers unless told: with --compile_layers auto each test compiled its family's layers anew, most of its
+    # time on the H200 (PPO on Gemma 3: 113 s), and the GPU tests outgrew a session's 30 minutes of device time.
+    # test_compile.py has the compiled layers' GPU twin
+    overrides = {"compile_layers": False, **overrides}
     argv = train_argv(algorithm, ckpt, data, output_dir, bf16=True, gradient_checkpointing=True, **overrides)
     trainer, _ = build_trainer(algorithm, *parse(algorithm, argv))
     model = trainer.policy if algorithm == "ppo" else trainer.model
