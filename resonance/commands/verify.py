@@ -125,7 +125,8 @@ def run_checks(spec: ModelSpec, adapter: types.ModuleType, checkpoint: Path) -> 
         # The model as Resonance loads it (VLModel.from_pretrained), without raising at the first bad field
         model_class = getattr(transformers, vl_model.hf_model_class)
         config = model_class.config_class.from_pretrained(str(checkpoint))
-        model = model_class.from_pretrained(str(checkpoint), attn_implementation=per_submodel(config, "sdpa"))
+        attention = per_submodel(config, "sdpa")
+        model = model_class.from_pretrained(str(checkpoint), attn_implementation=attention, use_kernels=False)
         state["model"] = model.eval()
         problems = module_problems(vl_model, unwrap(model))
         if not any(p.field == "modules.vision_tower" for p in problems):
