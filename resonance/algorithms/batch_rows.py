@@ -12,7 +12,8 @@ tile), a :class:`NotImplementedError` says why: the caller then collates or enco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,13 @@ def _taken(value: Any, choose: Callable[[int, str], Sequence[int]]) -> Any:
     return type(value)(value[i] for i in chosen) if tensors else value[list(chosen)]
 
 
+def units_of(counts: Sequence[int], keep: Iterable[int]) -> list[int]:
+    """The indices of the rows ``keep``'s units, in that order, in a run of every row's units (``counts[row]``
+    each: images, tiles, an image's patches)."""
+    starts = list(itertools.accumulate(counts, initial=0))
+    return [i for row in keep for i in range(starts[row], starts[row + 1])]
+
+
 def entries_of(value: Any, rows: int, keep: Sequence[int], units: Sequence[Sequence[int]], per_row: bool = True) -> Any:
     """``value`` (an input that is not per token, an image encoder's output, or a dict of them) for the rows
     ``keep`` of a batch of ``rows`` rows: the entries of those rows, where its first dimension has one entry per row
@@ -46,8 +54,7 @@ def entries_of(value: Any, rows: int, keep: Sequence[int], units: Sequence[Seque
         choices = {tuple(keep)} if per_row and size == rows else set()
         for counts in units:
             if len(counts) == rows and sum(counts) == size:
-                starts = [sum(counts[:row]) for row in range(rows)]
-                choices.add(tuple(i for row in keep for i in range(starts[row], starts[row] + counts[row])))
+                choices.add(tuple(units_of(counts, keep)))
         if len(choices) != 1:
             raise NotImplementedError(f"an input of {shape} is neither per row nor per image")
         return next(iter(choices))
@@ -75,8 +82,7 @@ def image_inputs_of(
     ``images`` the batch's images per row: per_row inputs by row, per_image ones by image, per_patch ones by each
     image's patches (the product of its ``grid`` input's entry). :class:`NotImplementedError` for other layouts
     (per_tile: the processors drop the tiles' counts) or an input whose length is not what its layout says."""
-    starts = [sum(images[:row]) for row in range(len(images))]
-    chosen = [i for row in keep for i in range(starts[row], starts[row] + images[row])]
+    chosen = units_of(images, keep)
     out = {}
     for name, layout in layouts.items():
         if name not in inputs:
@@ -88,8 +94,7 @@ def image_inputs_of(
             expected, index = sum(images), chosen
         elif layout == "per_patch" and grid in inputs:
             patches = inputs[grid].prod(dim=-1).tolist()
-            first = [sum(patches[:i]) for i in range(len(patches))]
-            expected, index = sum(patches), [p for i in chosen for p in range(first[i], first[i] + patches[i])]
+            expected, index = sum(patches), units_of(patches, chosen)
         else:
             raise NotImplementedError(f"{name} is laid out {layout}")
         if len(value) != expected:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resonance.algorithms.batch_rows import entries_of, expanded, image_inputs_of, rows_of
+from resonance.algorithms.batch_rows import entries_of, expanded, image_inputs_of, rows_of, units_of
 
 # Three left-padded rows of 2, 4 and 3 tokens; row 1 has two images, the others one.
 MASK = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
@@ -92,3 +92,10 @@ def test_features_expanded_to_the_rows_that_share_them() -> None:
     assert [int(t) for t in rows["deepstack"][0]] == [5, 6, 6, 5]
     with pytest.raises(NotImplementedError, match="not one entry per image of 3"):
         expanded(features, [0, 1, 2], 3)
+
+
+def test_units_of_rows_in_the_order_asked() -> None:
+    counts = [2, 0, 3, 1]  # units 0-1, none, 2-4, 5
+    assert units_of(counts, [2, 0]) == [2, 3, 4, 0, 1]
+    assert units_of(counts, [1, 3]) == [5]
+    assert units_of(counts, []) == []
