@@ -30,6 +30,7 @@ from resonance.errors import (
     MissingBackendError,
     ResonanceError,
     SpecError,
+    user_error,
 )
 
 app = typer.Typer(
@@ -429,10 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return EXIT_INTERRUPTED
-    except ResonanceError as exc:
-        err.print(f"error: {exc}", markup=False)
-        return exc.exit_code
-    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes an exit code
+        error = user_error(exc)  # a ResonanceError, also one raised in a DataLoader worker
+        if error is not None:
+            err.print(f"error: {error}", markup=False)
+            return error.exit_code
         traceback.print_exc()
         err.print(
             "internal error (a bug in resonance or a library it calls, not in your input): please report it "

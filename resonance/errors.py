@@ -8,6 +8,7 @@ CI can tell a crash from drift or from bad input.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # -- exit codes (every command) -------------------------------------------------------------------------
@@ -143,3 +144,41 @@ class OutputExistsError(ResonanceError, FileExistsError):
     """The output exists and --overwrite was not given."""
 
     exit_code = EXIT_FAILED
+
+
+# -- errors raised in DataLoader worker processes ---------------------------------------------------------------
+
+# torch re-raises a worker's exception in the loading process as ``type(message)``, where the message is this line
+# and the worker's traceback as text; a type that cannot be built from one string (DataError) becomes a RuntimeError
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+class WorkerError(ResonanceError):
+    """A :class:`ResonanceError` raised in a DataLoader worker process (collating a batch: an unreadable image, a row
+    too long), with its own message and exit code, and without the worker's traceback."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
+def user_error(exc: BaseException) -> ResonanceError | None:
+    """The :class:`ResonanceError` to report for ``exc``: ``exc`` itself, or the one a DataLoader worker raised
+    (rebuilt from torch's copy of it: the type's name and the worker's traceback text); None for anything else."""
+    match = _WORKER_ERROR.match(str(exc))
+    if match is None:
+        return exc if isinstance(exc, ResonanceError) else None
+    found = [cls for cls in _subclasses(ResonanceError) if cls.__name__ == match[1]]
+    if len(found) != 1:
+        return None
+    (cls,) = found
+    text = str(exc)
+    last_line = f"{cls.__module__}.{cls.__qualname__}: "  # the traceback's last exception: the one raised
+    at = text.rfind(last_line)
+    if at < 0:
+        return None
+    return WorkerError(text[at + len(last_line) :].rstrip("\n"), cls.exit_code)

@@ -20,7 +20,7 @@ from resonance.algorithms.guards import (
 )
 from resonance.base.registry import load_core_mapper, use_adapters
 from resonance.commands import flags, run_config
-from resonance.errors import ConfigError, ResonanceError
+from resonance.errors import ConfigError, ResonanceError, user_error
 from resonance.patches.compile_layers import CompileTimeLog, compile_blocks
 from resonance.patches.fsdp_cpu import keep_fsdp_on_cpu
 
@@ -192,10 +192,13 @@ def main(algorithm: str, argv: list[str]) -> int:
         rescue = getattr(trainer, "save_outputs", trainer.save_model)
         save_result(Path(config.output_dir), trainer.save_model, rescue)
         end_processes(getattr(trainer, "accelerator", None))
-    except ResonanceError as exc:
+    except Exception as exc:
+        error = user_error(exc)  # a ResonanceError, also one raised where a loader's worker collated a batch
+        if error is None:
+            raise
         _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     skipped = getattr(trainer.data_collator, "skipped_rows", 0)  # GRPO: TRL's collator, no length policy
     if skipped:
         logger.warning("skipped %d over-long rows (--skip_long_rows)", skipped)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import REPO, write_jsonl
+from helpers import REPO, REWARDS, train_argv, write_data, write_jsonl
 from PIL import Image
 from typer.testing import CliRunner
 
 from resonance.base.registry import load_core_mapper
-from resonance.cli import app
+from resonance.cli import app, main
+from resonance.data.images import image_problem
 from resonance.data.rows import load_rows
-from resonance.errors import RowError, UnsupportedModelError
+from resonance.errors import EXIT_INPUT, RowError, UnsupportedModelError
 
 
 def test_unsupported_architecture_lists_supported_and_how_to_add(tmp_path: Path) -> None:
@@ -57,6 +61,36 @@ def test_unreadable_image_names_file_and_line(tmp_path: Path, llava) -> None:
     (tmp_path / "red.png").write_bytes(b"not a png any more")
     with pytest.raises(RowError, match=r"train.jsonl:1: cannot read image .*red.png"):
         mapper.sft_collator(processor)([rows[0], rows[1]])
+
+
+def _truncated_jpeg(path: Path) -> None:
+    """Overwrite ``path`` with the first half of a JPEG: it opens and passes PIL's ``verify()`` (the check made of
+    every row's images where the data file is read), and decoding its pixels fails only when its row is collated."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+    path.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    assert image_problem(str(path)) is None
+
+
+@pytest.mark.parametrize(("algorithm", "workers"), [("sft", 0), ("sft", 1), ("ppo", 1)])
+def test_an_image_that_fails_in_collation_is_one_line_from_a_loader_worker_too(
+    algorithm: str, workers: int, tmp_path: Path, tiny_checkpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker's error reaches the loading process as torch rebuilds it: the worker's traceback as its message, or a
+    RuntimeError where the type cannot be rebuilt from that. The command prints the row's own error line either way
+    (PPO reads its steps in its own loader; SFT in the Trainer's)."""
+    data = write_data(tmp_path, "prompt" if algorithm == "ppo" else algorithm)
+    _truncated_jpeg(tmp_path / "row2.png")
+    reward = {"reward_funcs": f"{REWARDS}:token_sum_reward"} if algorithm == "ppo" else {}
+    argv = train_argv(
+        algorithm, tiny_checkpoint("llava"), data, tmp_path / "out", dataloader_num_workers=workers, **reward
+    )
+    assert main(["train", algorithm, *argv]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    line = rf"^error: \S*{data.name}:2: cannot read image \S*row2\.png: image file is truncated"
+    assert re.search(line, err, re.MULTILINE), err
+    assert "Traceback" not in err and "DataLoader worker" not in err
 
 
 def test_long_row_is_an_error_naming_its_line(tmp_path: Path, llava) -> None:
