@@ -52,7 +52,7 @@ from resonance.algorithms.guards import WholeCheckpoints
 from resonance.algorithms.image_features import GroupFeatures, ImageEncodingMixin, weights_sharded
 from resonance.algorithms.setup import apply_lora, load_data_and_model
 from resonance.algorithms.shared_prompt import install_shared_prompt, may_share, plan_groups, sharing
-from resonance.base.model import VLModel, unwrap
+from resonance.base.model import VLModel, no_hub_kernels, unwrap
 from resonance.base.processor import VLProcessor
 from resonance.base.registry import ModelCoreMapper
 from resonance.data.images import load_row_images
@@ -231,6 +231,8 @@ class VLGRPOTrainer(WholeCheckpoints, ImageEncodingMixin, GRPOTrainer):
         finally:
             if config is not None:
                 config.cache_implementation = self.cache_implementation
+        if self.ref_model is not None:  # full training with beta > 0: TRL loaded the reference from the checkpoint
+            no_hub_kernels(unwrap(self.ref_model))
         fused_head_backbone(unwrap(self.model))  # TRL's fused LM head on InstructBLIP, as SFT and DPO
         fused_head_backbone(None if self.ref_model is None else unwrap(self.ref_model))
         install_shared_prompt(self.model, vl_model.position_ids_kind)

@@ -87,6 +87,13 @@ def _load(model_class: type, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"{folder}: cannot load the model: {exc}") from exc
 
 
+def no_hub_kernels(model: nn.Module) -> None:
+    """Turn hub kernels off in a model that was loaded elsewhere with transformers' default (on where the kernels
+    package is installed: see :func:`_load`), putting its layers' own forwards back."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False
+
+
 def cast_vision_inputs(tower: nn.Module) -> None:
     """Floating-point inputs reach the vision tower in its weights' dtype. Most towers cast them themselves; Llama
     4's does not, and its image processor returns bfloat16 pixel values whatever the model's dtype (as the original

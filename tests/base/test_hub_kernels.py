@@ -4,11 +4,15 @@ where the kernels package is installed, and each later ``train()``/``eval()`` on
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import REWARDS, train_argv, write_data
 
+from resonance.base.model import unwrap
 from resonance.base.registry import load_core_mapper
+from resonance.commands.train import build_trainer, parse
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("kernels") is None, reason="transformers without the kernels package loads none"
@@ -21,3 +25,15 @@ def test_a_loaded_model_does_not_use_hub_kernels(tiny_checkpoint) -> None:
     assert model.use_kernels is False
     model.train()  # a mode change re-kernelizes a model that uses them
     assert model.use_kernels is False and model.kernels_mode is None
+
+
+def test_grpos_reference_loaded_by_trl_does_not_use_hub_kernels(tiny_checkpoint, tmp_path: Path) -> None:
+    """Full training with beta > 0: TRL loads the reference itself, from the checkpoint, with transformers' default."""
+    argv = train_argv(
+        "grpo", tiny_checkpoint("gemma3"), write_data(tmp_path, "prompt"), tmp_path / "out",
+        lora_target_modules="none", beta="0.04", reward_funcs=f"{REWARDS}:token_sum_reward",
+    )  # fmt: skip
+    trainer, _ = build_trainer("grpo", *parse("grpo", argv))
+    reference = unwrap(trainer.ref_model)
+    assert reference is not unwrap(trainer.model)
+    assert reference.use_kernels is False and reference.kernels_mode is None
