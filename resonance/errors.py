@@ -1,9 +1,9 @@
 """Resonance's one exception tree and its exit codes (stdlib only).
 
 Every error a user can fix derives from :class:`ResonanceError`; its message names the file, row, field or
-flag and says what would be right. Commands catch ``ResonanceError`` alone and exit with its ``exit_code``;
-anything else is a bug: :func:`resonance.cli.main` prints its traceback and exits with ``EXIT_INTERNAL``, so
-CI can tell a crash from drift or from bad input.
+flag and says what would be right. Commands catch ``ResonanceError`` alone (and, through :func:`user_error`, one
+raised in a DataLoader worker) and exit with its ``exit_code``; anything else is a bug: :func:`resonance.cli.main`
+prints its traceback and exits with ``EXIT_INTERNAL``, so CI can tell a crash from drift or from bad input.
 """
 
 from __future__ import annotations
@@ -169,14 +169,14 @@ def _subclasses(cls: type) -> list[type]:
 def user_error(exc: BaseException) -> ResonanceError | None:
     """The :class:`ResonanceError` to report for ``exc``: ``exc`` itself, or the one a DataLoader worker raised
     (rebuilt from torch's copy of it: the type's name and the worker's traceback text); None for anything else."""
-    match = _WORKER_ERROR.match(str(exc))
+    text = str(exc)
+    match = _WORKER_ERROR.match(text)
     if match is None:
         return exc if isinstance(exc, ResonanceError) else None
     found = [cls for cls in _subclasses(ResonanceError) if cls.__name__ == match[1]]
     if len(found) != 1:
         return None
     (cls,) = found
-    text = str(exc)
     last_line = f"{cls.__module__}.{cls.__qualname__}: "  # the traceback's last exception: the one raised
     at = text.rfind(last_line)
     if at < 0:

@@ -98,7 +98,7 @@ class _Raising(torch.utils.data.Dataset):
 )
 def test_an_error_from_a_loader_worker_is_reported_as_raised(error: ResonanceError) -> None:
     loader = torch.utils.data.DataLoader(_Raising(error), batch_size=None, num_workers=1)
-    with pytest.raises(Exception) as info:  # noqa: PT011 - whatever type torch rebuilds it as
+    with pytest.raises(Exception) as info:  # noqa: B017 - whatever type torch rebuilds it as
         next(iter(loader))
     assert "DataLoader worker" in str(info.value)
     reported = user_error(info.value)
