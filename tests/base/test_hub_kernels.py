@@ -1,22 +1,16 @@
-"""Loading a checkpoint runs no layer code fetched from the Hub: transformers 5.25 turns hub kernels on by default
-where the kernels package is installed, and each later ``train()``/``eval()`` on a GPU would fetch and run them."""
+"""Loading a checkpoint runs no layer code fetched from the Hub: transformers 5.25 (which requires the kernels
+package) turns hub kernels on by default, and each later ``train()``/``eval()`` on a GPU would fetch and run them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import REWARDS, train_argv, write_data
 
 from resonance.base.model import unwrap
 from resonance.base.registry import load_core_mapper
 from resonance.commands.train import build_trainer, parse
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("kernels") is None, reason="transformers without the kernels package loads none"
-)
 
 
 def test_a_loaded_model_does_not_use_hub_kernels(tiny_checkpoint) -> None:
